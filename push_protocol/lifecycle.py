@@ -1,0 +1,71 @@
+"""The session lifecycle as an explicit transition table (h11's _state.py style).
+
+    ACTIVE --rotate--> REKEYING --rekey_done--> ACTIVE
+    REKEYING --rotate--> REKEYING            (newer keys replace unconfirmed ones)
+    ACTIVE | REKEYING --expire--> EXPIRED --remove--> REMOVED
+    ACTIVE | REKEYING | EXPIRED --close--> CLOSED --remove--> REMOVED
+
+Only ACTIVE and REKEYING sessions accept packets. Anything not in the table
+raises `IllegalTransition` naming the state and the event.
+"""
+
+from enum import StrEnum
+
+from .drops import IllegalTransition
+
+
+class SessionState(StrEnum):
+    ACTIVE = "active"
+    REKEYING = "rekeying"  # new keys installed, not yet confirmed by the peer
+    EXPIRED = "expired"
+    CLOSED = "closed"
+    REMOVED = "removed"
+
+
+class SessionEvent(StrEnum):
+    ROTATE = "rotate"
+    REKEY_DONE = "rekey_done"
+    EXPIRE = "expire"
+    CLOSE = "close"
+    REMOVE = "remove"
+
+
+S, E = SessionState, SessionEvent
+
+TRANSITIONS: dict[tuple[SessionState, SessionEvent], SessionState] = {
+    (S.ACTIVE, E.ROTATE): S.REKEYING,
+    (S.REKEYING, E.ROTATE): S.REKEYING,
+    (S.REKEYING, E.REKEY_DONE): S.ACTIVE,
+    (S.ACTIVE, E.EXPIRE): S.EXPIRED,
+    (S.REKEYING, E.EXPIRE): S.EXPIRED,
+    (S.ACTIVE, E.CLOSE): S.CLOSED,
+    (S.REKEYING, E.CLOSE): S.CLOSED,
+    (S.EXPIRED, E.CLOSE): S.CLOSED,
+    (S.EXPIRED, E.REMOVE): S.REMOVED,
+    (S.CLOSED, E.REMOVE): S.REMOVED,
+}
+
+LIVE_STATES = frozenset({S.ACTIVE, S.REKEYING})
+
+del S, E
+
+
+class Lifecycle:
+    __slots__ = ("state",)
+
+    def __init__(self) -> None:
+        self.state = SessionState.ACTIVE
+
+    @property
+    def is_live(self) -> bool:
+        """True while the session accepts and sends packets."""
+        return self.state in LIVE_STATES
+
+    def handle(self, event: SessionEvent) -> SessionState:
+        try:
+            self.state = TRANSITIONS[(self.state, event)]
+        except KeyError:
+            raise IllegalTransition(
+                f"cannot {event.value} a session in state {self.state.value}"
+            ) from None
+        return self.state

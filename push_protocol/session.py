@@ -1,0 +1,171 @@
+"""A tunnel session at one end: keys across rekeys, seal/open, liveness, timers.
+
+Shared by the client (role CLIENT) and the dataplane (role SERVER). Like
+aioquic's QuicConnection it never touches a socket or a clock: the owner passes
+`now` in, feeds received datagrams to `open`, sends what `seal` returns, and
+calls `handle_timer(now)` at `get_timer()`.
+
+Rekey, as both ends see it: new keys arrive from the auth service and are
+installed as *next*. Packets under next are accepted at once; the first one
+proves the peer has the keys, so next is promoted to current and used for
+sending; current becomes *previous*, still accepted for a grace period. If no
+proof arrives, next is promoted after NEXT_KEY_PROMOTE_SECONDS anyway.
+"""
+
+from .aead import CipherSuite
+from .codec import Header, PacketType, parse_header
+from .constants import (
+    DEFAULT_KEEPALIVE_SECONDS,
+    KEY_EPOCH_MODULUS,
+    NEXT_KEY_PROMOTE_SECONDS,
+    PREVIOUS_KEY_GRACE_SECONDS,
+)
+from .drops import SessionExpired, UnknownKey, UnknownSession, UsageError
+from .keys import KeyMaterial, Keypair, Role
+from .lifecycle import Lifecycle, SessionEvent, SessionState
+
+
+class TunnelSession:
+    def __init__(
+        self,
+        session_id: int,
+        suite: CipherSuite,
+        role: Role,
+        keys: KeyMaterial,
+        now: float,
+        *,
+        keepalive_interval: float = DEFAULT_KEEPALIVE_SECONDS,
+    ) -> None:
+        if not 0 <= session_id < 1 << 32:
+            raise UsageError(f"session id {session_id} does not fit in 32 bits")
+        self.session_id = session_id
+        self.suite = suite
+        self.role = role
+        self.keepalive_interval = keepalive_interval
+        self.lifecycle = Lifecycle()
+        self.current = Keypair(keys, suite, role, now)
+        self.previous: Keypair | None = None
+        self.next: Keypair | None = None
+        self._previous_until = 0.0
+        self._promote_next_at = 0.0
+        # Liveness moves only on authenticated packets.
+        self.last_received_at: float | None = None
+        self.last_sent_at: float | None = None
+        self.rx_packets = self.rx_bytes = self.tx_packets = self.tx_bytes = 0
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        return self.lifecycle.state
+
+    def install_next(self, keys: KeyMaterial, now: float) -> None:
+        """New keys from a rekey: accepted at once, sent with once confirmed."""
+        if keys.epoch == self.current.epoch:
+            raise UsageError(f"key epoch {keys.epoch} is already current")
+        self.lifecycle.handle(SessionEvent.ROTATE)
+        self.next = Keypair(keys, self.suite, self.role, now)
+        self._promote_next_at = now + NEXT_KEY_PROMOTE_SECONDS
+
+    def restore_previous(self, keys: KeyMaterial, now: float, until: float) -> None:
+        """Re-learn keys that were replaced recently (after a restart) for receiving."""
+        if keys.epoch == self.current.epoch:
+            raise UsageError(f"key epoch {keys.epoch} is current, not previous")
+        self.previous = Keypair(keys, self.suite, self.role, now)
+        self._previous_until = until
+
+    def expire(self) -> None:
+        self.lifecycle.handle(SessionEvent.EXPIRE)
+
+    def close(self) -> None:
+        self.lifecycle.handle(SessionEvent.CLOSE)
+
+    def remove(self) -> None:
+        self.lifecycle.handle(SessionEvent.REMOVE)
+
+    def _promote_next(self, now: float) -> None:
+        assert self.next is not None
+        self.previous, self.current, self.next = self.current, self.next, None
+        self._previous_until = now + PREVIOUS_KEY_GRACE_SECONDS
+        self.lifecycle.handle(SessionEvent.REKEY_DONE)
+
+    # -- timers ------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """When `handle_timer` must next be called, or None."""
+        deadlines = []
+        if self.next is not None:
+            deadlines.append(self._promote_next_at)
+        if self.previous is not None:
+            deadlines.append(self._previous_until)
+        return min(deadlines, default=None)
+
+    def handle_timer(self, now: float) -> None:
+        if self.next is not None and now >= self._promote_next_at:
+            self._promote_next(now)
+        if self.previous is not None and now >= self._previous_until:
+            self.previous = None
+
+    def needs_rekey(self, now: float) -> bool:
+        """True when current keys are due for replacement and none are pending."""
+        return self.next is None and self.current.needs_rekey(now)
+
+    def keepalive_due(self, now: float) -> bool:
+        last = self.last_sent_at
+        return last is None or now - last >= self.keepalive_interval
+
+    # -- packets -----------------------------------------------------------
+
+    def seal(self, payload: bytes, now: float) -> bytes:
+        """The datagram carrying one inner packet. Raises PacketRejected if it can't go."""
+        return self._seal(PacketType.DATA, payload, now)
+
+    def seal_keepalive(self, now: float) -> bytes:
+        return self._seal(PacketType.KEEPALIVE, b"", now)
+
+    def _seal(self, packet_type: PacketType, payload: bytes, now: float) -> bytes:
+        if not self.lifecycle.is_live:
+            raise SessionExpired(f"session {self.session_id} is {self.state.value}")
+        if self.next is not None and now >= self._promote_next_at:
+            self._promote_next(now)
+        datagram = self.current.seal(packet_type, self.session_id, payload, now)
+        self.last_sent_at = now
+        self.tx_packets += 1
+        self.tx_bytes += len(payload)
+        return datagram
+
+    def open(self, datagram: bytes, now: float, header: Header | None = None) -> bytes:
+        """Authenticate a received datagram and return its payload (b"" for a keepalive).
+
+        `header` is `parse_header(datagram)` if the caller already has it.
+        Raises a PacketRejected subclass; on any error no state changes.
+        """
+        if header is None:
+            header = parse_header(datagram)
+        if header.session_id != self.session_id:
+            raise UnknownSession(f"session {header.session_id} is not {self.session_id}")
+        if not self.lifecycle.is_live:
+            raise SessionExpired(f"session {self.session_id} is {self.state.value}")
+        keypair = self._keypair_for(header.key_epoch, now)
+        payload = keypair.open(datagram, header.counter, now)
+        if keypair is self.next:
+            self._promote_next(now)
+        self.last_received_at = now
+        self.rx_packets += 1
+        self.rx_bytes += len(payload)
+        return payload
+
+    def _keypair_for(self, epoch: int, now: float) -> Keypair:
+        if epoch == self.current.epoch:
+            return self.current
+        if self.next is not None and epoch == self.next.epoch:
+            return self.next
+        previous = self.previous
+        if previous is not None and epoch == previous.epoch and now < self._previous_until:
+            return previous
+        raise UnknownKey(f"session {self.session_id} has no key epoch {epoch}")
+
+
+def next_epoch(epoch: int) -> int:
+    """The key epoch that follows `epoch` (the header field wraps at 16 bits)."""
+    return (epoch + 1) % KEY_EPOCH_MODULUS

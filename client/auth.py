@@ -1,0 +1,153 @@
+"""Talking to the auth service: login, rekey, session info, logout (gRPC over TLS).
+
+Every failure becomes a `ClientError` with a message a person can act on and a
+flag saying whether retrying can help.
+"""
+
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from push_protocol.aead import CipherSuite
+from push_protocol.keys import KeyMaterial
+from pushgate_api import auth_pb2, auth_pb2_grpc
+
+RPC_TIMEOUT_SECONDS = 10.0
+
+_CIPHERS = {
+    auth_pb2.CIPHER_SUITE_AES_256_GCM: CipherSuite.AES_256_GCM,
+    auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305: CipherSuite.CHACHA20_POLY1305,
+}
+
+
+class ClientError(Exception):
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class ClientSession:
+    """What a login gave us."""
+
+    session_id: int
+    token: str
+    cipher: CipherSuite
+    keys: KeyMaterial
+    tunnel_address: str
+    gateway_tunnel_address: str
+    routes: list[str]
+    dns_servers: list[str]
+    mtu: int
+    keepalive_seconds: float
+    key_lifetime_seconds: float
+    endpoint: tuple[str, int]
+
+    def __repr__(self) -> str:  # the token and keys never reach a log line
+        return f"ClientSession(id={self.session_id:#010x}, address={self.tunnel_address})"
+
+
+def key_material(keys: auth_pb2.SessionKeys, received_at: float) -> KeyMaterial:
+    # Key age counts from when we received the keys: never earlier than the
+    # auth service minted them, so we always rekey before the dataplane rejects.
+    return KeyMaterial(
+        keys.key_epoch, keys.client_to_server_key, keys.server_to_client_key, received_at
+    )
+
+
+def describe_rpc_error(error: grpc.RpcError, target: str, ca_path: str) -> ClientError:
+    code, details = error.code(), error.details() or ""
+    lowered = details.lower()
+    if code is grpc.StatusCode.UNAUTHENTICATED:
+        return ClientError(
+            "login refused: wrong user name or password, or the account is disabled",
+            retryable=False,
+        )
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if "address" in lowered:
+            return ClientError(
+                "the gateway has no free tunnel address; try again later", retryable=True
+            )
+        return ClientError(f"the auth service is throttling logins: {details}", retryable=True)
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        return ClientError(f"the auth service rejected the request: {details}", retryable=False)
+    if code is grpc.StatusCode.UNAVAILABLE and any(
+        word in lowered for word in ("handshake", "certificate", "ssl", "tls")
+    ):
+        return ClientError(
+            f"certificate mismatch: the auth service at {target} does not present a "
+            f"certificate signed by the CA in {ca_path} ({details})",
+            retryable=False,
+        )
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return ClientError(f"auth service unreachable at {target}: {details}", retryable=True)
+    return ClientError(f"auth service error {code.name}: {details}", retryable=True)
+
+
+class AuthClient:
+    def __init__(self, target: str, ca_path: str, server_name: str | None = None) -> None:
+        self.target = target
+        self.ca_path = ca_path
+        try:
+            with open(ca_path, "rb") as handle:
+                root = handle.read()
+        except OSError as error:
+            raise ClientError(f"cannot read CA file {ca_path}: {error}", retryable=False) from None
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        self._channel = grpc.aio.secure_channel(
+            target, grpc.ssl_channel_credentials(root_certificates=root), options=options
+        )
+        self._stub = auth_pb2_grpc.AuthStub(self._channel)
+
+    async def _call(self, method, request):
+        try:
+            return await method(request, timeout=RPC_TIMEOUT_SECONDS)
+        except grpc.RpcError as error:
+            raise describe_rpc_error(error, self.target, self.ca_path) from None
+
+    async def login(self, username: str, password: str) -> ClientSession:
+        response = await self._call(
+            self._stub.Login,
+            auth_pb2.LoginRequest(username=username, password=password, client_version="0.1"),
+        )
+        cipher = _CIPHERS.get(response.cipher)
+        if cipher is None:
+            raise ClientError(f"server chose an unknown cipher {response.cipher}", retryable=False)
+        endpoint = response.dataplane_endpoint
+        return ClientSession(
+            session_id=response.session_id,
+            token=response.session_token,
+            cipher=cipher,
+            keys=key_material(response.keys, time.time()),
+            tunnel_address=response.tunnel_address,
+            gateway_tunnel_address=response.gateway_tunnel_address,
+            routes=list(response.routes),
+            dns_servers=list(response.dns_servers),
+            mtu=response.mtu,
+            keepalive_seconds=float(response.keepalive_seconds or 10),
+            key_lifetime_seconds=float(response.key_lifetime_seconds or 600),
+            endpoint=(endpoint.host, endpoint.port),
+        )
+
+    async def rekey(self, token: str) -> KeyMaterial:
+        response = await self._call(self._stub.Rekey, auth_pb2.RekeyRequest(session_token=token))
+        return key_material(response.keys, time.time())
+
+    async def session_alive(self, token: str) -> bool:
+        """False if the auth service no longer knows the session; raises if unreachable."""
+        try:
+            await self._stub.SessionInfo(
+                auth_pb2.SessionInfoRequest(session_token=token), timeout=RPC_TIMEOUT_SECONDS
+            )
+        except grpc.RpcError as error:
+            if error.code() is grpc.StatusCode.UNAUTHENTICATED:
+                return False
+            raise describe_rpc_error(error, self.target, self.ca_path) from None
+        return True
+
+    async def logout(self, token: str) -> None:
+        await self._call(self._stub.Logout, auth_pb2.LogoutRequest(session_token=token))
+
+    async def close(self) -> None:
+        await self._channel.close()

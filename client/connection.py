@@ -1,0 +1,326 @@
+"""The client's connection manager: drives the state machine (client/state.py).
+
+Logs in, brings up the TUN device and the network plan, runs the datapath,
+rekeys before the key lifetime ends, notices a dead server and reconnects with
+exponential backoff and jitter, and undoes everything on the way out.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+
+from push_protocol.keys import Role
+from push_protocol.session import TunnelSession
+
+from .auth import AuthClient, ClientError, ClientSession
+from .datapath import Datapath
+from .netplan import NetworkPlan, parse_route_get, plan_network
+from .state import ClientEvent, ClientState, ClientStateMachine
+from .status import ClientStatus, write_status
+from .tun_linux import LinuxTun
+
+log = logging.getLogger("pushgate.client")
+
+TICK_SECONDS = 0.5
+HANDSHAKE_TIMEOUT_SECONDS = 5.0
+BACKOFF_FIRST_SECONDS = 1.0
+BACKOFF_MAX_SECONDS = 30.0
+
+
+@dataclass
+class ConnectOptions:
+    server: str  # auth service host:port
+    ca_path: str
+    username: str
+    password: str
+    tun_name: str = "pgc0"
+    server_name: str | None = None
+    status_path: str | None = None
+    dead_after_seconds: float | None = None  # default: 2 keepalives + 5 s
+
+
+class Backoff:
+    """Exponential backoff with full jitter, reset on success."""
+
+    def __init__(self, first: float = BACKOFF_FIRST_SECONDS, cap: float = BACKOFF_MAX_SECONDS):
+        self.first, self.cap, self.attempt = first, cap, 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap, self.first * 2**self.attempt)
+        self.attempt += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def run_commands(commands, *, check: bool) -> None:
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            message = f"{' '.join(command)}: {result.stderr.strip()}"
+            if check:
+                raise ClientError(f"network setup failed: {message}", retryable=False)
+            log.warning("cleanup step failed: %s", message)
+
+
+def underlay_route(gateway_ip: str):
+    result = subprocess.run(
+        ["ip", "-j", "route", "get", gateway_ip], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise ClientError(
+            f"no route to the gateway {gateway_ip}: {result.stderr.strip()}", retryable=True
+        )
+    return parse_route_get(json.loads(result.stdout))
+
+
+class Connection:
+    def __init__(self, options: ConnectOptions, clock=time.time) -> None:
+        self.options = options
+        self.clock = clock
+        self.machine = ClientStateMachine()
+        self.auth = AuthClient(options.server, options.ca_path, options.server_name)
+        self.session_info: ClientSession | None = None
+        self.datapath: Datapath | None = None
+        self.tun: LinuxTun | None = None
+        self.plan: NetworkPlan | None = None
+        self.last_error = ""
+        self._stop = asyncio.Event()
+        self._backoff = Backoff()
+        self._rekey_at = 0.0
+        self._since = 0.0  # when we last (re)started waiting for the server
+
+    @property
+    def state(self) -> ClientState:
+        return self.machine.state
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _event(self, event: ClientEvent) -> None:
+        before = self.machine.state
+        after = self.machine.handle(event)
+        log.info("state %s -> %s (%s)", before.value, after.value, event.value)
+
+    async def run(self) -> None:
+        """Run until stopped; raises ClientError for failures retrying can't fix."""
+        self._event(ClientEvent.START)
+        try:
+            while not self._stop.is_set():
+                await self._step()
+                self._write_status()
+        finally:
+            await self._teardown(logout=True)
+            if self.machine.state is not ClientState.DISCONNECTED:
+                self._event(ClientEvent.STOP)
+            self._write_status()
+            await self.auth.close()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _step(self) -> None:
+        state = self.machine.state
+        if state is ClientState.LOGGING_IN:
+            await self._login()
+        elif state in (ClientState.CONNECTING, ClientState.RECONNECTING):
+            await self._await_server()
+        else:
+            await self._sleep(TICK_SECONDS)
+            await self._tick()
+
+    async def _login(self) -> None:
+        try:
+            info = await self.auth.login(self.options.username, self.options.password)
+            await self._bring_up(info)
+        except ClientError as error:
+            self.last_error = str(error)
+            if not error.retryable:
+                raise
+            log.warning("%s", error)
+            self._event(ClientEvent.LOGIN_FAILED)
+            await self._sleep(self._backoff.next_delay())
+            return
+        self._event(ClientEvent.LOGGED_IN)
+
+    async def _bring_up(self, info: ClientSession) -> None:
+        await self._teardown(logout=False)
+        now = self.clock()
+        session = TunnelSession(
+            info.session_id,
+            info.cipher,
+            Role.CLIENT,
+            info.keys,
+            now,
+            keepalive_interval=info.keepalive_seconds,
+        )
+        endpoint_ip = info.endpoint[0]
+        self.plan = plan_network(
+            tun_name=self.options.tun_name,
+            tunnel_address=info.tunnel_address,
+            mtu=info.mtu,
+            routes=info.routes,
+            dns_servers=info.dns_servers,
+            gateway_ip=endpoint_ip,
+            underlay=underlay_route(endpoint_ip),
+            have_resolvectl=_have_resolvectl(),
+        )
+        try:
+            self.tun = LinuxTun(self.options.tun_name)
+        except OSError as error:
+            raise ClientError(
+                f"cannot create TUN {self.options.tun_name}: {error}", retryable=False
+            ) from None
+        run_commands(self.plan.apply, check=True)
+        if info.dns_servers and not self.plan.dns_applied:
+            log.warning(
+                "pushed DNS %s not applied: resolvectl is not available",
+                ", ".join(info.dns_servers),
+            )
+        self.session_info = info
+        self.datapath = Datapath(
+            asyncio.get_running_loop(), session, self.tun, info.endpoint, self.clock
+        )
+        self.datapath.start()
+        self._rekey_at = now + info.key_lifetime_seconds
+        log.info(
+            "tunnel %s up with %s, session %#010x, dataplane %s:%d",
+            self.tun.name,
+            info.tunnel_address,
+            info.session_id,
+            *info.endpoint,
+        )
+
+    def _dead_after(self) -> float:
+        if self.options.dead_after_seconds is not None:
+            return self.options.dead_after_seconds
+        return 2 * self.session_info.keepalive_seconds + 5
+
+    async def _await_server(self) -> None:
+        if self.datapath is None:
+            self._event(ClientEvent.RELOGIN)
+            return
+        session = self.datapath.session
+        start = self.clock()
+        self.datapath.send_keepalive()
+        while self.clock() - start < HANDSHAKE_TIMEOUT_SECONDS and not self._stop.is_set():
+            await self._sleep(0.1)
+            if (session.last_received_at or 0) > start:
+                self._backoff.reset()
+                self._since = self.clock()
+                self._event(ClientEvent.TUNNEL_UP)
+                return
+        if self._stop.is_set():
+            return
+        if self.machine.state is ClientState.CONNECTING:
+            self.last_error = "no answer from the dataplane"
+            self._event(ClientEvent.SERVER_LOST)
+            return
+        # Reconnecting: is the session still there? Then try a new source port.
+        try:
+            alive = await self.auth.session_alive(self.session_info.token)
+        except ClientError as error:
+            alive = True  # auth service down: the dataplane may still know us
+            log.info("%s", error)
+        if not alive:
+            log.warning(
+                "the gateway no longer knows session %#010x; logging in again",
+                self.session_info.session_id,
+            )
+            await self._teardown(logout=False)
+            self._event(ClientEvent.RELOGIN)
+            return
+        self.datapath.rebind()
+        await self._sleep(self._backoff.next_delay())
+
+    async def _tick(self) -> None:
+        datapath = self.datapath
+        session = datapath.session
+        datapath.tick()
+        now = self.clock()
+        last = max(session.last_received_at or 0.0, self._since)
+        if now - last > self._dead_after():
+            self.last_error = f"no packet from the dataplane for {now - last:.0f} s"
+            log.warning("server lost: %s", self.last_error)
+            self._event(ClientEvent.SERVER_LOST)
+            return
+        if self.machine.state is ClientState.UP and (
+            now >= self._rekey_at or session.needs_rekey(now)
+        ):
+            await self._rekey(now)
+
+    async def _rekey(self, now: float) -> None:
+        self._event(ClientEvent.REKEY_STARTED)
+        try:
+            keys = await self.auth.rekey(self.session_info.token)
+            self.datapath.session.install_next(keys, self.clock())
+        except ClientError as error:
+            self.last_error = f"rekey failed: {error}"
+            log.warning("%s", self.last_error)
+            self._rekey_at = now + 10.0
+            self._event(ClientEvent.REKEY_FAILED)
+            return
+        self._rekey_at = keys.created_at + self.session_info.key_lifetime_seconds
+        log.info("rekeyed: key epoch %d", keys.epoch)
+        self._event(ClientEvent.REKEY_DONE)
+
+    async def _teardown(self, *, logout: bool) -> None:
+        if self.datapath is not None:
+            self.datapath.stop()
+            self.datapath = None
+        if self.plan is not None:
+            run_commands(self.plan.undo, check=False)
+            self.plan = None
+        if self.tun is not None:
+            self.tun.close()  # the kernel removes the device, its address and routes
+            self.tun = None
+        if logout and self.session_info is not None:
+            try:
+                await asyncio.wait_for(self.auth.logout(self.session_info.token), 3.0)
+            except (ClientError, TimeoutError) as error:
+                log.info("logout not confirmed: %s", error)
+        if logout:
+            self.session_info = None
+
+    def snapshot(self) -> ClientStatus:
+        status = ClientStatus(
+            pid=os.getpid(),
+            state=self.machine.state.value,
+            tun_name=self.options.tun_name,
+            server=self.options.server,
+            last_error=self.last_error,
+        )
+        info, datapath = self.session_info, self.datapath
+        if info is not None:
+            status.tunnel_address = info.tunnel_address
+            status.endpoint = f"{info.endpoint[0]}:{info.endpoint[1]}"
+            status.session_id = info.session_id
+        if datapath is not None:
+            session = datapath.session
+            status.local_port = datapath.local_port
+            status.key_epoch = session.current.epoch
+            status.rx_packets, status.rx_bytes = session.rx_packets, session.rx_bytes
+            status.tx_packets, status.tx_bytes = session.tx_packets, session.tx_bytes
+            status.last_received_at = session.last_received_at
+            status.last_sent_at = session.last_sent_at
+            status.drops = {reason.value: n for reason, n in datapath.drops.items()}
+        if self.plan is not None:
+            status.undo = [list(command) for command in self.plan.undo]
+        return status
+
+    def _write_status(self) -> None:
+        if self.options.status_path:
+            write_status(self.options.status_path, self.snapshot())
+
+
+def _have_resolvectl() -> bool:
+    return shutil.which("resolvectl") is not None

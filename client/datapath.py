@@ -1,0 +1,115 @@
+"""The client's packet path: TUN <-> TunnelSession <-> UDP, on the asyncio loop.
+
+Thin on purpose: every decision is in `push_protocol`. Nothing here waits: the
+socket and the TUN are non-blocking, and a packet that cannot be handed on at
+once is dropped and counted under its reason.
+"""
+
+import asyncio
+import socket
+from collections import Counter
+
+from push_protocol.codec import parse_header
+from push_protocol.drops import DropReason, PacketRejected
+from push_protocol.session import TunnelSession
+
+from .tun import TunDevice
+
+BATCH = 64  # packets handled per readiness callback before yielding to the loop
+RECV_SIZE = 65536
+
+
+class Datapath:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        session: TunnelSession,
+        tun: TunDevice,
+        server: tuple[str, int],
+        clock,
+    ) -> None:
+        self._loop = loop
+        self.session = session
+        self._tun = tun
+        self._server = server
+        self._clock = clock
+        self._sock: socket.socket | None = None
+        self.drops: Counter[DropReason] = Counter()
+
+    def start(self) -> None:
+        self._loop.add_reader(self._tun.fileno(), self._on_tun_readable)
+        self.rebind()
+
+    def rebind(self) -> None:
+        """A new UDP socket (a new source port): how a client roams or recovers."""
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+        family = socket.AF_INET6 if ":" in self._server[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.connect(self._server)
+        self._sock = sock
+        self._loop.add_reader(sock.fileno(), self._on_udp_readable)
+
+    @property
+    def local_port(self) -> int:
+        return self._sock.getsockname()[1] if self._sock else 0
+
+    def stop(self) -> None:
+        self._loop.remove_reader(self._tun.fileno())
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    def _send(self, datagram: bytes) -> None:
+        try:
+            self._sock.send(datagram)
+        except BlockingIOError:
+            self.drops[DropReason.QUEUE_FULL] += 1
+        except OSError:
+            # ICMP unreachable from an earlier send, no route, ...: count, go on.
+            self.drops[DropReason.SOCKET_ERROR] += 1
+
+    def send_keepalive(self) -> None:
+        try:
+            self._send(self.session.seal_keepalive(self._clock()))
+        except PacketRejected as rejected:
+            self.drops[rejected.reason] += 1
+
+    def tick(self) -> None:
+        now = self._clock()
+        self.session.handle_timer(now)
+        if self.session.keepalive_due(now):
+            self.send_keepalive()
+
+    def _on_tun_readable(self) -> None:
+        now = self._clock()
+        seal = self.session.seal
+        for packet in self._tun.read_packets(BATCH):
+            try:
+                datagram = seal(packet, now)
+            except PacketRejected as rejected:
+                self.drops[rejected.reason] += 1
+                continue
+            self._send(datagram)
+
+    def _on_udp_readable(self) -> None:
+        now = self._clock()
+        sock = self._sock
+        for _ in range(BATCH):
+            try:
+                datagram = sock.recv(RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.drops[DropReason.SOCKET_ERROR] += 1
+                continue
+            try:
+                payload = self.session.open(datagram, now, parse_header(datagram))
+            except PacketRejected as rejected:
+                self.drops[rejected.reason] += 1
+                continue
+            if payload and not self._tun.write_packet(payload):
+                self.drops[DropReason.TUN_WRITE_ERROR] += 1

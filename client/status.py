@@ -1,0 +1,74 @@
+"""The running client's status file: written by `connect`, read by `status`."""
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+DEFAULT_STATUS_DIR = "/run/pushgate"
+
+
+def status_path(tun_name: str, directory: str = DEFAULT_STATUS_DIR) -> str:
+    return os.path.join(directory, f"client-{tun_name}.json")
+
+
+@dataclass
+class ClientStatus:
+    pid: int
+    state: str
+    tun_name: str
+    server: str
+    tunnel_address: str = ""
+    endpoint: str = ""
+    local_port: int = 0
+    session_id: int = 0
+    key_epoch: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    last_received_at: float | None = None
+    last_sent_at: float | None = None
+    last_error: str = ""
+    drops: dict[str, int] = field(default_factory=dict)
+    undo: list[list[str]] = field(default_factory=list)  # to clean up after a crash
+    updated_at: float = 0.0
+
+
+def write_status(path: str, status: ClientStatus) -> None:
+    status.updated_at = time.time()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as handle:
+        json.dump(asdict(status), handle)
+    os.replace(temporary, path)
+
+
+def read_status(path: str) -> ClientStatus:
+    with open(path) as handle:
+        return ClientStatus(**json.load(handle))
+
+
+def _age(then: float | None, now: float) -> str:
+    return "never" if then is None else f"{now - then:.1f} s ago"
+
+
+def format_status(status: ClientStatus, now: float) -> str:
+    lines = [
+        f"state:          {status.state}",
+        f"server:         {status.server}  (dataplane {status.endpoint or '-'},"
+        f" local UDP port {status.local_port or '-'})",
+        f"tunnel:         {status.tun_name} {status.tunnel_address or '-'}"
+        f"  session {status.session_id:#010x} key epoch {status.key_epoch}",
+        f"sent:           {status.tx_packets} packets, {status.tx_bytes} bytes",
+        f"received:       {status.rx_packets} packets, {status.rx_bytes} bytes",
+        f"last received:  {_age(status.last_received_at, now)}",
+        f"last sent:      {_age(status.last_sent_at, now)}",
+    ]
+    if status.drops:
+        lines.append(
+            "drops:          " + ", ".join(f"{k}={v}" for k, v in sorted(status.drops.items()))
+        )
+    if status.last_error:
+        lines.append(f"last error:     {status.last_error}")
+    return "\n".join(lines)

@@ -1,0 +1,23 @@
+"""The TUN backend interface the client core runs on.
+
+As wireguard-go's tun.Device: one interface, one implementation per OS
+(`tun_linux.LinuxTun`; the WinTun backend lands with the Windows client). The
+client core never knows which one it has.
+"""
+
+from typing import Protocol
+
+
+class TunDevice(Protocol):
+    name: str
+
+    def fileno(self) -> int:
+        """A descriptor that becomes readable when packets are waiting."""
+
+    def read_packets(self, limit: int) -> list[bytes]:
+        """Up to `limit` waiting IP packets; an empty list when none wait."""
+
+    def write_packet(self, packet: bytes) -> bool:
+        """Hand one IP packet to the OS; False if it could not take it now."""
+
+    def close(self) -> None: ...

@@ -1,0 +1,134 @@
+"""Throw-away network namespaces for the demo, end-to-end tests and benchmarks.
+
+Every namespace is named `<prefix>-<pid>-<name>` so a run only ever removes its
+own, and every process started through a `Lab` is killed (by PID, with its
+process group) when the lab closes, even after a failure. Addresses come from
+198.18.0.0/15 only; nothing is routed outside the namespaces.
+"""
+
+import ipaddress
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+
+ALLOWED = ipaddress.ip_network("198.18.0.0/15")
+
+
+def _check_address(interface: str) -> None:
+    address = ipaddress.ip_interface(interface).ip
+    if address not in ALLOWED and not address.is_loopback:
+        raise ValueError(f"{interface}: test hosts use 198.18.0.0/15 only")
+
+
+class Lab:
+    def __init__(self, prefix: str = "pglab") -> None:
+        self.prefix = f"{prefix}-{os.getpid()}"
+        self.namespaces: list[str] = []
+        self.processes: list[subprocess.Popen] = []
+        self._links = 0
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def namespace(self, name: str) -> str:
+        full = f"{self.prefix}-{name}"
+        subprocess.run(["ip", "netns", "add", full], check=True)
+        self.namespaces.append(full)
+        self.exec(full, ["ip", "link", "set", "lo", "up"])
+        return full
+
+    def link(self, ns_a: str, addr_a: str, ns_b: str, addr_b: str) -> tuple[str, str]:
+        """A veth pair between two namespaces; returns the two device names."""
+        _check_address(addr_a)
+        _check_address(addr_b)
+        self._links += 1
+        tag = f"{os.getpid() % 100000}{self._links}"
+        dev_a, dev_b = f"va{tag}", f"vb{tag}"
+        subprocess.run(
+            [
+                "ip",
+                "link",
+                "add",
+                dev_a,
+                "netns",
+                ns_a,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                dev_b,
+                "netns",
+                ns_b,
+            ],
+            check=True,
+        )
+        for ns, dev, addr in ((ns_a, dev_a, addr_a), (ns_b, dev_b, addr_b)):
+            self.exec(ns, ["ip", "address", "add", addr, "dev", dev])
+            self.exec(ns, ["ip", "link", "set", dev, "up"])
+        return dev_a, dev_b
+
+    def exec(
+        self, ns: str, argv: Sequence[str], *, check: bool = True, timeout: float = 60, **kwargs
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["ip", "netns", "exec", ns, *argv],
+            check=check,
+            timeout=timeout,
+            capture_output=True,
+            text=True,
+            **kwargs,
+        )
+
+    def start(self, ns: str, argv: Sequence[str], **kwargs) -> subprocess.Popen:
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv], start_new_session=True, **kwargs
+        )
+        self.processes.append(process)
+        return process
+
+    def stop(
+        self, process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10
+    ) -> int | None:
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+        return process.returncode
+
+    def close(self) -> None:
+        for process in reversed(self.processes):
+            self.stop(process, timeout=5)
+        self.processes.clear()
+        for ns in reversed(self.namespaces):
+            # Anything still inside (a stray child) goes with the namespace.
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in pids.stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+        self.namespaces.clear()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Poll until `predicate()` is truthy; returns its value or raises TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)

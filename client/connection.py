@@ -24,7 +24,7 @@ from .datapath import Datapath
 from .netplan import NetworkPlan, parse_route_get, plan_network
 from .state import ClientEvent, ClientState, ClientStateMachine
 from .status import ClientStatus, write_status
-from .tun_linux import LinuxTun
+from tundev.linux import LinuxTun
 
 log = logging.getLogger("pushgate.client")
 

@@ -1,7 +1,7 @@
 """The TUN backend interface the client core runs on.
 
 As wireguard-go's tun.Device: one interface, one implementation per OS
-(`tun_linux.LinuxTun`; the WinTun backend lands with the Windows client). The
+(`tundev.linux.LinuxTun`; the WinTun backend lands with the Windows client). The
 client core never knows which one it has.
 """
 

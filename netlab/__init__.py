@@ -9,7 +9,9 @@ process group) when the lab closes, even after a failure. Addresses come from
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 
@@ -120,6 +122,33 @@ class Lab:
                     pass
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
         self.namespaces.clear()
+
+
+def socket_in(
+    ns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM
+) -> socket.socket:
+    """A socket that lives in namespace `ns`, for use in this process.
+
+    A child started inside the namespace creates it and hands the descriptor
+    back over a Unix socket pair (SCM_RIGHTS); a socket keeps the namespace it
+    was created in.
+    """
+    ours, theirs = socket.socketpair()
+    code = (
+        "import socket,sys;"
+        f"s=socket.socket({int(family)},{int(kind)});"
+        f"c=socket.socket(fileno={theirs.fileno()});"
+        "socket.send_fds(c,[b'x'],[s.fileno()])"
+    )
+    with ours, theirs:
+        subprocess.run(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", code],
+            pass_fds=[theirs.fileno()],
+            check=True,
+            timeout=30,
+        )
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+    return socket.socket(fileno=fds[0])
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):

@@ -31,6 +31,7 @@ class DropReason(StrEnum):
     INNER_MALFORMED = "inner_malformed"
     SPOOFED_SOURCE = "spoofed_source"
     NO_ROUTE = "no_route"
+    NO_ENDPOINT = "no_endpoint"  # the session has not sent an authenticated packet yet
     TOO_BIG = "too_big"
     # Local resources.
     QUEUE_FULL = "queue_full"

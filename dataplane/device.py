@@ -1,0 +1,380 @@
+"""The dataplane's I/O layer: one UDP receive loop, the server TUN, timers.
+
+Thin on purpose: header checks, crypto, replay and lifecycle are in
+push_protocol; addresses, ICMP and MSS in dataplane/inner.py. Nothing here ever
+waits on a consumer: sockets and the TUN are non-blocking, a packet the kernel
+won't take now goes into a bounded queue drained when the fd is writable, and
+a full queue is a counted `queue_full` drop.
+"""
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+
+from push_protocol.codec import parse_header
+from push_protocol.drops import DropReason, PacketRejected
+from tundev.linux import LinuxTun
+
+from . import inner
+from .metrics import BoundedQueue, Counters
+from .registry import Registry, SessionRecord
+
+log = logging.getLogger("pushgate.dataplane")
+
+BATCH = 64  # datagrams per readiness callback before other callbacks get a turn
+RECV_SIZE = 65536
+QUEUE_CAPACITY = 4096  # packets per output queue
+LAG_INTERVAL = 0.1
+HOUSEKEEPING_INTERVAL = 1.0
+KEEPALIVE_REPLY_AFTER = 1.0  # answer a keepalive if we sent nothing for this long
+MSS_OVERHEAD = {4: 40, 6: 60}  # IP + TCP headers without options
+
+
+class RateLimitedLog:
+    """At most one line per key per interval; counts what it swallowed."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, tuple[float, int]] = {}
+
+    def warning(self, key: str, message: str, *args) -> None:
+        now = time.monotonic()
+        last, suppressed = self._last.get(key, (0.0, 0))
+        if now - last < self.interval:
+            self._last[key] = (last, suppressed + 1)
+            return
+        if suppressed:
+            message += f" ({suppressed} similar suppressed)"
+        log.warning(message, *args)
+        self._last[key] = (now, 0)
+
+
+class Device:
+    def __init__(
+        self,
+        *,
+        registry: Registry,
+        counters: Counters,
+        sock: socket.socket,
+        tun: LinuxTun,
+        mtu: int,
+        tunnel_network,
+        gateway_address,
+        loop_lag_histogram,
+        clock=time.time,
+    ) -> None:
+        self.registry = registry
+        self.counters = counters
+        self.sock = sock
+        self.tun = tun
+        self.mtu = mtu
+        self.tunnel_network = tunnel_network
+        self.gateway_packed = gateway_address.packed
+        self.clock = clock
+        self.udp_queue = BoundedQueue("udp_send", QUEUE_CAPACITY)
+        self.tun_queue = BoundedQueue("tun_write", QUEUE_CAPACITY)
+        self._loop_lag = loop_lag_histogram
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bad_input_log = RateLimitedLog()
+        self._udp_writer = self._tun_writer = False
+        self._lag_due = 0.0
+
+    @property
+    def queues(self) -> list[BoundedQueue]:
+        return [self.udp_queue, self.tun_queue]
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.sock.fileno(), self._on_udp_readable)
+        loop.add_reader(self.tun.fileno(), self._on_tun_readable)
+        self._lag_due = loop.time() + LAG_INTERVAL
+        loop.call_at(self._lag_due, self._measure_lag)
+        loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
+
+    def stop(self) -> None:
+        loop = self._loop
+        for fd in (self.sock.fileno(), self.tun.fileno()):
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
+
+    # -- inbound: UDP -> TUN or another session -------------------------------
+
+    def _on_udp_readable(self) -> None:
+        counters = self.counters
+        drops = counters.inbound_drops
+        recvfrom = self.sock.recvfrom
+        now = self.clock()
+        for _ in range(BATCH):
+            try:
+                datagram, source = recvfrom(RECV_SIZE)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                counters.io_errors["udp_recv"] += 1
+                self._bad_input_log.warning("udp_recv", "UDP receive error: %s", error)
+                continue
+            counters.datagrams_received += 1
+            reason = self._inbound(datagram, source, now)
+            if reason is None:
+                counters.datagrams_delivered += 1
+            else:
+                drops[reason] += 1
+
+    def _inbound(self, datagram: bytes, source, now: float) -> DropReason | None:
+        """Where one datagram ends: None if delivered, else the drop reason."""
+        try:
+            header = parse_header(datagram)
+        except PacketRejected as rejected:
+            self._bad_input_log.warning(
+                "header", "dropped datagram from %s: %s", source[0], rejected.reason.value
+            )
+            return rejected.reason
+        record = self.registry.by_id.get(header.session_id)
+        if record is None:
+            self._bad_input_log.warning(
+                "session", "dropped datagram from %s: unknown session", source[0]
+            )
+            return DropReason.UNKNOWN_SESSION
+        try:
+            payload = record.tunnel.open(datagram, now, header)
+        except PacketRejected as rejected:
+            record.last_drop_reason = rejected.reason
+            self._bad_input_log.warning(
+                "open",
+                "session %#010x: dropped datagram from %s: %s",
+                header.session_id,
+                source[0],
+                rejected.reason.value,
+            )
+            return rejected.reason
+        record.endpoint = source  # roaming: only authenticated, never-seen counters move it
+        if not payload:
+            last = record.tunnel.last_sent_at
+            if last is None or now - last >= KEEPALIVE_REPLY_AFTER:
+                self._send_keepalive(record, now)
+            return None
+        reason = self._check_inner(record, payload, now)
+        if reason is not None:
+            record.last_drop_reason = reason
+            return reason
+        self.counters.rx_packets += 1
+        self.counters.rx_bytes += len(payload)
+        payload = self._clamp(payload)
+        destination = inner.addresses(payload)[1]
+        target = self.registry.by_address.get(destination)
+        if target is not None:  # hub: client to client, never through the TUN
+            return self._send_to(target, payload, now)
+        if self._in_tunnel_network(destination) and destination != self.gateway_packed:
+            return DropReason.NO_ROUTE
+        return self._write_tun(payload)
+
+    def _check_inner(self, record: SessionRecord, payload: bytes, now: float):
+        try:
+            source, _ = inner.addresses(payload)
+        except PacketRejected as rejected:
+            return rejected.reason
+        if source not in record.addresses:
+            self._bad_input_log.warning(
+                "spoof",
+                "session %#010x sent a packet from %s, which it does not own",
+                record.session_id,
+                ipaddress.ip_address(source),
+            )
+            return DropReason.SPOOFED_SOURCE
+        if len(payload) > self.mtu:
+            self._reply_too_big(record, payload, now)
+            return DropReason.TOO_BIG
+        return None
+
+    def _reply_too_big(self, record: SessionRecord, payload: bytes, now: float) -> None:
+        gateway = self.gateway_packed
+        if len(gateway) != (4 if payload[0] >> 4 == 4 else 16):
+            return  # no gateway address of that family to answer from
+        reply = inner.too_big_reply(payload, self.mtu, gateway)
+        if reply is not None and self._send_to(record, reply, now) is None:
+            self.counters.icmp_too_big_sent += 1
+
+    def _clamp(self, packet: bytes) -> bytes:
+        max_mss = self.mtu - MSS_OVERHEAD.get(packet[0] >> 4, 40)
+        clamped = inner.clamp_mss(packet, max_mss)
+        if clamped is not packet:
+            self.counters.mss_clamped += 1
+        return clamped
+
+    def _in_tunnel_network(self, address: bytes) -> bool:
+        network = self.tunnel_network
+        if len(address) != (4 if network.version == 4 else 16):
+            return False
+        return ipaddress.ip_address(address) in network
+
+    def _write_tun(self, packet: bytes) -> DropReason | None:
+        if self.tun_queue:  # keep order: once queued, everything queues
+            return None if self._queue(self.tun_queue, packet) else DropReason.QUEUE_FULL
+        try:
+            if self.tun.write_packet(packet):
+                return None
+        except OSError as error:
+            self.counters.io_errors["tun_write"] += 1
+            self._bad_input_log.warning("tun_write", "TUN write failed: %s", error)
+            return DropReason.TUN_WRITE_ERROR
+        return None if self._queue(self.tun_queue, packet) else DropReason.QUEUE_FULL
+
+    # -- outbound: TUN -> a session --------------------------------------------
+
+    def _on_tun_readable(self) -> None:
+        counters = self.counters
+        drops = counters.outbound_drops
+        now = self.clock()
+        try:
+            packets = self.tun.read_packets(BATCH)
+        except OSError as error:
+            counters.io_errors["tun_read"] += 1
+            self._bad_input_log.warning("tun_read", "TUN read failed: %s", error)
+            return
+        by_address = self.registry.by_address
+        for packet in packets:
+            counters.tun_packets_read += 1
+            try:
+                destination = inner.addresses(packet)[1]
+            except PacketRejected as rejected:
+                drops[rejected.reason] += 1
+                continue
+            record = by_address.get(destination)
+            if record is None:
+                drops[DropReason.NO_ROUTE] += 1
+                continue
+            reason = self._send_to(record, self._clamp(packet), now)
+            if reason is None:
+                counters.outbound_delivered += 1
+            else:
+                drops[reason] += 1
+
+    def _send_to(self, record: SessionRecord, packet: bytes, now: float) -> DropReason | None:
+        endpoint = record.endpoint
+        if endpoint is None:
+            return DropReason.NO_ENDPOINT
+        try:
+            datagram = record.tunnel.seal(packet, now)
+        except PacketRejected as rejected:
+            return rejected.reason
+        self.counters.tx_packets += 1
+        self.counters.tx_bytes += len(packet)
+        return self._send_datagram(datagram, endpoint)
+
+    def _send_keepalive(self, record: SessionRecord, now: float) -> None:
+        if record.endpoint is None:
+            return
+        try:
+            datagram = record.tunnel.seal_keepalive(now)
+        except PacketRejected:
+            return
+        self._send_datagram(datagram, record.endpoint)
+
+    def _send_datagram(self, datagram: bytes, endpoint) -> DropReason | None:
+        if self.udp_queue:
+            ok = self._queue(self.udp_queue, (datagram, endpoint))
+            return None if ok else DropReason.QUEUE_FULL
+        try:
+            self.sock.sendto(datagram, endpoint)
+        except BlockingIOError:
+            ok = self._queue(self.udp_queue, (datagram, endpoint))
+            return None if ok else DropReason.QUEUE_FULL
+        except OSError as error:
+            self.counters.io_errors["udp_send"] += 1
+            self._bad_input_log.warning("udp_send", "UDP send to %s failed: %s", endpoint, error)
+            return DropReason.SOCKET_ERROR
+        return None
+
+    # -- bounded output queues --------------------------------------------------
+
+    def _queue(self, queue: BoundedQueue, item) -> bool:
+        if not queue.put(item):
+            return False
+        if queue is self.udp_queue and not self._udp_writer:
+            self._loop.add_writer(self.sock.fileno(), self._drain_udp)
+            self._udp_writer = True
+        elif queue is self.tun_queue and not self._tun_writer:
+            self._loop.add_writer(self.tun.fileno(), self._drain_tun)
+            self._tun_writer = True
+        return True
+
+    def _drain_udp(self) -> None:
+        queue = self.udp_queue
+        while queue:
+            datagram, endpoint = queue.peek()
+            try:
+                self.sock.sendto(datagram, endpoint)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.counters.io_errors["udp_send"] += 1
+            queue.pop()
+        self._loop.remove_writer(self.sock.fileno())
+        self._udp_writer = False
+
+    def _drain_tun(self) -> None:
+        queue = self.tun_queue
+        while queue:
+            try:
+                if not self.tun.write_packet(queue.peek()):
+                    return
+            except OSError:
+                self.counters.io_errors["tun_write"] += 1
+            queue.pop()
+        self._loop.remove_writer(self.tun.fileno())
+        self._tun_writer = False
+
+    # -- timers -----------------------------------------------------------------
+
+    def _measure_lag(self) -> None:
+        loop = self._loop
+        now = loop.time()
+        self._loop_lag.observe(max(0.0, now - self._lag_due))
+        self._lag_due = now + LAG_INTERVAL
+        loop.call_at(self._lag_due, self._measure_lag)
+
+    def _housekeeping(self) -> None:
+        self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
+        now = self.clock()
+        expired = []
+        stalled = 0
+        for record in self.registry.by_id.values():
+            tunnel = record.tunnel
+            if record.expires_at and now >= record.expires_at:
+                expired.append(record)
+                continue
+            timer = tunnel.get_timer()
+            if timer is not None and now >= timer:
+                tunnel.handle_timer(now)
+            stalled += self._check_stalled(record, now)
+        self.counters.stalled_sessions = stalled
+        for record in expired:
+            if record.tunnel.lifecycle.is_live:
+                record.tunnel.expire()
+            self.registry.remove(record.session_id)
+            self.counters.session_expiries += 1
+            self.counters.session_removals += 1
+            log.info("session %#010x expired", record.session_id)
+
+    def _check_stalled(self, record: SessionRecord, now: float) -> int:
+        tunnel = record.tunnel
+        received, sent = tunnel.last_received_at, tunnel.last_sent_at
+        if received is None or sent is None:
+            return int(record.stalled)
+        limit = tunnel.keepalive_interval * 2
+        stalled = abs(received - sent) > limit and now - min(received, sent) > limit
+        if stalled and not record.stalled:
+            one_way = (
+                "receives but does not send" if received > sent else "sends but receives nothing"
+            )
+            log.warning(
+                "session %#010x is stalled: it %s for %.0f s (last drop reason: %s)",
+                record.session_id,
+                one_way,
+                abs(received - sent),
+                record.last_drop_reason.value if record.last_drop_reason else "none",
+            )
+        record.stalled = stalled
+        return int(stalled)

@@ -1,0 +1,211 @@
+"""Dataplane counters (plain integers on the hot path) and their Prometheus export.
+
+The receive loop bumps plain ints; the collector turns them into metrics when
+/metrics is scraped. The scrape is served on the same event loop, so it always
+sees a consistent snapshot:
+
+    datagrams_received == datagrams_delivered + sum(drops{direction="inbound"})
+    tun_packets_read   == outbound_delivered  + sum(drops{direction="outbound"})
+
+"Delivered" means handed to the kernel (TUN write or UDP send) or accepted into
+a bounded output queue; a queued packet that later fails to be written is
+counted in pushgate_dataplane_io_errors_total.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+from push_protocol.drops import DropReason
+from push_protocol.lifecycle import SessionState
+
+from .registry import Registry
+
+INBOUND, OUTBOUND = "inbound", "outbound"
+
+
+class BoundedQueue:
+    """A FIFO with a capacity in packets that never blocks: `put` says if it fit."""
+
+    __slots__ = ("_items", "capacity", "high_water", "name", "overflows")
+
+    def __init__(self, name: str, capacity: int) -> None:
+        self.name = name
+        self.capacity = capacity
+        self._items: deque = deque()
+        self.high_water = 0
+        self.overflows = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item) -> bool:
+        if len(self._items) >= self.capacity:
+            self.overflows += 1
+            return False
+        self._items.append(item)
+        if len(self._items) > self.high_water:
+            self.high_water = len(self._items)
+        return True
+
+    def peek(self):
+        return self._items[0]
+
+    def pop(self) -> None:
+        self._items.popleft()
+
+
+@dataclass
+class Counters:
+    datagrams_received: int = 0
+    datagrams_delivered: int = 0
+    tun_packets_read: int = 0
+    outbound_delivered: int = 0
+    rx_packets: int = 0  # authenticated inner packets from clients
+    rx_bytes: int = 0
+    tx_packets: int = 0  # sealed packets sent to clients
+    tx_bytes: int = 0
+    inbound_drops: dict[DropReason, int] = field(
+        default_factory=lambda: dict.fromkeys(DropReason, 0)
+    )
+    outbound_drops: dict[DropReason, int] = field(
+        default_factory=lambda: dict.fromkeys(DropReason, 0)
+    )
+    io_errors: dict[str, int] = field(
+        default_factory=lambda: {"udp_recv": 0, "udp_send": 0, "tun_read": 0, "tun_write": 0}
+    )
+    icmp_too_big_sent: int = 0
+    mss_clamped: int = 0
+    session_installs: int = 0
+    session_removals: int = 0
+    session_rekeys: int = 0
+    session_expiries: int = 0
+    control_connected: int = 0
+    control_resyncs: int = 0
+    stalled_sessions: int = 0
+
+
+class DataplaneCollector:
+    def __init__(self, counters: Counters, registry: Registry, queues: list[BoundedQueue]):
+        self._c = counters
+        self._registry = registry
+        self._queues = queues
+
+    def collect(self):
+        c = self._c
+        prefix = "pushgate_dataplane_"
+
+        def counter(name, doc, value):
+            family = CounterMetricFamily(prefix + name, doc)
+            family.add_metric([], value)
+            return family
+
+        def gauge(name, doc, value):
+            family = GaugeMetricFamily(prefix + name, doc)
+            family.add_metric([], value)
+            return family
+
+        yield counter(
+            "datagrams_received", "UDP datagrams received on the push port", c.datagrams_received
+        )
+        yield counter(
+            "datagrams_delivered",
+            "Received datagrams that reached their destination (TUN, a session, "
+            "or an accepted keepalive)",
+            c.datagrams_delivered,
+        )
+        yield counter("tun_packets_read", "Packets read from the server TUN", c.tun_packets_read)
+        yield counter(
+            "outbound_delivered", "TUN packets sealed and sent to a session", c.outbound_delivered
+        )
+        drops = CounterMetricFamily(
+            prefix + "drops",
+            "Dropped packets by direction and reason",
+            labels=["direction", "reason"],
+        )
+        for direction, table in ((INBOUND, c.inbound_drops), (OUTBOUND, c.outbound_drops)):
+            for reason, value in table.items():
+                drops.add_metric([direction, reason.value], value)
+        yield drops
+        packets = CounterMetricFamily(
+            prefix + "packets", "Tunnel packets by direction", labels=["direction"]
+        )
+        packets.add_metric(["rx"], c.rx_packets)
+        packets.add_metric(["tx"], c.tx_packets)
+        yield packets
+        volume = CounterMetricFamily(
+            prefix + "bytes", "Inner packet bytes by direction", labels=["direction"]
+        )
+        volume.add_metric(["rx"], c.rx_bytes)
+        volume.add_metric(["tx"], c.tx_bytes)
+        yield volume
+        errors = CounterMetricFamily(
+            prefix + "io_errors", "Socket and TUN errors by kind", labels=["kind"]
+        )
+        for kind, value in c.io_errors.items():
+            errors.add_metric([kind], value)
+        yield errors
+        yield counter(
+            "icmp_too_big_sent",
+            "ICMP fragmentation-needed / packet-too-big sent",
+            c.icmp_too_big_sent,
+        )
+        yield counter("mss_clamped", "TCP SYNs whose MSS was lowered", c.mss_clamped)
+        yield counter("session_installs", "Sessions installed", c.session_installs)
+        yield counter("session_removals", "Sessions removed", c.session_removals)
+        yield counter("session_rekeys", "Key rotations installed", c.session_rekeys)
+        yield counter("session_expiries", "Sessions expired by the dataplane", c.session_expiries)
+        yield counter("control_resyncs", "Full re-lists of the session feed", c.control_resyncs)
+        yield gauge(
+            "control_connected", "1 while the session feed is being watched", c.control_connected
+        )
+        yield gauge(
+            "stalled_sessions",
+            "Sessions receiving but not sending, or the reverse, "
+            "for longer than their keepalive interval",
+            c.stalled_sessions,
+        )
+        sessions = GaugeMetricFamily(prefix + "sessions", "Sessions by state", labels=["state"])
+        counts = self._registry.count_by_state()
+        for state in SessionState:
+            sessions.add_metric([state.value], counts[state])
+        yield sessions
+        for name, doc, attribute in (
+            ("queue_capacity", "Queue capacity in packets", "capacity"),
+            ("queue_depth", "Packets waiting in the queue", None),
+            ("queue_high_water", "Highest queue depth seen", "high_water"),
+        ):
+            family = GaugeMetricFamily(prefix + name, doc, labels=["queue"])
+            for queue in self._queues:
+                value = len(queue) if attribute is None else getattr(queue, attribute)
+                family.add_metric([queue.name], value)
+            yield family
+        overflows = CounterMetricFamily(
+            prefix + "queue_overflows", "Packets refused by a full queue", labels=["queue"]
+        )
+        for queue in self._queues:
+            overflows.add_metric([queue.name], queue.overflows)
+        yield overflows
+
+
+def loop_lag_histogram(prometheus: CollectorRegistry) -> Histogram:
+    return Histogram(
+        "pushgate_dataplane_loop_lag_seconds",
+        "How late the receive loop ran a timer scheduled every 100 ms",
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+        registry=prometheus,
+    )
+
+
+def register_collectors(
+    prometheus: CollectorRegistry,
+    counters: Counters,
+    registry: Registry,
+    queues: list[BoundedQueue],
+) -> None:
+    """Our counters, and the process' CPU, memory and file descriptors."""
+    prometheus.register(DataplaneCollector(counters, registry, queues))
+    ProcessCollector(registry=prometheus)

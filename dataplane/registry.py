@@ -1,0 +1,87 @@
+"""THE session registry: one record per session, indexed by id and by tunnel address.
+
+Only the event loop thread touches it. Records are created and removed only by
+the control channel (dataplane/sync.py); the receive loop only reads it and
+updates a record's endpoint and stats after a packet authenticated.
+"""
+
+import ipaddress
+
+from push_protocol.drops import DropReason
+from push_protocol.lifecycle import SessionState
+from push_protocol.session import TunnelSession
+
+
+class SessionRecord:
+    __slots__ = (
+        "addresses",
+        "endpoint",
+        "expires_at",
+        "last_drop_reason",
+        "stalled",
+        "tunnel",
+        "username",
+    )
+
+    def __init__(
+        self,
+        tunnel: TunnelSession,
+        addresses: tuple[bytes, ...],
+        expires_at: float,
+        username: str = "",
+    ) -> None:
+        self.tunnel = tunnel
+        self.addresses = addresses  # raw 4- or 16-byte addresses the session owns
+        self.expires_at = expires_at  # 0: no expiry
+        self.username = username
+        self.endpoint: tuple[str, int] | None = None  # follows authenticated packets
+        self.last_drop_reason: DropReason | None = None
+        self.stalled = False
+
+    @property
+    def session_id(self) -> int:
+        return self.tunnel.session_id
+
+
+def packed_address(text: str) -> bytes:
+    return ipaddress.ip_address(text).packed
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.by_id: dict[int, SessionRecord] = {}
+        self.by_address: dict[bytes, SessionRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def add(self, record: SessionRecord) -> None:
+        """Add a new session; an address already owned moves to the new session."""
+        if record.session_id in self.by_id:
+            raise KeyError(f"session {record.session_id:#010x} is already installed")
+        self.by_id[record.session_id] = record
+        for address in record.addresses:
+            previous = self.by_address.get(address)
+            if previous is not None:
+                previous.addresses = tuple(a for a in previous.addresses if a != address)
+            self.by_address[address] = record
+
+    def remove(self, session_id: int) -> SessionRecord | None:
+        record = self.by_id.pop(session_id, None)
+        if record is None:
+            return None
+        for address in record.addresses:
+            if self.by_address.get(address) is record:
+                del self.by_address[address]
+        tunnel = record.tunnel
+        if tunnel.state is not SessionState.REMOVED:
+            if tunnel.lifecycle.is_live:
+                tunnel.close()
+            tunnel.remove()
+        return record
+
+    def count_by_state(self) -> dict[SessionState, int]:
+        counts = dict.fromkeys(SessionState, 0)
+        for record in self.by_id.values():
+            counts[record.tunnel.state] += 1
+        return counts

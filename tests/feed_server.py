@@ -1,0 +1,111 @@
+"""A SessionFeed server for dataplane tests: it plays the auth service's part.
+
+Real gRPC on a real Unix socket, built on the generated servicer; sessions are
+whatever the test installs, rotates and removes.
+"""
+
+import os
+import threading
+import time
+from concurrent import futures
+
+import grpc
+
+from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
+
+
+def key_epoch(epoch: int = 0, created_at: float | None = None) -> control_pb2.KeyEpoch:
+    return control_pb2.KeyEpoch(
+        key_epoch=epoch,
+        client_to_server_key=os.urandom(32),
+        server_to_client_key=os.urandom(32),
+        created_at_unix_ms=int((time.time() if created_at is None else created_at) * 1000),
+    )
+
+
+def session(
+    session_id: int,
+    address: str,
+    keys: control_pb2.KeyEpoch | None = None,
+    keepalive: int = 10,
+    expires_at: float = 0.0,
+) -> control_pb2.Session:
+    return control_pb2.Session(
+        session_id=session_id,
+        cipher=auth_pb2.CIPHER_SUITE_AES_256_GCM,
+        tunnel_addresses=[address],
+        current_keys=keys or key_epoch(),
+        keepalive_seconds=keepalive,
+        expires_at_unix_ms=int(expires_at * 1000),
+        username=f"user{session_id}",
+    )
+
+
+class FeedServer(control_pb2_grpc.SessionFeedServicer):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sessions: dict[int, control_pb2.Session] = {}
+        self.events: list[control_pb2.SessionEvent] = []
+        self.revision = 0
+        self._changed = threading.Condition()
+        self._server: grpc.Server | None = None
+
+    def start(self) -> "FeedServer":
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        control_pb2_grpc.add_SessionFeedServicer_to_server(self, self._server)
+        self._server.add_insecure_port(f"unix:{self.path}")
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(0).wait()
+            self._server = None
+        with self._changed:
+            self._changed.notify_all()
+
+    def _publish(self, **change) -> None:
+        with self._changed:
+            self.revision += 1
+            self.events.append(control_pb2.SessionEvent(revision=self.revision, **change))
+            self._changed.notify_all()
+
+    def install(self, sess: control_pb2.Session) -> None:
+        self.sessions[sess.session_id] = sess
+        self._publish(installed=sess)
+
+    def rotate(self, session_id: int, keys: control_pb2.KeyEpoch) -> None:
+        sess = self.sessions[session_id]
+        sess.previous_keys.CopyFrom(sess.current_keys)
+        sess.current_keys.CopyFrom(keys)
+        self._publish(rotated=control_pb2.KeyRotation(session_id=session_id, keys=keys))
+
+    def remove(self, session_id: int) -> None:
+        del self.sessions[session_id]
+        self._publish(
+            removed=control_pb2.SessionRemoval(
+                session_id=session_id, reason=control_pb2.REMOVAL_REASON_LOGOUT
+            )
+        )
+
+    # -- the API ------------------------------------------------------------------
+
+    def ListSessions(self, request, context):  # noqa: N802 - gRPC method name
+        with self._changed:
+            return control_pb2.ListSessionsResponse(
+                sessions=list(self.sessions.values()), revision=self.revision
+            )
+
+    def WatchSessions(self, request, context):  # noqa: N802
+        after = request.after_revision
+        if after > self.revision:
+            context.abort(grpc.StatusCode.OUT_OF_RANGE, "unknown revision")
+        while context.is_active() and self._server is not None:
+            with self._changed:
+                pending = [e for e in self.events if e.revision > after]
+                if not pending:
+                    self._changed.wait(0.5)
+                    continue
+            for event in pending:
+                yield event
+                after = event.revision

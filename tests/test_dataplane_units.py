@@ -1,0 +1,126 @@
+"""Pure parts of the dataplane: inner packets, ICMP, MSS, registry, queues, config."""
+
+import ipaddress
+import os
+import struct
+
+import pytest
+
+from dataplane import config, inner
+from dataplane.metrics import BoundedQueue
+from dataplane.registry import Registry, SessionRecord, packed_address
+from netlab.packets import ipv4_tcp_syn, ipv4_udp
+from push_protocol.aead import CipherSuite
+from push_protocol.drops import DropReason
+from push_protocol.keys import KeyMaterial, Role
+from push_protocol.lifecycle import SessionState
+from push_protocol.session import TunnelSession
+
+
+def _tunnel(session_id: int) -> TunnelSession:
+    keys = KeyMaterial(0, os.urandom(32), os.urandom(32), 0.0)
+    return TunnelSession(session_id, CipherSuite.AES_256_GCM, Role.SERVER, keys, 0.0)
+
+
+def test_addresses_of_ipv4_and_ipv6():
+    packet = ipv4_udp("198.19.0.2", "198.18.2.2", 1, 2, b"x")
+    assert inner.addresses(packet) == (packed_address("198.19.0.2"), packed_address("198.18.2.2"))
+    v6 = bytes([0x60]) + bytes(7) + packed_address("2001:db8::1") + packed_address("2001:db8::2")
+    assert inner.addresses(v6)[1] == packed_address("2001:db8::2")
+
+
+@pytest.mark.parametrize("packet", [b"", b"\x45" * 19, b"\x60" * 39, b"\x50" * 40, b"\x41" * 40])
+def test_malformed_inner_packets(packet):
+    with pytest.raises(inner.InnerMalformed) as caught:
+        inner.addresses(packet)
+    assert caught.value.reason is DropReason.INNER_MALFORMED
+
+
+def test_ipv4_too_big_reply_is_valid_icmp():
+    packet = ipv4_udp("198.19.0.2", "198.18.2.2", 1000, 2000, bytes(1500))
+    reply = inner.too_big_reply(packet, 1420, packed_address("198.19.0.1"))
+    assert inner.checksum(reply[:20]) == 0  # IP header checksum verifies
+    assert inner.checksum(reply[20:]) == 0  # ICMP checksum verifies
+    assert reply[9] == inner.PROTO_ICMP and reply[20:22] == b"\x03\x04"
+    assert struct.unpack_from("!H", reply, 26)[0] == 1420
+    assert reply[16:20] == packed_address("198.19.0.2")  # back to the sender
+    assert reply[28:48] == packet[:20]  # quotes the offending header
+
+
+def test_no_too_big_reply_without_df():
+    packet = ipv4_udp("198.19.0.2", "198.18.2.2", 1, 2, bytes(1500), dont_fragment=False)
+    assert inner.too_big_reply(packet, 1420, packed_address("198.19.0.1")) is None
+
+
+def test_mss_clamp_lowers_and_fixes_the_checksum():
+    syn = ipv4_tcp_syn("198.19.0.2", "198.18.2.2", 40000, 80, mss=1460)
+    clamped = inner.clamp_mss(syn, 1380)
+    assert struct.unpack_from("!H", clamped, 20 + 22)[0] == 1380
+    pseudo = clamped[12:20] + struct.pack("!xBH", 6, len(clamped) - 20)
+    assert inner.checksum(pseudo + clamped[20:]) == 0
+    assert inner.clamp_mss(clamped, 1400) is clamped  # already small enough
+    udp = ipv4_udp("198.19.0.2", "198.18.2.2", 1, 2, b"x")
+    assert inner.clamp_mss(udp, 100) is udp
+
+
+def test_registry_indexes_by_id_and_address_and_removes_cleanly():
+    registry = Registry()
+    a = SessionRecord(_tunnel(1), (packed_address("198.19.0.2"),), 0.0)
+    b = SessionRecord(_tunnel(2), (packed_address("198.19.0.3"),), 0.0)
+    registry.add(a)
+    registry.add(b)
+    assert registry.by_address[packed_address("198.19.0.3")] is b
+    with pytest.raises(KeyError):
+        registry.add(SessionRecord(_tunnel(1), (), 0.0))
+    assert registry.remove(1) is a
+    assert a.tunnel.state is SessionState.REMOVED
+    assert packed_address("198.19.0.2") not in registry.by_address
+    assert registry.remove(1) is None
+    assert registry.count_by_state()[SessionState.ACTIVE] == 1
+
+
+def test_bounded_queue_counts_overflows_and_high_water():
+    queue = BoundedQueue("q", 2)
+    assert queue.put(1) and queue.put(2)
+    assert not queue.put(3)
+    assert (len(queue), queue.high_water, queue.overflows) == (2, 2, 1)
+    queue.pop()
+    assert queue.peek() == 2
+
+
+GOOD = """
+[gateway]
+tunnel_network = "198.19.0.0/24"
+gateway_address = "198.19.0.1"
+control_socket = "run/control.sock"
+[dataplane]
+listen = "198.18.0.1:51820"
+"""
+
+
+def test_config_loads_with_defaults(tmp_path):
+    path = tmp_path / "pushgate.toml"
+    path.write_text(GOOD)
+    cfg = config.load(str(path))
+    assert cfg.gateway_address == ipaddress.ip_address("198.19.0.1")
+    assert cfg.listen == ("198.18.0.1", 51820)
+    assert cfg.control_socket == str(tmp_path / "run/control.sock")
+    assert cfg.mtu == 1420 and cfg.tun_name == "pg0"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (GOOD.replace('"198.19.0.1"', '"198.18.0.1"'), "not in 198.19.0.0/24"),
+        (GOOD.replace('tunnel_network = "198.19.0.0/24"', ""), "tunnel_network is required"),
+        (GOOD.replace('"198.18.0.1:51820"', '"nowhere"'), "listen: expected HOST:PORT"),
+        (GOOD + 'tun_name = "a-name-that-is-too-long"', "tun_name"),
+        (GOOD.replace("[dataplane]", 'mtu = "big"\n[dataplane]'), "mtu: expected int"),
+        ("[gateway", "not valid TOML"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, text, message):
+    path = tmp_path / "pushgate.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(str(path))

@@ -90,13 +90,13 @@ class FeedServer(control_pb2_grpc.SessionFeedServicer):
 
     # -- the API ------------------------------------------------------------------
 
-    def ListSessions(self, request, context):  # noqa: N802 - gRPC method name
+    def ListSessions(self, request, context):
         with self._changed:
             return control_pb2.ListSessionsResponse(
                 sessions=list(self.sessions.values()), revision=self.revision
             )
 
-    def WatchSessions(self, request, context):  # noqa: N802
+    def WatchSessions(self, request, context):
         after = request.after_revision
         if after > self.revision:
             context.abort(grpc.StatusCode.OUT_OF_RANGE, "unknown revision")

@@ -1,0 +1,387 @@
+"""The dataplane in network namespaces: real UDP, real TUN, real gRPC feed.
+
+    client ns 198.18.10.2 --veth-- 198.18.10.1 gateway ns (pushgate-dataplane, TUN 198.19.10.1/24)
+
+The test process holds sockets inside both namespaces (netlab.socket_in): a
+push client built on the shared TunnelSession in the client namespace, and an
+"observer" UDP socket on the gateway's tunnel address that sees what the
+dataplane writes to its TUN.
+"""
+
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from netlab import Lab, metrics, socket_in, wait_for
+from netlab.packets import ipv4_udp, udp_payload
+from push_protocol.aead import CipherSuite
+from push_protocol.codec import parse_header
+from push_protocol.keys import KeyMaterial, Role
+from push_protocol.session import TunnelSession
+from pushgate_api import control_pb2, control_pb2_grpc
+from tests.feed_server import FeedServer, key_epoch, session
+
+GW_UNDERLAY, CLIENT_UNDERLAY = "198.18.10.1", "198.18.10.2"
+GW_TUNNEL = "198.19.10.1"
+PORT = 51820
+OBSERVER_PORT = 9999
+METRICS_PORT = 9102
+
+CONFIG = f"""
+[gateway]
+tunnel_network = "198.19.10.0/24"
+gateway_address = "{GW_TUNNEL}"
+mtu = 1420
+keepalive_seconds = 2
+control_socket = "control.sock"
+[dataplane]
+listen = "{GW_UNDERLAY}:{PORT}"
+tun_name = "pgdp0"
+stats_socket = "dataplane.sock"
+metrics_listen = "127.0.0.1:{METRICS_PORT}"
+"""
+
+
+class PushClient:
+    """A test client: the shared core plus a UDP socket in the client namespace."""
+
+    def __init__(self, sock: socket.socket, sess: control_pb2.Session) -> None:
+        keys = sess.current_keys
+        self.address = sess.tunnel_addresses[0]
+        self.session = TunnelSession(
+            sess.session_id,
+            CipherSuite.AES_256_GCM,
+            Role.CLIENT,
+            KeyMaterial(
+                keys.key_epoch, keys.client_to_server_key, keys.server_to_client_key, time.time()
+            ),
+            time.time(),
+        )
+        self.sock = sock
+        sock.settimeout(5)
+
+    def send_inner(self, packet: bytes) -> bytes:
+        datagram = self.session.seal(packet, time.time())
+        self.sock.sendto(datagram, (GW_UNDERLAY, PORT))
+        return datagram
+
+    def send_udp(self, payload: bytes, sport: int = 4000, src: str | None = None) -> bytes:
+        return self.send_inner(
+            ipv4_udp(src or self.address, GW_TUNNEL, sport, OBSERVER_PORT, payload)
+        )
+
+    def receive_inner(self) -> bytes:
+        while True:
+            datagram = self.sock.recv(65536)
+            payload = self.session.open(datagram, time.time(), parse_header(datagram))
+            if payload:
+                return payload
+
+
+class Gateway:
+    def __init__(self, lab: Lab, workdir: str) -> None:
+        self.lab = lab
+        self.gw = lab.namespace("gw")
+        self.cl = lab.namespace("cl")
+        lab.link(self.cl, f"{CLIENT_UNDERLAY}/24", self.gw, f"{GW_UNDERLAY}/24")
+        self.workdir = workdir
+        self.config = os.path.join(workdir, "pushgate.toml")
+        with open(self.config, "w") as handle:
+            handle.write(CONFIG)
+        self.feed = FeedServer(os.path.join(workdir, "control.sock")).start()
+        self.log = open(os.path.join(workdir, "dataplane.log"), "w")  # noqa: SIM115 - fixture closes it
+        self.process = None
+        self.observer = None
+
+    def start_dataplane(self) -> None:
+        self.process = self.lab.start(
+            self.gw,
+            [sys.executable, "-m", "dataplane.cli", "--config", self.config],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=os.getcwd(),
+        )
+        wait_for(lambda: self._scrape_or_none(), 20, what="dataplane /metrics")
+        if self.observer is not None:
+            self.observer.close()
+        self.observer = socket_in(self.gw)
+        self.observer.bind((GW_TUNNEL, OBSERVER_PORT))
+        self.observer.settimeout(5)
+
+    def _scrape_or_none(self):
+        try:
+            return self.scrape()
+        except OSError:
+            return None
+
+    def scrape(self):
+        conn = socket_in(self.gw, socket.AF_INET, socket.SOCK_STREAM)
+        with conn:
+            conn.settimeout(5)
+            conn.connect(("127.0.0.1", METRICS_PORT))
+            conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            chunks = []
+            while data := conn.recv(65536):
+                chunks.append(data)
+        body = b"".join(chunks).split(b"\r\n\r\n", 1)[1]
+        return metrics.parse(body.decode())
+
+    def client(self, sess: control_pb2.Session) -> PushClient:
+        return PushClient(socket_in(self.cl), sess)
+
+    def wait_sessions(self, count: int) -> None:
+        wait_for(
+            lambda: (
+                metrics.total(self.scrape(), "pushgate_dataplane_sessions", state="active") == count
+            ),
+            20,
+            what=f"{count} active sessions",
+        )
+
+    def observe(self) -> tuple[str, int, bytes]:
+        data, (host, port) = self.observer.recvfrom(65536)
+        return host, port, data
+
+
+@pytest.fixture
+def gateway(tmp_path):
+    with Lab("pgdp") as lab:
+        gw = Gateway(lab, str(tmp_path))
+        try:
+            yield gw
+        finally:
+            gw.feed.stop()
+            if gw.observer is not None:
+                gw.observer.close()
+            lab.close()
+            gw.log.close()
+
+
+def drops(samples, reason: str) -> float:
+    return metrics.total(
+        samples, "pushgate_dataplane_drops_total", direction="inbound", reason=reason
+    )
+
+
+def assert_accounted(samples) -> None:
+    received = metrics.total(samples, "pushgate_dataplane_datagrams_received_total")
+    delivered = metrics.total(samples, "pushgate_dataplane_datagrams_delivered_total")
+    dropped = metrics.total(samples, "pushgate_dataplane_drops_total", direction="inbound")
+    assert received == delivered + dropped, (received, delivered, dropped)
+
+
+def test_packets_flow_both_ways(gateway):
+    sess = session(0x1001, "198.19.10.2")
+    gateway.feed.install(sess)
+    gateway.start_dataplane()
+    gateway.wait_sessions(1)
+    client = gateway.client(sess)
+    client.send_udp(b"hello gateway")
+    host, port, data = gateway.observe()
+    assert (host, port, data) == ("198.19.10.2", 4000, b"hello gateway")
+    gateway.observer.sendto(b"hello client", ("198.19.10.2", 4000))
+    src, sport, dport, payload = udp_payload(client.receive_inner())
+    assert (src, sport, dport, payload) == (GW_TUNNEL, OBSERVER_PORT, 4000, b"hello client")
+    samples = gateway.scrape()
+    assert metrics.total(samples, "pushgate_dataplane_packets_total", direction="rx") == 1
+    assert metrics.total(samples, "pushgate_dataplane_packets_total", direction="tx") >= 1
+    assert_accounted(samples)
+
+
+def test_hostile_datagrams_are_counted_by_reason_and_valid_traffic_flows(gateway):
+    sess = session(0x1002, "198.19.10.2")
+    gateway.feed.install(sess)
+    gateway.start_dataplane()
+    gateway.wait_sessions(1)
+    client = gateway.client(sess)
+    attacker = socket_in(gateway.cl)
+    target = (GW_UNDERLAY, PORT)
+    client.send_udp(b"first")
+    assert gateway.observe()[2] == b"first"
+    before = gateway.scrape()
+
+    valid = client.send_udp(b"replay me")
+    assert gateway.observe()[2] == b"replay me"
+    attacker.sendto(valid, target)  # replayed exactly
+    tampered = bytearray(
+        client.session.seal(ipv4_udp(client.address, GW_TUNNEL, 1, 2, b"x"), time.time())
+    )
+    tampered[-1] ^= 1
+    attacker.sendto(bytes(tampered), target)  # bad tag
+    attacker.sendto(b"", target)  # zero length
+    attacker.sendto(valid[:10], target)  # truncated header
+    attacker.sendto(b"\x07" + valid[1:], target)  # bad version
+    attacker.sendto(valid[:1] + b"\x09" + valid[2:], target)  # unknown type
+    attacker.sendto(valid[:4] + struct.pack("!I", 0xBAD) + valid[8:], target)  # unknown session
+    client.send_udp(b"spoofed", src="198.19.10.77")  # spoofed inner source
+    client.send_inner(b"\x99" * 40)  # not an IP packet
+    client.send_udp(bytes(1500))  # bigger than the tunnel MTU: ICMP back, counted
+    icmp = client.receive_inner()
+    assert icmp[9] == 1 and icmp[20:22] == b"\x03\x04"
+
+    client.send_udp(b"still flowing")
+    assert gateway.observe()[2] == b"still flowing"
+    after = gateway.scrape()
+    expected = {
+        "replay": 1,
+        "bad_tag": 1,
+        "too_short": 2,
+        "bad_version": 1,
+        "unknown_type": 1,
+        "unknown_session": 1,
+        "spoofed_source": 1,
+        "inner_malformed": 1,
+        "too_big": 1,
+    }
+    for reason, count in expected.items():
+        assert drops(after, reason) - drops(before, reason) == count, reason
+    assert_accounted(after)
+    stub_channel = grpc.insecure_channel(f"unix:{gateway.workdir}/dataplane.sock")
+    with stub_channel:
+        stats = control_pb2_grpc.DataplaneStatsStub(stub_channel).GetSessionStats(
+            control_pb2.GetSessionStatsRequest(session_id=0x1002), timeout=5
+        )
+    assert stats.last_drop_reason == "too_big"
+    assert stats.endpoint.startswith(CLIENT_UNDERLAY)
+
+
+def test_flood_of_random_datagrams_does_not_stop_valid_traffic(gateway):
+    sess = session(0x1003, "198.19.10.2")
+    gateway.feed.install(sess)
+    gateway.start_dataplane()
+    gateway.wait_sessions(1)
+    client = gateway.client(sess)
+    flood = gateway.lab.start(
+        gateway.cl,
+        [sys.executable, "-c", FLOOD, GW_UNDERLAY, str(PORT), "3"],
+        stdout=subprocess.PIPE,
+    )
+    sent = delivered = 0
+    gateway.observer.setblocking(False)
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        client.send_udp(b"valid %d" % sent)
+        sent += 1
+        try:
+            while gateway.observer.recvfrom(65536):
+                delivered += 1
+        except BlockingIOError:
+            pass
+        time.sleep(0.01)
+    flood_count = int(flood.communicate(timeout=30)[0])
+    gateway.observer.settimeout(1)
+    try:
+        while gateway.observer.recvfrom(65536):
+            delivered += 1
+    except TimeoutError:
+        pass
+    samples = gateway.scrape()
+    assert_accounted(samples)
+    noise = sum(
+        drops(samples, r)
+        for r in ("too_short", "bad_version", "unknown_type", "bad_length", "unknown_session")
+    )
+    received = metrics.total(samples, "pushgate_dataplane_datagrams_received_total")
+    kernel_lost = flood_count + sent - received  # dropped by the kernel's socket buffer
+    print(
+        f"flood {flood_count} datagrams, noise counted {noise:.0f}, kernel-dropped "
+        f"{kernel_lost:.0f}; valid {delivered}/{sent} delivered"
+    )
+    assert delivered >= sent * 0.5, f"only {delivered} of {sent} valid packets got through"
+    stalls = metrics.total(samples, "pushgate_dataplane_loop_lag_seconds_count") - metrics.total(
+        samples, "pushgate_dataplane_loop_lag_seconds_bucket", le="1.0"
+    )
+    assert stalls == 0, "the receive loop stalled for more than a second"
+
+
+FLOOD = """
+import os, random, socket, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+blobs = [os.urandom(random.choice((0, 8, 31, 32, 33, 100, 1400, 9000))) for _ in range(256)]
+n, end = 0, time.monotonic() + seconds
+while time.monotonic() < end:
+    for blob in blobs:
+        s.sendto(blob, (host, port))
+    n += len(blobs)
+print(n)
+"""
+
+
+def test_rotation_removal_and_roaming(gateway):
+    sess = session(0x1004, "198.19.10.2")
+    gateway.feed.install(sess)
+    gateway.start_dataplane()
+    gateway.wait_sessions(1)
+    client = gateway.client(sess)
+    client.send_udp(b"epoch 0")
+    assert gateway.observe()[2] == b"epoch 0"
+
+    new_keys = key_epoch(1)
+    gateway.feed.rotate(0x1004, new_keys)
+    wait_for(
+        lambda: metrics.total(gateway.scrape(), "pushgate_dataplane_session_rekeys_total"),
+        10,
+        what="the rotation to reach the dataplane",
+    )
+    client.session.install_next(
+        KeyMaterial(1, new_keys.client_to_server_key, new_keys.server_to_client_key, time.time()),
+        time.time() - 2,
+    )  # promote at once
+    datagram = client.send_udp(b"epoch 1")
+    assert parse_header(datagram).key_epoch == 1
+    assert gateway.observe()[2] == b"epoch 1"
+
+    # Roaming: the same session from a new source port; replies follow it.
+    client.sock = socket_in(gateway.cl)
+    client.sock.settimeout(5)
+    client.send_udp(b"moved", sport=4001)
+    assert gateway.observe()[2] == b"moved"
+    gateway.observer.sendto(b"found you", ("198.19.10.2", 4001))
+    assert udp_payload(client.receive_inner())[3] == b"found you"
+
+    gateway.feed.remove(0x1004)
+    gateway.wait_sessions(0)
+    before = drops(gateway.scrape(), "unknown_session")
+    client.send_udp(b"after logout")
+    wait_for(
+        lambda: drops(gateway.scrape(), "unknown_session") == before + 1,
+        5,
+        what="the packet after logout to be dropped",
+    )
+
+
+def test_resync_after_the_feed_restarts_and_after_a_dataplane_restart(gateway):
+    sess = session(0x1005, "198.19.10.2")
+    gateway.feed.install(sess)
+    gateway.start_dataplane()
+    gateway.wait_sessions(1)
+    client = gateway.client(sess)
+
+    gateway.feed.stop()  # the auth service goes away: traffic keeps flowing
+    client.send_udp(b"auth is down")
+    assert gateway.observe()[2] == b"auth is down"
+
+    restarted = FeedServer(gateway.feed.path)
+    restarted.sessions = dict(gateway.feed.sessions)
+    second = session(0x1006, "198.19.10.3")
+    restarted.sessions[second.session_id] = second
+    restarted.revision = 100
+    gateway.feed = restarted.start()
+    gateway.wait_sessions(2)
+    client.send_udp(b"after resync")
+    assert gateway.observe()[2] == b"after resync"  # counters and window were kept
+
+    gateway.lab.stop(gateway.process, sig=9)  # SIGKILL the dataplane, then restart it
+    gateway.start_dataplane()
+    gateway.wait_sessions(2)
+    client.send_udp(b"after restart")
+    assert gateway.observe()[2] == b"after restart"
+    gateway.observer.sendto(b"reply after restart", ("198.19.10.2", 4000))
+    assert udp_payload(client.receive_inner())[3] == b"reply after restart"

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 from push_protocol.keys import Role
 from push_protocol.session import TunnelSession
+from tundev.linux import LinuxTun
 
 from .auth import AuthClient, ClientError, ClientSession
 from .datapath import Datapath
 from .netplan import NetworkPlan, parse_route_get, plan_network
 from .state import ClientEvent, ClientState, ClientStateMachine
 from .status import ClientStatus, write_status
-from tundev.linux import LinuxTun
 
 log = logging.getLogger("pushgate.client")
 

@@ -6,6 +6,7 @@ process group) when the lab closes, even after a failure. Addresses come from
 198.18.0.0/15 only; nothing is routed outside the namespaces.
 """
 
+import contextlib
 import ipaddress
 import os
 import signal
@@ -97,10 +98,8 @@ class Lab:
         self, process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10
     ) -> int | None:
         if process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                pass
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -116,10 +115,8 @@ class Lab:
             # Anything still inside (a stray child) goes with the namespace.
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
             for pid in pids.stdout.split():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
         self.namespaces.clear()
 

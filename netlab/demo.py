@@ -49,7 +49,7 @@ def main() -> int:
 def _run(lab: Lab, workdir: str) -> int:
     _say("creating namespaces: gateway, client, lan host (198.18.0.0/15 only)")
     gateway, client, lan = lab.namespace("gw"), lab.namespace("client"), lab.namespace("lan")
-    _, gw_underlay_dev = lab.link(
+    _, _gw_underlay_dev = lab.link(
         client, f"{CLIENT_UNDERLAY}/24", gateway, f"{GATEWAY_UNDERLAY}/24"
     )
     gw_lan_dev, _ = lab.link(gateway, f"{GATEWAY_LAN}/24", lan, f"{LAN_HOST}/24")

@@ -13,10 +13,10 @@ import sys
 import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+import gateway_config
 from pushgate_api import control_pb2_grpc
 from tundev.linux import LinuxTun
 
-from . import config as config_module
 from .device import Device
 from .metrics import Counters, loop_lag_histogram, register_collectors
 from .registry import Registry
@@ -34,14 +34,16 @@ def _ip(*args: str) -> None:
         raise SystemExit(f"pushgate-dataplane: ip {' '.join(args)}: {result.stderr.strip()}")
 
 
-def open_tun(cfg: config_module.DataplaneConfig) -> LinuxTun:
+def open_tun(cfg: gateway_config.GatewayConfig) -> LinuxTun:
     try:
-        tun = LinuxTun(cfg.tun_name)
+        tun = LinuxTun(cfg.dataplane.tun_name)
     except OSError as error:
-        raise SystemExit(f"pushgate-dataplane: cannot create TUN {cfg.tun_name}: {error}") from None
-    prefix = cfg.tunnel_network.prefixlen
-    _ip("address", "replace", f"{cfg.gateway_address}/{prefix}", "dev", tun.name)
-    _ip("link", "set", "dev", tun.name, "mtu", str(cfg.mtu), "up")
+        raise SystemExit(
+            f"pushgate-dataplane: cannot create TUN {cfg.dataplane.tun_name}: {error}"
+        ) from None
+    prefix = cfg.gateway.tunnel_network.prefixlen
+    _ip("address", "replace", f"{cfg.gateway.gateway_address}/{prefix}", "dev", tun.name)
+    _ip("link", "set", "dev", tun.name, "mtu", str(cfg.gateway.mtu), "up")
     return tun
 
 
@@ -106,10 +108,10 @@ async def serve_stats(registry: Registry, path: str) -> grpc.aio.Server:
     return server
 
 
-async def run(cfg: config_module.DataplaneConfig) -> None:
+async def run(cfg: gateway_config.GatewayConfig) -> None:
     loop = asyncio.get_running_loop()
     tun = open_tun(cfg)
-    sock = open_udp(cfg.listen)
+    sock = open_udp(cfg.dataplane.listen)
     registry, counters = Registry(), Counters()
     prometheus = CollectorRegistry()
     device = Device(
@@ -117,26 +119,26 @@ async def run(cfg: config_module.DataplaneConfig) -> None:
         counters=counters,
         sock=sock,
         tun=tun,
-        mtu=cfg.mtu,
-        tunnel_network=cfg.tunnel_network,
-        gateway_address=cfg.gateway_address,
+        mtu=cfg.gateway.mtu,
+        tunnel_network=cfg.gateway.tunnel_network,
+        gateway_address=cfg.gateway.gateway_address,
         loop_lag_histogram=loop_lag_histogram(prometheus),
     )
     register_collectors(prometheus, counters, registry, device.queues)
     device.start(loop)
-    metrics_server = await serve_metrics(prometheus, *cfg.metrics_listen)
-    stats_server = await serve_stats(registry, cfg.stats_socket)
-    sync = SessionSync(registry, counters, cfg.control_socket)
+    metrics_server = await serve_metrics(prometheus, *cfg.dataplane.metrics_listen)
+    stats_server = await serve_stats(registry, cfg.dataplane.stats_socket)
+    sync = SessionSync(registry, counters, cfg.gateway.control_socket)
     sync_task = asyncio.create_task(sync.run())
     log.info(
         "dataplane up: UDP %s:%d, TUN %s %s/%d mtu %d, metrics %s:%d, feed %s",
-        *cfg.listen,
+        *cfg.dataplane.listen,
         tun.name,
-        cfg.gateway_address,
-        cfg.tunnel_network.prefixlen,
-        cfg.mtu,
-        *cfg.metrics_listen,
-        cfg.control_socket,
+        cfg.gateway.gateway_address,
+        cfg.gateway.tunnel_network.prefixlen,
+        cfg.gateway.mtu,
+        *cfg.dataplane.metrics_listen,
+        cfg.gateway.control_socket,
     )
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -151,7 +153,7 @@ async def run(cfg: config_module.DataplaneConfig) -> None:
     tun.close()
 
 
-def nat(cfg: config_module.DataplaneConfig, out_interface: str, remove: bool) -> int:
+def nat(cfg: gateway_config.GatewayConfig, out_interface: str, remove: bool) -> int:
     """Masquerade the tunnel network out of `out_interface` (nftables) and forward."""
     table = "pushgate_nat"
     if remove:
@@ -164,7 +166,7 @@ def nat(cfg: config_module.DataplaneConfig, out_interface: str, remove: bool) ->
         f"table ip {table} {{\n"
         f"  chain postrouting {{\n"
         f"    type nat hook postrouting priority srcnat; policy accept;\n"
-        f'    ip saddr {cfg.tunnel_network} oifname "{out_interface}" masquerade\n'
+        f'    ip saddr {cfg.gateway.tunnel_network} oifname "{out_interface}" masquerade\n'
         f"  }}\n}}\n"
     )
     subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
@@ -172,7 +174,7 @@ def nat(cfg: config_module.DataplaneConfig, out_interface: str, remove: bool) ->
     if result.returncode != 0:
         print(f"pushgate-dataplane: nft failed: {result.stderr.strip()}", file=sys.stderr)
         return 1
-    print(f"forwarding on; {cfg.tunnel_network} masqueraded out of {out_interface}")
+    print(f"forwarding on; {cfg.gateway.tunnel_network} masqueraded out of {out_interface}")
     return 0
 
 
@@ -196,21 +198,21 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        cfg = config_module.load(args.config)
+        cfg = gateway_config.load(args.config)
         overrides = {}
         if args.listen:
-            overrides["listen"] = config_module.parse_host_port(args.listen, "--listen")
+            overrides["listen"] = gateway_config.parse_host_port(args.listen, "--listen")
         if args.metrics_listen:
-            overrides["metrics_listen"] = config_module.parse_host_port(
+            overrides["metrics_listen"] = gateway_config.parse_host_port(
                 args.metrics_listen, "--metrics-listen"
             )
         if args.tun_name:
             overrides["tun_name"] = args.tun_name
-    except config_module.ConfigError as error:
+    except gateway_config.ConfigError as error:
         print(f"pushgate-dataplane: {error}", file=sys.stderr)
         return 2
     if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
+        cfg = dataclasses.replace(cfg, dataplane=dataclasses.replace(cfg.dataplane, **overrides))
     if args.nat or args.remove_nat:
         return nat(cfg, args.nat or "", args.remove_nat)
     asyncio.run(run(cfg))

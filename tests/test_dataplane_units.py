@@ -6,7 +6,8 @@ import struct
 
 import pytest
 
-from dataplane import config, inner
+import gateway_config as config
+from dataplane import inner
 from dataplane.metrics import BoundedQueue
 from dataplane.registry import Registry, SessionRecord, packed_address
 from netlab.packets import ipv4_tcp_syn, ipv4_udp
@@ -102,10 +103,10 @@ def test_config_loads_with_defaults(tmp_path):
     path = tmp_path / "pushgate.toml"
     path.write_text(GOOD)
     cfg = config.load(str(path))
-    assert cfg.gateway_address == ipaddress.ip_address("198.19.0.1")
-    assert cfg.listen == ("198.18.0.1", 51820)
-    assert cfg.control_socket == str(tmp_path / "run/control.sock")
-    assert cfg.mtu == 1420 and cfg.tun_name == "pg0"
+    assert cfg.gateway.gateway_address == ipaddress.ip_address("198.19.0.1")
+    assert cfg.dataplane.listen == ("198.18.0.1", 51820)
+    assert cfg.gateway.control_socket == str(tmp_path / "run/control.sock")
+    assert cfg.gateway.mtu == 1420 and cfg.dataplane.tun_name == "pg0"
 
 
 @pytest.mark.parametrize(
@@ -115,7 +116,7 @@ def test_config_loads_with_defaults(tmp_path):
         (GOOD.replace('tunnel_network = "198.19.0.0/24"', ""), "tunnel_network is required"),
         (GOOD.replace('"198.18.0.1:51820"', '"nowhere"'), "listen: expected HOST:PORT"),
         (GOOD + 'tun_name = "a-name-that-is-too-long"', "tun_name"),
-        (GOOD.replace("[dataplane]", 'mtu = "big"\n[dataplane]'), "mtu: expected int"),
+        (GOOD.replace("[dataplane]", 'mtu = "big"\n[dataplane]'), "mtu: expected a number"),
         ("[gateway", "not valid TOML"),
     ],
 )

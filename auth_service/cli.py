@@ -1,7 +1,142 @@
-"""`pushgate-auth`: the gRPC auth service (client API over TLS, session feed on a Unix socket)."""
+"""`pushgate-auth`: builds and runs the auth service (servicers live in server.py)."""
 
 import argparse
+import asyncio
+import logging
+import os
+import signal
 import sys
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+import gateway_config
+from push_protocol.aead import CipherSuite
+from push_protocol.constants import REKEY_AFTER_SECONDS
+from pushgate_api import auth_pb2, control_pb2_grpc
+
+from .server import AuthMetrics, AuthServicer, SessionFeedServicer
+from .sessions import AddressPool, SessionManager
+from .store import Store
+from .throttle import Throttle
+
+log = logging.getLogger("pushgate.auth")
+
+MAX_REQUEST_BYTES = 64 * 1024
+SWEEP_SECONDS = 1.0
+CIPHER_CODES = {
+    CipherSuite.AES_256_GCM: auth_pb2.CIPHER_SUITE_AES_256_GCM,
+    CipherSuite.CHACHA20_POLY1305: auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305,
+}
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+async def serve_unix(server: grpc.aio.Server, path: str) -> None:
+    """Bind a gRPC server to a Unix socket only its owner can use (mode 0600)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    if os.path.exists(path):
+        os.unlink(path)
+    old = os.umask(0o077)
+    try:
+        server.add_insecure_port(f"unix:{path}")
+        await server.start()
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+
+
+async def run(cfg: gateway_config.GatewayConfig) -> None:
+    gw, auth = cfg.gateway, cfg.auth
+    store = Store(auth.database)
+    sessions = SessionManager(
+        store,
+        AddressPool(gw.tunnel_network, gw.gateway_address),
+        keepalive_seconds=gw.keepalive_seconds,
+        session_lifetime_seconds=auth.session_lifetime_seconds,
+    )
+    registry = CollectorRegistry()
+    metrics = AuthMetrics(registry)
+    host, port = auth.dataplane_endpoint
+    servicer = AuthServicer(
+        sessions,
+        metrics,
+        throttle=Throttle(
+            auth.max_failures_before_delay,
+            auth.failure_delay_seconds,
+            auth.max_failure_delay_seconds,
+        ),
+        hash_workers=auth.hash_workers,
+        max_pending_hashes=auth.max_pending_hashes,
+        default_cipher=CIPHER_CODES[gw.cipher],
+        response_template={
+            "prefix": gw.tunnel_network.prefixlen,
+            "gateway": str(gw.gateway_address),
+            "routes": list(auth.routes),
+            "dns": list(auth.dns),
+            "mtu": gw.mtu,
+            "keepalive": int(gw.keepalive_seconds),
+            "key_lifetime": int(REKEY_AFTER_SECONDS),
+            "endpoint": auth_pb2.Endpoint(host=host, port=port),
+        },
+    )
+    servicer.update_gauges()
+
+    public = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+    public.add_generic_rpc_handlers((servicer.generic_handler(),))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, public)
+    service_names = (
+        auth_pb2.DESCRIPTOR.services_by_name["Auth"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(service_names, public)
+    credentials = grpc.ssl_server_credentials([(_read(auth.tls_key), _read(auth.tls_cert))])
+    public.add_secure_port(auth.listen, credentials)
+    await public.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(service_names[0], health_pb2.HealthCheckResponse.SERVING)
+
+    control = grpc.aio.server()
+    control_pb2_grpc.add_SessionFeedServicer_to_server(
+        SessionFeedServicer(sessions, servicer.update_gauges), control
+    )
+    await serve_unix(control, gw.control_socket)
+    start_http_server(auth.metrics_listen[1], addr=auth.metrics_listen[0], registry=registry)
+    log.info(
+        "auth service up: clients %s (TLS), session feed unix:%s, metrics %s:%d, "
+        "%d sessions, revision %d",
+        auth.listen,
+        gw.control_socket,
+        *auth.metrics_listen,
+        store.count_sessions(),
+        store.revision,
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), SWEEP_SECONDS)
+        except TimeoutError:
+            expired = await sessions.expire(time.time())
+            if expired:
+                metrics.expired.inc(expired)
+                servicer.update_gauges()
+                log.info("expired %d sessions", expired)
+    log.info("stopping")
+    await public.stop(2)
+    await control.stop(1)
+    store.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -9,9 +144,25 @@ def main(argv: list[str] | None = None) -> int:
         prog="pushgate-auth",
         description="the gRPC auth service (client API over TLS, session feed on a Unix socket)",
     )
-    parser.parse_args(argv)
-    print("pushgate-auth: not built yet (issue 3)", file=sys.stderr)
-    return 1
+    parser.add_argument("--config", required=True, help="gateway config (TOML)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = gateway_config.load(args.config, auth=True)
+        for path in (cfg.auth.tls_cert, cfg.auth.tls_key):
+            _read(path)
+    except gateway_config.ConfigError as error:
+        print(f"pushgate-auth: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"pushgate-auth: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    asyncio.run(run(cfg))
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,325 @@
+"""The auth service's servicers: the client API (Auth) and the local SessionFeed."""
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from google.protobuf.message import DecodeError
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
+
+from .passwords import verify_password
+from .sessions import PoolExhausted, SessionManager
+from .throttle import Throttle
+
+log = logging.getLogger("pushgate.auth")
+
+MAX_USERNAME_BYTES = 256
+MAX_PASSWORD_BYTES = 1024
+GENERIC_LOGIN_ERROR = "invalid user name or password"
+LOGIN_RESULTS = ("success", "bad_credentials", "throttled", "invalid", "pool_exhausted", "busy")
+CIPHERS = {auth_pb2.CIPHER_SUITE_AES_256_GCM, auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305}
+
+
+class AuthMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.logins = Counter(
+            "pushgate_auth_logins", "Login attempts by result", ["result"], registry=registry
+        )
+        for result in LOGIN_RESULTS:
+            self.logins.labels(result)
+        self.login_seconds = Histogram(
+            "pushgate_auth_login_duration_seconds", "Time to answer a login", registry=registry
+        )
+        self.rekeys = Counter("pushgate_auth_rekeys", "Rekeys", registry=registry)
+        self.logouts = Counter("pushgate_auth_logouts", "Logouts", registry=registry)
+        self.expired = Counter(
+            "pushgate_auth_sessions_expired", "Sessions expired", registry=registry
+        )
+        self.sessions = Gauge("pushgate_auth_sessions_active", "Live sessions", registry=registry)
+        self.pool = Gauge(
+            "pushgate_auth_pool_addresses",
+            "Tunnel addresses by state",
+            ["state"],
+            registry=registry,
+        )
+        self.watchers = Gauge(
+            "pushgate_auth_feed_watchers", "Dataplanes watching the session feed", registry=registry
+        )
+        self.revision = Gauge(
+            "pushgate_auth_feed_revision", "Session feed revision", registry=registry
+        )
+
+
+def peer_ip(context) -> str:
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0]
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]")
+    return peer
+
+
+class AuthServicer:
+    """pushgate.auth.v1.Auth. Registered by hand (see `generic_handler`) so that
+    a request that does not even parse (e.g. a non-UTF-8 user name) gets
+    INVALID_ARGUMENT instead of a transport error."""
+
+    def __init__(
+        self,
+        sessions: SessionManager,
+        metrics: AuthMetrics,
+        *,
+        throttle: Throttle,
+        hash_workers: int,
+        max_pending_hashes: int,
+        default_cipher: int,
+        response_template: dict,
+    ) -> None:
+        self.sessions = sessions
+        self.metrics = metrics
+        self.throttle = throttle
+        self._hash_pool = ThreadPoolExecutor(hash_workers, thread_name_prefix="argon2")
+        self._pending = 0
+        self._max_pending = max_pending_hashes
+        self.default_cipher = default_cipher
+        self.template = response_template
+        self._last_failure_log: dict[str, float] = {}
+
+    def update_gauges(self) -> None:
+        store = self.sessions.store
+        used = store.count_sessions()
+        self.metrics.sessions.set(used)
+        self.metrics.pool.labels("used").set(used)
+        self.metrics.pool.labels("free").set(self.sessions.pool.size - used)
+        self.metrics.revision.set(store.revision)
+        self.metrics.watchers.set(self.sessions.feed.watchers)
+
+    async def _refuse(self, context, result: str, code, message: str):
+        self.metrics.logins.labels(result).inc()
+        await context.abort(code, message)
+
+    def _log_failure(self, key: str, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self._last_failure_log.get(key, 0.0) >= 10.0:
+            self._last_failure_log[key] = now
+            log.warning(message, *args)
+
+    async def Login(self, request, context):
+        started = time.perf_counter()
+        try:
+            return await self._login(request, context)
+        finally:
+            self.metrics.login_seconds.observe(time.perf_counter() - started)
+
+    async def _login(self, request, context):
+        if request is None:
+            await self._refuse(
+                context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, "malformed request"
+            )
+        name, password = request.username, request.password
+        if not name or len(name.encode()) > MAX_USERNAME_BYTES or not name.isprintable():
+            await self._refuse(
+                context,
+                "invalid",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"user name must be 1-{MAX_USERNAME_BYTES} printable bytes",
+            )
+        if not password or len(password.encode()) > MAX_PASSWORD_BYTES:
+            await self._refuse(
+                context,
+                "invalid",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"password must be 1-{MAX_PASSWORD_BYTES} bytes",
+            )
+        cipher = request.preferred_cipher
+        if cipher and cipher not in CIPHERS:
+            await self._refuse(
+                context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, "unknown cipher"
+            )
+        source = peer_ip(context)
+        keys = (f"user:{name}", f"addr:{source}")
+        now = time.time()
+        wait = max(self.throttle.retry_after(key, now) for key in keys)
+        if wait > 0:
+            await self._refuse(
+                context,
+                "throttled",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many failed logins; try again in {wait:.0f} s",
+            )
+        if self._pending >= self._max_pending:
+            await self._refuse(
+                context,
+                "busy",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "the auth service is busy; try again shortly",
+            )
+        user = self.sessions.store.get_user(name)
+        self._pending += 1
+        try:
+            ok = await asyncio.get_running_loop().run_in_executor(
+                self._hash_pool, verify_password, user.password_hash if user else None, password
+            )
+        finally:
+            self._pending -= 1
+        if not ok or user is None or user.disabled:
+            now = time.time()
+            for key in keys:
+                self.throttle.failed(key, now)
+            self._log_failure(name, "login failed user=%r peer=%s", name, source)
+            await self._refuse(
+                context, "bad_credentials", grpc.StatusCode.UNAUTHENTICATED, GENERIC_LOGIN_ERROR
+            )
+        self.throttle.succeeded(keys[0])
+        try:
+            session, token = await self.sessions.create(
+                name, cipher or self.default_cipher, time.time()
+            )
+        except PoolExhausted as error:
+            await self._refuse(
+                context, "pool_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+            )
+        self.metrics.logins.labels("success").inc()
+        self.update_gauges()
+        log.info(
+            "login ok user=%r session=%#010x address=%s peer=%s",
+            name,
+            session.session_id,
+            session.address,
+            source,
+        )
+        t = self.template
+        return auth_pb2.LoginResponse(
+            session_id=session.session_id,
+            session_token=token,
+            cipher=session.cipher,
+            keys=self._keys(session),
+            tunnel_address=f"{session.address}/{t['prefix']}",
+            gateway_tunnel_address=t["gateway"],
+            routes=t["routes"],
+            dns_servers=t["dns"],
+            mtu=t["mtu"],
+            keepalive_seconds=t["keepalive"],
+            key_lifetime_seconds=t["key_lifetime"],
+            dataplane_endpoint=t["endpoint"],
+            expires_at_unix_ms=int(session.expires_at * 1000),
+        )
+
+    @staticmethod
+    def _keys(session) -> auth_pb2.SessionKeys:
+        return auth_pb2.SessionKeys(
+            key_epoch=session.key_epoch,
+            client_to_server_key=session.c2s_key,
+            server_to_client_key=session.s2c_key,
+            created_at_unix_ms=int(session.keys_created_at * 1000),
+        )
+
+    async def _session(self, request, context):
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
+        session = self.sessions.by_token(request.session_token)
+        if session is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or expired session")
+        return session
+
+    async def Rekey(self, request, context):
+        session = await self._rekey(await self._session(request, context))
+        return auth_pb2.RekeyResponse(
+            keys=self._keys(session),
+            key_lifetime_seconds=self.template["key_lifetime"],
+            expires_at_unix_ms=int(session.expires_at * 1000),
+        )
+
+    async def _rekey(self, session):
+        session = await self.sessions.rekey(session, time.time())
+        self.metrics.rekeys.inc()
+        self.update_gauges()
+        log.info("rekey session=%#010x epoch=%d", session.session_id, session.key_epoch)
+        return session
+
+    async def Logout(self, request, context):
+        session = await self._session(request, context)
+        await self.sessions.remove(session.session_id, control_pb2.REMOVAL_REASON_LOGOUT)
+        self.metrics.logouts.inc()
+        self.update_gauges()
+        log.info("logout session=%#010x user=%r", session.session_id, session.username)
+        return auth_pb2.LogoutResponse()
+
+    async def SessionInfo(self, request, context):
+        s = await self._session(request, context)
+        return auth_pb2.SessionInfoResponse(
+            session_id=s.session_id,
+            username=s.username,
+            tunnel_address=f"{s.address}/{self.template['prefix']}",
+            key_epoch=s.key_epoch,
+            created_at_unix_ms=int(s.created_at * 1000),
+            expires_at_unix_ms=int(s.expires_at * 1000),
+            last_rekey_at_unix_ms=int(s.last_rekey_at * 1000),
+            cipher=s.cipher,
+        )
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        def lenient(message_class):
+            def deserialize(data: bytes):
+                try:
+                    return message_class.FromString(data)
+                except DecodeError:
+                    return None
+
+            return deserialize
+
+        methods = {
+            "Login": (auth_pb2.LoginRequest, auth_pb2.LoginResponse),
+            "Rekey": (auth_pb2.RekeyRequest, auth_pb2.RekeyResponse),
+            "Logout": (auth_pb2.LogoutRequest, auth_pb2.LogoutResponse),
+            "SessionInfo": (auth_pb2.SessionInfoRequest, auth_pb2.SessionInfoResponse),
+        }
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                getattr(self, name),
+                request_deserializer=lenient(request),
+                response_serializer=response.SerializeToString,
+            )
+            for name, (request, response) in methods.items()
+        }
+        return grpc.method_handlers_generic_handler("pushgate.auth.v1.Auth", handlers)
+
+
+class SessionFeedServicer(control_pb2_grpc.SessionFeedServicer):
+    def __init__(self, sessions: SessionManager, on_change) -> None:
+        self.sessions = sessions
+        self.on_change = on_change
+
+    async def ListSessions(self, request, context):
+        store, now = self.sessions.store, time.time()
+        return control_pb2.ListSessionsResponse(
+            sessions=[self.sessions.to_message(s, now) for s in store.list_sessions()],
+            revision=store.revision,
+        )
+
+    async def WatchSessions(self, request, context):
+        feed = self.sessions.feed
+        after = request.after_revision
+        if after > self.sessions.store.revision or after < feed.oldest_replayable:
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE, f"cannot replay from revision {after}; list again"
+            )
+        feed.watchers += 1
+        self.on_change()
+        try:
+            while True:
+                for event in feed.since(after):
+                    yield event
+                    after = event.revision
+                async with feed.changed:
+                    await feed.changed.wait_for(
+                        lambda seen=after: bool(feed.events) and feed.events[-1].revision > seen
+                    )
+        finally:
+            feed.watchers -= 1
+            self.on_change()

@@ -1,0 +1,204 @@
+"""Sessions: creation at login, rekey, logout, expiry, the address pool, the feed.
+
+Everything here runs on the auth service's event loop thread; each change is
+one SQLite transaction that also bumps the feed revision, and is then published
+to the dataplane watchers (SessionFeed).
+"""
+
+import asyncio
+import hashlib
+import os
+import secrets
+from collections import deque
+
+from push_protocol.constants import (
+    KEY_LEN,
+    PREVIOUS_KEY_GRACE_SECONDS,
+    REJECT_AFTER_SECONDS,
+)
+from push_protocol.session import next_epoch
+from pushgate_api import control_pb2
+
+from .store import Store, StoredSession
+
+EVENT_LOG_SIZE = 10000  # events a reconnecting dataplane can catch up on without re-listing
+
+
+class PoolExhausted(Exception):
+    pass
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class AddressPool:
+    """Host addresses of the tunnel network, minus the gateway's; lowest free first."""
+
+    def __init__(self, network, gateway) -> None:
+        self.network = network
+        self.gateway = gateway
+        self.size = sum(1 for _ in self._candidates())
+
+    def _candidates(self):
+        for host in self.network.hosts():
+            if host != self.gateway:
+                yield host
+
+    def allocate(self, used: set[str]) -> str:
+        for host in self._candidates():
+            if str(host) not in used:
+                return str(host)
+        raise PoolExhausted(f"no free tunnel address in {self.network}")
+
+
+class SessionFeed:
+    """Recent changes for dataplane watchers: a bounded log and a wake-up."""
+
+    def __init__(self, first_revision: int) -> None:
+        self.events: deque[control_pb2.SessionEvent] = deque(maxlen=EVENT_LOG_SIZE)
+        self.oldest_replayable = first_revision  # events after this are in the log
+        self.changed = asyncio.Condition()
+        self.watchers = 0
+
+    async def publish(self, event: control_pb2.SessionEvent) -> None:
+        if len(self.events) == self.events.maxlen:
+            self.oldest_replayable = self.events[0].revision
+        self.events.append(event)
+        async with self.changed:
+            self.changed.notify_all()
+
+    def since(self, revision: int) -> list[control_pb2.SessionEvent]:
+        return [event for event in self.events if event.revision > revision]
+
+
+def key_epoch_message(epoch, c2s, s2c, created_at) -> control_pb2.KeyEpoch:
+    return control_pb2.KeyEpoch(
+        key_epoch=epoch,
+        client_to_server_key=c2s,
+        server_to_client_key=s2c,
+        created_at_unix_ms=_ms(created_at),
+    )
+
+
+class SessionManager:
+    def __init__(
+        self,
+        store: Store,
+        pool: AddressPool,
+        *,
+        keepalive_seconds: float,
+        session_lifetime_seconds: float,
+    ) -> None:
+        self.store = store
+        self.pool = pool
+        self.keepalive_seconds = keepalive_seconds
+        self.session_lifetime = session_lifetime_seconds
+        self.feed = SessionFeed(store.revision)
+
+    def _expiry(self, created_at: float, keys_at: float) -> float:
+        expires = keys_at + REJECT_AFTER_SECONDS
+        if self.session_lifetime:
+            expires = min(expires, created_at + self.session_lifetime)
+        return expires
+
+    def to_message(self, s: StoredSession, now: float) -> control_pb2.Session:
+        message = control_pb2.Session(
+            session_id=s.session_id,
+            cipher=s.cipher,
+            tunnel_addresses=[s.address],
+            current_keys=key_epoch_message(s.key_epoch, s.c2s_key, s.s2c_key, s.keys_created_at),
+            expires_at_unix_ms=_ms(s.expires_at),
+            keepalive_seconds=int(self.keepalive_seconds),
+            username=s.username,
+        )
+        if s.previous_epoch is not None and s.previous_until and s.previous_until > now:
+            message.previous_keys.CopyFrom(
+                key_epoch_message(
+                    s.previous_epoch, s.previous_c2s_key, s.previous_s2c_key, s.previous_created_at
+                )
+            )
+        return message
+
+    def _new_session_id(self) -> int:
+        taken = self.store.session_ids()
+        while True:
+            candidate = secrets.randbits(32)
+            if candidate and candidate not in taken:
+                return candidate
+
+    async def _commit(self, change, **event) -> None:
+        """Run `change` and bump the revision in one transaction, then publish."""
+        db = self.store.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            change()
+            revision = self.store.next_revision()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        await self.feed.publish(control_pb2.SessionEvent(revision=revision, **event))
+
+    async def create(self, username: str, cipher: int, now: float) -> tuple[StoredSession, str]:
+        token = secrets.token_urlsafe(32)
+        session = StoredSession(
+            session_id=self._new_session_id(),
+            token_hash=token_hash(token),
+            username=username,
+            address=self.pool.allocate(self.store.used_addresses()),
+            cipher=cipher,
+            key_epoch=0,
+            c2s_key=os.urandom(KEY_LEN),
+            s2c_key=os.urandom(KEY_LEN),
+            keys_created_at=now,
+            previous_epoch=None,
+            previous_c2s_key=None,
+            previous_s2c_key=None,
+            previous_created_at=None,
+            previous_until=None,
+            created_at=now,
+            expires_at=self._expiry(now, now),
+            last_rekey_at=now,
+        )
+        await self._commit(
+            lambda: self.store.add_session(session), installed=self.to_message(session, now)
+        )
+        return session, token
+
+    def by_token(self, token: str) -> StoredSession | None:
+        return self.store.session_by_token(token_hash(token)) if token else None
+
+    async def rekey(self, session: StoredSession, now: float) -> StoredSession:
+        session.previous_epoch = session.key_epoch
+        session.previous_c2s_key, session.previous_s2c_key = session.c2s_key, session.s2c_key
+        session.previous_created_at = session.keys_created_at
+        session.previous_until = now + PREVIOUS_KEY_GRACE_SECONDS
+        session.key_epoch = next_epoch(session.key_epoch)
+        session.c2s_key, session.s2c_key = os.urandom(KEY_LEN), os.urandom(KEY_LEN)
+        session.keys_created_at = session.last_rekey_at = now
+        session.expires_at = self._expiry(session.created_at, now)
+        rotation = control_pb2.KeyRotation(
+            session_id=session.session_id,
+            keys=key_epoch_message(session.key_epoch, session.c2s_key, session.s2c_key, now),
+        )
+        await self._commit(lambda: self.store.save_session(session), rotated=rotation)
+        return session
+
+    async def remove(self, session_id: int, reason: int) -> bool:
+        removed = []
+        await self._commit(
+            lambda: removed.append(self.store.delete_session(session_id)),
+            removed=control_pb2.SessionRemoval(session_id=session_id, reason=reason),
+        )
+        return removed[0]
+
+    async def expire(self, now: float) -> int:
+        expired = self.store.expired_sessions(now)
+        for session in expired:
+            await self.remove(session.session_id, control_pb2.REMOVAL_REASON_EXPIRED)
+        return len(expired)

@@ -1,0 +1,194 @@
+"""Users and sessions in SQLite (the embedded default store).
+
+Schema changes are numbered migrations; `meta.schema_version` says which have
+run. Session keys are stored so that a restarted auth service can hand every
+live session to the dataplane again: the file is created mode 0600.
+"""
+
+import os
+import sqlite3
+from dataclasses import dataclass
+
+MIGRATIONS = [
+    # 1: users, sessions, the feed revision
+    """
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        password_hash TEXT NOT NULL,
+        disabled INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE sessions (
+        session_id INTEGER PRIMARY KEY,
+        token_hash BLOB NOT NULL UNIQUE,
+        username TEXT NOT NULL,
+        address TEXT NOT NULL UNIQUE,
+        cipher INTEGER NOT NULL,
+        key_epoch INTEGER NOT NULL,
+        c2s_key BLOB NOT NULL,
+        s2c_key BLOB NOT NULL,
+        keys_created_at REAL NOT NULL,
+        previous_epoch INTEGER,
+        previous_c2s_key BLOB,
+        previous_s2c_key BLOB,
+        previous_created_at REAL,
+        previous_until REAL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        last_rekey_at REAL NOT NULL
+    );
+    INSERT INTO meta (key, value) VALUES ('revision', '0');
+    """,
+]
+
+
+class UserExists(Exception):
+    pass
+
+
+class NoSuchUser(Exception):
+    pass
+
+
+@dataclass
+class User:
+    name: str
+    password_hash: str
+    disabled: bool
+    created_at: float
+
+
+@dataclass
+class StoredSession:
+    session_id: int
+    token_hash: bytes
+    username: str
+    address: str
+    cipher: int
+    key_epoch: int
+    c2s_key: bytes
+    s2c_key: bytes
+    keys_created_at: float
+    previous_epoch: int | None
+    previous_c2s_key: bytes | None
+    previous_s2c_key: bytes | None
+    previous_created_at: float | None
+    previous_until: float | None
+    created_at: float
+    expires_at: float
+    last_rekey_at: float
+
+    def __repr__(self) -> str:  # keys and token never reach a log line
+        return f"StoredSession(id={self.session_id:#010x}, user={self.username!r})"
+
+
+_SESSION_COLUMNS = ", ".join(StoredSession.__dataclass_fields__)
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if path != ":memory:" and not os.path.exists(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self._migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _migrate(self) -> None:
+        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        version = int(row[0]) if row else 0
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            self.db.executescript(
+                "BEGIN;" + script + "INSERT OR REPLACE INTO meta (key, value) VALUES "
+                f"('schema_version', '{number}'); COMMIT;"
+            )
+
+    @property
+    def schema_version(self) -> int:
+        return int(
+            self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+        )
+
+    # -- users -------------------------------------------------------------------
+
+    def add_user(self, name: str, password_hash: str, now: float) -> None:
+        try:
+            self.db.execute("INSERT INTO users VALUES (?, ?, 0, ?)", (name, password_hash, now))
+        except sqlite3.IntegrityError:
+            raise UserExists(name) from None
+
+    def get_user(self, name: str) -> User | None:
+        row = self.db.execute("SELECT * FROM users WHERE name=?", (name,)).fetchone()
+        return User(row[0], row[1], bool(row[2]), row[3]) if row else None
+
+    def list_users(self) -> list[User]:
+        rows = self.db.execute("SELECT * FROM users ORDER BY name").fetchall()
+        return [User(r[0], r[1], bool(r[2]), r[3]) for r in rows]
+
+    def _update_user(self, sql: str, args: tuple) -> None:
+        if self.db.execute(sql, args).rowcount == 0:
+            raise NoSuchUser(args[-1])
+
+    def set_password(self, name: str, password_hash: str) -> None:
+        self._update_user("UPDATE users SET password_hash=? WHERE name=?", (password_hash, name))
+
+    def set_disabled(self, name: str, disabled: bool) -> None:
+        self._update_user("UPDATE users SET disabled=? WHERE name=?", (int(disabled), name))
+
+    def remove_user(self, name: str) -> None:
+        self._update_user("DELETE FROM users WHERE name=?", (name,))
+
+    # -- sessions and the feed revision ----------------------------------------------
+
+    def next_revision(self) -> int:
+        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='revision'")
+        return self.revision
+
+    @property
+    def revision(self) -> int:
+        return int(self.db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0])
+
+    def add_session(self, session: StoredSession) -> None:
+        values = tuple(getattr(session, f) for f in StoredSession.__dataclass_fields__)
+        marks = ", ".join("?" * len(values))
+        self.db.execute(f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({marks})", values)
+
+    def save_session(self, session: StoredSession) -> None:
+        fields = [f for f in StoredSession.__dataclass_fields__ if f != "session_id"]
+        assignments = ", ".join(f"{f}=?" for f in fields)
+        values = (*(getattr(session, f) for f in fields), session.session_id)
+        self.db.execute(f"UPDATE sessions SET {assignments} WHERE session_id=?", values)
+
+    def _sessions(self, where: str = "", args: tuple = ()) -> list[StoredSession]:
+        rows = self.db.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions {where}", args)
+        return [StoredSession(*row) for row in rows.fetchall()]
+
+    def session_by_token(self, token_hash: bytes) -> StoredSession | None:
+        found = self._sessions("WHERE token_hash=?", (token_hash,))
+        return found[0] if found else None
+
+    def session_ids(self) -> set[int]:
+        return {row[0] for row in self.db.execute("SELECT session_id FROM sessions")}
+
+    def used_addresses(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT address FROM sessions")}
+
+    def list_sessions(self) -> list[StoredSession]:
+        return self._sessions("ORDER BY session_id")
+
+    def expired_sessions(self, now: float) -> list[StoredSession]:
+        return self._sessions("WHERE expires_at <= ?", (now,))
+
+    def delete_session(self, session_id: int) -> bool:
+        return (
+            self.db.execute("DELETE FROM sessions WHERE session_id=?", (session_id,)).rowcount > 0
+        )
+
+    def count_sessions(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]

@@ -8,16 +8,28 @@ GENERATED := pushgate_api/auth_pb2.py pushgate_api/auth_pb2_grpc.py \
              pushgate_api/control_pb2.py pushgate_api/control_pb2_grpc.py
 PROTOS := protos/auth.proto protos/control.proto
 
-.PHONY: test demo bench lint proto venv clean
+# Debian packages the tests and the demo use (network namespaces, ping, NAT, iperf3).
+SYSTEM_TOOLS := ip ping nft iperf3 curl
+SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps
+
+.PHONY: test demo bench lint proto venv system-deps clean
 
 # Run every test (creates the virtualenv, installs, generates gRPC code).
-test: $(INSTALLED) $(GENERATED)
+test: system-deps $(INSTALLED) $(GENERATED)
 	$(PY) -m pytest -q tests
 
-# End-to-end demo in network namespaces: not built yet (issue 5).
-demo: $(INSTALLED) $(GENERATED)
-	@echo "make demo: not built yet; it lands with the Linux client (issue 5)." >&2
-	@exit 1
+# The whole gateway on this host in network namespaces, with traffic through it.
+demo: system-deps $(INSTALLED) $(GENERATED)
+	$(PY) -m netlab.demo
+
+# Installs only what is missing (needs root, as CI and the demo do anyway).
+system-deps:
+	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing $(SYSTEM_PACKAGES)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	        --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	fi
 
 # Microbenchmarks; figures go to stdout.
 bench: $(INSTALLED) $(GENERATED)

@@ -45,13 +45,13 @@ def _cleanup_stale(path: str) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """True while `pid` runs (an exited child its parent has not reaped yet is not alive)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as handle:
+            state = handle.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state not in ("Z", "X")
 
 
 async def _connect(options: ConnectOptions) -> None:

@@ -17,6 +17,7 @@ from .tun import TunDevice
 
 BATCH = 64  # packets handled per readiness callback before yielding to the loop
 RECV_SIZE = 65536
+SOCKET_BUFFER_BYTES = 4 << 20  # absorbs bursts while the loop is busy with the TUN
 
 
 class Datapath:
@@ -47,6 +48,8 @@ class Datapath:
             self._sock.close()
         family = socket.AF_INET6 if ":" in self._server[0] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
         sock.setblocking(False)
         sock.connect(self._server)
         self._sock = sock

@@ -53,6 +53,8 @@ def plan_network(
     interface = ipaddress.ip_interface(tunnel_address)
     networks = [ipaddress.ip_network(route, strict=False) for route in routes]
     apply: list[tuple[str, ...]] = [
+        # No IPv6 link-local address: its chatter would only be dropped as spoofed.
+        ("ip", "link", "set", "dev", tun_name, "addrgenmode", "none"),
         ("ip", "address", "add", str(interface), "dev", tun_name),
         ("ip", "link", "set", "dev", tun_name, "mtu", str(mtu), "up"),
     ]

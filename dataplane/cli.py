@@ -42,6 +42,8 @@ def open_tun(cfg: gateway_config.GatewayConfig) -> LinuxTun:
             f"pushgate-dataplane: cannot create TUN {cfg.dataplane.tun_name}: {error}"
         ) from None
     prefix = cfg.gateway.tunnel_network.prefixlen
+    if cfg.gateway.tunnel_network.version == 4:
+        _ip("link", "set", "dev", tun.name, "addrgenmode", "none")  # no IPv6 link-local chatter
     _ip("address", "replace", f"{cfg.gateway.gateway_address}/{prefix}", "dev", tun.name)
     _ip("link", "set", "dev", tun.name, "mtu", str(cfg.gateway.mtu), "up")
     return tun

@@ -43,7 +43,8 @@ def main() -> int:
         with Lab("pgdemo") as lab:
             return _run(lab, workdir)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not os.environ.get("PUSHGATE_DEMO_KEEP"):
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run(lab: Lab, workdir: str) -> int:
@@ -111,7 +112,7 @@ def _run(lab: Lab, workdir: str) -> int:
     )
     lab.exec(
         gateway,
-        [_bin("pushgate-dataplane"), "nat", "--config", config, "--out-interface", gw_lan_dev],
+        [_bin("pushgate-dataplane"), "--config", config, "--nat", gw_lan_dev],
     )
 
     _say("connecting the client (full tunnel)")

@@ -1,0 +1,130 @@
+"""Run a real pushgate-auth (subprocess) on 127.0.0.1 with a fresh gateway directory."""
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from pushgate_api import auth_pb2, auth_pb2_grpc, control_pb2_grpc
+
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def admin(*args: str, password: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("PUSHGATE_PASSWORD", None)
+    if password is not None:
+        env["PUSHGATE_PASSWORD"] = password
+    return subprocess.run(
+        [os.path.join(BIN, "pushgate-admin"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+
+
+class AuthServer:
+    def __init__(
+        self,
+        directory: str,
+        *,
+        network: str = "198.19.0.0/24",
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.metrics_port = free_port()
+        result = admin(
+            "init",
+            "--dir",
+            directory,
+            "--server-name",
+            "localhost",
+            "--auth-listen",
+            f"127.0.0.1:{self.port}",
+            "--dataplane-endpoint",
+            "198.18.0.1:51820",
+            "--tunnel-network",
+            network,
+        )
+        assert result.returncode == 0, result.stderr
+        self.config = os.path.join(directory, "pushgate.toml")
+        text = (
+            Path(self.config)
+            .read_text()
+            .replace("127.0.0.1:9101", f"127.0.0.1:{self.metrics_port}")
+        )
+        for key, value in (settings or {}).items():
+            text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+            assert count == 1, key
+        with open(self.config, "w") as handle:
+            handle.write(text)
+        self.ca = Path(directory, "tls", "ca.crt").read_bytes()
+        self.control_socket = os.path.join(directory, "run", "control.sock")
+        self.process: subprocess.Popen | None = None
+        self.channels: list[grpc.Channel] = []
+
+    def add_user(self, name: str, password: str) -> None:
+        result = admin("user", "add", name, "--config", self.config, password=password)
+        assert result.returncode == 0, result.stderr
+
+    def start(self) -> "AuthServer":
+        self.log = open(os.path.join(self.directory, "auth.log"), "a")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [os.path.join(BIN, "pushgate-auth"), "--config", self.config],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                grpc.channel_ready_future(self.channel()).result(timeout=1)
+                if os.path.exists(self.control_socket):
+                    return self
+            except grpc.FutureTimeoutError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(Path(self.directory, "auth.log").read_text())
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        for channel in self.channels:
+            channel.close()
+        self.channels.clear()
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(15)
+        self.process = None
+        self.log.close()
+
+    def channel(self, root: bytes | None = None) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(root_certificates=root or self.ca)
+        channel = grpc.secure_channel(f"localhost:{self.port}", credentials)
+        self.channels.append(channel)
+        return channel
+
+    def stub(self) -> auth_pb2_grpc.AuthStub:
+        return auth_pb2_grpc.AuthStub(self.channel())
+
+    def feed(self) -> control_pb2_grpc.SessionFeedStub:
+        channel = grpc.insecure_channel(f"unix:{self.control_socket}")
+        self.channels.append(channel)
+        return control_pb2_grpc.SessionFeedStub(channel)
+
+    def login(self, user: str, password: str) -> auth_pb2.LoginResponse:
+        return self.stub().Login(
+            auth_pb2.LoginRequest(username=user, password=password), timeout=30
+        )

@@ -1,0 +1,353 @@
+"""The auth service: real gRPC over TLS, real Unix socket, real SQLite."""
+
+import contextlib
+import ipaddress
+import os
+import signal
+import stat
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from auth_service.pki import make_ca, make_server_cert
+from auth_service.throttle import Throttle
+from pushgate_api import auth_pb2, control_pb2
+from tests.authfixture import AuthServer, admin
+
+PASSWORD = "correct horse battery staple"
+
+
+@pytest.fixture
+def auth(tmp_path):
+    server = AuthServer(
+        str(tmp_path / "gw"),
+        settings={
+            "max_failures_before_delay": "3",
+            "failure_delay_seconds": "1.0",
+            "max_failure_delay_seconds": "2.0",
+        },
+    )
+    server.add_user("alice", PASSWORD)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code(), caught.value.details()
+
+
+def test_good_login_returns_a_complete_session(auth):
+    response = auth.login("alice", PASSWORD)
+    assert response.session_id != 0
+    assert len(response.session_token) >= 32
+    keys = response.keys
+    assert len(keys.client_to_server_key) == len(keys.server_to_client_key) == 32
+    assert keys.client_to_server_key != keys.server_to_client_key
+    assert response.cipher == auth_pb2.CIPHER_SUITE_AES_256_GCM
+    assert ipaddress.ip_interface(response.tunnel_address) == ipaddress.ip_interface(
+        "198.19.0.2/24"
+    )
+    assert response.gateway_tunnel_address == "198.19.0.1"
+    assert list(response.routes) == ["0.0.0.0/0"]
+    assert response.mtu == 1420 and response.keepalive_seconds == 10
+    assert response.key_lifetime_seconds == 600
+    assert (response.dataplane_endpoint.host, response.dataplane_endpoint.port) == (
+        "198.18.0.1",
+        51820,
+    )
+    assert response.expires_at_unix_ms > time.time() * 1000
+    assert PASSWORD not in Path(auth.directory, "auth.log").read_text()
+
+
+def test_wrong_password_unknown_and_disabled_users_get_the_same_answer(auth):
+    auth.add_user("bob", PASSWORD)
+    assert admin("user", "disable", "bob", "--config", auth.config).returncode == 0
+    answers = {
+        _code(lambda u=user, p=password: auth.login(u, p))
+        for user, password in [("alice", "wrong"), ("nobody-here", PASSWORD), ("bob", PASSWORD)]
+    }
+    assert answers == {(grpc.StatusCode.UNAUTHENTICATED, "invalid user name or password")}
+    assert admin("user", "enable", "bob", "--config", auth.config).returncode == 0
+    assert auth.login("bob", PASSWORD).session_id
+
+
+def test_throttling_kicks_in_and_lifts(auth):
+    for _ in range(3):
+        assert _code(lambda: auth.login("alice", "wrong"))[0] is grpc.StatusCode.UNAUTHENTICATED
+    assert _code(lambda: auth.login("alice", "wrong"))[0] is grpc.StatusCode.UNAUTHENTICATED
+    code, details = _code(lambda: auth.login("alice", PASSWORD))  # even the right password
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED and "try again" in details
+    time.sleep(2.1)  # the configured maximum delay: the lock never lasts longer
+    assert auth.login("alice", PASSWORD).session_id
+
+
+def test_throttle_model():
+    throttle = Throttle(free_failures=2, base_delay=1.0, max_delay=4.0)
+    for now in (0.0, 0.1):
+        throttle.failed("k", now)
+        assert throttle.retry_after("k", now) == 0.0
+    delays = []
+    now = 0.2
+    for _ in range(5):
+        throttle.failed("k", now)
+        delays.append(throttle.retry_after("k", now))
+        now += delays[-1]
+    assert delays == pytest.approx([1.0, 2.0, 4.0, 4.0, 4.0])
+    assert throttle.retry_after("k", now + 4.1) == 0.0
+    assert len(throttle) == 0  # forgotten after a quiet period: no permanent lockout
+    throttle.failed("k", 0)
+    throttle.succeeded("k")
+    assert len(throttle) == 0
+
+
+def test_malformed_requests_get_invalid_argument(auth):
+    stub = auth.stub()
+    for request in (
+        auth_pb2.LoginRequest(username="", password="x"),
+        auth_pb2.LoginRequest(username="a" * 300, password="x"),
+        auth_pb2.LoginRequest(username="alice", password=""),
+        auth_pb2.LoginRequest(username="al\x00ice", password="x"),
+        auth_pb2.LoginRequest(username="alice", password="p" * 2000),
+    ):
+        assert _code(lambda r=request: stub.Login(r, timeout=10))[0] is (
+            grpc.StatusCode.INVALID_ARGUMENT
+        )
+    raw = auth.channel().unary_unary(
+        "/pushgate.auth.v1.Auth/Login",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    not_utf8 = b"\x0a\x02\xff\xfe\x12\x01x"  # username = b"\xff\xfe"
+    assert _code(lambda: raw(not_utf8, timeout=10))[0] is grpc.StatusCode.INVALID_ARGUMENT
+    huge = b"\x0a" + b"\xff\xff\x04" + b"a" * 0x10000 * 1
+    assert _code(lambda: raw(huge[:70000], timeout=10))[0] is (grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert auth.login("alice", PASSWORD).session_id  # and the service is fine
+
+
+def test_100_concurrent_logins_get_100_distinct_addresses(auth):
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(lambda _: auth.login("alice", PASSWORD), range(100)))
+    addresses = {r.tunnel_address for r in responses}
+    assert len(addresses) == 100
+    assert "198.19.0.1/24" not in addresses  # the gateway's own
+    assert len({r.session_id for r in responses}) == 100
+
+
+def test_pool_exhaustion_is_a_clear_error(tmp_path):
+    server = AuthServer(str(tmp_path / "small"), network="198.19.0.0/29")
+    server.add_user("alice", PASSWORD)
+    server.start()
+    try:
+        tokens = [server.login("alice", PASSWORD).session_token for _ in range(5)]
+        code, details = _code(lambda: server.login("alice", PASSWORD))
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "no free tunnel address" in details
+        server.stub().Logout(auth_pb2.LogoutRequest(session_token=tokens[2]), timeout=10)
+        assert server.login("alice", PASSWORD).tunnel_address == "198.19.0.4/29"  # released
+    finally:
+        server.stop()
+
+
+def test_rekey_then_logout(auth):
+    stub = auth.stub()
+    login = auth.login("alice", PASSWORD)
+    rekey = stub.Rekey(auth_pb2.RekeyRequest(session_token=login.session_token), timeout=10)
+    assert rekey.keys.key_epoch == 1
+    assert rekey.keys.client_to_server_key != login.keys.client_to_server_key
+    info = stub.SessionInfo(
+        auth_pb2.SessionInfoRequest(session_token=login.session_token), timeout=10
+    )
+    assert (info.session_id, info.key_epoch, info.username) == (login.session_id, 1, "alice")
+    stub.Logout(auth_pb2.LogoutRequest(session_token=login.session_token), timeout=10)
+    for call in (stub.SessionInfo, stub.Rekey, stub.Logout):
+        request_type = {
+            stub.SessionInfo: auth_pb2.SessionInfoRequest,
+            stub.Rekey: auth_pb2.RekeyRequest,
+            stub.Logout: auth_pb2.LogoutRequest,
+        }[call]
+        assert _code(
+            lambda c=call, t=request_type: c(t(session_token=login.session_token), timeout=10)
+        )[0] is (grpc.StatusCode.UNAUTHENTICATED)
+
+
+def test_feed_lists_then_streams_every_change(auth):
+    first = auth.login("alice", PASSWORD)
+    feed = auth.feed()
+    listing = feed.ListSessions(control_pb2.ListSessionsRequest(), timeout=10)
+    assert [s.session_id for s in listing.sessions] == [first.session_id]
+    listed = listing.sessions[0]
+    assert listed.current_keys.client_to_server_key == first.keys.client_to_server_key
+    assert list(listed.tunnel_addresses) == ["198.19.0.2"]
+    events = []
+    watch = feed.WatchSessions(
+        control_pb2.WatchSessionsRequest(after_revision=listing.revision), timeout=30
+    )
+
+    def read_events():
+        with contextlib.suppress(grpc.RpcError):  # cancelled at the end
+            events.extend(watch)
+
+    reader = threading.Thread(target=read_events, daemon=True)
+    reader.start()
+    second = auth.login("alice", PASSWORD)
+    auth.stub().Rekey(auth_pb2.RekeyRequest(session_token=second.session_token), timeout=10)
+    auth.stub().Logout(auth_pb2.LogoutRequest(session_token=first.session_token), timeout=10)
+    deadline = time.monotonic() + 10
+    while len(events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    watch.cancel()
+    reader.join(5)
+    kinds = [(e.WhichOneof("change"), e.revision) for e in events]
+    assert [k for k, _ in kinds] == ["installed", "rotated", "removed"]
+    assert [r for _, r in kinds] == [
+        listing.revision + 1,
+        listing.revision + 2,
+        listing.revision + 3,
+    ]
+    assert events[0].installed.session_id == second.session_id
+    assert events[1].rotated.keys.key_epoch == 1
+    assert events[2].removed.reason == control_pb2.REMOVAL_REASON_LOGOUT
+    again = feed.ListSessions(control_pb2.ListSessionsRequest(), timeout=10)
+    assert [s.session_id for s in again.sessions] == [second.session_id]
+    assert again.sessions[0].previous_keys.key_epoch == 0  # inside the grace period
+    bad = feed.WatchSessions(control_pb2.WatchSessionsRequest(after_revision=10**6))
+    assert _code(lambda: next(bad))[0] is grpc.StatusCode.OUT_OF_RANGE
+
+
+def test_restart_keeps_sessions_and_asks_old_watchers_to_list_again(auth):
+    login = auth.login("alice", PASSWORD)
+    before = auth.feed().ListSessions(control_pb2.ListSessionsRequest(), timeout=10)
+    auth.stop(signal.SIGKILL)
+    auth.start()
+    info = auth.stub().SessionInfo(
+        auth_pb2.SessionInfoRequest(session_token=login.session_token), timeout=10
+    )
+    assert info.session_id == login.session_id
+    after = auth.feed().ListSessions(control_pb2.ListSessionsRequest(), timeout=10)
+    assert after.revision == before.revision
+    assert [s.session_id for s in after.sessions] == [login.session_id]
+    stale = auth.feed().WatchSessions(
+        control_pb2.WatchSessionsRequest(after_revision=before.revision - 1)
+    )
+    assert _code(lambda: next(stale))[0] is grpc.StatusCode.OUT_OF_RANGE
+    assert auth.login("alice", PASSWORD).tunnel_address == "198.19.0.3/24"  # .2 is still taken
+
+
+def test_wrong_ca_and_plaintext_are_refused(auth):
+    import datetime
+
+    now = datetime.datetime.now(datetime.UTC)
+    other_ca, _, _, _ = make_ca("someone else", now)
+    stranger = auth_pb2_grpc_stub(auth.channel(root=other_ca))
+    assert (
+        _code(
+            lambda: stranger.Login(
+                auth_pb2.LoginRequest(username="alice", password=PASSWORD), timeout=5
+            )
+        )[0]
+        is grpc.StatusCode.UNAVAILABLE
+    )
+    plain = grpc.insecure_channel(f"127.0.0.1:{auth.port}")
+    try:
+        stub = auth_pb2_grpc_stub(plain)
+        assert (
+            _code(
+                lambda: stub.Login(
+                    auth_pb2.LoginRequest(username="alice", password=PASSWORD), timeout=5
+                )
+            )[0]
+            is grpc.StatusCode.UNAVAILABLE
+        )
+    finally:
+        plain.close()
+    assert make_server_cert  # the same PKI code made the real certificates
+
+
+def auth_pb2_grpc_stub(channel):
+    from pushgate_api import auth_pb2_grpc
+
+    return auth_pb2_grpc.AuthStub(channel)
+
+
+def test_control_socket_is_private(auth):
+    mode = stat.S_IMODE(os.stat(auth.control_socket).st_mode)
+    assert mode == 0o600
+    os.chmod(auth.directory, 0o755)  # let the other user reach the directory ...
+    os.chmod(os.path.dirname(auth.control_socket), 0o755)
+    os.chmod(os.path.dirname(auth.directory), 0o755)
+    probe = (
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_UNIX)\n"
+        "try:\n s.connect(sys.argv[1]); print('connected')\n"
+        "except PermissionError: print('refused')\n"
+    )
+    # Debian's own python3: the test's interpreter may live where `nobody` cannot read.
+    result = subprocess.run(
+        ["/usr/bin/python3", "-c", probe, auth.control_socket],
+        cwd="/",
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.stdout.strip() == "refused", result.stderr  # ... the socket still refuses
+
+
+def test_health_and_reflection(auth):
+    channel = auth.channel()
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert "pushgate.auth.v1.Auth" in names
+
+
+def test_metrics_count_logins_by_result(auth):
+    auth.login("alice", PASSWORD)
+    _code(lambda: auth.login("alice", "wrong"))
+    import urllib.request
+
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{auth.metrics_port}/metrics", timeout=10)
+        .read()
+        .decode()
+    )
+    assert 'pushgate_auth_logins_total{result="success"} 1.0' in text
+    assert 'pushgate_auth_logins_total{result="bad_credentials"} 1.0' in text
+    assert "pushgate_auth_sessions_active 1.0" in text
+    assert 'pushgate_auth_pool_addresses{state="free"} 252.0' in text
+
+
+def test_admin_user_commands(tmp_path):
+    server = AuthServer(str(tmp_path / "gw"))
+    server.add_user("carol", PASSWORD)
+    config = server.config
+    again = admin("user", "add", "carol", "--config", config, password="x")
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert admin("user", "passwd", "carol", "--config", config, password="new").returncode == 0
+    assert admin("user", "list", "--config", config).stdout == "carol\tenabled\n"
+    missing = admin("user", "remove", "dave", "--config", config)
+    assert missing.returncode == 1 and "no such user dave" in missing.stderr
+    no_password = admin("user", "add", "erin", "--config", config)
+    assert no_password.returncode == 1 and "no password" in no_password.stderr
+    broken = admin("user", "list", "--config", str(tmp_path / "missing.toml"))
+    assert broken.returncode == 1 and "cannot read config" in broken.stderr
+    assert admin("user", "remove", "carol", "--config", config).returncode == 0
+    db = os.path.join(server.directory, "pushgate.db")
+    assert stat.S_IMODE(os.stat(db).st_mode) == 0o600

@@ -1,11 +1,9 @@
 """`make demo`: the whole gateway on this host, in network namespaces.
 
-    client ns  198.18.1.2 --underlay-- 198.18.1.1  gateway ns  198.18.2.1 --lan-- 198.18.2.2  lan ns
-               pgc0 198.19.0.x   (tunnel)         pg0 198.19.0.1, NAT to the lan
-
-The gateway namespace runs pushgate-auth and pushgate-dataplane; the client
-namespace runs pushgate-client (full tunnel); the lan host is reached through
-the tunnel and the gateway's NAT. Prints a summary and removes everything.
+Builds netlab.gateway's topology (gateway, one client, a lan host behind the
+gateway's NAT), connects the client with a full tunnel, pings the lan host,
+transfers a file over TCP and checks its hash, prints a summary and removes
+everything it created.
 """
 
 import os
@@ -15,143 +13,52 @@ import sys
 import tempfile
 import time
 
-from . import Lab, metrics, wait_for
+from . import Lab, metrics
+from .gateway import LAN_HOST, GatewayLab
 from .transfer import expected_sha256
 
-GATEWAY_UNDERLAY = "198.18.1.1"
-CLIENT_UNDERLAY = "198.18.1.2"
-GATEWAY_LAN = "198.18.2.1"
-LAN_HOST = "198.18.2.2"
 TRANSFER_BYTES = 50 * 1024 * 1024
 TRANSFER_SEED = 2026
-AUTH_PORT = 7443
-DATAPLANE_PORT = 51820
-METRICS_PORT = 9102
-
-
-def _bin(name: str) -> str:
-    return os.path.join(os.path.dirname(sys.executable), name)
 
 
 def _say(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
+def _indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.strip().splitlines())
+
+
 def main() -> int:
     workdir = tempfile.mkdtemp(prefix="pushgate-demo-")
     try:
         with Lab("pgdemo") as lab:
-            return _run(lab, workdir)
+            return run(lab, workdir)
     finally:
-        if not os.environ.get("PUSHGATE_DEMO_KEEP"):
+        if os.environ.get("PUSHGATE_DEMO_KEEP"):
+            print(f"(logs kept in {workdir})")
+        else:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run(lab: Lab, workdir: str) -> int:
-    _say("creating namespaces: gateway, client, lan host (198.18.0.0/15 only)")
-    gateway, client, lan = lab.namespace("gw"), lab.namespace("client"), lab.namespace("lan")
-    _, _gw_underlay_dev = lab.link(
-        client, f"{CLIENT_UNDERLAY}/24", gateway, f"{GATEWAY_UNDERLAY}/24"
-    )
-    gw_lan_dev, _ = lab.link(gateway, f"{GATEWAY_LAN}/24", lan, f"{LAN_HOST}/24")
+def run(lab: Lab, workdir: str) -> int:
+    _say("namespaces: gateway, client, lan host (addresses from 198.18.0.0/15 only)")
+    gateway = GatewayLab(lab, workdir)
+    _say("gateway initialised (CA, server certificate, config); adding user 'demo'")
+    gateway.add_user("demo")
+    _say("starting pushgate-auth and pushgate-dataplane; NAT towards the lan")
+    gateway.start()
+    _say("connecting pushgate-client (full tunnel)")
+    gateway.connect(0, "demo")
+    client = gateway.clients[0]
 
-    _say("initialising the gateway: CA, server certificate, config, user 'demo'")
-    config = os.path.join(workdir, "pushgate.toml")
-    lab_run(
-        [
-            _bin("pushgate-admin"),
-            "init",
-            "--dir",
-            workdir,
-            "--server-name",
-            GATEWAY_UNDERLAY,
-            "--auth-listen",
-            f"{GATEWAY_UNDERLAY}:{AUTH_PORT}",
-            "--dataplane-endpoint",
-            f"{GATEWAY_UNDERLAY}:{DATAPLANE_PORT}",
-        ]
-    )
-    password_file = os.path.join(workdir, "demo.password")
-    with open(password_file, "w") as handle:
-        handle.write("correct horse battery staple\n")
-    lab_run(
-        [
-            _bin("pushgate-admin"),
-            "user",
-            "add",
-            "demo",
-            "--config",
-            config,
-            "--password-file",
-            password_file,
-        ]
-    )
+    _say(f"ping {LAN_HOST} (behind the gateway) through the tunnel")
+    ping = gateway.ping(0, LAN_HOST, count=10)
+    print(_indent("\n".join(ping.stdout.strip().splitlines()[-2:])))
 
-    _say("starting pushgate-auth and pushgate-dataplane in the gateway namespace")
-    logs = {
-        name: open(os.path.join(workdir, f"{name}.log"), "w")
-        for name in ("auth", "dataplane", "client")
-    }
+    _say(f"TCP transfer of {TRANSFER_BYTES >> 20} MiB from the lan host, checked with SHA-256")
     lab.start(
-        gateway,
-        [_bin("pushgate-auth"), "--config", config],
-        stdout=logs["auth"],
-        stderr=subprocess.STDOUT,
-    )
-    lab.start(
-        gateway,
-        [
-            _bin("pushgate-dataplane"),
-            "--config",
-            config,
-            "--metrics-listen",
-            f"127.0.0.1:{METRICS_PORT}",
-        ],
-        stdout=logs["dataplane"],
-        stderr=subprocess.STDOUT,
-    )
-    lab.exec(
-        gateway,
-        [_bin("pushgate-dataplane"), "--config", config, "--nat", gw_lan_dev],
-    )
-
-    _say("connecting the client (full tunnel)")
-    status_dir = os.path.join(workdir, "client-run")
-    client_cmd = [_bin("pushgate-client"), "--status-dir", status_dir]
-    lab.start(
-        client,
-        [
-            *client_cmd,
-            "connect",
-            "--server",
-            f"{GATEWAY_UNDERLAY}:{AUTH_PORT}",
-            "--ca",
-            os.path.join(workdir, "tls", "ca.crt"),
-            "--user",
-            "demo",
-            "--password-file",
-            password_file,
-        ],
-        stdout=logs["client"],
-        stderr=subprocess.STDOUT,
-    )
-    wait_for(
-        lambda: (
-            "state:          up" in lab.exec(client, [*client_cmd, "status"], check=False).stdout
-        ),
-        timeout=30,
-        what="the client to come up",
-    )
-
-    _say(f"ping the lan host {LAN_HOST} through the tunnel")
-    ping = lab.exec(client, ["ping", "-c", "10", "-i", "0.2", LAN_HOST])
-    rtt = ping.stdout.strip().splitlines()[-1]
-    print("    " + ping.stdout.strip().splitlines()[-2])
-    print("    " + rtt)
-
-    _say(f"TCP transfer of {TRANSFER_BYTES >> 20} MiB from the lan host, with SHA-256")
-    lab.start(
-        lan,
+        gateway.lan,
         [
             sys.executable,
             "-m",
@@ -170,60 +77,47 @@ def _run(lab: Lab, workdir: str) -> int:
         timeout=300,
     ).stdout.split()
     size, digest, seconds = int(fetched[0]), fetched[1], float(fetched[2])
-    expected = expected_sha256(TRANSFER_BYTES, TRANSFER_SEED)
-    ok = size == TRANSFER_BYTES and digest == expected
+    ok = size == TRANSFER_BYTES and digest == expected_sha256(TRANSFER_BYTES, TRANSFER_SEED)
     print(
         f"    {size} bytes in {seconds:.2f} s = {size * 8 / seconds / 1e6:.0f} Mbit/s, "
-        f"sha256 {'matches' if ok else 'MISMATCH'} ({digest[:16]}...)"
+        f"sha256 {'matches' if ok else 'DOES NOT MATCH'}"
     )
 
-    _say("client status")
-    print(_indent(lab.exec(client, [*client_cmd, "status"]).stdout))
+    _say("pushgate-client status")
+    print(_indent(lab.exec(client, [*gateway.client_command(0), "status"]).stdout))
     _say("dataplane metrics")
-    text = lab.exec(
-        gateway,
-        [
-            sys.executable,
-            "-c",
-            "import urllib.request,sys;sys.stdout.write(urllib.request.urlopen("
-            f"'http://127.0.0.1:{METRICS_PORT}/metrics').read().decode())",
-        ],
-    ).stdout
-    print(_indent(_summarise(metrics.parse(text))))
-
-    _say("disconnecting and cleaning up")
-    lab.exec(client, [*client_cmd, "disconnect"])
+    print(_indent(summarise(gateway.scrape())))
+    _say("disconnecting; removing namespaces and processes")
+    gateway.disconnect(0)
+    print("demo " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
 
 
-def _summarise(samples) -> str:
-    lines = []
-    for name in (
-        "pushgate_dataplane_datagrams_received_total",
-        "pushgate_dataplane_packets_total",
-        "pushgate_dataplane_bytes_total",
-    ):
-        for (sample, labels), value in sorted(samples.items(), key=str):
-            if sample == name:
-                label = ",".join(f"{k}={v}" for k, v in sorted(labels))
-                lines.append(f"{name}{{{label}}} {value:.0f}")
+def summarise(samples) -> str:
+    def value(name: str, **labels: str) -> int:
+        return int(metrics.total(samples, name, **labels))
+
+    prefix = "pushgate_dataplane_"
+    lines = [
+        f"datagrams received {value(prefix + 'datagrams_received_total')}, delivered "
+        f"{value(prefix + 'datagrams_delivered_total')}",
+        f"packets rx {value(prefix + 'packets_total', direction='rx')}, "
+        f"tx {value(prefix + 'packets_total', direction='tx')}; bytes rx "
+        f"{value(prefix + 'bytes_total', direction='rx')}, "
+        f"tx {value(prefix + 'bytes_total', direction='tx')}",
+        f"sessions active {value(prefix + 'sessions', state='active')}, "
+        f"installs {value(prefix + 'session_installs_total')}",
+    ]
     drops = {
-        dict(labels).get("reason"): value
-        for (sample, labels), value in samples.items()
-        if sample == "pushgate_dataplane_drops_total" and value
+        f"{dict(labels)['direction']}/{dict(labels)['reason']}": int(v)
+        for (name, labels), v in samples.items()
+        if name == prefix + "drops_total" and v
     }
-    lines.append(
-        "drops by reason: " + (", ".join(f"{k}={v:.0f}" for k, v in drops.items()) or "none")
-    )
+    lines.append("drops: " + (", ".join(f"{k}={v}" for k, v in sorted(drops.items())) or "none"))
+    lag_count = metrics.total(samples, prefix + "loop_lag_seconds_count")
+    fast = metrics.total(samples, prefix + "loop_lag_seconds_bucket", le="0.01")
+    lines.append(f"receive loop lag <= 10 ms in {fast:.0f} of {lag_count:.0f} samples")
     return "\n".join(lines)
-
-
-def _indent(text: str) -> str:
-    return "\n".join("    " + line for line in text.strip().splitlines())
-
-
-def lab_run(argv) -> None:
-    subprocess.run(argv, check=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,206 @@
+"""A whole pushgate gateway in namespaces, for `make demo` and the end-to-end tests.
+
+    client-N ns 198.18.1.N+1 --bridge-- 198.18.1.1  gw ns  198.18.2.1 --lan-- 198.18.2.2  lan ns
+                pgcN 198.19.0.x  (tunnel)          pg0 198.19.0.1, NAT out to the lan
+
+The gateway namespace runs pushgate-auth and pushgate-dataplane; each client
+namespace runs pushgate-client (full tunnel by default); the lan host has no
+route to the tunnel network, so reaching it proves the gateway's NAT.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from . import Lab, metrics, socket_in, wait_for
+
+GATEWAY = "198.18.1.1"
+LAN_GATEWAY = "198.18.2.1"
+LAN_HOST = "198.18.2.2"
+AUTH_PORT = 7443
+DATAPLANE_PORT = 51820
+METRICS_PORT = 9102
+PASSWORD = "correct horse battery staple"
+
+
+def tool(name: str) -> str:
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+class GatewayLab:
+    def __init__(
+        self, lab: Lab, workdir: str, clients: int = 1, routes: tuple[str, ...] = ("0.0.0.0/0",)
+    ) -> None:
+        self.lab = lab
+        self.workdir = workdir
+        self.gw = lab.namespace("gw")
+        self.lan = lab.namespace("lan")
+        lab.exec(self.gw, ["ip", "link", "add", "br0", "type", "bridge"])
+        lab.exec(self.gw, ["ip", "address", "add", f"{GATEWAY}/24", "dev", "br0"])
+        lab.exec(self.gw, ["ip", "link", "set", "br0", "up"])
+        self.clients = []
+        for index in range(clients):
+            ns = lab.namespace(f"c{index}")
+            _, port = lab.link(ns, f"198.18.1.{index + 2}/24", self.gw, "198.18.1.254/32")
+            lab.exec(self.gw, ["ip", "address", "flush", "dev", port])
+            lab.exec(self.gw, ["ip", "link", "set", port, "master", "br0"])
+            self.clients.append(ns)
+        self.lan_dev, _ = lab.link(self.gw, f"{LAN_GATEWAY}/24", self.lan, f"{LAN_HOST}/24")
+        self.config = os.path.join(workdir, "pushgate.toml")
+        self.ca = os.path.join(workdir, "tls", "ca.crt")
+        self.password_file = os.path.join(workdir, "password")
+        with open(self.password_file, "w") as handle:
+            handle.write(PASSWORD + "\n")
+        init = [
+            tool("pushgate-admin"),
+            "init",
+            "--dir",
+            workdir,
+            "--server-name",
+            GATEWAY,
+            "--auth-listen",
+            f"{GATEWAY}:{AUTH_PORT}",
+            "--dataplane-endpoint",
+            f"{GATEWAY}:{DATAPLANE_PORT}",
+            "--dataplane-listen",
+            f"{GATEWAY}:{DATAPLANE_PORT}",
+        ]
+        for route in routes:
+            init += ["--route", route]
+        subprocess.run(init, check=True, capture_output=True)
+        self.auth = self.dataplane = None
+        self.client_processes: dict[int, subprocess.Popen] = {}
+
+    def _log(self, name: str):
+        return open(os.path.join(self.workdir, f"{name}.log"), "a")
+
+    def add_user(self, name: str) -> None:
+        subprocess.run(
+            [
+                tool("pushgate-admin"),
+                "user",
+                "add",
+                name,
+                "--config",
+                self.config,
+                "--password-file",
+                self.password_file,
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+    def start_auth(self) -> None:
+        self.auth = self.lab.start(
+            self.gw,
+            [tool("pushgate-auth"), "--config", self.config],
+            stdout=self._log("auth"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def start_dataplane(self) -> None:
+        self.dataplane = self.lab.start(
+            self.gw,
+            [
+                tool("pushgate-dataplane"),
+                "--config",
+                self.config,
+                "--metrics-listen",
+                f"127.0.0.1:{METRICS_PORT}",
+            ],
+            stdout=self._log("dataplane"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self._scrape_or_none, 20, what="the dataplane's /metrics")
+
+    def start(self) -> None:
+        self.start_auth()
+        self.start_dataplane()
+        self.lab.exec(
+            self.gw, [tool("pushgate-dataplane"), "--config", self.config, "--nat", self.lan_dev]
+        )
+
+    def kill(self, process: subprocess.Popen) -> None:
+        self.lab.stop(process, sig=signal.SIGKILL)
+
+    # -- clients ------------------------------------------------------------------
+
+    def client_command(self, index: int) -> list[str]:
+        return [
+            tool("pushgate-client"),
+            "--tun",
+            f"pgc{index}",
+            "--status-dir",
+            os.path.join(self.workdir, f"client{index}"),
+        ]
+
+    def connect(self, index: int, user: str, *extra: str) -> None:
+        self.client_processes[index] = self.lab.start(
+            self.clients[index],
+            [
+                *self.client_command(index),
+                "connect",
+                "--server",
+                f"{GATEWAY}:{AUTH_PORT}",
+                "--ca",
+                self.ca,
+                "--user",
+                user,
+                "--password-file",
+                self.password_file,
+                *extra,
+            ],
+            stdout=self._log(f"client{index}"),
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(
+            lambda: self.status(index).get("state") == "up", 30, what=f"client {index} to come up"
+        )
+
+    def status(self, index: int) -> dict[str, str]:
+        result = self.lab.exec(
+            self.clients[index], [*self.client_command(index), "status"], check=False
+        )
+        fields = {}
+        for line in result.stdout.splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip()] = value.strip()
+        return fields
+
+    def disconnect(self, index: int) -> None:
+        self.lab.exec(self.clients[index], [*self.client_command(index), "disconnect"])
+        self.client_processes.pop(index).wait(10)
+
+    def signal_client(self, index: int, signum: int) -> None:
+        os.kill(self.client_processes[index].pid, signum)
+
+    # -- observing ------------------------------------------------------------------
+
+    def _scrape_or_none(self):
+        try:
+            return self.scrape()
+        except OSError:
+            return None
+
+    def scrape(self) -> dict:
+        return metrics.parse(self.metrics_text())
+
+    def metrics_text(self) -> str:
+        conn = socket_in(self.gw, kind=socket.SOCK_STREAM)
+        with conn:
+            conn.settimeout(5)
+            conn.connect(("127.0.0.1", METRICS_PORT))
+            conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            chunks = []
+            while data := conn.recv(65536):
+                chunks.append(data)
+        return b"".join(chunks).split(b"\r\n\r\n", 1)[1].decode()
+
+    def ping(self, index: int, address: str, count: int = 5) -> subprocess.CompletedProcess:
+        return self.lab.exec(
+            self.clients[index],
+            ["ping", "-c", str(count), "-i", "0.2", "-W", "2", address],
+            check=False,
+        )

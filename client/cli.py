@@ -59,6 +59,8 @@ async def _connect(options: ConnectOptions) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, connection.stop)
+    loop.add_signal_handler(signal.SIGUSR1, connection.request_rebind)
+    loop.add_signal_handler(signal.SIGUSR2, connection.request_rekey)
     await connection.run()
 
 
@@ -124,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--status-dir", default=DEFAULT_STATUS_DIR)
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
-    connect = commands.add_parser("connect", help="log in and bring the tunnel up")
+    connect = commands.add_parser(
+        "connect", help="log in and bring the tunnel up (SIGUSR1: new UDP port, SIGUSR2: rekey)"
+    )
     connect.add_argument("--server", required=True, help="auth service host:port")
     connect.add_argument("--ca", required=True, help="the gateway's CA certificate (PEM)")
     connect.add_argument("--user", required=True)

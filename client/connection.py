@@ -105,6 +105,17 @@ class Connection:
     def stop(self) -> None:
         self._stop.set()
 
+    def request_rekey(self) -> None:
+        """Rekey at the next tick instead of waiting for the key lifetime (SIGUSR2)."""
+        self._rekey_at = 0.0
+
+    def request_rebind(self) -> None:
+        """Move to a new UDP source port at once, as after a NAT change (SIGUSR1)."""
+        if self.datapath is not None:
+            self.datapath.rebind()
+            self.datapath.send_keepalive()
+            log.info("moved to UDP source port %d", self.datapath.local_port)
+
     def _event(self, event: ClientEvent) -> None:
         before = self.machine.state
         after = self.machine.handle(event)

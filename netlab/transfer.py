@@ -3,6 +3,8 @@
     python -m netlab.transfer serve-tcp PORT SIZE_BYTES SEED   # sends SIZE bytes to each client
     python -m netlab.transfer fetch-tcp HOST PORT              # prints "<bytes> <sha256> <seconds>"
     python -m netlab.transfer expected SIZE_BYTES SEED         # prints the sha256 to expect
+    python -m netlab.transfer udp-echo PORT                    # echoes datagrams
+    python -m netlab.transfer udp-probe HOST PORT COUNT SIZE   # prints how many came back
 
 The payload is a deterministic pseudo-random stream, so both ends know the hash.
 """
@@ -53,6 +55,31 @@ def fetch_tcp(host: str, port: int) -> tuple[int, str, float]:
     return total, digest.hexdigest(), time.monotonic() - start
 
 
+def udp_echo(port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("0.0.0.0", port))
+        print("listening", flush=True)
+        while True:
+            data, peer = sock.recvfrom(65536)
+            sock.sendto(data, peer)
+
+
+def udp_probe(host: str, port: int, count: int, size: int) -> int:
+    """Send `count` numbered datagrams, one at a time; return how many came back intact."""
+    answered = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(1.0)
+        for number in range(count):
+            payload = number.to_bytes(4, "big") * (size // 4)
+            sock.sendto(payload, (host, port))
+            try:
+                if sock.recv(65536) == payload:
+                    answered += 1
+            except TimeoutError:
+                pass
+    return answered
+
+
 def main(argv: list[str]) -> int:
     command, *args = argv
     if command == "serve-tcp":
@@ -60,6 +87,10 @@ def main(argv: list[str]) -> int:
     elif command == "fetch-tcp":
         total, sha, seconds = fetch_tcp(args[0], int(args[1]))
         print(total, sha, f"{seconds:.3f}")
+    elif command == "udp-echo":
+        udp_echo(int(args[0]))
+    elif command == "udp-probe":
+        print(udp_probe(args[0], int(args[1]), int(args[2]), int(args[3])))
     elif command == "expected":
         print(expected_sha256(int(args[0]), int(args[1])))
     else:

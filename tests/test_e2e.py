@@ -1,0 +1,167 @@
+"""End to end: auth service, dataplane and real clients in network namespaces.
+
+One gateway (netlab.gateway) serves the whole module; the tests run in order
+and each leaves the gateway as it found it.
+"""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from netlab import Lab, metrics, wait_for
+from netlab.gateway import LAN_HOST, GatewayLab
+from netlab.transfer import expected_sha256
+
+SEED = 7
+BIG = 100 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("e2e"))
+    with Lab("pge2e") as lab:
+        gw = GatewayLab(lab, workdir, clients=2)
+        gw.add_user("alice")
+        gw.add_user("bob")
+        gw.start()
+        gw.connect(0, "alice")
+        gw.connect(1, "bob")
+        lab.start(
+            gw.lan,
+            [sys.executable, "-m", "netlab.transfer", "serve-tcp", "5001", str(BIG), str(SEED)],
+            stdout=subprocess.DEVNULL,
+        )
+        lab.start(
+            gw.lan,
+            [sys.executable, "-m", "netlab.transfer", "udp-echo", "5002"],
+            stdout=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
+        yield gw
+
+
+def fetch(gw: GatewayLab, index: int = 0) -> subprocess.Popen:
+    return gw.lab.start(
+        gw.clients[index],
+        [sys.executable, "-m", "netlab.transfer", "fetch-tcp", LAN_HOST, "5001"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def fetched_ok(process: subprocess.Popen) -> tuple[bool, str]:
+    out, _ = process.communicate(timeout=300)
+    size, digest, seconds = out.split()
+    ok = int(size) == BIG and digest == expected_sha256(BIG, SEED)
+    return ok, f"{int(size) * 8 / float(seconds) / 1e6:.0f} Mbit/s"
+
+
+def dataplane(gw: GatewayLab, name: str, **labels: str) -> float:
+    return metrics.total(gw.scrape(), "pushgate_dataplane_" + name, **labels)
+
+
+def test_ping_the_lan_host_through_nat(gateway):
+    result = gateway.ping(0, LAN_HOST)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " 0% packet loss" in result.stdout
+
+
+def test_100mb_tcp_transfer_has_the_right_hash(gateway):
+    ok, rate = fetched_ok(fetch(gateway))
+    print(f"100 MiB through the tunnel at {rate}")
+    assert ok
+
+
+def test_udp_through_the_tunnel(gateway):
+    result = gateway.lab.exec(
+        gateway.clients[0],
+        [sys.executable, "-m", "netlab.transfer", "udp-probe", LAN_HOST, "5002", "50", "1200"],
+    )
+    assert int(result.stdout) >= 48  # one datagram at a time: nothing should be lost
+
+
+def test_two_clients_reach_each_other_through_the_gateway(gateway):
+    bob = gateway.status(1)["tunnel"].split()[1].split("/")[0]
+    before = dataplane(gateway, "packets_total", direction="tx")
+    result = gateway.ping(0, bob, count=3)
+    assert result.returncode == 0, result.stdout
+    assert dataplane(gateway, "packets_total", direction="tx") >= before + 6  # hub, counted
+
+
+def test_roaming_mid_transfer(gateway):
+    port_before = gateway.status(0)["server"].split("local UDP port ")[1].rstrip(")")
+    transfer = fetch(gateway)
+    time.sleep(0.3)
+    gateway.signal_client(0, signal.SIGUSR1)  # new UDP socket: a new source port
+    ok, _ = fetched_ok(transfer)
+    assert ok
+    wait_for(
+        lambda: gateway.status(0)["server"].split("local UDP port ")[1].rstrip(")") != port_before,
+        5,
+        what="the status to show the new port",
+    )
+
+
+def test_rekey_during_a_transfer_loses_nothing(gateway):
+    rekeys = dataplane(gateway, "session_rekeys_total")
+    epoch = int(gateway.status(0)["tunnel"].split("key epoch ")[1])
+    transfer = fetch(gateway)
+    time.sleep(0.3)
+    gateway.signal_client(0, signal.SIGUSR2)
+    ok, _ = fetched_ok(transfer)
+    assert ok
+    wait_for(
+        lambda: int(gateway.status(0)["tunnel"].split("key epoch ")[1]) == epoch + 1,
+        10,
+        what="the client to use the new keys",
+    )
+    assert dataplane(gateway, "session_rekeys_total") == rekeys + 1
+
+
+def test_dataplane_sigkill_and_restart_needs_no_new_login(gateway):
+    session = gateway.status(0)["tunnel"]
+    gateway.kill(gateway.dataplane)
+    gateway.start_dataplane()
+    wait_for(
+        lambda: gateway.ping(0, LAN_HOST, count=1).returncode == 0,
+        20,
+        what="traffic after the dataplane restart",
+    )
+    assert gateway.status(0)["tunnel"] == session  # same session, same keys epoch
+    ok, _ = fetched_ok(fetch(gateway))
+    assert ok
+    assert dataplane(gateway, "session_installs_total") == 2  # re-learned both, no login
+
+
+def test_auth_service_down_leaves_traffic_alone(gateway):
+    gateway.kill(gateway.auth)
+    try:
+        assert gateway.ping(0, LAN_HOST, count=3).returncode == 0
+        ok, _ = fetched_ok(fetch(gateway))
+        assert ok
+        assert gateway.status(0)["state"] == "up"
+    finally:
+        gateway.start_auth()
+
+
+def test_logout_removes_the_session_everywhere(gateway):
+    wait_for(
+        lambda: dataplane(gateway, "control_connected") == 1,
+        20,
+        what="the dataplane to watch the restarted auth service",
+    )
+    assert dataplane(gateway, "sessions", state="active") == 2
+    gateway.disconnect(1)
+    wait_for(
+        lambda: dataplane(gateway, "sessions", state="active") == 1,
+        10,
+        what="the dataplane to forget the session",
+    )
+    links = gateway.lab.exec(gateway.clients[1], ["ip", "-o", "link"]).stdout
+    assert "pgc1" not in links  # the client removed its TUN ...
+    routes = gateway.lab.exec(gateway.clients[1], ["ip", "route"]).stdout
+    assert "198.18.1.1 " not in routes  # ... and its route exception
+    assert gateway.ping(0, LAN_HOST, count=1).returncode == 0  # the other client is fine

@@ -17,8 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from auth_service.pki import make_ca, make_server_cert
 from auth_service.throttle import Throttle
+from netlab.auth import AuthServer, admin
 from pushgate_api import auth_pb2, control_pb2
-from tests.authfixture import AuthServer, admin
 
 PASSWORD = "correct horse battery staple"
 

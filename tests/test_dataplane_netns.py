@@ -1,15 +1,8 @@
 """The dataplane in network namespaces: real UDP, real TUN, real gRPC feed.
 
-    client ns 198.18.10.2 --veth-- 198.18.10.1 gateway ns (pushgate-dataplane, TUN 198.19.10.1/24)
-
-The test process holds sockets inside both namespaces (netlab.socket_in): a
-push client built on the shared TunnelSession in the client namespace, and an
-"observer" UDP socket on the gateway's tunnel address that sees what the
-dataplane writes to its TUN.
+The topology and the test client are netlab.dataplane_lab's.
 """
 
-import os
-import socket
 import struct
 import subprocess
 import sys
@@ -19,134 +12,19 @@ import grpc
 import pytest
 
 from netlab import Lab, metrics, socket_in, wait_for
+from netlab.dataplane_lab import (
+    CLIENT_UNDERLAY,
+    GW_TUNNEL,
+    GW_UNDERLAY,
+    OBSERVER_PORT,
+    PORT,
+    Gateway,
+)
+from netlab.feed import FeedServer, key_epoch, session
 from netlab.packets import ipv4_udp, udp_payload
-from push_protocol.aead import CipherSuite
 from push_protocol.codec import parse_header
-from push_protocol.keys import KeyMaterial, Role
-from push_protocol.session import TunnelSession
+from push_protocol.keys import KeyMaterial
 from pushgate_api import control_pb2, control_pb2_grpc
-from tests.feed_server import FeedServer, key_epoch, session
-
-GW_UNDERLAY, CLIENT_UNDERLAY = "198.18.10.1", "198.18.10.2"
-GW_TUNNEL = "198.19.10.1"
-PORT = 51820
-OBSERVER_PORT = 9999
-METRICS_PORT = 9102
-
-CONFIG = f"""
-[gateway]
-tunnel_network = "198.19.10.0/24"
-gateway_address = "{GW_TUNNEL}"
-mtu = 1420
-keepalive_seconds = 2
-control_socket = "control.sock"
-[dataplane]
-listen = "{GW_UNDERLAY}:{PORT}"
-tun_name = "pgdp0"
-stats_socket = "dataplane.sock"
-metrics_listen = "127.0.0.1:{METRICS_PORT}"
-"""
-
-
-class PushClient:
-    """A test client: the shared core plus a UDP socket in the client namespace."""
-
-    def __init__(self, sock: socket.socket, sess: control_pb2.Session) -> None:
-        keys = sess.current_keys
-        self.address = sess.tunnel_addresses[0]
-        self.session = TunnelSession(
-            sess.session_id,
-            CipherSuite.AES_256_GCM,
-            Role.CLIENT,
-            KeyMaterial(
-                keys.key_epoch, keys.client_to_server_key, keys.server_to_client_key, time.time()
-            ),
-            time.time(),
-        )
-        self.sock = sock
-        sock.settimeout(5)
-
-    def send_inner(self, packet: bytes) -> bytes:
-        datagram = self.session.seal(packet, time.time())
-        self.sock.sendto(datagram, (GW_UNDERLAY, PORT))
-        return datagram
-
-    def send_udp(self, payload: bytes, sport: int = 4000, src: str | None = None) -> bytes:
-        return self.send_inner(
-            ipv4_udp(src or self.address, GW_TUNNEL, sport, OBSERVER_PORT, payload)
-        )
-
-    def receive_inner(self) -> bytes:
-        while True:
-            datagram = self.sock.recv(65536)
-            payload = self.session.open(datagram, time.time(), parse_header(datagram))
-            if payload:
-                return payload
-
-
-class Gateway:
-    def __init__(self, lab: Lab, workdir: str) -> None:
-        self.lab = lab
-        self.gw = lab.namespace("gw")
-        self.cl = lab.namespace("cl")
-        lab.link(self.cl, f"{CLIENT_UNDERLAY}/24", self.gw, f"{GW_UNDERLAY}/24")
-        self.workdir = workdir
-        self.config = os.path.join(workdir, "pushgate.toml")
-        with open(self.config, "w") as handle:
-            handle.write(CONFIG)
-        self.feed = FeedServer(os.path.join(workdir, "control.sock")).start()
-        self.log = open(os.path.join(workdir, "dataplane.log"), "w")  # noqa: SIM115 - fixture closes it
-        self.process = None
-        self.observer = None
-
-    def start_dataplane(self) -> None:
-        self.process = self.lab.start(
-            self.gw,
-            [sys.executable, "-m", "dataplane.cli", "--config", self.config],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=os.getcwd(),
-        )
-        wait_for(lambda: self._scrape_or_none(), 20, what="dataplane /metrics")
-        if self.observer is not None:
-            self.observer.close()
-        self.observer = socket_in(self.gw)
-        self.observer.bind((GW_TUNNEL, OBSERVER_PORT))
-        self.observer.settimeout(5)
-
-    def _scrape_or_none(self):
-        try:
-            return self.scrape()
-        except OSError:
-            return None
-
-    def scrape(self):
-        conn = socket_in(self.gw, socket.AF_INET, socket.SOCK_STREAM)
-        with conn:
-            conn.settimeout(5)
-            conn.connect(("127.0.0.1", METRICS_PORT))
-            conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-            chunks = []
-            while data := conn.recv(65536):
-                chunks.append(data)
-        body = b"".join(chunks).split(b"\r\n\r\n", 1)[1]
-        return metrics.parse(body.decode())
-
-    def client(self, sess: control_pb2.Session) -> PushClient:
-        return PushClient(socket_in(self.cl), sess)
-
-    def wait_sessions(self, count: int) -> None:
-        wait_for(
-            lambda: (
-                metrics.total(self.scrape(), "pushgate_dataplane_sessions", state="active") == count
-            ),
-            20,
-            what=f"{count} active sessions",
-        )
-
-    def observe(self) -> tuple[str, int, bytes]:
-        data, (host, port) = self.observer.recvfrom(65536)
-        return host, port, data
 
 
 @pytest.fixture

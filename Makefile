@@ -31,9 +31,11 @@ system-deps:
 	        --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
 	fi
 
-# Microbenchmarks; figures go to stdout.
-bench: $(INSTALLED) $(GENERATED)
-	$(PY) bench/codec_bench.py
+# Benchmarks; figures go to stdout (compare figures from one run, as ratios).
+bench: system-deps $(INSTALLED) $(GENERATED)
+	PYTHONPATH=. $(PY) bench/codec_bench.py
+	PYTHONPATH=. $(PY) bench/login_bench.py
+	PYTHONPATH=. $(PY) bench/dataplane_bench.py
 
 lint: $(INSTALLED) $(GENERATED)
 	$(VENV)/bin/ruff check .

@@ -359,15 +359,17 @@ class Device:
             log.info("session %#010x expired", record.session_id)
 
     def _check_stalled(self, record: SessionRecord, now: float) -> int:
+        """Flag a session that only receives, or only sends, for over two keepalives."""
         tunnel = record.tunnel
-        received, sent = tunnel.last_received_at, tunnel.last_sent_at
-        if received is None or sent is None:
-            return int(record.stalled)
+        received = tunnel.last_received_at or record.installed_at
+        sent = tunnel.last_sent_at or record.installed_at
         limit = tunnel.keepalive_interval * 2
-        stalled = abs(received - sent) > limit and now - min(received, sent) > limit
+        stalled = (tunnel.last_received_at is not None or tunnel.last_sent_at is not None) and (
+            abs(received - sent) > limit and now - min(received, sent) > limit
+        )
         if stalled and not record.stalled:
             one_way = (
-                "receives but does not send" if received > sent else "sends but receives nothing"
+                "receives but sends nothing" if received > sent else "sends but receives nothing"
             )
             log.warning(
                 "session %#010x is stalled: it %s for %.0f s (last drop reason: %s)",

@@ -17,6 +17,7 @@ class SessionRecord:
         "addresses",
         "endpoint",
         "expires_at",
+        "installed_at",
         "last_drop_reason",
         "stalled",
         "tunnel",
@@ -29,8 +30,10 @@ class SessionRecord:
         addresses: tuple[bytes, ...],
         expires_at: float,
         username: str = "",
+        installed_at: float = 0.0,
     ) -> None:
         self.tunnel = tunnel
+        self.installed_at = installed_at
         self.addresses = addresses  # raw 4- or 16-byte addresses the session owns
         self.expires_at = expires_at  # 0: no expiry
         self.username = username

@@ -148,7 +148,13 @@ class SessionSync:
             log.error("session %#010x not installed: %s", session.session_id, error)
             return
         self.registry.add(
-            SessionRecord(tunnel, addresses, session.expires_at_unix_ms / 1000, session.username)
+            SessionRecord(
+                tunnel,
+                addresses,
+                session.expires_at_unix_ms / 1000,
+                session.username,
+                installed_at=now,
+            )
         )
         self.counters.session_installs += 1
         log.info(

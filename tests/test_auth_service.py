@@ -351,3 +351,31 @@ def test_admin_user_commands(tmp_path):
     assert admin("user", "remove", "carol", "--config", config).returncode == 0
     db = os.path.join(server.directory, "pushgate.db")
     assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
+
+
+def test_sessions_expire_on_schedule_and_the_feed_says_so(tmp_path):
+    server = AuthServer(str(tmp_path / "gw"), settings={"session_lifetime_seconds": "2"})
+    server.add_user("alice", PASSWORD)
+    server.start()
+    try:
+        login = server.login("alice", PASSWORD)
+        feed = server.feed()
+        listing = feed.ListSessions(control_pb2.ListSessionsRequest(), timeout=10)
+        assert len(listing.sessions) == 1
+        watch = feed.WatchSessions(
+            control_pb2.WatchSessionsRequest(after_revision=listing.revision), timeout=15
+        )
+        event = next(watch)
+        watch.cancel()
+        assert event.WhichOneof("change") == "removed"
+        assert event.removed.session_id == login.session_id
+        assert event.removed.reason == control_pb2.REMOVAL_REASON_EXPIRED
+        code, _ = _code(
+            lambda: server.stub().SessionInfo(
+                auth_pb2.SessionInfoRequest(session_token=login.session_token), timeout=10
+            )
+        )
+        assert code is grpc.StatusCode.UNAUTHENTICATED
+        assert server.login("alice", PASSWORD).tunnel_address == "198.19.0.2/24"  # released
+    finally:
+        server.stop()

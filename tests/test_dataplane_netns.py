@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -263,3 +264,40 @@ def test_resync_after_the_feed_restarts_and_after_a_dataplane_restart(gateway):
     assert gateway.observe()[2] == b"after restart"
     gateway.observer.sendto(b"reply after restart", ("198.19.10.2", 4000))
     assert udp_payload(client.receive_inner())[3] == b"reply after restart"
+
+
+def test_expiry_and_stalled_sessions_are_visible(gateway):
+    talker = session(0x1007, "198.19.10.2", keepalive=1)
+    short = session(0x1008, "198.19.10.3", expires_at=time.time() + 2)
+    gateway.feed.install(talker)
+    gateway.feed.install(short)
+    gateway.start_dataplane()
+    gateway.wait_sessions(2)
+    gateway.feed.stop()  # expiry must not depend on the auth service
+    wait_for(
+        lambda: metrics.total(gateway.scrape(), "pushgate_dataplane_session_expiries_total") == 1,
+        10,
+        what="the short session to expire",
+    )
+    gateway.wait_sessions(1)
+
+    # The talker only sends and nothing answers: stalled after two keepalives (2 s).
+    client = gateway.client(talker)
+    deadline = time.monotonic() + 15
+    stalled = 0.0
+    while time.monotonic() < deadline and not stalled:
+        client.send_udp(b"anyone there?")
+        time.sleep(0.5)
+        stalled = metrics.total(gateway.scrape(), "pushgate_dataplane_stalled_sessions")
+    assert stalled == 1
+    gateway.log.flush()
+    log = Path(gateway.log.name).read_text()
+    assert "session 0x00001007 is stalled: it receives but sends nothing" in log
+    gateway.observer.sendto(b"answer", ("198.19.10.2", 4000))  # traffic both ways again
+    udp_payload(client.receive_inner())
+    client.send_udp(b"thanks")
+    wait_for(
+        lambda: metrics.total(gateway.scrape(), "pushgate_dataplane_stalled_sessions") == 0,
+        5,
+        what="the stall to clear",
+    )

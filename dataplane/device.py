@@ -20,6 +20,7 @@ from tundev.linux import LinuxTun
 from . import inner
 from .metrics import BoundedQueue, Counters
 from .registry import Registry, SessionRecord
+from .routing import Action, Router
 
 log = logging.getLogger("pushgate.dataplane")
 
@@ -70,7 +71,7 @@ class Device:
         self.sock = sock
         self.tun = tun
         self.mtu = mtu
-        self.tunnel_network = tunnel_network
+        self.router = Router(registry, tunnel_network, gateway_address, mtu)
         self.gateway_packed = gateway_address.packed
         self.clock = clock
         self.udp_queue = BoundedQueue("udp_send", QUEUE_CAPACITY)
@@ -155,38 +156,29 @@ class Device:
             if last is None or now - last >= KEEPALIVE_REPLY_AFTER:
                 self._send_keepalive(record, now)
             return None
-        reason = self._check_inner(record, payload, now)
-        if reason is not None:
-            record.last_drop_reason = reason
-            return reason
-        self.counters.rx_packets += 1
-        self.counters.rx_bytes += len(payload)
-        payload = self._clamp(payload)
-        destination = inner.addresses(payload)[1]
-        target = self.registry.by_address.get(destination)
-        if target is not None:  # hub: client to client, never through the TUN
-            return self._send_to(target, payload, now)
-        if self._in_tunnel_network(destination) and destination != self.gateway_packed:
-            return DropReason.NO_ROUTE
-        return self._write_tun(payload)
-
-    def _check_inner(self, record: SessionRecord, payload: bytes, now: float):
-        try:
-            source, _ = inner.addresses(payload)
-        except PacketRejected as rejected:
-            return rejected.reason
-        if source not in record.addresses:
+        decision = self.router.from_session(record, payload)
+        action = decision.action
+        if action is Action.TUN:
+            self._count_rx(payload)
+            return self._write_tun(self._clamp(payload))
+        if action is Action.SESSION:  # hub: client to client, never through the TUN
+            self._count_rx(payload)
+            return self._send_to(decision.target, self._clamp(payload), now)
+        record.last_drop_reason = decision.reason
+        if action is Action.TOO_BIG:
+            self._reply_too_big(record, payload, now)
+        elif decision.reason is DropReason.SPOOFED_SOURCE:
             self._bad_input_log.warning(
                 "spoof",
                 "session %#010x sent a packet from %s, which it does not own",
                 record.session_id,
-                ipaddress.ip_address(source),
+                ipaddress.ip_address(inner.addresses(payload)[0]),
             )
-            return DropReason.SPOOFED_SOURCE
-        if len(payload) > self.mtu:
-            self._reply_too_big(record, payload, now)
-            return DropReason.TOO_BIG
-        return None
+        return decision.reason
+
+    def _count_rx(self, payload: bytes) -> None:
+        self.counters.rx_packets += 1
+        self.counters.rx_bytes += len(payload)
 
     def _reply_too_big(self, record: SessionRecord, payload: bytes, now: float) -> None:
         gateway = self.gateway_packed
@@ -202,12 +194,6 @@ class Device:
         if clamped is not packet:
             self.counters.mss_clamped += 1
         return clamped
-
-    def _in_tunnel_network(self, address: bytes) -> bool:
-        network = self.tunnel_network
-        if len(address) != (4 if network.version == 4 else 16):
-            return False
-        return ipaddress.ip_address(address) in network
 
     def _write_tun(self, packet: bytes) -> DropReason | None:
         if self.tun_queue:  # keep order: once queued, everything queues
@@ -233,19 +219,14 @@ class Device:
             counters.io_errors["tun_read"] += 1
             self._bad_input_log.warning("tun_read", "TUN read failed: %s", error)
             return
-        by_address = self.registry.by_address
+        from_tun = self.router.from_tun
         for packet in packets:
             counters.tun_packets_read += 1
-            try:
-                destination = inner.addresses(packet)[1]
-            except PacketRejected as rejected:
-                drops[rejected.reason] += 1
+            decision = from_tun(packet)
+            if decision.action is not Action.SESSION:
+                drops[decision.reason] += 1
                 continue
-            record = by_address.get(destination)
-            if record is None:
-                drops[DropReason.NO_ROUTE] += 1
-                continue
-            reason = self._send_to(record, self._clamp(packet), now)
+            reason = self._send_to(decision.target, self._clamp(packet), now)
             if reason is None:
                 counters.outbound_delivered += 1
             else:

@@ -104,6 +104,17 @@ def test_hostile_datagrams_are_counted_by_reason_and_valid_traffic_flows(gateway
     icmp = client.receive_inner()
     assert icmp[9] == 1 and icmp[20:22] == b"\x03\x04"
 
+    # Reordered inside the window: all accepted.
+    sealed = [
+        client.session.seal(
+            ipv4_udp(client.address, GW_TUNNEL, 4000, OBSERVER_PORT, m), time.time()
+        )
+        for m in (b"one", b"two", b"three")
+    ]
+    for index in (2, 0, 1):
+        attacker.sendto(sealed[index], target)
+    assert sorted(gateway.observe()[2] for _ in range(3)) == [b"one", b"three", b"two"]
+
     client.send_udp(b"still flowing")
     assert gateway.observe()[2] == b"still flowing"
     after = gateway.scrape()

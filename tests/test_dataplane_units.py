@@ -10,6 +10,7 @@ import gateway_config as config
 from dataplane import inner
 from dataplane.metrics import BoundedQueue
 from dataplane.registry import Registry, SessionRecord, packed_address
+from dataplane.routing import Action, Router
 from netlab.packets import ipv4_tcp_syn, ipv4_udp
 from push_protocol.aead import CipherSuite
 from push_protocol.drops import DropReason
@@ -125,3 +126,41 @@ def test_config_errors_name_the_key(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(config.ConfigError, match=message):
         config.load(str(path))
+
+
+def _router():
+    registry = Registry()
+    alice = SessionRecord(_tunnel(1), (packed_address("198.19.0.2"),), 0.0)
+    bob = SessionRecord(_tunnel(2), (packed_address("198.19.0.3"),), 0.0)
+    registry.add(alice)
+    registry.add(bob)
+    router = Router(
+        registry, ipaddress.ip_network("198.19.0.0/24"), ipaddress.ip_address("198.19.0.1"), 1420
+    )
+    return router, alice, bob
+
+
+def test_routing_from_a_session():
+    router, alice, bob = _router()
+
+    def decide(src, dst, size=10):
+        return router.from_session(alice, ipv4_udp(src, dst, 1, 2, bytes(size)))
+
+    assert decide("198.19.0.2", "198.18.2.2").action is Action.TUN  # out to the network
+    assert decide("198.19.0.2", "198.19.0.1").action is Action.TUN  # the gateway itself
+    hub = decide("198.19.0.2", "198.19.0.3")
+    assert hub.action is Action.SESSION and hub.target is bob
+    assert decide("198.19.0.3", "198.18.2.2").reason is DropReason.SPOOFED_SOURCE
+    assert decide("198.19.0.2", "198.19.0.99").reason is DropReason.NO_ROUTE
+    assert decide("198.19.0.2", "198.18.2.2", size=1500).action is Action.TOO_BIG
+    assert router.from_session(alice, b"\x45").reason is DropReason.INNER_MALFORMED
+
+
+def test_routing_from_the_tun():
+    router, alice, _ = _router()
+    to_alice = router.from_tun(ipv4_udp("198.18.2.2", "198.19.0.2", 1, 2, b"x"))
+    assert to_alice.action is Action.SESSION and to_alice.target is alice
+    assert router.from_tun(ipv4_udp("198.18.2.2", "198.19.0.77", 1, 2, b"x")).reason is (
+        DropReason.NO_ROUTE
+    )
+    assert router.from_tun(b"").reason is DropReason.INNER_MALFORMED

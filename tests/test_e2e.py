@@ -4,6 +4,7 @@ One gateway (netlab.gateway) serves the whole module; the tests run in order
 and each leaves the gateway as it found it.
 """
 
+import datetime
 import signal
 import subprocess
 import sys
@@ -11,8 +12,9 @@ import time
 
 import pytest
 
+from auth_service.pki import make_ca
 from netlab import Lab, metrics, wait_for
-from netlab.gateway import LAN_HOST, GatewayLab
+from netlab.gateway import AUTH_PORT, GATEWAY, LAN_HOST, GatewayLab, tool
 from netlab.transfer import expected_sha256
 
 SEED = 7
@@ -61,6 +63,45 @@ def fetched_ok(process: subprocess.Popen) -> tuple[bool, str]:
 
 def dataplane(gw: GatewayLab, name: str, **labels: str) -> float:
     return metrics.total(gw.scrape(), "pushgate_dataplane_" + name, **labels)
+
+
+def connect_fails(gw: GatewayLab, *args: str, password_file: str | None = None):
+    command = [
+        tool("pushgate-client"),
+        "--tun",
+        "pgfail",
+        "--status-dir",
+        f"{gw.workdir}/failing",
+        "connect",
+        *args,
+        "--password-file",
+        password_file or gw.password_file,
+    ]
+    return gw.lab.exec(gw.clients[1], command, check=False, timeout=60)
+
+
+def test_clear_messages_for_bad_credentials_and_a_wrong_ca(gateway, tmp_path):
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the password\n")
+    result = connect_fails(
+        gateway,
+        "--server",
+        f"{GATEWAY}:{AUTH_PORT}",
+        "--ca",
+        gateway.ca,
+        "--user",
+        "bob",
+        password_file=str(wrong),
+    )
+    assert result.returncode == 2
+    assert "login refused: wrong user name or password" in result.stderr
+    other_ca = tmp_path / "other-ca.crt"
+    other_ca.write_bytes(make_ca("not the gateway", datetime.datetime.now(datetime.UTC))[0])
+    result = connect_fails(
+        gateway, "--server", f"{GATEWAY}:{AUTH_PORT}", "--ca", str(other_ca), "--user", "bob"
+    )
+    assert result.returncode == 2
+    assert "certificate mismatch" in result.stderr
 
 
 def test_ping_the_lan_host_through_nat(gateway):

@@ -1,0 +1,70 @@
+"""Cryptokey routing decisions (pure: no I/O, no clock).
+
+A decrypted packet must come from an address its session owns; it goes to the
+session that owns its destination (hub), or to the TUN. A packet read from the
+TUN goes only to the session that owns its destination. Addresses are raw
+header bytes, as the registry indexes them.
+"""
+
+from enum import IntEnum
+from typing import NamedTuple
+
+from push_protocol.drops import DropReason, PacketRejected
+
+from . import inner
+from .registry import Registry, SessionRecord
+
+
+class Action(IntEnum):
+    TUN = 1  # write to the server TUN
+    SESSION = 2  # seal and send to `target`
+    TOO_BIG = 3  # answer with ICMP "too big", count a drop
+    DROP = 4  # count a drop with `reason`
+
+
+class Decision(NamedTuple):
+    action: Action
+    target: SessionRecord | None = None
+    reason: DropReason | None = None
+
+
+class Router:
+    def __init__(self, registry: Registry, tunnel_network, gateway_address, mtu: int) -> None:
+        self.registry = registry
+        self.mtu = mtu
+        self._gateway = gateway_address.packed
+        self._net_len = len(tunnel_network.network_address.packed)
+        self._net = int(tunnel_network.network_address)
+        self._mask = int(tunnel_network.netmask)
+
+    def _in_tunnel_network(self, address: bytes) -> bool:
+        return (
+            len(address) == self._net_len
+            and int.from_bytes(address, "big") & self._mask == self._net
+        )
+
+    def from_session(self, record: SessionRecord, packet: bytes) -> Decision:
+        try:
+            source, destination = inner.addresses(packet)
+        except PacketRejected as rejected:
+            return Decision(Action.DROP, reason=rejected.reason)
+        if source not in record.addresses:
+            return Decision(Action.DROP, reason=DropReason.SPOOFED_SOURCE)
+        if len(packet) > self.mtu:
+            return Decision(Action.TOO_BIG, record, DropReason.TOO_BIG)
+        target = self.registry.by_address.get(destination)
+        if target is not None:
+            return Decision(Action.SESSION, target)
+        if self._in_tunnel_network(destination) and destination != self._gateway:
+            return Decision(Action.DROP, reason=DropReason.NO_ROUTE)
+        return Decision(Action.TUN)
+
+    def from_tun(self, packet: bytes) -> Decision:
+        try:
+            destination = inner.addresses(packet)[1]
+        except PacketRejected as rejected:
+            return Decision(Action.DROP, reason=rejected.reason)
+        target = self.registry.by_address.get(destination)
+        if target is None:
+            return Decision(Action.DROP, reason=DropReason.NO_ROUTE)
+        return Decision(Action.SESSION, target)

@@ -9,14 +9,18 @@ GENERATED := pushgate_api/auth_pb2.py pushgate_api/auth_pb2_grpc.py \
 PROTOS := protos/auth.proto protos/control.proto
 
 # Debian packages the tests and the demo use (network namespaces, ping, NAT, iperf3).
-SYSTEM_TOOLS := ip ping nft iperf3 curl
-SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps
+SYSTEM_TOOLS := ip ping nft iperf3 curl promtool prometheus docker-compose
+SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps prometheus docker-compose
 
-.PHONY: test demo bench lint proto venv system-deps clean
+.PHONY: test demo bench lint proto venv system-deps deploy-check clean
 
 # Run every test (creates the virtualenv, installs, generates gRPC code).
 test: system-deps $(INSTALLED) $(GENERATED)
 	$(PY) -m pytest -q tests
+
+# The deploy stack checked with docker-compose, promtool and a live Prometheus.
+deploy-check: system-deps $(INSTALLED) $(GENERATED)
+	$(PY) -m pytest -q tests/test_deploy.py
 
 # The whole gateway on this host in network namespaces, with traffic through it.
 demo: system-deps $(INSTALLED) $(GENERATED)

@@ -162,8 +162,12 @@ def nat(cfg: gateway_config.GatewayConfig, out_interface: str, remove: bool) -> 
         subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
         print(f"removed nftables table ip {table}")
         return 0
-    with open("/proc/sys/net/ipv4/ip_forward", "w") as handle:
-        handle.write("1\n")
+    forward = "/proc/sys/net/ipv4/ip_forward"
+    with open(forward) as handle:
+        enabled = handle.read().strip() == "1"
+    if not enabled:  # (a container gets it from its runtime and may not write it)
+        with open(forward, "w") as handle:
+            handle.write("1\n")
     rules = (
         f"table ip {table} {{\n"
         f"  chain postrouting {{\n"

@@ -9,8 +9,9 @@ GENERATED := pushgate_api/auth_pb2.py pushgate_api/auth_pb2_grpc.py \
 PROTOS := protos/auth.proto protos/control.proto
 
 # Debian packages the tests and the demo use (network namespaces, ping, NAT, iperf3).
-SYSTEM_TOOLS := ip ping nft iperf3 curl promtool prometheus docker-compose
-SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps prometheus docker-compose
+SYSTEM_TOOLS := ip ping nft iperf3 curl promtool prometheus prometheus-node-exporter docker-compose
+SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps prometheus \
+                   prometheus-node-exporter docker-compose
 
 .PHONY: test demo bench lint proto venv system-deps deploy-check clean
 

@@ -103,7 +103,16 @@ def live(tmp_path_factory):
             "    static_configs: [{targets: ['127.0.0.1:9101']}]\n"
             "  - job_name: pushgate-dataplane\n"
             f"    static_configs: [{{targets: ['127.0.0.1:{METRICS_PORT}']}}]\n"
+            "  - job_name: node\n"
+            "    static_configs: [{targets: ['127.0.0.1:9100']}]\n"
         )
+        with open(workdir / "node-exporter.log", "w") as log:
+            lab.start(
+                gateway.gw,
+                ["prometheus-node-exporter", "--web.listen-address=127.0.0.1:9100"],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         with open(workdir / "prometheus.log", "w") as log:
             lab.start(
                 gateway.gw,
@@ -120,7 +129,7 @@ def live(tmp_path_factory):
         gateway.ping(0, LAN_HOST, count=10)
         gateway.signal_client(0, signal.SIGUSR1)  # a new source port
         gateway.ping(0, LAN_HOST, count=10)
-        wait_for(lambda: _up_targets(gateway.gw) == 2, 30, what="both targets scraped")
+        wait_for(lambda: _up_targets(gateway.gw) == 3, 30, what="all three targets scraped")
         time.sleep(3)
         yield gateway
 

@@ -186,6 +186,35 @@ DASHBOARDS = {
         "pushgate processes and host resources",
         [
             panel(
+                "Host CPU busy",
+                [
+                    (
+                        '1 - avg by (instance) (rate(node_cpu_seconds_total{mode="idle"}[1m]))',
+                        "{{instance}}",
+                    )
+                ],
+                unit="percentunit",
+            ),
+            panel(
+                "Host memory available",
+                [("node_memory_MemAvailable_bytes", "{{instance}}")],
+                unit="bytes",
+            ),
+            panel(
+                "Host network",
+                [
+                    (
+                        "sum by (instance) (rate(node_network_receive_bytes_total[1m])) * 8",
+                        "receive",
+                    ),
+                    (
+                        "sum by (instance) (rate(node_network_transmit_bytes_total[1m])) * 8",
+                        "transmit",
+                    ),
+                ],
+                unit="bps",
+            ),
+            panel(
                 "CPU by service",
                 [("rate(process_cpu_seconds_total[1m])", "{{job}}")],
                 unit="percentunit",

@@ -31,7 +31,12 @@ def tool(name: str) -> str:
 
 class GatewayLab:
     def __init__(
-        self, lab: Lab, workdir: str, clients: int = 1, routes: tuple[str, ...] = ("0.0.0.0/0",)
+        self,
+        lab: Lab,
+        workdir: str,
+        clients: int = 1,
+        routes: tuple[str, ...] = ("0.0.0.0/0",),
+        keepalive_seconds: int = 10,
     ) -> None:
         self.lab = lab
         self.workdir = workdir
@@ -70,6 +75,12 @@ class GatewayLab:
         for route in routes:
             init += ["--route", route]
         subprocess.run(init, check=True, capture_output=True)
+        with open(self.config) as handle:
+            text = handle.read()
+        with open(self.config, "w") as handle:
+            handle.write(
+                text.replace("keepalive_seconds = 10", f"keepalive_seconds = {keepalive_seconds}")
+            )
         self.auth = self.dataplane = None
         self.client_processes: dict[int, subprocess.Popen] = {}
 

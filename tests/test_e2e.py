@@ -25,7 +25,7 @@ BIG = 100 * 1024 * 1024
 def gateway(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("e2e"))
     with Lab("pge2e") as lab:
-        gw = GatewayLab(lab, workdir, clients=2)
+        gw = GatewayLab(lab, workdir, clients=2, keepalive_seconds=2)
         gw.add_user("alice")
         gw.add_user("bob")
         gw.start()
@@ -186,6 +186,31 @@ def test_auth_service_down_leaves_traffic_alone(gateway):
         assert gateway.status(0)["state"] == "up"
     finally:
         gateway.start_auth()
+
+
+BLACKHOLE = """
+table inet pushgate_test_outage {
+  chain output { type filter hook output priority 0; udp dport 51820 drop; }
+  chain input { type filter hook input priority 0; udp sport 51820 drop; }
+}
+"""
+
+
+def test_client_notices_a_dead_path_and_recovers(gateway):
+    ns = gateway.clients[1]
+    gateway.lab.exec(ns, ["nft", "-f", "-"], input=BLACKHOLE)  # the client's network drops
+    try:
+        # Silence for two keepalives (2 s) + 5 s means the server is lost.
+        wait_for(
+            lambda: gateway.status(1)["state"] == "reconnecting",
+            30,
+            what="the client to notice the outage",
+        )
+        assert "no packet from the dataplane" in gateway.status(1)["last error"]
+    finally:
+        gateway.lab.exec(ns, ["nft", "delete", "table", "inet", "pushgate_test_outage"])
+    wait_for(lambda: gateway.status(1)["state"] == "up", 60, what="the client to recover")
+    assert gateway.ping(1, LAN_HOST, count=2).returncode == 0
 
 
 def test_logout_removes_the_session_everywhere(gateway):

@@ -3,7 +3,6 @@
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 import time
@@ -14,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 import gateway_config
+from control_socket import serve_private
 from push_protocol.aead import CipherSuite
 from push_protocol.constants import REKEY_AFTER_SECONDS
 from pushgate_api import auth_pb2, control_pb2_grpc
@@ -36,20 +36,6 @@ CIPHER_CODES = {
 def _read(path: str) -> bytes:
     with open(path, "rb") as handle:
         return handle.read()
-
-
-async def serve_unix(server: grpc.aio.Server, path: str) -> None:
-    """Bind a gRPC server to a Unix socket only its owner can use (mode 0600)."""
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    if os.path.exists(path):
-        os.unlink(path)
-    old = os.umask(0o077)
-    try:
-        server.add_insecure_port(f"unix:{path}")
-        await server.start()
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
 
 
 async def run(cfg: gateway_config.GatewayConfig) -> None:
@@ -108,7 +94,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     control_pb2_grpc.add_SessionFeedServicer_to_server(
         SessionFeedServicer(sessions, servicer.update_gauges), control
     )
-    await serve_unix(control, gw.control_socket)
+    await serve_private(control, gw.control_socket)
     start_http_server(auth.metrics_listen[1], addr=auth.metrics_listen[0], registry=registry)
     log.info(
         "auth service up: clients %s (TLS), session feed unix:%s, metrics %s:%d, "

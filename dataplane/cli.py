@@ -4,7 +4,6 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -14,6 +13,7 @@ import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import gateway_config
+from control_socket import serve_private
 from pushgate_api import control_pb2_grpc
 from tundev.linux import LinuxTun
 
@@ -95,18 +95,9 @@ async def serve_metrics(prometheus, host: str, port: int) -> asyncio.AbstractSer
 
 
 async def serve_stats(registry: Registry, path: str) -> grpc.aio.Server:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.exists(path):
-        os.unlink(path)
     server = grpc.aio.server()
     control_pb2_grpc.add_DataplaneStatsServicer_to_server(DataplaneStatsServicer(registry), server)
-    old_umask = os.umask(0o077)
-    try:
-        server.add_insecure_port(f"unix:{path}")
-        await server.start()
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o600)
+    await serve_private(server, path)
     return server
 
 

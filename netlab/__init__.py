@@ -148,6 +148,19 @@ def socket_in(
     return socket.socket(fileno=fds[0])
 
 
+def http_get(ns: str, port: int, path: str, timeout: float = 10) -> bytes:
+    """The body of GET http://127.0.0.1:PORT/PATH inside namespace `ns` (HTTP/1.0)."""
+    conn = socket_in(ns, kind=socket.SOCK_STREAM)
+    with conn:
+        conn.settimeout(timeout)
+        conn.connect(("127.0.0.1", port))
+        conn.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+        chunks = []
+        while data := conn.recv(65536):
+            chunks.append(data)
+    return b"".join(chunks).split(b"\r\n\r\n", 1)[1]
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
     """Poll until `predicate()` is truthy; returns its value or raises TimeoutError."""
     deadline = time.monotonic() + timeout

@@ -20,7 +20,7 @@ from push_protocol.keys import KeyMaterial, Role
 from push_protocol.session import TunnelSession
 from pushgate_api import control_pb2
 
-from . import Lab, metrics, socket_in, wait_for
+from . import Lab, http_get, metrics, socket_in, wait_for
 from .feed import FeedServer
 from .packets import ipv4_udp
 
@@ -118,16 +118,7 @@ class Gateway:
             return None
 
     def scrape(self):
-        conn = socket_in(self.gw, socket.AF_INET, socket.SOCK_STREAM)
-        with conn:
-            conn.settimeout(5)
-            conn.connect(("127.0.0.1", METRICS_PORT))
-            conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-            chunks = []
-            while data := conn.recv(65536):
-                chunks.append(data)
-        body = b"".join(chunks).split(b"\r\n\r\n", 1)[1]
-        return metrics.parse(body.decode())
+        return metrics.parse(http_get(self.gw, METRICS_PORT, "/metrics").decode())
 
     def client(self, sess: control_pb2.Session) -> PushClient:
         return PushClient(socket_in(self.cl), sess)

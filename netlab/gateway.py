@@ -10,11 +10,10 @@ route to the tunnel network, so reaching it proves the gateway's NAT.
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
-from . import Lab, metrics, socket_in, wait_for
+from . import Lab, http_get, metrics, wait_for
 
 GATEWAY = "198.18.1.1"
 LAN_GATEWAY = "198.18.2.1"
@@ -199,15 +198,7 @@ class GatewayLab:
         return metrics.parse(self.metrics_text())
 
     def metrics_text(self) -> str:
-        conn = socket_in(self.gw, kind=socket.SOCK_STREAM)
-        with conn:
-            conn.settimeout(5)
-            conn.connect(("127.0.0.1", METRICS_PORT))
-            conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-            chunks = []
-            while data := conn.recv(65536):
-                chunks.append(data)
-        return b"".join(chunks).split(b"\r\n\r\n", 1)[1].decode()
+        return http_get(self.gw, METRICS_PORT, "/metrics").decode()
 
     def ping(self, index: int, address: str, count: int = 5) -> subprocess.CompletedProcess:
         return self.lab.exec(

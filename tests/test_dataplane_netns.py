@@ -42,6 +42,15 @@ def gateway(tmp_path):
             gw.log.close()
 
 
+def serve_one(gateway: Gateway, session_id: int):
+    """Start the dataplane with one session at 198.19.10.2 and a client for it."""
+    sess = session(session_id, "198.19.10.2")
+    gateway.feed.install(sess)
+    gateway.start_dataplane()
+    gateway.wait_sessions(1)
+    return gateway.client(sess)
+
+
 def drops(samples, reason: str) -> float:
     return metrics.total(
         samples, "pushgate_dataplane_drops_total", direction="inbound", reason=reason
@@ -56,11 +65,7 @@ def assert_accounted(samples) -> None:
 
 
 def test_packets_flow_both_ways(gateway):
-    sess = session(0x1001, "198.19.10.2")
-    gateway.feed.install(sess)
-    gateway.start_dataplane()
-    gateway.wait_sessions(1)
-    client = gateway.client(sess)
+    client = serve_one(gateway, 0x1001)
     client.send_udp(b"hello gateway")
     host, port, data = gateway.observe()
     assert (host, port, data) == ("198.19.10.2", 4000, b"hello gateway")
@@ -74,11 +79,7 @@ def test_packets_flow_both_ways(gateway):
 
 
 def test_hostile_datagrams_are_counted_by_reason_and_valid_traffic_flows(gateway):
-    sess = session(0x1002, "198.19.10.2")
-    gateway.feed.install(sess)
-    gateway.start_dataplane()
-    gateway.wait_sessions(1)
-    client = gateway.client(sess)
+    client = serve_one(gateway, 0x1002)
     attacker = socket_in(gateway.cl)
     target = (GW_UNDERLAY, PORT)
     client.send_udp(b"first")
@@ -142,11 +143,7 @@ def test_hostile_datagrams_are_counted_by_reason_and_valid_traffic_flows(gateway
 
 
 def test_flood_of_random_datagrams_does_not_stop_valid_traffic(gateway):
-    sess = session(0x1003, "198.19.10.2")
-    gateway.feed.install(sess)
-    gateway.start_dataplane()
-    gateway.wait_sessions(1)
-    client = gateway.client(sess)
+    client = serve_one(gateway, 0x1003)
     flood = gateway.lab.start(
         gateway.cl,
         [sys.executable, "-c", FLOOD, GW_UNDERLAY, str(PORT), "3"],
@@ -205,11 +202,7 @@ print(n)
 
 
 def test_rotation_removal_and_roaming(gateway):
-    sess = session(0x1004, "198.19.10.2")
-    gateway.feed.install(sess)
-    gateway.start_dataplane()
-    gateway.wait_sessions(1)
-    client = gateway.client(sess)
+    client = serve_one(gateway, 0x1004)
     client.send_udp(b"epoch 0")
     assert gateway.observe()[2] == b"epoch 0"
 
@@ -248,11 +241,7 @@ def test_rotation_removal_and_roaming(gateway):
 
 
 def test_resync_after_the_feed_restarts_and_after_a_dataplane_restart(gateway):
-    sess = session(0x1005, "198.19.10.2")
-    gateway.feed.install(sess)
-    gateway.start_dataplane()
-    gateway.wait_sessions(1)
-    client = gateway.client(sess)
+    client = serve_one(gateway, 0x1005)
 
     gateway.feed.stop()  # the auth service goes away: traffic keeps flowing
     client.send_udp(b"auth is down")

@@ -9,7 +9,6 @@ through Prometheus' HTTP API.
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from netlab import Lab, socket_in, wait_for
+from netlab import Lab, http_get, wait_for
 from netlab.gateway import LAN_HOST, METRICS_PORT, GatewayLab
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -67,18 +66,6 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
             for target in panel["targets"]:
                 queries.append((dashboard["title"], panel["title"], target["expr"]))
     return queries
-
-
-def http_get(ns: str, port: int, path: str) -> bytes:
-    conn = socket_in(ns, kind=socket.SOCK_STREAM)
-    with conn:
-        conn.settimeout(10)
-        conn.connect(("127.0.0.1", port))
-        conn.sendall(f"GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
-        chunks = []
-        while data := conn.recv(65536):
-            chunks.append(data)
-    return b"".join(chunks).split(b"\r\n\r\n", 1)[1]
 
 
 def query(ns: str, expr: str) -> dict:

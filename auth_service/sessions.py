@@ -17,7 +17,7 @@ from push_protocol.constants import (
     REJECT_AFTER_SECONDS,
 )
 from push_protocol.session import next_epoch
-from pushgate_api import control_pb2
+from pushgate_api import auth_pb2, control_pb2
 
 from .store import Store, StoredSession
 
@@ -76,8 +76,8 @@ class SessionFeed:
         return [event for event in self.events if event.revision > revision]
 
 
-def key_epoch_message(epoch, c2s, s2c, created_at) -> control_pb2.KeyEpoch:
-    return control_pb2.KeyEpoch(
+def key_epoch_message(epoch, c2s, s2c, created_at) -> auth_pb2.SessionKeys:
+    return auth_pb2.SessionKeys(
         key_epoch=epoch,
         client_to_server_key=c2s,
         server_to_client_key=s2c,

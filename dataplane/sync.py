@@ -34,7 +34,7 @@ CIPHERS = {
 }
 
 
-def key_material(keys: control_pb2.KeyEpoch) -> KeyMaterial:
+def key_material(keys: auth_pb2.SessionKeys) -> KeyMaterial:
     return KeyMaterial(
         keys.key_epoch,
         keys.client_to_server_key,
@@ -164,7 +164,7 @@ class SessionSync:
             ", ".join(session.tunnel_addresses),
         )
 
-    def _rotate(self, record: SessionRecord, keys: control_pb2.KeyEpoch) -> None:
+    def _rotate(self, record: SessionRecord, keys: auth_pb2.SessionKeys) -> None:
         tunnel = record.tunnel
         if keys.key_epoch == tunnel.current.epoch or (
             tunnel.next is not None and keys.key_epoch == tunnel.next.epoch

@@ -14,8 +14,8 @@ import grpc
 from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
 
 
-def key_epoch(epoch: int = 0, created_at: float | None = None) -> control_pb2.KeyEpoch:
-    return control_pb2.KeyEpoch(
+def key_epoch(epoch: int = 0, created_at: float | None = None) -> auth_pb2.SessionKeys:
+    return auth_pb2.SessionKeys(
         key_epoch=epoch,
         client_to_server_key=os.urandom(32),
         server_to_client_key=os.urandom(32),
@@ -26,7 +26,7 @@ def key_epoch(epoch: int = 0, created_at: float | None = None) -> control_pb2.Ke
 def session(
     session_id: int,
     address: str,
-    keys: control_pb2.KeyEpoch | None = None,
+    keys: auth_pb2.SessionKeys | None = None,
     keepalive: int = 10,
     expires_at: float = 0.0,
 ) -> control_pb2.Session:
@@ -74,7 +74,7 @@ class FeedServer(control_pb2_grpc.SessionFeedServicer):
         self.sessions[sess.session_id] = sess
         self._publish(installed=sess)
 
-    def rotate(self, session_id: int, keys: control_pb2.KeyEpoch) -> None:
+    def rotate(self, session_id: int, keys: auth_pb2.SessionKeys) -> None:
         sess = self.sessions[session_id]
         sess.previous_keys.CopyFrom(sess.current_keys)
         sess.current_keys.CopyFrom(keys)

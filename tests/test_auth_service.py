@@ -290,18 +290,25 @@ def test_control_socket_is_private(auth):
         "try:\n s.connect(sys.argv[1]); print('connected')\n"
         "except PermissionError: print('refused')\n"
     )
-    # Debian's own python3: the test's interpreter may live where `nobody` cannot read.
+    # setpriv (util-linux) drops to `nobody`; Debian's own python3, since the test's
+    # interpreter may live where `nobody` cannot read.
     result = subprocess.run(
-        ["/usr/bin/python3", "-c", probe, auth.control_socket],
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            probe,
+            auth.control_socket,
+        ],
         cwd="/",
-        user=65534,
-        group=65534,
-        extra_groups=[],
         capture_output=True,
         text=True,
         timeout=30,
     )
-    assert result.stdout.strip() == "refused", result.stderr  # ... the socket still refuses
+    assert result.stdout.strip() == "refused", (result.returncode, result.stderr)  # still refused
 
 
 def test_health_and_reflection(auth):

@@ -39,7 +39,7 @@ def test_control_messages_round_trip():
             session_id=1,
             cipher=auth_pb2.CIPHER_SUITE_AES_256_GCM,
             tunnel_addresses=["198.19.0.2"],
-            current_keys=control_pb2.KeyEpoch(
+            current_keys=auth_pb2.SessionKeys(
                 key_epoch=0, client_to_server_key=b"a" * 32, server_to_client_key=b"b" * 32
             ),
         ),

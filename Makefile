@@ -13,7 +13,7 @@ SYSTEM_TOOLS := ip ping nft iperf3 curl promtool prometheus prometheus-node-expo
 SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps prometheus \
                    prometheus-node-exporter docker-compose
 
-.PHONY: test demo bench lint proto venv system-deps deploy-check clean
+.PHONY: test demo bench bench-vpn lint proto venv system-deps deploy-check clean
 
 # Run every test (creates the virtualenv, installs, generates gRPC code).
 test: system-deps $(INSTALLED) $(GENERATED)
@@ -37,10 +37,29 @@ system-deps:
 	fi
 
 # Benchmarks; figures go to stdout (compare figures from one run, as ratios).
+# The side-by-side VPN run uses the team's harness in ../shared/bench; its results
+# are kept in bench/results/ and compared with the run before.
+BENCH_HARNESS := ../shared/bench/netns-tunnels.sh
+BENCH_REPEATS ?= 3
+BENCH_PACKAGES := wireguard-go wireguard-tools openvpn openssl iperf3
+
 bench: system-deps $(INSTALLED) $(GENERATED)
 	PYTHONPATH=. $(PY) bench/codec_bench.py
 	PYTHONPATH=. $(PY) bench/login_bench.py
 	PYTHONPATH=. $(PY) bench/dataplane_bench.py
+	$(MAKE) --no-print-directory bench-vpn
+
+bench-vpn: system-deps $(INSTALLED) $(GENERATED)
+	@command -v wireguard-go >/dev/null && command -v openvpn >/dev/null || { \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	        --no-install-recommends $(BENCH_PACKAGES) >/dev/null; }
+	@test -f $(BENCH_HARNESS) || { echo "bench-vpn needs $(BENCH_HARNESS)" >&2; exit 1; }
+	mkdir -p bench/results
+	@if [ -f bench/results/vpn-last.txt ]; then cp bench/results/vpn-last.txt bench/results/vpn-previous.txt; fi
+	bash $(BENCH_HARNESS) -t 5 -r $(BENCH_REPEATS) --extra pushgate=bench/pushgate-hook.sh \
+	    > bench/results/vpn-last.txt
+	$(PY) bench/vpn_table.py bench/results/vpn-last.txt \
+	    $$(test -f bench/results/vpn-previous.txt && echo bench/results/vpn-previous.txt)
 
 lint: $(INSTALLED) $(GENERATED)
 	$(VENV)/bin/ruff check .

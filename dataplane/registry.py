@@ -69,6 +69,18 @@ class Registry:
                 previous.addresses = tuple(a for a in previous.addresses if a != address)
             self.by_address[address] = record
 
+    def readdress(self, record: SessionRecord, addresses: tuple[bytes, ...]) -> None:
+        """Give an installed session a new set of addresses (taken from others if owned)."""
+        for address in record.addresses:
+            if self.by_address.get(address) is record:
+                del self.by_address[address]
+        record.addresses = addresses
+        for address in addresses:
+            previous = self.by_address.get(address)
+            if previous is not None and previous is not record:
+                previous.addresses = tuple(a for a in previous.addresses if a != address)
+            self.by_address[address] = record
+
     def remove(self, session_id: int) -> SessionRecord | None:
         record = self.by_id.pop(session_id, None)
         if record is None:

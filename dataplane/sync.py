@@ -95,8 +95,7 @@ class SessionSync:
             if record is None:
                 self._install(session)
                 continue
-            record.expires_at = session.expires_at_unix_ms / 1000
-            self._rotate(record, session.current_keys)
+            self._update(record, session)
         self.revision = listing.revision
         self.counters.control_resyncs += 1
         self.synced.set()
@@ -109,7 +108,7 @@ class SessionSync:
             if existing is None:
                 self._install(event.installed)
             else:
-                self._rotate(existing, event.installed.current_keys)
+                self._update(existing, event.installed)
         elif change == "rotated":
             record = self.registry.by_id.get(event.rotated.session_id)
             if record is not None:
@@ -163,6 +162,18 @@ class SessionSync:
             session.username,
             ", ".join(session.tunnel_addresses),
         )
+
+    def _update(self, record: SessionRecord, session: control_pb2.Session) -> None:
+        """Make an installed session match what the auth service says about it."""
+        record.expires_at = session.expires_at_unix_ms / 1000
+        try:
+            addresses = tuple(packed_address(a) for a in session.tunnel_addresses)
+        except ValueError as error:
+            log.error("session %#010x: bad address: %s", session.session_id, error)
+            return
+        if addresses != record.addresses:
+            self.registry.readdress(record, addresses)
+        self._rotate(record, session.current_keys)
 
     def _rotate(self, record: SessionRecord, keys: auth_pb2.SessionKeys) -> None:
         tunnel = record.tunnel

@@ -13,7 +13,7 @@ SYSTEM_TOOLS := ip ping nft iperf3 curl promtool prometheus prometheus-node-expo
 SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps prometheus \
                    prometheus-node-exporter docker-compose
 
-.PHONY: test demo bench bench-vpn lint proto venv system-deps deploy-check clean
+.PHONY: test demo bench bench-vpn fuzz lint proto venv system-deps deploy-check clean
 
 # Run every test (creates the virtualenv, installs, generates gRPC code).
 test: system-deps $(INSTALLED) $(GENERATED)
@@ -60,6 +60,13 @@ bench-vpn: system-deps $(INSTALLED) $(GENERATED)
 	    > bench/results/vpn-last.txt
 	$(PY) bench/vpn_table.py bench/results/vpn-last.txt \
 	    $$(test -f bench/results/vpn-previous.txt && echo bench/results/vpn-previous.txt)
+
+# Coverage-guided fuzzing of the receive path; the corpus in fuzz/corpus/ grows.
+FUZZ_SECONDS ?= 60
+fuzz: $(INSTALLED) $(GENERATED)
+	$(PY) -c "import atheris" 2>/dev/null || $(PY) -m pip install -q "atheris>=2.3,<4"
+	PYTHONPATH=. $(PY) fuzz/fuzz_receive.py fuzz/corpus -max_total_time=$(FUZZ_SECONDS) \
+	    -artifact_prefix=fuzz/
 
 lint: $(INSTALLED) $(GENERATED)
 	$(VENV)/bin/ruff check .

@@ -54,23 +54,18 @@ def too_big_reply(packet: bytes, mtu: int, source: bytes) -> bytes | None:
     None when no reply is due: an IPv4 packet without DF may be fragmented, and
     ICMP errors are never sent about ICMP errors.
     """
+    if not packet:
+        return None
     version = packet[0] >> 4
     if version == 4:
-        flags = packet[6]
-        if not flags & 0x40:  # DF not set
+        header_len = (packet[0] & 0x0F) * 4
+        if header_len < IPV4_HEADER_MIN or len(packet) <= header_len:
             return None
-        if (
-            packet[9] == PROTO_ICMP
-            and len(packet) > 20
-            and packet[(packet[0] & 0xF) * 4]
-            in (
-                3,
-                11,
-                12,
-            )
-        ):
+        if not packet[6] & 0x40:  # DF not set: the packet may be fragmented instead
             return None
-        quoted = packet[: (packet[0] & 0x0F) * 4 + 8]
+        if packet[9] == PROTO_ICMP and packet[header_len] in (3, 11, 12):
+            return None  # never an ICMP error about an ICMP error
+        quoted = packet[: header_len + 8]
         icmp = struct.pack("!BBHHH", 3, 4, 0, 0, mtu) + quoted
         icmp = icmp[:2] + struct.pack("!H", checksum(icmp)) + icmp[4:]
         total = 20 + len(icmp)
@@ -80,6 +75,8 @@ def too_big_reply(packet: bytes, mtu: int, source: bytes) -> bytes | None:
         header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
         return header + icmp
     if version == 6:
+        if len(packet) < IPV6_HEADER_LEN:
+            return None
         if packet[6] == PROTO_ICMPV6 and len(packet) > 40 and packet[40] < 128:
             return None
         quoted = packet[: 1280 - 48]  # the reply must fit the IPv6 minimum MTU
@@ -99,6 +96,8 @@ def clamp_mss(packet: bytes, max_mss: int) -> bytes:
 
     Anything that is not a TCP SYN with a larger MSS is returned unchanged.
     """
+    if len(packet) < IPV4_HEADER_MIN:
+        return packet
     version = packet[0] >> 4
     if version == 4:
         header_len = (packet[0] & 0x0F) * 4

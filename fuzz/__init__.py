@@ -1,0 +1,1 @@
+"""Fuzz targets and their atheris driver; the corpus lives in fuzz/corpus/."""

@@ -114,5 +114,10 @@ class Datapath:
             except PacketRejected as rejected:
                 self.drops[rejected.reason] += 1
                 continue
-            if payload and not self._tun.write_packet(payload):
+            if not payload:
+                continue
+            try:
+                if not self._tun.write_packet(payload):
+                    self.drops[DropReason.QUEUE_FULL] += 1
+            except OSError:
                 self.drops[DropReason.TUN_WRITE_ERROR] += 1

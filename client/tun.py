@@ -18,6 +18,7 @@ class TunDevice(Protocol):
         """Up to `limit` waiting IP packets; an empty list when none wait."""
 
     def write_packet(self, packet: bytes) -> bool:
-        """Hand one IP packet to the OS; False if it could not take it now."""
+        """Hand one IP packet to the OS; False if it cannot take it now, OSError if
+        it refuses it."""
 
     def close(self) -> None: ...

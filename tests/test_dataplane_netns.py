@@ -301,3 +301,19 @@ def test_expiry_and_stalled_sessions_are_visible(gateway):
         5,
         what="the stall to clear",
     )
+
+
+def test_tun_write_errors_are_counted_and_not_fatal(gateway):
+    client = serve_one(gateway, 0x1009)
+    client.send_udp(b"before")
+    assert gateway.observe()[2] == b"before"
+    gateway.lab.exec(gateway.gw, ["ip", "link", "set", "pgdp0", "down"])
+    for _ in range(5):
+        client.send_udp(b"into a down TUN")
+    wait_for(
+        lambda: drops(gateway.scrape(), "tun_write_error") == 5, 10, what="five TUN write errors"
+    )
+    gateway.lab.exec(gateway.gw, ["ip", "link", "set", "pgdp0", "up"])
+    client.send_udp(b"after")
+    assert gateway.observe()[2] == b"after"
+    assert_accounted(gateway.scrape())

@@ -1,6 +1,5 @@
 """Linux TUN backend: /dev/net/tun in IFF_TUN | IFF_NO_PI mode, non-blocking."""
 
-import errno
 import fcntl
 import os
 import struct
@@ -38,15 +37,12 @@ class LinuxTun:
         return packets
 
     def write_packet(self, packet: bytes) -> bool:
+        """False if the kernel can't take it now (EAGAIN); other errors raise OSError
+        (EIO while the device is down, EINVAL for a packet the kernel refuses)."""
         try:
             os.write(self._fd, packet)
         except BlockingIOError:
             return False
-        except OSError as error:
-            # EINVAL/EIO: the kernel refused this packet (malformed); not our queue.
-            if error.errno in (errno.EINVAL, errno.EIO):
-                return False
-            raise
         return True
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
+from push_protocol.ciphercache import DEFAULT_CIPHER_CACHE, CipherCache
 from push_protocol.drops import DropReason
 from push_protocol.lifecycle import SessionState
 
@@ -89,10 +90,17 @@ class Counters:
 
 
 class DataplaneCollector:
-    def __init__(self, counters: Counters, registry: Registry, queues: list[BoundedQueue]):
+    def __init__(
+        self,
+        counters: Counters,
+        registry: Registry,
+        queues: list[BoundedQueue],
+        cipher_cache: CipherCache = DEFAULT_CIPHER_CACHE,
+    ):
         self._c = counters
         self._registry = registry
         self._queues = queues
+        self._cipher_cache = cipher_cache
 
     def collect(self):
         c = self._c
@@ -189,6 +197,21 @@ class DataplaneCollector:
         for queue in self._queues:
             overflows.add_metric([queue.name], queue.overflows)
         yield overflows
+        cache = self._cipher_cache
+        yield gauge(
+            "cipher_contexts",
+            "Keypairs holding built AEAD contexts (bounded by the cipher cache)",
+            len(cache),
+        )
+        yield gauge(
+            "cipher_contexts_capacity", "Most keypairs that hold built contexts", cache.capacity
+        )
+        yield counter("cipher_context_builds", "Keypairs whose contexts were built", cache.builds)
+        yield counter(
+            "cipher_context_evictions",
+            "Built contexts dropped to make room (rebuilt on the keypair's next packet)",
+            cache.evictions,
+        )
 
 
 def loop_lag_histogram(prometheus: CollectorRegistry) -> Histogram:

@@ -25,9 +25,16 @@ _NONCE_PREFIX = bytes(4)
 AEAD = AESGCM | ChaCha20Poly1305
 
 
-def new_aead(suite: CipherSuite, key: bytes) -> AEAD:
+def check_key(suite: CipherSuite, key: bytes) -> None:
+    """Raise UsageError unless `key` fits `suite` (what new_aead would refuse)."""
     if len(key) != KEY_LEN:
         raise UsageError(f"{suite} needs a {KEY_LEN}-byte key, got {len(key)} bytes")
+    if suite not in (CipherSuite.AES_256_GCM, CipherSuite.CHACHA20_POLY1305):
+        raise UsageError(f"unknown cipher suite {suite!r}")
+
+
+def new_aead(suite: CipherSuite, key: bytes) -> AEAD:
+    check_key(suite, key)
     if suite is CipherSuite.AES_256_GCM:
         return AESGCM(key)
     if suite is CipherSuite.CHACHA20_POLY1305:

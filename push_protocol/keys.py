@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from . import codec
-from .aead import AEAD, CipherSuite, new_aead
+from .aead import AEAD, CipherSuite, check_key, new_aead
+from .ciphercache import DEFAULT_CIPHER_CACHE, CipherCache
 from .constants import (
     COUNTER_FLOOR_PER_SECOND,
     KEY_EPOCH_MODULUS,
@@ -56,10 +57,16 @@ def initial_send_counter(created_at: float, now: float) -> int:
 
 
 class Keypair:
+    """Keys of one epoch. The AEAD contexts are built on first use and held only
+    while `cache` keeps them (ciphercache.py): an idle keypair is its raw keys."""
+
     __slots__ = (
+        "_cache",
+        "_contexts",
         "_next_counter",
-        "_recv_aead",
-        "_send_aead",
+        "_recv_key",
+        "_send_key",
+        "_suite",
         "created_at",
         "epoch",
         "received",
@@ -67,19 +74,45 @@ class Keypair:
         "sent",
     )
 
-    def __init__(self, material: KeyMaterial, suite: CipherSuite, role: Role, now: float) -> None:
+    def __init__(
+        self,
+        material: KeyMaterial,
+        suite: CipherSuite,
+        role: Role,
+        now: float,
+        cache: CipherCache = DEFAULT_CIPHER_CACHE,
+    ) -> None:
         if role is Role.CLIENT:
             send_key, recv_key = material.client_to_server, material.server_to_client
         else:
             send_key, recv_key = material.server_to_client, material.client_to_server
+        check_key(suite, send_key)
+        check_key(suite, recv_key)
         self.epoch = material.epoch
         self.created_at = material.created_at
-        self._send_aead: AEAD = new_aead(suite, send_key)
-        self._recv_aead: AEAD = new_aead(suite, recv_key)
+        self._suite = suite
+        self._send_key = send_key
+        self._recv_key = recv_key
+        self._cache = cache
+        self._contexts: tuple[AEAD, AEAD] | None = None  # (send, receive) while cached
         self._next_counter = initial_send_counter(material.created_at, now)
         self.sent = 0
         self.received = 0
         self.replay = ReplayWindow()
+
+    def _build_contexts(self) -> tuple[AEAD, AEAD]:
+        """Called by the cache only."""
+        contexts = (new_aead(self._suite, self._send_key), new_aead(self._suite, self._recv_key))
+        self._contexts = contexts
+        return contexts
+
+    def _drop_contexts(self) -> None:
+        """Called by the cache only."""
+        self._contexts = None
+
+    def release(self) -> None:
+        """This keypair will not be used again: free its contexts now."""
+        self._cache.release(self)
 
     def age(self, now: float) -> float:
         return now - self.created_at
@@ -101,15 +134,17 @@ class Keypair:
         counter = self._next_counter
         if counter > MAX_COUNTER:
             raise KeyExpired(f"key epoch {self.epoch} ran out of counters")
+        contexts = self._contexts or self._cache.build(self)  # before counting this packet
         self._next_counter = counter + 1
         self.sent += 1
-        return codec.seal(self._send_aead, packet_type, self.epoch, session_id, counter, payload)
+        return codec.seal(contexts[0], packet_type, self.epoch, session_id, counter, payload)
 
     def open(self, datagram: bytes, counter: int, now: float) -> bytes:
         """Authenticate, decrypt and record `counter`; raises PacketRejected."""
         self._check_limits(self.received, now)
         self.replay.check(counter)  # cheap rejection before the crypto
-        payload = codec.open_payload(self._recv_aead, datagram, counter)
+        contexts = self._contexts or self._cache.build(self)
+        payload = codec.open_payload(contexts[1], datagram, counter)
         self.replay.update(counter)
         self.received += 1
         return payload

@@ -5,9 +5,14 @@ clears whole words instead of shifting bits, so an update costs O(1) amortised.
 One word is always being recycled, so counters up to REPLAY_WINDOW_SIZE - 1
 behind the highest seen are tracked exactly; older ones are rejected.
 
+The ring is an array of unsigned 64-bit words, allocated on the first update:
+an installed session that never received a packet holds no ring at all.
+
 Use `check` before decrypting (cheap, changes nothing) and `update` only after
 the packet authenticated, so forged packets cannot move the window.
 """
+
+from array import array
 
 from .constants import REPLAY_RING_WORDS, REPLAY_WINDOW_SIZE, REPLAY_WORD_BITS
 from .drops import Replayed, TooOld
@@ -21,7 +26,7 @@ class ReplayWindow:
     __slots__ = ("_highest", "_ring")
 
     def __init__(self) -> None:
-        self._ring = [0] * REPLAY_RING_WORDS
+        self._ring: array | None = None  # allocated by the first update
         self._highest = -1  # nothing seen yet
 
     @property
@@ -31,7 +36,7 @@ class ReplayWindow:
 
     def check(self, counter: int) -> None:
         """Raise `Replayed` or `TooOld` if `counter` must not be accepted."""
-        if counter > self._highest:
+        if counter > self._highest:  # always true before the first update
             return
         if self._highest - counter >= REPLAY_WINDOW_SIZE:
             raise TooOld(f"counter {counter} is behind window ending at {self._highest}")
@@ -42,10 +47,13 @@ class ReplayWindow:
     def update(self, counter: int) -> None:
         """Check `counter` and record it as seen."""
         self.check(counter)
+        ring = self._ring
+        if ring is None:
+            ring = self._ring = array("Q", bytes(8 * REPLAY_RING_WORDS))
         index = counter >> _WORD_SHIFT
         if counter > self._highest:
             current = self._highest >> _WORD_SHIFT
             for step in range(1, min(index - current, REPLAY_RING_WORDS) + 1):
-                self._ring[(current + step) & _RING_MASK] = 0
+                ring[(current + step) & _RING_MASK] = 0
             self._highest = counter
-        self._ring[index & _RING_MASK] |= 1 << (counter & _BIT_MASK)
+        ring[index & _RING_MASK] |= 1 << (counter & _BIT_MASK)

@@ -13,6 +13,7 @@ proof arrives, next is promoted after NEXT_KEY_PROMOTE_SECONDS anyway.
 """
 
 from .aead import CipherSuite
+from .ciphercache import DEFAULT_CIPHER_CACHE, CipherCache
 from .codec import Header, PacketType, parse_header
 from .constants import (
     DEFAULT_KEEPALIVE_SECONDS,
@@ -35,6 +36,7 @@ class TunnelSession:
         now: float,
         *,
         keepalive_interval: float = DEFAULT_KEEPALIVE_SECONDS,
+        cipher_cache: CipherCache = DEFAULT_CIPHER_CACHE,
     ) -> None:
         if not 0 <= session_id < 1 << 32:
             raise UsageError(f"session id {session_id} does not fit in 32 bits")
@@ -43,7 +45,8 @@ class TunnelSession:
         self.role = role
         self.keepalive_interval = keepalive_interval
         self.lifecycle = Lifecycle()
-        self.current = Keypair(keys, suite, role, now)
+        self.cipher_cache = cipher_cache
+        self.current = Keypair(keys, suite, role, now, cipher_cache)
         self.previous: Keypair | None = None
         self.next: Keypair | None = None
         self._previous_until = 0.0
@@ -64,14 +67,18 @@ class TunnelSession:
         if keys.epoch == self.current.epoch:
             raise UsageError(f"key epoch {keys.epoch} is already current")
         self.lifecycle.handle(SessionEvent.ROTATE)
-        self.next = Keypair(keys, self.suite, self.role, now)
+        if self.next is not None:
+            self.next.release()
+        self.next = Keypair(keys, self.suite, self.role, now, self.cipher_cache)
         self._promote_next_at = now + NEXT_KEY_PROMOTE_SECONDS
 
     def restore_previous(self, keys: KeyMaterial, now: float, until: float) -> None:
         """Re-learn keys that were replaced recently (after a restart) for receiving."""
         if keys.epoch == self.current.epoch:
             raise UsageError(f"key epoch {keys.epoch} is current, not previous")
-        self.previous = Keypair(keys, self.suite, self.role, now)
+        if self.previous is not None:
+            self.previous.release()
+        self.previous = Keypair(keys, self.suite, self.role, now, self.cipher_cache)
         self._previous_until = until
 
     def expire(self) -> None:
@@ -82,9 +89,14 @@ class TunnelSession:
 
     def remove(self) -> None:
         self.lifecycle.handle(SessionEvent.REMOVE)
+        for keypair in (self.previous, self.current, self.next):
+            if keypair is not None:
+                keypair.release()
 
     def _promote_next(self, now: float) -> None:
         assert self.next is not None
+        if self.previous is not None:
+            self.previous.release()
         self.previous, self.current, self.next = self.current, self.next, None
         self._previous_until = now + PREVIOUS_KEY_GRACE_SECONDS
         self.lifecycle.handle(SessionEvent.REKEY_DONE)
@@ -104,6 +116,7 @@ class TunnelSession:
         if self.next is not None and now >= self._promote_next_at:
             self._promote_next(now)
         if self.previous is not None and now >= self._previous_until:
+            self.previous.release()
             self.previous = None
 
     def needs_rekey(self, now: float) -> bool:

@@ -5,13 +5,13 @@ import asyncio
 import getpass
 import logging
 import os
-import signal
 import sys
 import time
 
 from .auth import ClientError
-from .connection import Connection, ConnectOptions, run_commands
-from .status import DEFAULT_STATUS_DIR, format_status, read_status, status_path
+from .connection import Connection, ConnectOptions
+from .host import ClientHost, current_host
+from .status import format_status, read_status, status_path
 
 PASSWORD_ENV = "PUSHGATE_PASSWORD"
 
@@ -30,43 +30,35 @@ def _password(args: argparse.Namespace) -> str:
     return getpass.getpass(f"password for {args.user}: ")
 
 
-def _cleanup_stale(path: str) -> None:
+def _cleanup_stale(host: ClientHost, path: str) -> None:
     """Undo what a crashed client left behind (its TUN vanished with it)."""
     try:
         stale = read_status(path)
     except (OSError, ValueError, TypeError):
         return
-    if _alive(stale.pid):
+    if host.process_alive(stale.pid):
         raise ClientError(
             f"a client (pid {stale.pid}) already runs on {stale.tun_name}", retryable=False
         )
-    run_commands([tuple(command) for command in stale.undo], check=False)
+    host.unconfigure(stale.undo)
     os.unlink(path)
 
 
-def _alive(pid: int) -> bool:
-    """True while `pid` runs (an exited child its parent has not reaped yet is not alive)."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            state = handle.read().rpartition(")")[2].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-async def _connect(options: ConnectOptions) -> None:
-    connection = Connection(options)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, connection.stop)
-    loop.add_signal_handler(signal.SIGUSR1, connection.request_rebind)
-    loop.add_signal_handler(signal.SIGUSR2, connection.request_rekey)
+async def _connect(host: ClientHost, options: ConnectOptions) -> None:
+    connection = Connection(options, host=host)
+    host.install_stop_handlers(asyncio.get_running_loop(), connection)
     await connection.run()
 
 
+def _status_path(host: ClientHost, args: argparse.Namespace) -> str:
+    return status_path(args.tun, args.status_dir or host.status_dir)
+
+
 def cmd_connect(args: argparse.Namespace) -> int:
-    path = status_path(args.tun, args.status_dir)
-    _cleanup_stale(path)
+    host = current_host()
+    host.check_privileges()  # before asking for a password
+    path = _status_path(host, args)
+    _cleanup_stale(host, path)
     options = ConnectOptions(
         server=args.server,
         ca_path=args.ca,
@@ -77,19 +69,21 @@ def cmd_connect(args: argparse.Namespace) -> int:
         status_path=path,
         dead_after_seconds=args.dead_after,
     )
-    asyncio.run(_connect(options))
+    with asyncio.Runner(loop_factory=host.loop_factory) as runner:
+        runner.run(_connect(host, options))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    path = status_path(args.tun, args.status_dir)
+    host = current_host()
+    path = _status_path(host, args)
     while True:
         try:
             status = read_status(path)
         except FileNotFoundError:
             print(f"not connected (no client on {args.tun})")
             return 1
-        if not _alive(status.pid):
+        if not host.process_alive(status.pid):
             status.state = f"{status.state} (client pid {status.pid} is gone)"
         print(format_status(status, time.time()), flush=True)
         if not args.watch:
@@ -99,31 +93,39 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_disconnect(args: argparse.Namespace) -> int:
-    path = status_path(args.tun, args.status_dir)
+    host = current_host()
+    path = _status_path(host, args)
     try:
         status = read_status(path)
     except FileNotFoundError:
         print(f"not connected (no client on {args.tun})")
         return 1
-    if not _alive(status.pid):
-        _cleanup_stale(path)
+    if not host.process_alive(status.pid):
+        _cleanup_stale(host, path)
         print("cleaned up after a client that had exited")
         return 0
-    os.kill(status.pid, signal.SIGTERM)
+    graceful = host.request_stop(status.pid)
     deadline = time.time() + 10
-    while _alive(status.pid) and time.time() < deadline:
+    while host.process_alive(status.pid) and time.time() < deadline:
         time.sleep(0.1)
-    if _alive(status.pid):
+    if host.process_alive(status.pid):
         print(f"client pid {status.pid} did not exit", file=sys.stderr)
         return 1
+    if not graceful:
+        _cleanup_stale(host, path)  # it was ended without undoing its routes
     print("disconnected")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pushgate-client", description="the pushgate VPN client")
-    parser.add_argument("--tun", default="pgc0", help="TUN device name (default pgc0)")
-    parser.add_argument("--status-dir", default=DEFAULT_STATUS_DIR)
+    parser.add_argument(
+        "--tun", default="pgc0", help="TUN device (WinTun adapter) name (default pgc0)"
+    )
+    parser.add_argument(
+        "--status-dir",
+        help="where the status file lives (/run/pushgate, %%ProgramData%%\\pushgate)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
     connect = commands.add_parser(

@@ -7,24 +7,21 @@ exponential backoff and jitter, and undoes everything on the way out.
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
-import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 
 from push_protocol.keys import Role
 from push_protocol.session import TunnelSession
-from tundev.linux import LinuxTun
 
 from .auth import AuthClient, ClientError, ClientSession
 from .datapath import Datapath
-from .netplan import NetworkPlan, parse_route_get, plan_network
+from .host import ClientHost, UndoSteps, current_host
 from .state import ClientEvent, ClientState, ClientStateMachine
 from .status import ClientStatus, write_status
+from .tun import TunDevice
 
 log = logging.getLogger("pushgate.client")
 
@@ -61,37 +58,19 @@ class Backoff:
         self.attempt = 0
 
 
-def run_commands(commands, *, check: bool) -> None:
-    for command in commands:
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            message = f"{' '.join(command)}: {result.stderr.strip()}"
-            if check:
-                raise ClientError(f"network setup failed: {message}", retryable=False)
-            log.warning("cleanup step failed: %s", message)
-
-
-def underlay_route(gateway_ip: str):
-    result = subprocess.run(
-        ["ip", "-j", "route", "get", gateway_ip], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        raise ClientError(
-            f"no route to the gateway {gateway_ip}: {result.stderr.strip()}", retryable=True
-        )
-    return parse_route_get(json.loads(result.stdout))
-
-
 class Connection:
-    def __init__(self, options: ConnectOptions, clock=time.time) -> None:
+    def __init__(
+        self, options: ConnectOptions, clock=time.time, host: ClientHost | None = None
+    ) -> None:
         self.options = options
         self.clock = clock
+        self.host = host or current_host()  # the OS: TUN backend and network config
         self.machine = ClientStateMachine()
         self.auth = AuthClient(options.server, options.ca_path, options.server_name)
         self.session_info: ClientSession | None = None
         self.datapath: Datapath | None = None
-        self.tun: LinuxTun | None = None
-        self.plan: NetworkPlan | None = None
+        self.tun: TunDevice | None = None
+        self.undo: UndoSteps | None = None  # how to undo the network configuration
         self.last_error = ""
         self._stop = asyncio.Event()
         self._backoff = Backoff()
@@ -174,29 +153,8 @@ class Connection:
             now,
             keepalive_interval=info.keepalive_seconds,
         )
-        endpoint_ip = info.endpoint[0]
-        self.plan = plan_network(
-            tun_name=self.options.tun_name,
-            tunnel_address=info.tunnel_address,
-            mtu=info.mtu,
-            routes=info.routes,
-            dns_servers=info.dns_servers,
-            gateway_ip=endpoint_ip,
-            underlay=underlay_route(endpoint_ip),
-            have_resolvectl=_have_resolvectl(),
-        )
-        try:
-            self.tun = LinuxTun(self.options.tun_name)
-        except OSError as error:
-            raise ClientError(
-                f"cannot create TUN {self.options.tun_name}: {error}", retryable=False
-            ) from None
-        run_commands(self.plan.apply, check=True)
-        if info.dns_servers and not self.plan.dns_applied:
-            log.warning(
-                "pushed DNS %s not applied: resolvectl is not available",
-                ", ".join(info.dns_servers),
-            )
+        self.tun = self.host.open_tun(self.options.tun_name)
+        self.undo = self.host.configure(self.tun, info)
         self.session_info = info
         self.datapath = Datapath(
             asyncio.get_running_loop(), session, self.tun, info.endpoint, self.clock
@@ -288,11 +246,11 @@ class Connection:
         if self.datapath is not None:
             self.datapath.stop()
             self.datapath = None
-        if self.plan is not None:
-            run_commands(self.plan.undo, check=False)
-            self.plan = None
+        if self.undo is not None:
+            self.host.unconfigure(self.undo)
+            self.undo = None
         if self.tun is not None:
-            self.tun.close()  # the kernel removes the device, its address and routes
+            self.tun.close()  # the OS removes the device, its address and routes
             self.tun = None
         if logout and self.session_info is not None:
             try:
@@ -324,14 +282,10 @@ class Connection:
             status.last_received_at = session.last_received_at
             status.last_sent_at = session.last_sent_at
             status.drops = {reason.value: n for reason, n in datapath.drops.items()}
-        if self.plan is not None:
-            status.undo = [list(command) for command in self.plan.undo]
+        if self.undo is not None:
+            status.undo = self.undo
         return status
 
     def _write_status(self) -> None:
         if self.options.status_path:
             write_status(self.options.status_path, self.snapshot())
-
-
-def _have_resolvectl() -> bool:
-    return shutil.which("resolvectl") is not None

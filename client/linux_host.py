@@ -1,0 +1,98 @@
+"""The client on Linux: /dev/net/tun, `ip` and `resolvectl` (see client/host.py)."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+
+from tundev.linux import LinuxTun
+
+from .auth import ClientError, ClientSession
+from .netplan import parse_route_get, plan_network
+
+log = logging.getLogger("pushgate.client")
+
+
+def run_commands(commands, *, check: bool) -> None:
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            message = f"{' '.join(command)}: {result.stderr.strip()}"
+            if check:
+                raise ClientError(f"network setup failed: {message}", retryable=False)
+            log.warning("cleanup step failed: %s", message)
+
+
+def underlay_route(gateway_ip: str):
+    result = subprocess.run(
+        ["ip", "-j", "route", "get", gateway_ip], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise ClientError(
+            f"no route to the gateway {gateway_ip}: {result.stderr.strip()}", retryable=True
+        )
+    return parse_route_get(json.loads(result.stdout))
+
+
+class LinuxHost:
+    status_dir = "/run/pushgate"
+    loop_factory = None
+
+    def check_privileges(self) -> None:
+        # Opening /dev/net/tun says it clearly enough, and a non-root user with
+        # CAP_NET_ADMIN may run the client.
+        pass
+
+    def open_tun(self, name: str) -> LinuxTun:
+        try:
+            return LinuxTun(name)
+        except OSError as error:
+            raise ClientError(f"cannot create TUN {name}: {error}", retryable=False) from None
+
+    def configure(self, tun, info: ClientSession) -> list[list[str]]:
+        endpoint_ip = info.endpoint[0]
+        plan = plan_network(
+            tun_name=tun.name,
+            tunnel_address=info.tunnel_address,
+            mtu=info.mtu,
+            routes=info.routes,
+            dns_servers=info.dns_servers,
+            gateway_ip=endpoint_ip,
+            underlay=underlay_route(endpoint_ip),
+            have_resolvectl=shutil.which("resolvectl") is not None,
+        )
+        try:
+            run_commands(plan.apply, check=True)
+        except ClientError:
+            run_commands(plan.undo, check=False)
+            raise
+        if info.dns_servers and not plan.dns_applied:
+            log.warning(
+                "pushed DNS %s not applied: resolvectl is not available",
+                ", ".join(info.dns_servers),
+            )
+        return [list(command) for command in plan.undo]
+
+    def unconfigure(self, undo: list[list[str]]) -> None:
+        run_commands([tuple(command) for command in undo], check=False)
+
+    def process_alive(self, pid: int) -> bool:
+        """True while `pid` runs (an exited child its parent has not reaped yet is not)."""
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                state = handle.read().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, IndexError):
+            return False
+        return state not in ("Z", "X")
+
+    def install_stop_handlers(self, loop, connection) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, connection.stop)
+        loop.add_signal_handler(signal.SIGUSR1, connection.request_rebind)
+        loop.add_signal_handler(signal.SIGUSR2, connection.request_rekey)
+
+    def request_stop(self, pid: int) -> bool:
+        os.kill(pid, signal.SIGTERM)  # the client undoes its configuration itself
+        return True

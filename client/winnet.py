@@ -1,0 +1,133 @@
+"""Plan the Windows client's network configuration from a session (pure code).
+
+The Windows twin of `netplan.py`: the same decisions, written as IP Helper API
+steps instead of `ip` command lines, so the plan is unit-tested on any OS and
+`client/iphlpapi.py` only carries each step out.
+
+- The tunnel address goes on the WinTun adapter (by its LUID); Windows adds the
+  on-link route of its prefix itself.
+- Full tunnel (a pushed 0.0.0.0/0): 0.0.0.0/1 and 128.0.0.0/1 on the adapter, as
+  on Linux, which beat the default route without deleting it.
+- The gateway keeps a /32 route through the interface and next hop that reached
+  it before we started (GetBestRoute2), whenever a tunnel route would cover it:
+  the UDP packets carrying the tunnel never enter the tunnel.
+- The adapter gets a low interface metric (so Windows prefers it, and its DNS
+  servers, over the physical interfaces) and an MTU that fits inside the path:
+  the underlay interface's MTU minus the tunnel overhead, never more than pushed.
+- Pushed DNS servers are set on the adapter with SetInterfaceDnsSettings.
+
+Every step is a plain record that serializes to a list of strings, so the undo
+steps go into the status file and a later run undoes what a crashed one left.
+"""
+
+import ipaddress
+from dataclasses import dataclass
+
+from push_protocol.constants import OVERHEAD_IPV4, OVERHEAD_IPV6
+
+from .netplan import FULL_TUNNEL_HALVES
+
+TUNNEL_INTERFACE_METRIC = 5  # lower than any automatic metric Windows assigns (>= 25 wired)
+ON_LINK = "0.0.0.0"  # next hop of a route straight onto the interface
+MIN_TUNNEL_MTU = 576  # IPv4's minimum datagram every host must accept
+
+
+@dataclass(frozen=True)
+class UnderlayPath:
+    """How the gateway is reached before the tunnel exists (GetBestRoute2)."""
+
+    luid: int
+    next_hop: str  # ON_LINK when the gateway is on the local network
+    mtu: int  # the NlMtu of that interface
+
+
+@dataclass(frozen=True)
+class Step:
+    """One IP Helper operation. `kind` is address | route | interface | dns."""
+
+    kind: str
+    luid: int
+    args: tuple[str, ...]
+
+    def to_list(self) -> list[str]:
+        return [self.kind, str(self.luid), *self.args]
+
+    @classmethod
+    def from_list(cls, items: list[str]) -> "Step":
+        kind, luid, *args = items
+        if kind not in ("address", "route", "interface", "dns"):
+            raise ValueError(f"unknown network step {kind!r}")
+        return cls(kind, int(luid), tuple(args))
+
+
+def address(luid: int, interface: str) -> Step:
+    return Step("address", luid, (interface,))
+
+
+def route(luid: int, prefix: str, next_hop: str = ON_LINK) -> Step:
+    return Step("route", luid, (prefix, next_hop))
+
+
+def interface_settings(luid: int, mtu: int, metric: int) -> Step:
+    return Step("interface", luid, (str(mtu), str(metric)))
+
+
+def dns(luid: int, adapter_guid: str, servers: list[str]) -> Step:
+    return Step("dns", luid, (adapter_guid, ",".join(servers)))
+
+
+@dataclass(frozen=True)
+class WindowsNetworkPlan:
+    apply: tuple[Step, ...]
+    undo: tuple[Step, ...]  # carried out in this order, each one reversed
+    mtu: int
+
+
+def tunnel_mtu(pushed_mtu: int, underlay: UnderlayPath, gateway_ip: str) -> int:
+    overhead = OVERHEAD_IPV6 if ipaddress.ip_address(gateway_ip).version == 6 else OVERHEAD_IPV4
+    mtu = min(pushed_mtu, underlay.mtu - overhead)
+    if mtu < MIN_TUNNEL_MTU:
+        raise ValueError(
+            f"the path to the gateway has MTU {underlay.mtu}: too small for a tunnel "
+            f"({overhead} bytes of overhead)"
+        )
+    return mtu
+
+
+def plan_windows_network(
+    *,
+    tunnel_luid: int,
+    tunnel_guid: str,
+    tunnel_address: str,
+    mtu: int,
+    routes: list[str],
+    dns_servers: list[str],
+    gateway_ip: str,
+    underlay: UnderlayPath,
+) -> WindowsNetworkPlan:
+    interface = ipaddress.ip_interface(tunnel_address)
+    networks = [ipaddress.ip_network(prefix, strict=False) for prefix in routes]
+    full_tunnel = any(network.prefixlen == 0 for network in networks)
+    if full_tunnel:
+        tunnel_routes = list(FULL_TUNNEL_HALVES)
+        tunnel_routes += [str(n) for n in networks if n.prefixlen and n.version == 4]
+    else:
+        tunnel_routes = [str(n) for n in networks if n.version == 4]
+    tunnel_routes = [r for r in tunnel_routes if ipaddress.ip_network(r) != interface.network]
+
+    size = tunnel_mtu(mtu, underlay, gateway_ip)
+    steps: list[Step] = [
+        interface_settings(tunnel_luid, size, TUNNEL_INTERFACE_METRIC),
+        address(tunnel_luid, str(interface)),
+    ]
+    gateway = ipaddress.ip_address(gateway_ip)
+    if any(gateway in ipaddress.ip_network(r) for r in tunnel_routes):
+        host = f"{gateway}/{gateway.max_prefixlen}"
+        steps.append(route(underlay.luid, host, underlay.next_hop))
+    steps += [route(tunnel_luid, prefix) for prefix in tunnel_routes]
+    if dns_servers:
+        steps.append(dns(tunnel_luid, tunnel_guid, dns_servers))
+    # The interface settings die with the adapter; the rest is undone (routes
+    # and address too, in case the adapter outlives us), newest first.
+    undo = tuple(step for step in reversed(steps) if step.kind != "interface")
+    return WindowsNetworkPlan(tuple(steps), undo, size)

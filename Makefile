@@ -8,16 +8,42 @@ GENERATED := pushgate_api/auth_pb2.py pushgate_api/auth_pb2_grpc.py \
              pushgate_api/control_pb2.py pushgate_api/control_pb2_grpc.py
 PROTOS := protos/auth.proto protos/control.proto
 
-# Debian packages the tests and the demo use (network namespaces, ping, NAT, iperf3).
-SYSTEM_TOOLS := ip ping nft iperf3 curl promtool prometheus prometheus-node-exporter docker-compose
+# Debian packages the tests and the demo use (network namespaces, ping, NAT, iperf3;
+# gcc builds the fake wintun.dll, binutils' objdump is PyInstaller's).
+SYSTEM_TOOLS := ip ping nft iperf3 curl promtool prometheus prometheus-node-exporter docker-compose \
+                gcc objdump
 SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps prometheus \
-                   prometheus-node-exporter docker-compose
+                   prometheus-node-exporter docker-compose gcc libc6-dev binutils
 
-.PHONY: test demo bench bench-vpn fuzz lint proto venv system-deps deploy-check clean
+# The one-file client executable and the signed WinTun DLL it bundles.
+CLIENT_EXE := dist/pushgate-client
+WINTUN_DLL := build/wintun/amd64/wintun.dll
+CLIENT_SOURCES := $(wildcard client/*.py push_protocol/*.py tundev/*.py) \
+                  release/pushgate-client.spec release/client_main.py
 
-# Run every test (creates the virtualenv, installs, generates gRPC code).
-test: system-deps $(INSTALLED) $(GENERATED)
+.PHONY: test demo bench bench-vpn fuzz lint proto venv system-deps deploy-check clean \
+        client-exe windows-wheels
+
+# Run every test (creates the virtualenv, installs, generates gRPC code, builds the
+# client executable, which tests/test_client_exe.py runs).
+test: system-deps $(INSTALLED) $(GENERATED) $(CLIENT_EXE)
 	$(PY) -m pytest -q tests
+
+# The one-file client: pushgate-client here, pushgate-client.exe on Windows (the
+# workflow .github/workflows/windows-client.yml runs the same two steps there).
+client-exe: $(CLIENT_EXE)
+
+$(CLIENT_EXE): $(CLIENT_SOURCES) $(GENERATED) $(WINTUN_DLL) $(INSTALLED)
+	$(PY) -m PyInstaller --noconfirm --log-level WARN --distpath dist \
+	    --workpath build/pyinstaller release/pushgate-client.spec
+
+# Never committed: fetched from PyPI (pytun-pmd3 wheel) and checked against its pin.
+$(WINTUN_DLL): release/wintun_dll.py | $(INSTALLED)
+	$(PY) release/wintun_dll.py fetch --dest build/wintun
+
+# Every dependency resolves to Windows wheels (also run by tests/test_windows_ci.py).
+windows-wheels: $(INSTALLED)
+	$(PY) release/windows_wheels.py
 
 # The deploy stack checked with docker-compose, promtool and a live Prometheus.
 deploy-check: system-deps $(INSTALLED) $(GENERATED)
@@ -87,8 +113,9 @@ $(VENV)/bin/python:
 
 $(INSTALLED): pyproject.toml $(VENV)/bin/python
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,client-exe]'
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(GENERATED) pushgate_api/*.pyi .pytest_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) $(GENERATED) pushgate_api/*.pyi .pytest_cache .ruff_cache .hypothesis *.egg-info \
+	    build dist

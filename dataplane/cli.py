@@ -36,7 +36,7 @@ def _ip(*args: str) -> None:
 
 def open_tun(cfg: gateway_config.GatewayConfig) -> LinuxTun:
     try:
-        tun = LinuxTun(cfg.dataplane.tun_name)
+        tun = LinuxTun(cfg.dataplane.tun_name, offload=True)  # TCP segments merged
     except OSError as error:
         raise SystemExit(
             f"pushgate-dataplane: cannot create TUN {cfg.dataplane.tun_name}: {error}"

@@ -31,6 +31,10 @@ LAG_INTERVAL = 0.1
 HOUSEKEEPING_INTERVAL = 1.0
 KEEPALIVE_REPLY_AFTER = 1.0  # answer a keepalive if we sent nothing for this long
 MSS_OVERHEAD = {4: 40, 6: 60}  # IP + TCP headers without options
+# `_inbound`'s answer for a packet held for the TUN write at the end of the
+# readiness callback (`_flush_tun` counts it delivered or dropped there, before
+# the loop can run a metrics scrape).
+PENDING = object()
 
 
 class RateLimitedLog:
@@ -81,6 +85,7 @@ class Device:
         self._bad_input_log = RateLimitedLog()
         self._udp_writer = self._tun_writer = False
         self._lag_due = 0.0
+        self._tun_pending: list[bytes] = []  # decrypted packets for the TUN, this callback
 
     @property
     def queues(self) -> list[BoundedQueue]:
@@ -107,24 +112,29 @@ class Device:
         drops = counters.inbound_drops
         recvfrom = self.sock.recvfrom
         now = self.clock()
-        for _ in range(BATCH):
-            try:
-                datagram, source = recvfrom(RECV_SIZE)
-            except BlockingIOError:
-                return
-            except OSError as error:
-                counters.io_errors["udp_recv"] += 1
-                self._bad_input_log.warning("udp_recv", "UDP receive error: %s", error)
-                continue
-            counters.datagrams_received += 1
-            reason = self._inbound(datagram, source, now)
-            if reason is None:
-                counters.datagrams_delivered += 1
-            else:
-                drops[reason] += 1
+        try:
+            for _ in range(BATCH):
+                try:
+                    datagram, source = recvfrom(RECV_SIZE)
+                except BlockingIOError:
+                    return
+                except OSError as error:
+                    counters.io_errors["udp_recv"] += 1
+                    self._bad_input_log.warning("udp_recv", "UDP receive error: %s", error)
+                    continue
+                counters.datagrams_received += 1
+                reason = self._inbound(datagram, source, now)
+                if reason is None:
+                    counters.datagrams_delivered += 1
+                elif reason is not PENDING:
+                    drops[reason] += 1
+        finally:
+            if self._tun_pending:
+                self._flush_tun()
 
-    def _inbound(self, datagram: bytes, source, now: float) -> DropReason | None:
-        """Where one datagram ends: None if delivered, else the drop reason."""
+    def _inbound(self, datagram: bytes, source, now: float):
+        """Where one datagram ends: None if delivered, PENDING if held for the TUN
+        write at the end of this callback, else the drop reason."""
         try:
             header = parse_header(datagram)
         except PacketRejected as rejected:
@@ -160,7 +170,8 @@ class Device:
         action = decision.action
         if action is Action.TUN:
             self._count_rx(payload)
-            return self._write_tun(self._clamp(payload))
+            self._tun_pending.append(self._clamp(payload))
+            return PENDING
         if action is Action.SESSION:  # hub: client to client, never through the TUN
             self._count_rx(payload)
             return self._send_to(decision.target, self._clamp(payload), now)
@@ -195,17 +206,30 @@ class Device:
             self.counters.mss_clamped += 1
         return clamped
 
-    def _write_tun(self, packet: bytes) -> DropReason | None:
+    def _flush_tun(self) -> None:
+        """Write this callback's packets for the TUN, consecutive TCP segments of a
+        flow as one write (tundev/gro.py), and count each packet where it ended."""
+        pending, self._tun_pending = self._tun_pending, []
+        counters = self.counters
+        drops = counters.inbound_drops
+        for buffers, count in self.tun.coalesce(pending):
+            reason = self._write_tun(buffers)
+            if reason is None:
+                counters.datagrams_delivered += count
+            else:
+                drops[reason] += count
+
+    def _write_tun(self, buffers: list) -> DropReason | None:
         if self.tun_queue:  # keep order: once queued, everything queues
-            return None if self._queue(self.tun_queue, packet) else DropReason.QUEUE_FULL
+            return None if self._queue(self.tun_queue, buffers) else DropReason.QUEUE_FULL
         try:
-            if self.tun.write_packet(packet):
+            if self.tun.write_buffers(buffers):
                 return None
         except OSError as error:
             self.counters.io_errors["tun_write"] += 1
             self._bad_input_log.warning("tun_write", "TUN write failed: %s", error)
             return DropReason.TUN_WRITE_ERROR
-        return None if self._queue(self.tun_queue, packet) else DropReason.QUEUE_FULL
+        return None if self._queue(self.tun_queue, buffers) else DropReason.QUEUE_FULL
 
     # -- outbound: TUN -> a session --------------------------------------------
 
@@ -299,7 +323,7 @@ class Device:
         queue = self.tun_queue
         while queue:
             try:
-                if not self.tun.write_packet(queue.peek()):
+                if not self.tun.write_buffers(queue.peek()):
                     return
             except OSError:
                 self.counters.io_errors["tun_write"] += 1

@@ -1,46 +1,79 @@
-"""Linux TUN backend: /dev/net/tun in IFF_TUN | IFF_NO_PI mode, non-blocking."""
+"""Linux TUN backend: /dev/net/tun in IFF_TUN | IFF_NO_PI mode, non-blocking.
+
+With `offload=True` the device is opened with IFF_VNET_HDR: every read and
+write carries a 10-byte virtio-net header, which lets `write_packets` hand the
+kernel consecutive TCP segments as one GSO super-packet (tundev/gro.py). Reads
+stay plain IP packets (no TUNSETOFFLOAD, so the kernel never sends us GSO
+packets); `read_packets` and `write_packet` strip and add the header, so a
+caller sees the same packets either way.
+"""
 
 import fcntl
 import os
 import struct
 
+from . import gro
+
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
 READ_SIZE = 65536
 
 
 class LinuxTun:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, offload: bool = False) -> None:
         if not name or len(name.encode()) >= IFNAMSIZ:
             raise ValueError(f"TUN name {name!r} must be 1-{IFNAMSIZ - 1} bytes")
         self._fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
         try:
-            request = struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI)
+            request = struct.pack("16sH", name.encode(), flags)
             reply = fcntl.ioctl(self._fd, TUNSETIFF, request)
         except OSError:
             os.close(self._fd)
             raise
         self.name = reply[:IFNAMSIZ].rstrip(b"\0").decode()
+        self.offload = offload
+        self._skip = gro.VNET_HDR_LEN if offload else 0
 
     def fileno(self) -> int:
         return self._fd
 
     def read_packets(self, limit: int) -> list[bytes]:
         packets = []
+        skip = self._skip
         for _ in range(limit):
             try:
-                packets.append(os.read(self._fd, READ_SIZE))
+                data = os.read(self._fd, READ_SIZE)
             except BlockingIOError:
                 break
+            packets.append(data[skip:] if skip else data)
         return packets
 
     def write_packet(self, packet: bytes) -> bool:
         """False if the kernel can't take it now (EAGAIN); other errors raise OSError
         (EIO while the device is down, EINVAL for a packet the kernel refuses)."""
         try:
-            os.write(self._fd, packet)
+            if self._skip:
+                os.writev(self._fd, (gro.PLAIN_HEADER, packet))
+            else:
+                os.write(self._fd, packet)
+        except BlockingIOError:
+            return False
+        return True
+
+    def coalesce(self, packets: list[bytes]) -> list[tuple[list, int]]:
+        """The writes that carry `packets`: (buffers, packet count) for `write_buffers`."""
+        if self._skip:
+            return gro.coalesce(packets)
+        return [([packet], 1) for packet in packets]
+
+    def write_buffers(self, buffers: list) -> bool:
+        """Write one item of `coalesce`; False on EAGAIN, OSError as write_packet."""
+        try:
+            os.writev(self._fd, buffers)
         except BlockingIOError:
             return False
         return True

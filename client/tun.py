@@ -1,8 +1,9 @@
 """The TUN backend interface the client core runs on.
 
 As wireguard-go's tun.Device: one interface, one implementation per OS
-(`tundev.linux.LinuxTun`; the WinTun backend lands with the Windows client). The
-client core never knows which one it has.
+(`tundev.linux.LinuxTun`, `client.wintun.WintunTun`), chosen by the host
+(`client.host.current_host`). The client core never knows which one it has.
+Backends deliver plain IP packets, one per item.
 """
 
 from typing import Protocol

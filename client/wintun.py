@@ -34,7 +34,6 @@ ERROR_HANDLE_EOF = 38  # the session ended (adapter removed, driver stopped)
 ERROR_INVALID_PARAMETER = 87
 ERROR_BUFFER_OVERFLOW = 111  # send ring full
 ERROR_NO_MORE_ITEMS = 259  # receive ring empty
-ERROR_INVALID_DATA = 13  # ring corrupted
 
 MIN_RING_CAPACITY = 0x20000  # 128 KiB, wintun.h
 MAX_RING_CAPACITY = 0x4000000  # 64 MiB

@@ -39,6 +39,8 @@ routes = [{routes}]                    # "0.0.0.0/0" = full tunnel
 dns = [{dns}]
 metrics_listen = "127.0.0.1:9101"
 session_lifetime_seconds = 86400       # absolute; 0 = no limit
+key_lifetime_seconds = 600             # clients rekey after this many seconds
+key_expiry_seconds = 900               # keys not replaced by then end the session (max 900)
 max_failures_before_delay = 5          # per user and per source address
 failure_delay_seconds = 1.0            # doubles per further failure ...
 max_failure_delay_seconds = 300.0      # ... up to this

@@ -15,7 +15,6 @@ from prometheus_client import CollectorRegistry, start_http_server
 import gateway_config
 from control_socket import serve_private
 from push_protocol.aead import CipherSuite
-from push_protocol.constants import REKEY_AFTER_SECONDS
 from pushgate_api import auth_pb2, control_pb2_grpc
 
 from .server import AuthMetrics, AuthServicer, SessionFeedServicer
@@ -46,6 +45,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         AddressPool(gw.tunnel_network, gw.gateway_address),
         keepalive_seconds=gw.keepalive_seconds,
         session_lifetime_seconds=auth.session_lifetime_seconds,
+        key_expiry_seconds=auth.key_expiry_seconds,
     )
     registry = CollectorRegistry()
     metrics = AuthMetrics(registry)
@@ -68,7 +68,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
             "dns": list(auth.dns),
             "mtu": gw.mtu,
             "keepalive": int(gw.keepalive_seconds),
-            "key_lifetime": int(REKEY_AFTER_SECONDS),
+            "key_lifetime": int(auth.key_lifetime_seconds),
             "endpoint": auth_pb2.Endpoint(host=host, port=port),
         },
     )

@@ -93,15 +93,17 @@ class SessionManager:
         *,
         keepalive_seconds: float,
         session_lifetime_seconds: float,
+        key_expiry_seconds: float = REJECT_AFTER_SECONDS,
     ) -> None:
         self.store = store
         self.pool = pool
         self.keepalive_seconds = keepalive_seconds
         self.session_lifetime = session_lifetime_seconds
+        self.key_expiry = min(key_expiry_seconds, REJECT_AFTER_SECONDS)
         self.feed = SessionFeed(store.revision)
 
     def _expiry(self, created_at: float, keys_at: float) -> float:
-        expires = keys_at + REJECT_AFTER_SECONDS
+        expires = keys_at + self.key_expiry
         if self.session_lifetime:
             expires = min(expires, created_at + self.session_lifetime)
         return expires
@@ -185,6 +187,7 @@ class SessionManager:
         rotation = control_pb2.KeyRotation(
             session_id=session.session_id,
             keys=key_epoch_message(session.key_epoch, session.c2s_key, session.s2c_key, now),
+            expires_at_unix_ms=_ms(session.expires_at),
         )
         await self._commit(lambda: self.store.save_session(session), rotated=rotation)
         return session

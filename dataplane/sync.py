@@ -112,6 +112,8 @@ class SessionSync:
         elif change == "rotated":
             record = self.registry.by_id.get(event.rotated.session_id)
             if record is not None:
+                if event.rotated.expires_at_unix_ms:  # a rekey moves the expiry
+                    record.expires_at = event.rotated.expires_at_unix_ms / 1000
                 self._rotate(record, event.rotated.keys)
         elif change == "removed":
             self._remove(

@@ -11,7 +11,12 @@ import tomllib
 from dataclasses import dataclass
 
 from push_protocol.aead import CipherSuite
-from push_protocol.constants import DEFAULT_KEEPALIVE_SECONDS, DEFAULT_TUNNEL_MTU
+from push_protocol.constants import (
+    DEFAULT_KEEPALIVE_SECONDS,
+    DEFAULT_TUNNEL_MTU,
+    REJECT_AFTER_SECONDS,
+    REKEY_AFTER_SECONDS,
+)
 
 
 class ConfigError(Exception):
@@ -40,6 +45,8 @@ class AuthSection:
     dns: tuple[str, ...]
     metrics_listen: tuple[str, int]
     session_lifetime_seconds: float
+    key_lifetime_seconds: float  # clients rekey after this (pushed at login)
+    key_expiry_seconds: float  # keys not replaced by then end their session
     max_failures_before_delay: int
     failure_delay_seconds: float
     max_failure_delay_seconds: float
@@ -150,6 +157,15 @@ def _auth(section: _Section) -> AuthSection:
             raise ConfigError(f"[auth] dns: {error}") from None
     listen = section.get("listen", str, "0.0.0.0:7443")
     parse_host_port(listen, "[auth] listen")
+    key_expiry = float(
+        section.number("key_expiry_seconds", REJECT_AFTER_SECONDS, 2, REJECT_AFTER_SECONDS)
+    )
+    key_lifetime = float(section.number("key_lifetime_seconds", REKEY_AFTER_SECONDS, 1, 86400))
+    if key_lifetime >= key_expiry:
+        raise ConfigError(
+            f"[auth] key_lifetime_seconds ({key_lifetime:g}) must be below "
+            f"key_expiry_seconds ({key_expiry:g}): clients must rekey before keys expire"
+        )
     return AuthSection(
         listen=listen,
         tls_cert=section.path("tls_cert", "tls/server.crt"),
@@ -163,6 +179,8 @@ def _auth(section: _Section) -> AuthSection:
         session_lifetime_seconds=float(
             section.number("session_lifetime_seconds", 86400, 0, 10 * 365 * 86400)
         ),
+        key_lifetime_seconds=key_lifetime,
+        key_expiry_seconds=key_expiry,
         max_failures_before_delay=int(section.number("max_failures_before_delay", 5, 1, 1000)),
         failure_delay_seconds=float(section.number("failure_delay_seconds", 1.0, 0.01, 3600)),
         max_failure_delay_seconds=float(

@@ -33,6 +33,9 @@ SEED = 11
 TRANSFER = 16 * 1024 * 1024
 ATTACKER, ATTACKER_GW = "198.18.3.2", "198.18.3.1"
 AUTH_METRICS_PORT = 9101
+# Short key lifetimes, so every scenario runs across rekeys: clients rekey every
+# KEY_LIFETIME s, and keys not replaced within KEY_EXPIRY s end their session.
+KEY_LIFETIME, KEY_EXPIRY = 3, 8
 NOISE_REASONS = ("too_short", "too_long", "bad_version", "unknown_type", "bad_length")
 
 
@@ -74,6 +77,27 @@ class Hostile:
         names, values = (line.split()[1:] for line in text.splitlines() if line.startswith("Udp:"))
         return dict(zip(names, map(int, values), strict=True))
 
+    def kernel_drops(self) -> dict[str, int]:
+        """Where the kernels on the path drop on their own: UDP receive buffers (gateway,
+        clients) and TUN transmit queues (pg0, pgcN) -- drops the dataplane cannot see."""
+        found = {}
+        for ns, dev in (
+            (self.gw.gw, "pg0"),
+            *((c, f"pgc{i}") for i, c in enumerate(self.gw.clients)),
+        ):
+            text = self.lab.exec(
+                ns,
+                ["sh", "-c", f"cat /sys/class/net/{dev}/statistics/tx_dropped; cat /proc/net/snmp"],
+                check=False,
+            ).stdout
+            lines = text.splitlines()
+            if lines and lines[0].isdigit():
+                found[f"{dev} tx_dropped"] = int(lines[0])
+            names, values = (line.split()[1:] for line in lines if line.startswith("Udp:"))
+            udp = dict(zip(names, map(int, values), strict=True))
+            found[f"{ns.rsplit('-', 1)[1]} udp RcvbufErrors"] = udp["RcvbufErrors"]
+        return found
+
     def settled(self) -> dict:
         """A scrape taken once the dataplane has read everything queued for it."""
         last = None
@@ -84,6 +108,9 @@ class Hostile:
                 return samples
             last = received
             time.sleep(0.3)
+
+    def session_id(self, index: int) -> int:
+        return int(self.gw.status(index)["tunnel"].split("session ")[1].split()[0], 16)
 
     # -- traffic -----------------------------------------------------------------------
 
@@ -146,8 +173,36 @@ def lag_over(samples, bound: str) -> float:
     )
 
 
-def delta(after, before, fn, *args) -> float:
-    return fn(after, *args) - fn(before, *args)
+def max_lag(after, before) -> str:
+    """The smallest histogram bucket edge that holds every loop-lag observation in between."""
+    total = delta(after, before, metrics.total, "pushgate_dataplane_loop_lag_seconds_count")
+    edges = sorted(
+        float(dict(labels)["le"])
+        for (name, labels) in after
+        if name == "pushgate_dataplane_loop_lag_seconds_bucket"
+    )
+    for edge in edges:
+        label = "+Inf" if edge == float("inf") else str(edge)
+        bucket = "pushgate_dataplane_loop_lag_seconds_bucket"
+        if delta(after, before, metrics.total, bucket, le=label) == total:
+            return f"<= {label} s"
+    return "?"
+
+
+def all_drops(after, before) -> dict[str, int]:
+    """Every drop counter that moved, as 'direction reason': count."""
+    moved = {}
+    for (name, labels), value in after.items():
+        if name == "pushgate_dataplane_drops_total":
+            change = value - before.get((name, labels), 0)
+            if change:
+                label = dict(labels)
+                moved[f"{label['direction']} {label['reason']}"] = int(change)
+    return moved
+
+
+def delta(after, before, fn, *args, **labels) -> float:
+    return fn(after, *args, **labels) - fn(before, *args, **labels)
 
 
 def assert_accounted(samples) -> None:
@@ -166,6 +221,14 @@ def h(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("hostile"))
     with Lab("pghost") as lab:
         gw = GatewayLab(lab, workdir, clients=2, keepalive_seconds=2)
+        with open(gw.config) as handle:
+            text = handle.read()
+        text = re.sub(
+            r"(?m)^key_lifetime_seconds = .*$", f"key_lifetime_seconds = {KEY_LIFETIME}", text
+        )
+        text = re.sub(r"(?m)^key_expiry_seconds = .*$", f"key_expiry_seconds = {KEY_EXPIRY}", text)
+        with open(gw.config, "w") as handle:
+            handle.write(text)
         hostile = Hostile(lab, gw)
         gw.add_user("alice")
         gw.add_user("bob")
@@ -227,6 +290,7 @@ def noise_run(h: Hostile, duration: float, seed: int, rate: float = 0) -> dict:
         "ping": f"{received}/{sent}",
         "lag_over_100ms": delta(after, before, lag_over, "0.1"),
         "lag_over_250ms": delta(after, before, lag_over, "0.25"),
+        "max_lag": max_lag(after, before),
     }
     assert expected.get("live_session", 0) == 0  # odds ~2^-30 per datagram
     assert good == fetches >= 1, "a transfer under noise had the wrong hash"
@@ -267,3 +331,59 @@ def test_noise_within_capacity_is_counted_exactly_and_costs_no_pings(h):
     sent, received = figures.pop("_ping")
     record("noise at a quarter of capacity", **figures)
     assert received >= sent * 0.98, f"ping loss under noise: {received}/{sent}"
+
+
+# -- rotation and limits -------------------------------------------------------------------
+
+
+KEY_DROPS = ("unknown_key", "key_expired", "session_expired", "bad_tag", "no_endpoint")
+
+
+def test_rekeys_under_traffic_lose_nothing(h):
+    """Both clients rekey every KEY_LIFETIME s. Phase 1: alice transfers flat out
+    (every hash must match). Phase 2: both ping 20 times a second with nothing
+    else going on (not one ping may be lost). Phase 1 also pings, but the bulk
+    transfer overflows the kernel's queue into the gateway TUN (pg0 tx_dropped,
+    a kernel counter), so its ping losses are reported, not judged."""
+    duration = seconds(3 * KEY_LIFETIME)
+    sessions = [h.session_id(0), h.session_id(1)]
+    before, auth_before, kernel_before = h.settled(), h.auth_metrics(), h.kernel_drops()
+    ping = h.ping(1, int(duration / 0.1))
+    fetches, good, slowest = transfers_while(h, ping)
+    bulk_ping = ping_loss(ping)
+    middle, kernel_middle = h.settled(), h.kernel_drops()
+    pings = [h.ping(i, int(duration / 0.05), interval=0.05) for i in (0, 1)]
+    quiet = [ping_loss(p) for p in pings]
+    after, auth_after = h.settled(), h.auth_metrics()
+    key_drops = {
+        f"{direction} {reason}": int(delta(after, before, drops, reason, direction))
+        for direction in ("inbound", "outbound")
+        for reason in KEY_DROPS
+    }
+    rekeys = [
+        int(delta(b, a, metrics.total, "pushgate_dataplane_session_rekeys_total"))
+        for a, b in ((before, middle), (middle, after))
+    ]
+    logins = delta(auth_after, auth_before, metrics.total, "pushgate_auth_logins_total")
+    record(
+        "rekeys under traffic",
+        seconds_per_phase=duration,
+        rekeys_per_phase=rekeys,
+        fetches=f"{good}/{fetches}",
+        slowest_mbit=round(slowest),
+        bulk_phase_ping=f"{bulk_ping[1]}/{bulk_ping[0]}",
+        bulk_phase_kernel_drops={
+            k: v - kernel_before[k] for k, v in kernel_middle.items() if v != kernel_before[k]
+        },
+        quiet_phase_pings=[f"{r}/{s}" for s, r in quiet],
+        key_drops=sum(key_drops.values()),
+        drops=all_drops(after, before),
+        expiries=delta(after, before, metrics.total, "pushgate_dataplane_session_expiries_total"),
+    )
+    assert good == fetches >= 1
+    assert all(r == s for s, r in quiet), f"pings lost across rekeys: {quiet}"
+    expected = 2 * (duration // KEY_LIFETIME - 1)
+    assert min(rekeys) >= expected, f"clients did not rekey on schedule: {rekeys}"
+    assert all(v == 0 for v in key_drops.values()), key_drops
+    assert delta(after, before, metrics.total, "pushgate_dataplane_session_expiries_total") == 0
+    assert logins == 0 and [h.session_id(0), h.session_id(1)] == sessions  # no re-login

@@ -6,9 +6,11 @@ once is dropped and counted under its reason.
 """
 
 import asyncio
+import errno
 import socket
 from collections import Counter
 
+import udpio
 from push_protocol.codec import parse_header
 from push_protocol.drops import DropReason, PacketRejected
 from push_protocol.session import TunnelSession
@@ -35,6 +37,7 @@ class Datapath:
         self._server = server
         self._clock = clock
         self._sock: socket.socket | None = None
+        self._gso = self._gro = False  # batched UDP send / receive (udpio), where the OS has it
         self.drops: Counter[DropReason] = Counter()
 
     def start(self) -> None:
@@ -52,6 +55,8 @@ class Datapath:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER_BYTES)
         sock.setblocking(False)
         sock.connect(self._server)
+        self._gso = udpio.gso_capable(sock)
+        self._gro = udpio.enable_gro(sock)
         self._sock = sock
         self._loop.add_reader(sock.fileno(), self._on_udp_readable)
 
@@ -87,37 +92,68 @@ class Datapath:
         if self.session.keepalive_due(now):
             self.send_keepalive()
 
+    def _send_batch(self, datagrams: list[bytes]) -> None:
+        """Send in as few calls as UDP GSO allows; each datagram's fate is counted."""
+        for run in udpio.runs(datagrams):
+            if len(run) == 1:
+                self._send(run[0])
+                continue
+            try:
+                udpio.send_run(self._sock, run)
+            except BlockingIOError:
+                self.drops[DropReason.QUEUE_FULL] += len(run)
+            except OSError as error:
+                if error.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP):
+                    self._gso = False  # the path can't segment: one by one from now on
+                    for datagram in run:
+                        self._send(datagram)
+                else:
+                    self.drops[DropReason.SOCKET_ERROR] += len(run)
+
     def _on_tun_readable(self) -> None:
         now = self._clock()
         seal = self.session.seal
+        datagrams = []
         for packet in self._tun.read_packets(BATCH):
             try:
-                datagram = seal(packet, now)
+                datagrams.append(seal(packet, now))
             except PacketRejected as rejected:
                 self.drops[rejected.reason] += 1
-                continue
-            self._send(datagram)
+        if self._gso:
+            self._send_batch(datagrams)
+        else:
+            for datagram in datagrams:
+                self._send(datagram)
 
     def _on_udp_readable(self) -> None:
         now = self._clock()
         sock = self._sock
+        gro = self._gro
         for _ in range(BATCH):
             try:
-                datagram = sock.recv(RECV_SIZE)
+                if gro:
+                    data, ancdata, _, _ = sock.recvmsg(RECV_SIZE, udpio.GRO_CMSG_SPACE)
+                    datagrams = udpio.split(data, ancdata) if ancdata else (data,)
+                else:
+                    datagrams = (sock.recv(RECV_SIZE),)
             except BlockingIOError:
                 return
             except OSError:
                 self.drops[DropReason.SOCKET_ERROR] += 1
                 continue
-            try:
-                payload = self.session.open(datagram, now, parse_header(datagram))
-            except PacketRejected as rejected:
-                self.drops[rejected.reason] += 1
-                continue
-            if not payload:
-                continue
-            try:
-                if not self._tun.write_packet(payload):
-                    self.drops[DropReason.QUEUE_FULL] += 1
-            except OSError:
-                self.drops[DropReason.TUN_WRITE_ERROR] += 1
+            for datagram in datagrams:
+                self._receive(datagram, now)
+
+    def _receive(self, datagram: bytes, now: float) -> None:
+        try:
+            payload = self.session.open(datagram, now, parse_header(datagram))
+        except PacketRejected as rejected:
+            self.drops[rejected.reason] += 1
+            return
+        if not payload:
+            return
+        try:
+            if not self._tun.write_packet(payload):
+                self.drops[DropReason.QUEUE_FULL] += 1
+        except OSError:
+            self.drops[DropReason.TUN_WRITE_ERROR] += 1

@@ -8,11 +8,13 @@ a full queue is a counted `queue_full` drop.
 """
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import socket
 import time
 
+import udpio
 from push_protocol.codec import parse_header
 from push_protocol.drops import DropReason, PacketRejected
 from tundev.linux import LinuxTun
@@ -86,6 +88,9 @@ class Device:
         self._udp_writer = self._tun_writer = False
         self._lag_due = 0.0
         self._tun_pending: list[bytes] = []  # decrypted packets for the TUN, this callback
+        # batched UDP (udpio): several datagrams per recvmsg / sendmsg where the kernel can
+        self._gro = udpio.enable_gro(sock)
+        self._gso = udpio.gso_capable(sock)
 
     @property
     def queues(self) -> list[BoundedQueue]:
@@ -111,23 +116,31 @@ class Device:
         counters = self.counters
         drops = counters.inbound_drops
         recvfrom = self.sock.recvfrom
+        recvmsg = self.sock.recvmsg if self._gro else None
+        inbound = self._inbound
         now = self.clock()
         try:
             for _ in range(BATCH):
                 try:
-                    datagram, source = recvfrom(RECV_SIZE)
+                    if recvmsg is None:
+                        data, source = recvfrom(RECV_SIZE)
+                        datagrams = None
+                    else:  # with GRO one call may bring several datagrams of a flow
+                        data, ancdata, _, source = recvmsg(RECV_SIZE, udpio.GRO_CMSG_SPACE)
+                        datagrams = udpio.split(data, ancdata) if ancdata else None
                 except BlockingIOError:
                     return
                 except OSError as error:
                     counters.io_errors["udp_recv"] += 1
                     self._bad_input_log.warning("udp_recv", "UDP receive error: %s", error)
                     continue
-                counters.datagrams_received += 1
-                reason = self._inbound(datagram, source, now)
-                if reason is None:
-                    counters.datagrams_delivered += 1
-                elif reason is not PENDING:
-                    drops[reason] += 1
+                for datagram in datagrams or (data,):
+                    counters.datagrams_received += 1
+                    reason = inbound(datagram, source, now)
+                    if reason is None:
+                        counters.datagrams_delivered += 1
+                    elif reason is not PENDING:
+                        drops[reason] += 1
         finally:
             if self._tun_pending:
                 self._flush_tun()
@@ -244,19 +257,60 @@ class Device:
             self._bad_input_log.warning("tun_read", "TUN read failed: %s", error)
             return
         from_tun = self.router.from_tun
+        sealed = []  # (datagram, endpoint), sent together below
         for packet in packets:
             counters.tun_packets_read += 1
             decision = from_tun(packet)
             if decision.action is not Action.SESSION:
                 drops[decision.reason] += 1
                 continue
-            reason = self._send_to(decision.target, self._clamp(packet), now)
+            result = self._seal_for(decision.target, self._clamp(packet), now)
+            if type(result) is tuple:
+                sealed.append(result)
+            else:
+                drops[result] += 1
+        if self._gso:
+            self._send_batched(sealed)
+            return
+        for datagram, endpoint in sealed:
+            reason = self._send_datagram(datagram, endpoint)
             if reason is None:
                 counters.outbound_delivered += 1
             else:
                 drops[reason] += 1
 
-    def _send_to(self, record: SessionRecord, packet: bytes, now: float) -> DropReason | None:
+    def _send_batched(self, sealed: list) -> None:
+        """Send runs of datagrams to one endpoint with UDP GSO, one call per run;
+        a run the socket refuses goes datagram by datagram (queued or counted)."""
+        counters = self.counters
+        drops = counters.outbound_drops
+        start = 0
+        while start < len(sealed):
+            endpoint = sealed[start][1]
+            end = start + 1
+            while end < len(sealed) and sealed[end][1] == endpoint:
+                end += 1
+            for run in udpio.runs([datagram for datagram, _ in sealed[start:end]]):
+                if len(run) > 1 and not self.udp_queue:
+                    try:
+                        udpio.send_run(self.sock, run, endpoint)
+                        counters.outbound_delivered += len(run)
+                        continue
+                    except BlockingIOError:
+                        pass
+                    except OSError as error:
+                        if error.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP):
+                            self._gso = False  # cannot segment here: one by one from now on
+                for datagram in run:
+                    reason = self._send_datagram(datagram, endpoint)
+                    if reason is None:
+                        counters.outbound_delivered += 1
+                    else:
+                        drops[reason] += 1
+            start = end
+
+    def _seal_for(self, record: SessionRecord, packet: bytes, now: float):
+        """(datagram, endpoint) carrying `packet` to `record`, or the drop reason."""
         endpoint = record.endpoint
         if endpoint is None:
             return DropReason.NO_ENDPOINT
@@ -266,7 +320,13 @@ class Device:
             return rejected.reason
         self.counters.tx_packets += 1
         self.counters.tx_bytes += len(packet)
-        return self._send_datagram(datagram, endpoint)
+        return datagram, endpoint
+
+    def _send_to(self, record: SessionRecord, packet: bytes, now: float) -> DropReason | None:
+        result = self._seal_for(record, packet, now)
+        if type(result) is not tuple:
+            return result
+        return self._send_datagram(*result)
 
     def _send_keepalive(self, record: SessionRecord, now: float) -> None:
         if record.endpoint is None:

@@ -14,7 +14,9 @@ steps instead of `ip` command lines, so the plan is unit-tested on any OS and
 - The adapter gets a low interface metric (so Windows prefers it, and its DNS
   servers, over the physical interfaces) and an MTU that fits inside the path:
   the underlay interface's MTU minus the tunnel overhead, never more than pushed.
-- Pushed DNS servers are set on the adapter with SetInterfaceDnsSettings.
+- Pushed DNS servers are set on the adapter with SetInterfaceDnsSettings; the
+  IPv4 ones only, as the tunnel carries IPv4 (an IPv6 server in the same call
+  would make Windows refuse the whole list).
 
 Every step is a plain record that serializes to a list of strings, so the undo
 steps go into the status file and a later run undoes what a crashed one left.
@@ -125,8 +127,9 @@ def plan_windows_network(
         host = f"{gateway}/{gateway.max_prefixlen}"
         steps.append(route(underlay.luid, host, underlay.next_hop))
     steps += [route(tunnel_luid, prefix) for prefix in tunnel_routes]
-    if dns_servers:
-        steps.append(dns(tunnel_luid, tunnel_guid, dns_servers))
+    servers = [server for server in dns_servers if ipaddress.ip_address(server).version == 4]
+    if servers:
+        steps.append(dns(tunnel_luid, tunnel_guid, servers))
     # The interface settings die with the adapter; the rest is undone (routes
     # and address too, in case the adapter outlives us), newest first.
     undo = tuple(step for step in reversed(steps) if step.kind != "interface")

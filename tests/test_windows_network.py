@@ -147,6 +147,13 @@ def test_split_tunnel_plan_routes_only_what_is_pushed():
     assert split.undo == (route(TUN_LUID, "198.18.100.0/24"), address(TUN_LUID, "198.19.0.2/24"))
 
 
+def test_only_ipv4_dns_servers_are_set():
+    mixed = plan(["198.18.100.0/24"], ["2001:db8::53", "198.18.0.53"])
+    assert mixed.apply[-1] == dns(TUN_LUID, TUN_GUID, ["198.18.0.53"])
+    only_v6 = plan(["198.18.100.0/24"], ["2001:db8::53"])
+    assert all(step.kind != "dns" for step in only_v6.apply + only_v6.undo)
+
+
 def test_split_tunnel_covering_the_gateway_still_keeps_it_outside():
     covering = plan(["198.18.0.0/16"], underlay=UnderlayPath(WIFI_LUID, ON_LINK, 1500))
     assert route(WIFI_LUID, "198.18.0.1/32", ON_LINK) in covering.apply

@@ -8,14 +8,18 @@ the same reader thread and socketpair, only the library path differs.
 import asyncio
 import ctypes
 import logging
+import os
 import select
 import shutil
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from client import wintun
+from client.datapath import Datapath
 from client.wintun import (
     ERROR_BUFFER_OVERFLOW,
     ERROR_HANDLE_EOF,
@@ -28,6 +32,10 @@ from client.wintun import (
     load_library,
     wide,
 )
+from push_protocol.aead import CipherSuite
+from push_protocol.drops import DropReason
+from push_protocol.keys import KeyMaterial, Role
+from push_protocol.session import TunnelSession
 
 FAKE_SOURCE = Path(__file__).parent / "fakes" / "fake_wintun.c"
 ERROR_ACCESS_DENIED = 5
@@ -285,3 +293,52 @@ def test_driver_version_and_delete_driver_in_use(library, waits):
 def test_ring_full_code_is_what_the_binding_treats_as_a_drop():
     # The fake and the binding must agree on WinTun's numbers (winerror.h).
     assert (ERROR_BUFFER_OVERFLOW, ERROR_HANDLE_EOF) == (111, 38)
+
+
+def test_the_client_datapath_runs_unchanged_on_wintun(library, waits, fake):
+    """The client core (Datapath) on the WinTun backend: packets from the ring are
+    sealed and sent over UDP, datagrams from the gateway land in the ring, and a
+    full ring is a counted drop."""
+    now = time.time()
+    keys = KeyMaterial(0, os.urandom(32), os.urandom(32), created_at=now)
+    client = TunnelSession(7, CipherSuite.AES_256_GCM, Role.CLIENT, keys, now)
+    server = TunnelSession(7, CipherSuite.AES_256_GCM, Role.SERVER, keys, now)
+    gateway = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    gateway.bind(("127.0.0.1", 0))
+    gateway.setblocking(False)
+    device = WintunTun(library, "pgtest-datapath", waits, MIN_RING_CAPACITY)
+    outbound = [packet(i, 1400) for i in range(40)]
+    inbound = [packet(1000 + i, 1400) for i in range(200)]  # more than the ring holds
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        datapath = Datapath(loop, client, device, gateway.getsockname(), time.time)
+        datapath.start()
+        try:
+            for item in outbound:
+                assert fake.FakeInjectPacket(item, len(item)) == 1
+            opened, address = [], None
+            while len(opened) < len(outbound):
+                datagram, address = await asyncio.wait_for(loop.sock_recvfrom(gateway, 65536), 5)
+                opened.append(server.open(datagram, time.time()))
+            assert opened == outbound
+
+            for item in inbound:  # nobody drains the ring meanwhile
+                gateway.sendto(server.seal(item, time.time()), address)
+            deadline = time.monotonic() + 5
+            while client.rx_packets < len(inbound) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return datapath.drops
+        finally:
+            datapath.stop()
+
+    try:
+        drops = asyncio.run(run())
+        delivered = take_sent(fake)
+    finally:
+        device.close()
+        gateway.close()
+    assert client.rx_packets == len(inbound)
+    assert 0 < len(delivered) < len(inbound)
+    assert delivered == inbound[: len(delivered)]  # in order, none torn
+    assert drops == {DropReason.QUEUE_FULL: len(inbound) - len(delivered)}

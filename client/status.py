@@ -6,6 +6,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 DEFAULT_STATUS_DIR = "/run/pushgate"
+REPLACE_ATTEMPTS = 20
 
 
 def status_path(tun_name: str, directory: str = DEFAULT_STATUS_DIR) -> str:
@@ -41,7 +42,16 @@ def write_status(path: str, status: ClientStatus) -> None:
     temporary = f"{path}.tmp"
     with open(temporary, "w") as handle:
         json.dump(asdict(status), handle)
-    os.replace(temporary, path)
+    # On Windows the replace fails while a reader (`status --watch`) has the file
+    # open; it closes it within milliseconds.
+    for attempt in range(REPLACE_ATTEMPTS):
+        try:
+            os.replace(temporary, path)
+            return
+        except PermissionError:
+            if attempt == REPLACE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.01)
 
 
 def read_status(path: str) -> ClientStatus:

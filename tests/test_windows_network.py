@@ -7,6 +7,7 @@ undoing it against an in-memory IP Helper that keeps real tables.
 import ctypes
 import ipaddress
 import json
+import os
 import uuid
 from types import SimpleNamespace
 
@@ -380,3 +381,19 @@ def test_reapplying_over_a_stale_configuration_is_not_an_error():
     undo = host.configure(TUN, session(["198.18.100.0/24"]))  # a crash left it all
     host.unconfigure(undo)
     assert fake.routes == set() and fake.addresses == set()
+
+
+def test_status_writes_wait_out_a_reader_holding_the_file(tmp_path, monkeypatch):
+    # Windows refuses to replace a file another process has open: PermissionError.
+    real_replace, refusals = os.replace, []
+
+    def replace_refused_twice(source, target):
+        if len(refusals) < 2:
+            refusals.append(target)
+            raise PermissionError(13, "in use by another process")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", replace_refused_twice)
+    path = str(tmp_path / "client-pgc0.json")
+    write_status(path, ClientStatus(1, "up", "pgc0", "x"))
+    assert len(refusals) == 2 and read_status(path).state == "up"

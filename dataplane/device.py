@@ -213,6 +213,8 @@ class Device:
             self.counters.icmp_too_big_sent += 1
 
     def _clamp(self, packet: bytes) -> bytes:
+        if packet[0] == 0x45 and (packet[9] != 6 or len(packet) < 40 or not packet[33] & 0x02):
+            return packet  # IPv4 without options, and not a TCP SYN: nothing to clamp
         max_mss = self.mtu - MSS_OVERHEAD.get(packet[0] >> 4, 40)
         clamped = inner.clamp_mss(packet, max_mss)
         if clamped is not packet:

@@ -5,6 +5,7 @@ Every key is used by one sender in one direction only and its counter never
 repeats (keys.SendKey), so a (key, nonce) pair is never used twice.
 """
 
+import struct
 from enum import StrEnum
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
@@ -20,7 +21,7 @@ class CipherSuite(StrEnum):
 
 DEFAULT_CIPHER_SUITE = CipherSuite.AES_256_GCM
 
-_NONCE_PREFIX = bytes(4)
+_NONCE = struct.Struct(">4xQ")  # four zero bytes, then the counter
 
 AEAD = AESGCM | ChaCha20Poly1305
 
@@ -42,5 +43,4 @@ def new_aead(suite: CipherSuite, key: bytes) -> AEAD:
     raise UsageError(f"unknown cipher suite {suite!r}")
 
 
-def nonce_for(counter: int) -> bytes:
-    return _NONCE_PREFIX + counter.to_bytes(8, "big")
+nonce_for = _NONCE.pack  # nonce_for(counter) -> the 12-byte nonce

@@ -39,7 +39,7 @@ class PacketType(IntEnum):
     KEEPALIVE = 2  # empty payload; proves liveness, keeps NAT mappings open
 
 
-_KNOWN_TYPES = frozenset(PacketType)
+_TYPES = {int(t): t for t in PacketType}  # a dict lookup: cheaper than PacketType(n)
 
 
 class Header(NamedTuple):
@@ -47,6 +47,9 @@ class Header(NamedTuple):
     key_epoch: int
     session_id: int
     counter: int
+
+
+_new_header = tuple.__new__  # Header(...) without the generated __new__'s extra frame
 
 
 def parse_header(datagram: bytes | bytearray | memoryview) -> Header:
@@ -62,14 +65,15 @@ def parse_header(datagram: bytes | bytearray | memoryview) -> Header:
     version, packet_type, key_epoch, session_id, counter = _HEADER.unpack_from(datagram)
     if version != PROTOCOL_VERSION:
         raise BadVersion(f"version {version}, expected {PROTOCOL_VERSION}")
-    if packet_type not in _KNOWN_TYPES:
+    known = _TYPES.get(packet_type)
+    if known is None:
         raise UnknownType(f"type {packet_type}")
-    if packet_type == PacketType.KEEPALIVE:
+    if known is PacketType.KEEPALIVE:
         if length != MIN_DATAGRAM_LEN:
             raise BadLength(f"keepalive with {length - MIN_DATAGRAM_LEN} payload bytes")
     elif length == MIN_DATAGRAM_LEN:
         raise BadLength("data packet with an empty payload")
-    return Header(PacketType(packet_type), key_epoch, session_id, counter)
+    return _new_header(Header, (known, key_epoch, session_id, counter))
 
 
 def build_header(packet_type: PacketType, key_epoch: int, session_id: int, counter: int) -> bytes:

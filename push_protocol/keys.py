@@ -141,10 +141,13 @@ class Keypair:
 
     def open(self, datagram: bytes, counter: int, now: float) -> bytes:
         """Authenticate, decrypt and record `counter`; raises PacketRejected."""
-        self._check_limits(self.received, now)
-        self.replay.check(counter)  # cheap rejection before the crypto
+        if self.received >= REJECT_AFTER_MESSAGES or now - self.created_at >= REJECT_AFTER_SECONDS:
+            self._check_limits(self.received, now)  # raises, saying which limit
+        replay = self.replay
+        if counter <= replay.highest:
+            replay.check(counter)  # cheap rejection before the crypto
         contexts = self._contexts or self._cache.build(self)
         payload = codec.open_payload(contexts[1], datagram, counter)
-        self.replay.update(counter)
+        replay.update(counter)
         self.received += 1
         return payload

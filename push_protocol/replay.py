@@ -46,14 +46,17 @@ class ReplayWindow:
 
     def update(self, counter: int) -> None:
         """Check `counter` and record it as seen."""
-        self.check(counter)
+        highest = self._highest
+        if counter <= highest:
+            self.check(counter)
         ring = self._ring
         if ring is None:
             ring = self._ring = array("Q", bytes(8 * REPLAY_RING_WORDS))
         index = counter >> _WORD_SHIFT
-        if counter > self._highest:
-            current = self._highest >> _WORD_SHIFT
-            for step in range(1, min(index - current, REPLAY_RING_WORDS) + 1):
-                ring[(current + step) & _RING_MASK] = 0
+        if counter > highest:
+            current = highest >> _WORD_SHIFT
+            if index != current:  # the window moves into new words: clear them
+                for step in range(1, min(index - current, REPLAY_RING_WORDS) + 1):
+                    ring[(current + step) & _RING_MASK] = 0
             self._highest = counter
         ring[index & _RING_MASK] |= 1 << (counter & _BIT_MASK)

@@ -45,6 +45,8 @@ _MAX_IP_LEN = 65535
 
 _ACK, _PSH = 0x10, 0x08
 _IP_WORDS = struct.Struct("!10H")
+# IPv4 header without options, then the TCP header without options
+_IPV4_TCP = struct.Struct("!BBHHHBBH12sIIBBHHH")
 
 
 class _Flow:
@@ -75,37 +77,32 @@ def coalesce(packets: list[bytes]) -> list[tuple[list, int]]:
     writes: list = []  # (buffers, 1) or a _Flow, in the order of first packets
     flows: dict[bytes, _Flow] = {}
     merged: list[_Flow] = []
+    unpack = _IPV4_TCP.unpack_from
     for packet in packets:
         length = len(packet)
-        if (
-            length < 41
-            or packet[0] != 0x45  # IPv4 without options
-            or packet[9] != 6  # TCP
-            or packet[6] & 0x3F  # MF or a fragment offset
-            or packet[7]
-        ):
+        if length < 41 or packet[0] != 0x45:  # IPv4 without options
             writes.append(([PLAIN_HEADER, packet], 1))
             continue
-        header_len = 20 + ((packet[32] >> 4) << 2)
-        flags = packet[33]
+        (_, tos, total, _, frag, ttl, proto, _, key, seq, ack, offset, flags, window, _, urgent) = (
+            unpack(packet)
+        )
+        header_len = 20 + ((offset >> 4) << 2)
         size = length - header_len
         if (
-            flags & ~(_ACK | _PSH)
+            proto != 6
+            or frag & 0x3FFF  # MF or a fragment offset
+            or flags & ~(_ACK | _PSH)
             or not flags & _ACK
             or size <= 0
             or header_len < 40
-            or (packet[2] << 8 | packet[3]) != length
+            or total != length
         ):
             writes.append(([PLAIN_HEADER, packet], 1))
             continue
-        key = packet[12:24]  # addresses and ports
-        seq = int.from_bytes(packet[24:28], "big")
-        # what must be equal between merged segments: TOS; DF, TTL, protocol;
-        # ACK number and data offset; window; urgent pointer and options
-        signature = (
-            packet[1:2] + packet[6:10] + packet[28:33] + packet[34:36] + packet[38:header_len]
-        )
-        flow = flows.get(key)
+        # what must be equal between merged segments: TOS, DF, TTL, ACK number,
+        # data offset, window, urgent pointer and TCP options
+        signature = (tos, frag, ttl, ack, offset, window, urgent, packet[40:header_len])
+        flow = flows.get(key)  # key: addresses and ports
         if (
             flow is not None
             and seq == flow.next_seq

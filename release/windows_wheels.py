@@ -1,4 +1,4 @@
-"""Check that every runtime dependency of the client has Windows wheels.
+"""Check that every dependency of the client build has Windows wheels.
 
 The Windows executable is built on a Windows machine from wheels only (no
 compiler there), so each dependency in pyproject.toml, with its own
@@ -29,8 +29,10 @@ PYTHONS = ("3.11", "3.12")
 
 
 def requirements() -> list[str]:
+    """The runtime dependencies, and the groups the Windows workflow installs."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return [*project["dependencies"], *project["optional-dependencies"]["client-exe"]]
+    extras = project["optional-dependencies"]
+    return [*project["dependencies"], *extras["client-exe"], *extras["dev"]]
 
 
 def windows_only(wheel: Path, python: str) -> list[str]:

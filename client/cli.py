@@ -94,6 +94,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_disconnect(args: argparse.Namespace) -> int:
     host = current_host()
+    host.check_privileges()  # stopping a client and undoing routes need them too
     path = _status_path(host, args)
     try:
         status = read_status(path)

@@ -122,7 +122,7 @@ class Lab:
 
 
 def socket_in(
-    ns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM
+    ns: str, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM, proto: int = 0
 ) -> socket.socket:
     """A socket that lives in namespace `ns`, for use in this process.
 
@@ -133,7 +133,7 @@ def socket_in(
     ours, theirs = socket.socketpair()
     code = (
         "import socket,sys;"
-        f"s=socket.socket({int(family)},{int(kind)});"
+        f"s=socket.socket({int(family)},{int(kind)},{int(proto)});"
         f"c=socket.socket(fileno={theirs.fileno()});"
         "socket.send_fds(c,[b'x'],[s.fileno()])"
     )

@@ -14,18 +14,29 @@ PUSHGATE_SOAK_SECONDS makes every timed scenario run at least that long
 (`make soak`); by default they take a few seconds each.
 """
 
+import ctypes
 import json
 import os
 import re
+import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 
+import grpc
 import pytest
 
-from netlab import Lab, http_get, metrics, wait_for
+from netlab import Lab, http_get, metrics, socket_in, wait_for
 from netlab.gateway import DATAPLANE_PORT, GATEWAY, LAN_HOST, GatewayLab
+from netlab.packets import ipv4_udp
 from netlab.transfer import expected_sha256
+from push_protocol.aead import CipherSuite, new_aead
+from push_protocol.codec import PacketType, parse_header, seal
+from push_protocol.constants import REPLAY_WINDOW_SIZE
+from pushgate_api import control_pb2, control_pb2_grpc
 
 SOAK_SECONDS = float(os.environ.get("PUSHGATE_SOAK_SECONDS", "0"))
 RESULTS = os.environ.get("PUSHGATE_RESULTS")
@@ -108,6 +119,39 @@ class Hostile:
                 return samples
             last = received
             time.sleep(0.3)
+
+    def feed_sessions(self) -> dict[int, control_pb2.Session]:
+        """What the auth service's session feed lists (its control socket, as root)."""
+        path = os.path.join(self.gw.workdir, "run", "control.sock")
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            listing = control_pb2_grpc.SessionFeedStub(channel).ListSessions(
+                control_pb2.ListSessionsRequest(), timeout=10
+            )
+        return {s.session_id: s for s in listing.sessions}
+
+    def stats(self) -> dict[int, control_pb2.SessionStats]:
+        """Per-session state from the dataplane's DataplaneStats service."""
+        path = os.path.join(self.gw.workdir, "run", "dataplane.sock")
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            listing = control_pb2_grpc.DataplaneStatsStub(channel).ListSessionStats(
+                control_pb2.ListSessionStatsRequest(), timeout=10
+            )
+        return {s.session_id: s for s in listing.sessions}
+
+    def client_dev(self, index: int) -> str:
+        """The client namespace's underlay veth."""
+        out = self.lab.exec(self.gw.clients[index], ["ip", "-o", "link", "show", "type", "veth"])
+        return out.stdout.split(":")[1].strip().split("@")[0]
+
+    def just_rekeyed(self, index: int) -> None:
+        """Return right after client `index` rekeyed: the next rekey is KEY_LIFETIME s away."""
+        epoch = self.gw.status(index)["tunnel"].split("key epoch ")[1]
+        wait_for(
+            lambda: self.gw.status(index)["tunnel"].split("key epoch ")[1] != epoch,
+            3 * KEY_LIFETIME + 10,
+            interval=0.05,
+            what="a rekey",
+        )
 
     def session_id(self, index: int) -> int:
         return int(self.gw.status(index)["tunnel"].split("session ")[1].split()[0], 16)
@@ -387,3 +431,340 @@ def test_rekeys_under_traffic_lose_nothing(h):
     assert all(v == 0 for v in key_drops.values()), key_drops
     assert delta(after, before, metrics.total, "pushgate_dataplane_session_expiries_total") == 0
     assert logins == 0 and [h.session_id(0), h.session_id(1)] == sessions  # no re-login
+
+
+# -- malformed and crafted --------------------------------------------------------------------
+
+STATE_FIELDS = ("endpoint", "rx_packets", "rx_bytes", "last_received_unix_ms", "key_epoch")
+
+
+def crafted(alice: control_pb2.Session, live: set[int]) -> list[tuple[str, bytes]]:
+    """(reason, datagram) for every kind of wrong datagram the wire can carry."""
+    sid, keys = alice.session_id, alice.current_keys
+    epoch = keys.key_epoch
+
+    def header(version=1, kind=PacketType.DATA, ep=epoch, session=sid, counter=1 << 62):
+        return struct.pack("!BBHIQ", version, kind, ep, session, counter)
+
+    body = os.urandom(64)
+    out = [("too_short", b"")]
+    out += [("too_short", (header() + body)[:n]) for n in range(1, 32)]  # truncated
+    out += [("bad_version", header(version=v) + body) for v in range(256) if v != 1]
+    out += [("unknown_type", header(kind=t) + body) for t in range(256) if t not in (1, 2)]
+    out += [
+        ("bad_length", header(kind=PacketType.KEEPALIVE) + bytes(17)),  # keepalive with data
+        ("bad_length", header(kind=PacketType.KEEPALIVE) + bytes(1000)),
+        ("bad_length", header(kind=PacketType.DATA) + bytes(16)),  # data without any
+    ]
+    unknown = next(i for i in range(sid ^ 0x5A5A5A5A, 1 << 32) if i not in live)
+    out += [("unknown_session", header(session=unknown, counter=n) + body) for n in range(10)]
+    out += [("unknown_key", header(ep=(epoch + 7) % 65536, counter=n) + body) for n in range(10)]
+    out += [("bad_tag", header(counter=(1 << 62) + n) + body) for n in range(20)]
+    out += [("bad_tag", header(counter=(1 << 63) + n) + os.urandom(65507 - 16)) for n in range(5)]
+    aead = new_aead(CipherSuite.AES_256_GCM, keys.client_to_server_key)  # alice's own key
+    for n in range(10):
+        forged = bytearray(seal(aead, PacketType.DATA, epoch, sid, (1 << 61) + n, b"E" + bytes(40)))
+        forged[20 + n] ^= 0x01  # one flipped bit in the ciphertext
+        out.append(("bad_tag", bytes(forged)))
+    return out
+
+
+def test_crafted_datagrams_are_counted_by_reason_and_touch_no_session_state(h):
+    """Every wrong version and type, truncated, unknown session and key, bad tags (some
+    65507 bytes long, some a real packet of alice's key with one bit flipped): each
+    under its reason, and alice's record in the dataplane does not move at all.
+    (A datagram over 65507 bytes cannot be sent over IPv4, so `too_long` is left to
+    the codec's tests.) Alice is stopped meanwhile, so nothing else moves it."""
+    alice_id = h.session_id(0)
+    sessions = h.feed_sessions()
+    datagrams = crafted(sessions[alice_id], set(sessions))
+    expected: dict[str, int] = {}
+    for reason, _ in datagrams:
+        expected[reason] = expected.get(reason, 0) + 1
+    attacker = socket_in(h.atk)
+    alice = h.gw.client_processes[0]
+    os.kill(alice.pid, signal.SIGSTOP)
+    try:
+        time.sleep(0.3)
+        before, state_before = h.settled(), h.stats()[alice_id]
+        for _, datagram in datagrams:
+            attacker.sendto(datagram, (GATEWAY, DATAPLANE_PORT))
+            time.sleep(0.0005)  # well inside the dataplane's capacity: nothing overflows
+        after, state_after = h.settled(), h.stats()[alice_id]
+    finally:
+        os.kill(alice.pid, signal.SIGCONT)
+        attacker.close()
+    counted = {r: int(delta(after, before, drops, r)) for r in expected}
+    moved = {f: (getattr(state_before, f), getattr(state_after, f)) for f in STATE_FIELDS}
+    record(
+        "crafted",
+        datagrams=len(datagrams),
+        expected=expected,
+        counted=counted,
+        other_drops={k: v for k, v in all_drops(after, before).items() if k[8:] not in expected},
+        alice_state={f: a == b for f, (a, b) in moved.items()},
+        last_drop_reason=state_after.last_drop_reason,
+    )
+    assert counted == expected
+    assert all(a == b for a, b in moved.values()), moved
+    assert state_after.state == "active" and state_after.endpoint.startswith("198.18.1.2:")
+    # Bad tags with counters up to 2^63 did not move alice's replay window.
+    ping = h.ping(0, 20, interval=0.05)
+    assert ping_loss(ping) == (20, 20)
+    assert delta(h.dp(), after, drops, "too_old") == 0
+    assert_accounted(after)
+
+
+# -- replay and reorder ---------------------------------------------------------------------
+
+
+# Classic BPF on the packet socket (offsets from the Ethernet header): IPv4 UDP to the
+# dataplane port; everything else (the big GRO'd packets coming back) stays out.
+CAPTURE_FILTER = [
+    (0x28, 0, 0, 12),  # ldh [12]            ethertype
+    (0x15, 0, 6, 0x0800),  # jeq IPv4, else drop
+    (0x30, 0, 0, 23),  # ldb [23]            IP protocol
+    (0x15, 0, 4, 17),  # jeq UDP, else drop
+    (0xB1, 0, 0, 14),  # ldxb 4*([14]&0xf)   IP header length
+    (0x48, 0, 0, 16),  # ldh [x + 16]        UDP destination port
+    (0x15, 0, 1, DATAPLANE_PORT),
+    (0x06, 0, 0, 0x40000),  # accept
+    (0x06, 0, 0, 0),  # drop
+]
+SOL_PACKET, PACKET_VNET_HDR, PACKET_STATISTICS, SO_ATTACH_FILTER = 263, 15, 6, 26
+VIRTIO_GSO_UDP_L4 = 5
+
+
+class Capture:
+    """Alice's datagrams to the dataplane as they leave her namespace (AF_PACKET).
+
+    A sender may hand the kernel many datagrams in one UDP GSO buffer; with
+    PACKET_VNET_HDR the tap says so, and the buffer is cut into its datagrams."""
+
+    def __init__(self, h: Hostile) -> None:
+        self.sock = socket_in(h.gw.clients[0], socket.AF_PACKET, socket.SOCK_RAW)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+        program = b"".join(struct.pack("HBBI", *insn) for insn in CAPTURE_FILTER)
+        self._program = ctypes.create_string_buffer(program)
+        fprog = struct.pack("HL", len(CAPTURE_FILTER), ctypes.addressof(self._program))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        self.sock.bind((h.client_dev(0), 0x0003))  # ETH_P_ALL: taps see outgoing packets
+        self.sock.settimeout(0.2)
+        self.datagrams: list[bytes] = []  # UDP payloads, in the order they left
+        self.source: tuple[str, int] | None = None
+        self.buffers = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        gateway = socket.inet_aton(GATEWAY)
+        while not self._stop.is_set():
+            try:
+                frame, (_, ethertype, kind, *_) = self.sock.recvfrom(1 << 17)
+            except TimeoutError:
+                continue
+            gso_type, gso_size = frame[1], struct.unpack_from("<H", frame, 4)[0]
+            packet = frame[10 + 14 :]  # after struct virtio_net_hdr and the Ethernet header
+            if ethertype != 0x0800 or kind != socket.PACKET_OUTGOING:
+                continue
+            ihl = (packet[0] & 0x0F) * 4
+            if packet[9] != 17 or packet[16:20] != gateway:
+                continue
+            self.source = (socket.inet_ntoa(packet[12:16]), *struct.unpack_from("!H", packet, ihl))
+            payload = packet[ihl + 8 :]
+            self.buffers += 1
+            if gso_type & 0x7F == VIRTIO_GSO_UDP_L4 and gso_size:
+                self.datagrams += [
+                    payload[i : i + gso_size] for i in range(0, len(payload), gso_size)
+                ]
+            else:
+                self.datagrams.append(payload)
+
+    def stop(self) -> int:
+        """Stop; the number of packets the kernel could not queue for us."""
+        self._stop.set()
+        self._thread.join(5)
+        _, dropped = struct.unpack("II", self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8))
+        self.sock.close()
+        return dropped
+
+
+def test_replays_are_rejected_and_counted_and_never_move_the_endpoint(h):
+    """Alice's real datagrams, captured on her link, replayed from the attacker: those
+    still inside the window are `replay`, those the window has moved past are
+    `too_old`, datagram for datagram. The expected reason of each comes from the
+    capture itself: per key epoch, how far the highest counter alice sent is ahead."""
+    alice_id = h.session_id(0)
+    h.just_rekeyed(0)  # so that most of what follows is under one key epoch
+    capture = Capture(h)
+    try:
+        assert ping_loss(h.ping(0, 10, interval=0.02)) == (10, 10)
+        ok, _ = fetched(h.fetch(0))  # thousands of ACKs ...
+        flood = ["ping", "-f", "-c", "6000", "-W", "1", LAN_HOST]  # ... and 6000 echo requests
+        h.lab.exec(h.gw.clients[0], flood, check=False, timeout=120)
+        assert ping_loss(h.ping(0, 10, interval=0.02)) == (10, 10)
+    finally:
+        capture_drops = capture.stop()
+    assert ok and capture_drops == 0
+    headers = [parse_header(d) for d in capture.datagrams]
+    highest: dict[int, int] = {}
+    for header in headers:
+        highest[header.key_epoch] = max(highest.get(header.key_epoch, 0), header.counter)
+    current = h.stats()[alice_id].key_epoch
+    held = {current, (current - 1) % 65536}  # previous keys stay for 30 s
+    chosen: list[tuple[str, bytes]] = []
+    margin = 200  # leave out counters near the window's edge
+    for header, datagram in zip(headers, capture.datagrams, strict=True):
+        if header.key_epoch not in held:
+            continue
+        behind = highest[header.key_epoch] - header.counter
+        if behind >= REPLAY_WINDOW_SIZE + margin:
+            chosen.append(("too_old", datagram))
+        elif behind < REPLAY_WINDOW_SIZE - margin:
+            chosen.append(("replay", datagram))
+    old = [c for c in chosen if c[0] == "too_old"][:200]
+    recent = [c for c in chosen if c[0] == "replay"][-200:]
+    attacker = socket_in(h.atk)
+    before = h.settled()
+    for _, datagram in old + recent:
+        attacker.sendto(datagram, (GATEWAY, DATAPLANE_PORT))
+        time.sleep(0.0005)
+    after = h.settled()
+    attacker.close()
+    counted = {r: int(delta(after, before, drops, r)) for r in ("replay", "too_old")}
+    record(
+        "replay",
+        captured=len(capture.datagrams),
+        epochs_seen=len(highest),
+        replayed={"too_old": len(old), "replay": len(recent)},
+        counted=counted,
+        endpoint=h.stats()[alice_id].endpoint,
+    )
+    assert len(old) >= 50 and len(recent) >= 10, "the capture did not move the window far"
+    assert counted == {"replay": len(recent), "too_old": len(old)}
+    assert h.stats()[alice_id].endpoint.startswith("198.18.1.2:")  # not the attacker's
+
+
+HOLD = """
+table inet pghostile {
+  chain input {
+    type filter hook input priority 0; ip saddr 198.18.1.2 udp dport 51820 counter drop;
+  }
+}
+"""
+
+
+def test_reordered_packets_in_the_window_are_accepted_and_duplicates_counted(h):
+    """Alice's datagrams are held back at the gateway (nftables drops and counts them)
+    while captured on her link; then the very same IP packets are sent again from
+    her namespace (a raw socket: same source address and port) in reverse order:
+    every one is accepted. Sent once more, every one is a `replay`. Alice is
+    stopped meanwhile, so her record in the dataplane counts only these."""
+    alice_id, ns = h.session_id(0), h.gw.clients[0]
+    h.just_rekeyed(0)  # so that no rekey falls into what follows
+    h.lab.exec(h.gw.gw, ["nft", "-f", "-"], input=HOLD)
+    capture = Capture(h)
+    try:
+        h.ping(0, 40, interval=0.02).communicate(timeout=60)  # lost: held back
+        time.sleep(0.2)
+    finally:
+        capture_drops = capture.stop()
+        out = h.lab.exec(h.gw.gw, ["nft", "list", "table", "inet", "pghostile"]).stdout
+        h.lab.exec(h.gw.gw, ["nft", "delete", "table", "inet", "pghostile"])
+    held = int(re.search(r"counter packets (\d+)", out)[1])
+    captured = capture.datagrams
+    assert capture_drops == 0 and held >= 1 and len(captured) >= 40
+    source = (capture.source[0], capture.source[1])
+    raw = socket_in(ns, socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    alice = h.gw.client_processes[0]
+
+    def send(datagrams):
+        for datagram in datagrams:
+            packet = ipv4_udp(source[0], GATEWAY, source[1], DATAPLANE_PORT, datagram)
+            raw.sendto(packet, (GATEWAY, 0))
+            time.sleep(0.001)
+
+    os.kill(alice.pid, signal.SIGSTOP)
+    try:
+        first, state_first = h.settled(), h.stats()[alice_id]
+        send(reversed(captured))
+        second, state_second = h.settled(), h.stats()[alice_id]
+        send(captured)
+        third, state_third = h.settled(), h.stats()[alice_id]
+    finally:
+        os.kill(alice.pid, signal.SIGCONT)
+        raw.close()
+    reversed_in = {r: int(delta(second, first, drops, r)) for r in ("replay", "too_old")}
+    again = {r: int(delta(third, second, drops, r)) for r in ("replay", "too_old")}
+    accepted = state_second.rx_packets - state_first.rx_packets
+    record(
+        "reorder and duplicates",
+        held_at_gateway=held,
+        captured=len(captured),
+        reversed_accepted=accepted,
+        reversed_drops=all_drops(second, first),
+        sent_again_drops=all_drops(third, second),
+        accepted_again=state_third.rx_packets - state_second.rx_packets,
+        epochs_captured=sorted({parse_header(d).key_epoch for d in captured}),
+        dataplane_epoch=(state_first.key_epoch, state_third.key_epoch),
+    )
+    assert accepted == len(captured) and reversed_in == {"replay": 0, "too_old": 0}
+    assert again == {"replay": len(captured), "too_old": 0}
+    assert state_third.rx_packets == state_second.rx_packets
+    assert state_third.endpoint == state_first.endpoint
+    assert ping_loss(h.ping(0, 10, interval=0.05)) == (10, 10)
+
+
+# -- spoofing -----------------------------------------------------------------------------
+
+
+def test_spoofed_inner_sources_and_packets_to_nobody(h):
+    """Alice's own client seals packets whose inner source is not hers (an unused
+    tunnel address, and bob's): each is `spoofed_source`. The gateway's kernel
+    sends packets into the TUN for a tunnel address no session owns: each is
+    `no_route` on the way out. Nothing of either reaches anyone."""
+    ns = h.gw.clients[0]
+    bob_address = h.gw.status(1)["tunnel"].split()[1].split("/")[0]
+    spoofs = ["198.19.0.250", bob_address]
+    count = 25
+    before = h.settled()
+    for address in spoofs:
+        h.lab.exec(ns, ["ip", "address", "add", f"{address}/32", "dev", "lo"])
+    try:
+        for address in spoofs:
+            h.lab.exec(ns, [sys.executable, "-c", SEND_UDP, address, LAN_HOST, str(count)])
+    finally:
+        for address in spoofs:
+            h.lab.exec(ns, ["ip", "address", "del", f"{address}/32", "dev", "lo"], check=False)
+    h.lab.exec(h.gw.gw, [sys.executable, "-c", SEND_UDP, "198.19.0.1", "198.19.0.251", str(count)])
+    wait_for(
+        lambda: delta(h.dp(), before, drops, "no_route", "outbound") >= count,
+        10,
+        what="the packets to nobody",
+    )
+    after = h.settled()
+    spoofed = int(delta(after, before, drops, "spoofed_source"))
+    no_route = int(delta(after, before, drops, "no_route", "outbound"))
+    record(
+        "spoofing",
+        spoofed_sent=count * len(spoofs),
+        spoofed_source=spoofed,
+        to_nobody_sent=count,
+        no_route=no_route,
+        all_drops=all_drops(after, before),
+    )
+    assert spoofed == count * len(spoofs)
+    assert no_route == count
+    assert_accounted(after)
+
+
+SEND_UDP = """
+import socket, sys
+source, target, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((source, 0))
+for n in range(count):
+    s.sendto(b"spoofed %d" % n, (target, 9))
+"""

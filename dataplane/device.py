@@ -15,7 +15,8 @@ import socket
 import time
 
 import udpio
-from push_protocol.codec import parse_header
+from push_protocol.codec import header_drop_reason, parse_header
+from push_protocol.constants import MIN_DATAGRAM_LEN, PROTOCOL_VERSION
 from push_protocol.drops import DropReason, PacketRejected
 from tundev.linux import LinuxTun
 
@@ -119,6 +120,7 @@ class Device:
         recvmsg = self.sock.recvmsg if self._gro else None
         inbound = self._inbound
         now = self.clock()
+        bad_headers = 0
         try:
             for _ in range(BATCH):
                 try:
@@ -127,7 +129,12 @@ class Device:
                         datagrams = None
                     else:  # with GRO one call may bring several datagrams of a flow
                         data, ancdata, _, source = recvmsg(RECV_SIZE, udpio.GRO_CMSG_SPACE)
-                        datagrams = udpio.split(data, ancdata) if ancdata else None
+                        datagrams = None
+                        if ancdata:
+                            size = udpio.segment_size(data, ancdata)
+                            if self._drop_noise_batch(data, size, source):
+                                continue
+                            datagrams = [data[i : i + size] for i in range(0, len(data), size)]
                 except BlockingIOError:
                     return
                 except OSError as error:
@@ -136,6 +143,12 @@ class Device:
                     continue
                 for datagram in datagrams or (data,):
                     counters.datagrams_received += 1
+                    reason = header_drop_reason(datagram)  # noise stops here, cheaply
+                    if reason is not None:
+                        drops[reason] += 1
+                        bad_headers += 1
+                        bad_source, bad_reason = source, reason
+                        continue
                     reason = inbound(datagram, source, now)
                     if reason is None:
                         counters.datagrams_delivered += 1
@@ -144,6 +157,34 @@ class Device:
         finally:
             if self._tun_pending:
                 self._flush_tun()
+            if bad_headers:  # one (rate-limited) line per callback, not per datagram
+                self._bad_input_log.warning(
+                    "header",
+                    "dropped %d datagrams with bad headers, the last from %s: %s",
+                    bad_headers,
+                    bad_source[0],
+                    bad_reason.value,
+                )
+
+    def _drop_noise_batch(self, data: bytes, size: int, source) -> bool:
+        """Count a whole GRO batch as dropped, each datagram under its own reason,
+        when its headers show at a glance that none can be a push packet: all too
+        short, or not one with our version byte. False: look at each one."""
+        count = -(-len(data) // size)
+        if size < MIN_DATAGRAM_LEN:  # the last one is no longer than the others
+            reason = DropReason.TOO_SHORT
+        elif PROTOCOL_VERSION not in data[::size]:  # every datagram's first byte
+            reason = DropReason.BAD_VERSION
+            if len(data) % size and len(data) % size < MIN_DATAGRAM_LEN:
+                return False  # a short last one is too_short first: look at each
+        else:
+            return False
+        self.counters.datagrams_received += count
+        self.counters.inbound_drops[reason] += count
+        self._bad_input_log.warning(
+            "header", "dropped %d datagrams from %s: %s", count, source[0], reason.value
+        )
+        return True
 
     def _inbound(self, datagram: bytes, source, now: float):
         """Where one datagram ends: None if delivered, PENDING if held for the TUN

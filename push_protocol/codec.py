@@ -28,7 +28,16 @@ from .constants import (
     MIN_DATAGRAM_LEN,
     PROTOCOL_VERSION,
 )
-from .drops import BadLength, BadTag, BadVersion, TooLong, TooShort, UnknownType, UsageError
+from .drops import (
+    BadLength,
+    BadTag,
+    BadVersion,
+    DropReason,
+    TooLong,
+    TooShort,
+    UnknownType,
+    UsageError,
+)
 
 _HEADER = struct.Struct("!BBHIQ")
 assert _HEADER.size == HEADER_LEN
@@ -74,6 +83,28 @@ def parse_header(datagram: bytes | bytearray | memoryview) -> Header:
     elif length == MIN_DATAGRAM_LEN:
         raise BadLength("data packet with an empty payload")
     return _new_header(Header, (known, key_epoch, session_id, counter))
+
+
+def header_drop_reason(datagram: bytes | bytearray | memoryview) -> DropReason | None:
+    """The reason `parse_header` would reject `datagram` for, or None if it would not.
+
+    The same checks in the same order, without building an exception: the
+    receive loop's first look at every datagram, so a flood of noise is counted
+    at the cost of a few comparisons each.
+    """
+    length = len(datagram)
+    if length < MIN_DATAGRAM_LEN:
+        return DropReason.TOO_SHORT
+    if length > MAX_DATAGRAM_LEN:
+        return DropReason.TOO_LONG
+    if datagram[0] != PROTOCOL_VERSION:
+        return DropReason.BAD_VERSION
+    packet_type = datagram[1]
+    if packet_type == PacketType.DATA:
+        return DropReason.BAD_LENGTH if length == MIN_DATAGRAM_LEN else None
+    if packet_type == PacketType.KEEPALIVE:
+        return DropReason.BAD_LENGTH if length != MIN_DATAGRAM_LEN else None
+    return DropReason.UNKNOWN_TYPE
 
 
 def build_header(packet_type: PacketType, key_epoch: int, session_id: int, counter: int) -> bytes:

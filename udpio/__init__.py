@@ -51,14 +51,23 @@ def enable_gro(sock: socket.socket) -> bool:
     return True
 
 
-def split(data: bytes, ancdata: list) -> list[bytes]:
-    """The datagrams in one `recvmsg` result of a GRO socket."""
+def segment_size(data: bytes, ancdata: list) -> int:
+    """The size of the datagrams glued in one `recvmsg` result of a GRO socket
+    (the last may be shorter); len(data) when it holds one datagram."""
     for level, kind, value in ancdata:
         if level == SOL_UDP and kind == UDP_GRO and len(value) >= _GRO_SIZE.size:
             size = _GRO_SIZE.unpack_from(value)[0]
             if 0 < size < len(data):
-                return [data[i : i + size] for i in range(0, len(data), size)]
-    return [data]
+                return size
+    return len(data)
+
+
+def split(data: bytes, ancdata: list) -> list[bytes]:
+    """The datagrams in one `recvmsg` result of a GRO socket."""
+    size = segment_size(data, ancdata)
+    if size == len(data):
+        return [data]
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 def runs(datagrams: list[bytes]) -> list[list[bytes]]:

@@ -14,6 +14,7 @@ from push_protocol.keys import KeyMaterial
 from pushgate_api import auth_pb2, auth_pb2_grpc
 
 RPC_TIMEOUT_SECONDS = 10.0
+RECONNECT_BACKOFF_MAX_MS = 5000
 
 _CIPHERS = {
     auth_pb2.CIPHER_SUITE_AES_256_GCM: CipherSuite.AES_256_GCM,
@@ -43,6 +44,7 @@ class ClientSession:
     keepalive_seconds: float
     key_lifetime_seconds: float
     endpoint: tuple[str, int]
+    expires_at: float  # unix seconds: the session ends then unless rekeyed; 0 if not said
 
     def __repr__(self) -> str:  # the token and keys never reach a log line
         return f"ClientSession(id={self.session_id:#010x}, address={self.tunnel_address})"
@@ -94,7 +96,11 @@ class AuthClient:
                 root = handle.read()
         except OSError as error:
             raise ClientError(f"cannot read CA file {ca_path}: {error}", retryable=False) from None
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        # gRPC's reconnect backoff grows to 120 s by default: after an outage of the
+        # auth service, rekeys would then fail at once for minutes after it is back.
+        options = [("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS)]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         self._channel = grpc.aio.secure_channel(
             target, grpc.ssl_channel_credentials(root_certificates=root), options=options
         )
@@ -128,11 +134,13 @@ class AuthClient:
             keepalive_seconds=float(response.keepalive_seconds or 10),
             key_lifetime_seconds=float(response.key_lifetime_seconds or 600),
             endpoint=(endpoint.host, endpoint.port),
+            expires_at=response.expires_at_unix_ms / 1000,
         )
 
-    async def rekey(self, token: str) -> KeyMaterial:
+    async def rekey(self, token: str) -> tuple[KeyMaterial, float]:
+        """New keys, and when the session now ends unless rekeyed (unix seconds)."""
         response = await self._call(self._stub.Rekey, auth_pb2.RekeyRequest(session_token=token))
-        return key_material(response.keys, time.time())
+        return key_material(response.keys, time.time()), response.expires_at_unix_ms / 1000
 
     async def session_alive(self, token: str) -> bool:
         """False if the auth service no longer knows the session; raises if unreachable."""

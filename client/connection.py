@@ -29,6 +29,10 @@ TICK_SECONDS = 0.5
 HANDSHAKE_TIMEOUT_SECONDS = 5.0
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
+# A failed rekey is retried after this long (WireGuard's REKEY_TIMEOUT), or sooner
+# when the session would expire first: four tries fit before the keys' hard limit.
+REKEY_RETRY_SECONDS = 5.0
+REKEY_RETRY_MIN_SECONDS = 0.25
 
 
 @dataclass
@@ -58,6 +62,13 @@ class Backoff:
         self.attempt = 0
 
 
+def rekey_retry_delay(now: float, expires_at: float) -> float:
+    """How long to wait before trying a failed rekey again (times in seconds)."""
+    if expires_at <= 0:  # the auth service did not say when the session ends
+        return REKEY_RETRY_SECONDS
+    return min(REKEY_RETRY_SECONDS, max(REKEY_RETRY_MIN_SECONDS, (expires_at - now) / 4))
+
+
 class Connection:
     def __init__(
         self, options: ConnectOptions, clock=time.time, host: ClientHost | None = None
@@ -75,6 +86,7 @@ class Connection:
         self._stop = asyncio.Event()
         self._backoff = Backoff()
         self._rekey_at = 0.0
+        self._expires_at = 0.0  # when the session ends unless rekeyed (unix seconds)
         self._since = 0.0  # when we last (re)started waiting for the server
 
     @property
@@ -161,6 +173,7 @@ class Connection:
         )
         self.datapath.start()
         self._rekey_at = now + info.key_lifetime_seconds
+        self._expires_at = info.expires_at
         log.info(
             "tunnel %s up with %s, session %#010x, dataplane %s:%d",
             self.tun.name,
@@ -180,6 +193,7 @@ class Connection:
             return
         session = self.datapath.session
         start = self.clock()
+        session.handle_timer(start)  # keys renewed while reconnecting take over (below)
         self.datapath.send_keepalive()
         while self.clock() - start < HANDSHAKE_TIMEOUT_SECONDS and not self._stop.is_set():
             await self._sleep(0.1)
@@ -208,6 +222,10 @@ class Connection:
             await self._teardown(logout=False)
             self._event(ClientEvent.RELOGIN)
             return
+        if self.clock() >= self._rekey_at:
+            # The UDP path is down, but the auth service may answer: fresh keys keep
+            # the session alive through an outage longer than the keys' lifetime.
+            await self._renew_keys(self.clock())
         self.datapath.rebind()
         await self._sleep(self._backoff.next_delay())
 
@@ -229,18 +247,23 @@ class Connection:
 
     async def _rekey(self, now: float) -> None:
         self._event(ClientEvent.REKEY_STARTED)
+        renewed = await self._renew_keys(now)
+        self._event(ClientEvent.REKEY_DONE if renewed else ClientEvent.REKEY_FAILED)
+
+    async def _renew_keys(self, now: float) -> bool:
+        """New keys from the auth service, installed; if that fails, when to retry."""
         try:
-            keys = await self.auth.rekey(self.session_info.token)
+            keys, expires_at = await self.auth.rekey(self.session_info.token)
             self.datapath.session.install_next(keys, self.clock())
         except ClientError as error:
             self.last_error = f"rekey failed: {error}"
             log.warning("%s", self.last_error)
-            self._rekey_at = now + 10.0
-            self._event(ClientEvent.REKEY_FAILED)
-            return
+            self._rekey_at = now + rekey_retry_delay(now, self._expires_at)
+            return False
+        self._expires_at = expires_at
         self._rekey_at = keys.created_at + self.session_info.key_lifetime_seconds
         log.info("rekeyed: key epoch %d", keys.epoch)
-        self._event(ClientEvent.REKEY_DONE)
+        return True
 
     async def _teardown(self, *, logout: bool) -> None:
         if self.datapath is not None:

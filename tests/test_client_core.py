@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from client.connection import Backoff
+from client.connection import REKEY_RETRY_SECONDS, Backoff, rekey_retry_delay
 from client.netplan import UnderlayRoute, parse_route_get, plan_network
 from client.state import (
     TRANSITIONS,
@@ -114,6 +114,16 @@ def test_backoff_grows_with_jitter_and_resets():
         assert ceiling / 2 <= delay <= ceiling
     backoff.reset()
     assert backoff.next_delay() <= 1.0
+
+
+def test_a_failed_rekey_is_retried_well_before_the_session_expires():
+    # Production defaults (rekey at 600 s, keys end at 900 s): every WireGuard-like 5 s.
+    assert rekey_retry_delay(600.0, 900.0) == REKEY_RETRY_SECONDS
+    # Little time left: a quarter of it, so several tries fit before the end ...
+    assert rekey_retry_delay(100.0, 104.0) == 1.0
+    # ... but never a busy loop, also when the end has passed.
+    assert rekey_retry_delay(100.0, 100.1) == rekey_retry_delay(100.0, 90.0) == 0.25
+    assert rekey_retry_delay(100.0, 0.0) == REKEY_RETRY_SECONDS  # end not known
 
 
 def test_status_round_trip_and_format(tmp_path):

@@ -18,7 +18,7 @@ from pushgate_api import control_pb2_grpc
 from tundev.linux import LinuxTun
 
 from .device import Device
-from .metrics import Counters, loop_lag_histogram, register_collectors
+from .metrics import Counters, KernelDrops, loop_lag_histogram, register_collectors
 from .registry import Registry
 from .stats_api import DataplaneStatsServicer
 from .sync import SessionSync
@@ -117,7 +117,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         gateway_address=cfg.gateway.gateway_address,
         loop_lag_histogram=loop_lag_histogram(prometheus),
     )
-    register_collectors(prometheus, counters, registry, device.queues)
+    register_collectors(prometheus, counters, registry, device.queues, KernelDrops(sock, tun.name))
     device.start(loop)
     metrics_server = await serve_metrics(prometheus, *cfg.dataplane.metrics_listen)
     stats_server = await serve_stats(registry, cfg.dataplane.stats_socket)

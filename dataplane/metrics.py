@@ -12,7 +12,10 @@ a bounded output queue; a queued packet that later fails to be written is
 counted in pushgate_dataplane_io_errors_total.
 """
 
+import os
+import socket
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Histogram
@@ -89,6 +92,42 @@ class Counters:
     stalled_sessions: int = 0
 
 
+class KernelDrops:
+    """What the kernel dropped on its side of our two file descriptors, read at scrape
+    time (never on the hot path): datagrams for the push socket that did not fit its
+    receive buffer, and packets for the dataplane that did not fit the TUN's queue
+    (both mean the dataplane read slower than traffic arrived). Missing files (another
+    network namespace, an older kernel) read as nothing rather than failing a scrape."""
+
+    def __init__(self, sock: socket.socket, tun_name: str, proc: str = "/proc") -> None:
+        self._inode = os.fstat(sock.fileno()).st_ino
+        self._udp_tables = [f"{proc}/net/udp", f"{proc}/net/udp6"]
+        self._tun_dropped = f"/sys/class/net/{tun_name}/statistics/tx_dropped"
+
+    def __call__(self) -> dict[str, int]:
+        return {"udp_receive_buffer": self._udp_drops(), "tun_queue": self._tun_drops()}
+
+    def _udp_drops(self) -> int:
+        inode = str(self._inode)
+        for path in self._udp_tables:
+            try:
+                with open(path) as table:
+                    for line in table:
+                        fields = line.split()
+                        if len(fields) > 12 and fields[9] == inode:
+                            return int(fields[-1])  # the last column: drops
+            except OSError:
+                continue
+        return 0
+
+    def _tun_drops(self) -> int:
+        try:
+            with open(self._tun_dropped) as handle:
+                return int(handle.read())
+        except (OSError, ValueError):
+            return 0
+
+
 class DataplaneCollector:
     def __init__(
         self,
@@ -96,11 +135,13 @@ class DataplaneCollector:
         registry: Registry,
         queues: list[BoundedQueue],
         cipher_cache: CipherCache = DEFAULT_CIPHER_CACHE,
+        kernel_drops: Callable[[], dict[str, int]] | None = None,
     ):
         self._c = counters
         self._registry = registry
         self._queues = queues
         self._cipher_cache = cipher_cache
+        self._kernel_drops = kernel_drops
 
     def collect(self):
         c = self._c
@@ -138,6 +179,16 @@ class DataplaneCollector:
             for reason, value in table.items():
                 drops.add_metric([direction, reason.value], value)
         yield drops
+        if self._kernel_drops is not None:
+            kernel = CounterMetricFamily(
+                prefix + "kernel_drops",
+                "Packets the kernel dropped before the dataplane could read them: "
+                "push datagrams over the socket's receive buffer, packets over the TUN's queue",
+                labels=["where"],
+            )
+            for where, value in self._kernel_drops().items():
+                kernel.add_metric([where], value)
+            yield kernel
         packets = CounterMetricFamily(
             prefix + "packets", "Tunnel packets by direction", labels=["direction"]
         )
@@ -228,7 +279,9 @@ def register_collectors(
     counters: Counters,
     registry: Registry,
     queues: list[BoundedQueue],
+    kernel_drops: Callable[[], dict[str, int]] | None = None,
 ) -> None:
-    """Our counters, and the process' CPU, memory and file descriptors."""
-    prometheus.register(DataplaneCollector(counters, registry, queues))
+    """Our counters, the kernel's drops next to them, and the process' CPU, memory and
+    file descriptors."""
+    prometheus.register(DataplaneCollector(counters, registry, queues, kernel_drops=kernel_drops))
     ProcessCollector(registry=prometheus)

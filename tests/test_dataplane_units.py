@@ -1,14 +1,16 @@
-"""Pure parts of the dataplane: inner packets, ICMP, MSS, registry, queues, config."""
+"""Pure parts of the dataplane: inner packets, ICMP, MSS, registry, queues, config;
+and the kernel-drop reader, against a real socket on 127.0.0.1."""
 
 import ipaddress
 import os
+import socket
 import struct
 
 import pytest
 
 import gateway_config as config
 from dataplane import inner
-from dataplane.metrics import BoundedQueue
+from dataplane.metrics import BoundedQueue, KernelDrops
 from dataplane.registry import Registry, SessionRecord, packed_address
 from dataplane.routing import Action, Router
 from netlab.packets import ipv4_tcp_syn, ipv4_udp
@@ -164,3 +166,27 @@ def test_routing_from_the_tun():
         DropReason.NO_ROUTE
     )
     assert router.from_tun(b"").reason is DropReason.INNER_MALFORMED
+
+
+def test_kernel_drops_read_the_sockets_own_receive_buffer_overflows():
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    receiver.bind(("127.0.0.1", 0))
+    bystander = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # its drops are not ours
+    bystander.bind(("127.0.0.1", 0))
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with receiver, bystander, sender:
+        kernel = KernelDrops(receiver, "pg-no-such-tun")
+        assert kernel() == {"udp_receive_buffer": 0, "tun_queue": 0}  # no TUN: nothing
+        for _ in range(200):  # nobody reads: the 4 KiB buffer overflows after a few
+            sender.sendto(bytes(1000), receiver.getsockname())
+        received = 0
+        receiver.setblocking(False)
+        while True:
+            try:
+                receiver.recv(2048)
+                received += 1
+            except BlockingIOError:
+                break
+        assert kernel()["udp_receive_buffer"] == 200 - received > 0
+        assert KernelDrops(bystander, "pg-no-such-tun")()["udp_receive_buffer"] == 0

@@ -21,7 +21,7 @@ WINTUN_DLL := build/wintun/amd64/wintun.dll
 CLIENT_SOURCES := $(wildcard client/*.py push_protocol/*.py tundev/*.py) \
                   release/pushgate-client.spec release/client_main.py
 
-.PHONY: test demo bench bench-vpn fuzz lint proto venv system-deps deploy-check clean \
+.PHONY: test demo bench bench-vpn soak fuzz lint proto venv system-deps deploy-check clean \
         client-exe windows-wheels
 
 # Run every test (creates the virtualenv, installs, generates gRPC code, builds the
@@ -86,6 +86,14 @@ bench-vpn: system-deps $(INSTALLED) $(GENERATED)
 	    > bench/results/vpn-last.txt
 	$(PY) bench/vpn_table.py bench/results/vpn-last.txt \
 	    $$(test -f bench/results/vpn-previous.txt && echo bench/results/vpn-previous.txt)
+
+# The hostile suite (tests/test_hostile.py) for longer: every timed scenario runs at
+# least SOAK_SECONDS; figures are appended to bench/results/soak.jsonl.
+SOAK_SECONDS ?= 60
+soak: system-deps $(INSTALLED) $(GENERATED)
+	mkdir -p bench/results
+	PUSHGATE_SOAK_SECONDS=$(SOAK_SECONDS) PUSHGATE_RESULTS=bench/results/soak.jsonl \
+	    $(PY) -m pytest -q -s -p no:cacheprovider tests/test_hostile.py
 
 # Coverage-guided fuzzing of the receive path; the corpus in fuzz/corpus/ grows.
 FUZZ_SECONDS ?= 60

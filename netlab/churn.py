@@ -2,10 +2,13 @@
 
     python -m netlab.churn churn HOST:PORT CA USER PASSWORD_FILE CYCLES CONCURRENCY
     python -m netlab.churn guess HOST:PORT CA USER ATTEMPTS
+    python -m netlab.churn abuse HOST:PORT CA USER OTHER_CA
 
 `churn` logs in and out CYCLES times (CONCURRENCY at once); `guess` tries
-ATTEMPTS wrong passwords one after another, as a brute-force attacker would.
-Both print one JSON line: how many calls ended how, and how long they took.
+ATTEMPTS wrong passwords one after another, as a brute-force attacker would;
+`abuse` sends malformed and oversized requests, and tries a server certificate
+from another CA and plain TCP. Each prints one JSON line: how many calls ended
+how (gRPC status names), and how long they took.
 """
 
 import json
@@ -77,6 +80,37 @@ def guess(target: str, ca_path: str, user: str, attempts: int):
     return {"attempts": attempts, "outcomes": dict(outcomes), "seconds": round(elapsed, 2)}
 
 
+def abuse(target: str, ca_path: str, user: str, other_ca_path: str):
+    """What each kind of bad request gets: a gRPC status name."""
+    channel, stub = _stub(target, ca_path)
+    raw = channel.unary_unary(
+        "/pushgate.auth.v1.Auth/Login",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    requests = {
+        "empty_name": auth_pb2.LoginRequest(username="", password="x"),
+        "long_name": auth_pb2.LoginRequest(username="a" * 300, password="x"),
+        "nul_in_name": auth_pb2.LoginRequest(username=user + "\x00", password="x"),
+        "empty_password": auth_pb2.LoginRequest(username=user, password=""),
+        "long_password": auth_pb2.LoginRequest(username=user, password="p" * 2000),
+    }
+    outcomes = {k: _code(lambda r=r: stub.Login(r, timeout=30)) for k, r in requests.items()}
+    # Field 1 (username) as bytes that are not UTF-8; then 1 MiB where 64 KiB is the limit.
+    outcomes["not_utf8"] = _code(lambda: raw(b"\x0a\x02\xff\xfe\x12\x01x", timeout=30))
+    outcomes["oversized"] = _code(lambda: raw(b"\x0a\x80\x80\x40" + bytes(1 << 20), timeout=30))
+    outcomes["garbage"] = _code(lambda: raw(b"\xff" * 64, timeout=30))
+    channel.close()
+    request = auth_pb2.LoginRequest(username=user, password="x")
+    stranger, stub = _stub(target, other_ca_path)
+    outcomes["other_ca"] = _code(lambda: stub.Login(request, timeout=10))
+    stranger.close()
+    plain = grpc.insecure_channel(target)
+    outcomes["plaintext"] = _code(lambda: auth_pb2_grpc.AuthStub(plain).Login(request, timeout=10))
+    plain.close()
+    return outcomes
+
+
 def main(argv: list[str]) -> int:
     command, target, ca_path, user, *rest = argv
     if command == "churn":
@@ -85,6 +119,8 @@ def main(argv: list[str]) -> int:
         result = churn(target, ca_path, user, password, int(rest[1]), int(rest[2]))
     elif command == "guess":
         result = guess(target, ca_path, user, int(rest[0]))
+    elif command == "abuse":
+        result = abuse(target, ca_path, user, rest[0])
     else:
         print(__doc__, file=sys.stderr)
         return 2

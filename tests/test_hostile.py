@@ -15,11 +15,13 @@ PUSHGATE_SOAK_SECONDS makes every timed scenario run at least that long
 """
 
 import ctypes
+import datetime
 import json
 import os
 import re
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -29,6 +31,7 @@ import time
 import grpc
 import pytest
 
+from auth_service.pki import make_ca
 from netlab import Lab, http_get, metrics, socket_in, wait_for
 from netlab.gateway import AUTH_PORT, DATAPLANE_PORT, GATEWAY, LAN_HOST, GatewayLab
 from netlab.packets import ipv4_udp
@@ -171,6 +174,10 @@ class Hostile:
             text=True,
         )
 
+    def consistent(self) -> tuple[set[int], set[int]]:
+        """The session ids the auth service lists, and those the dataplane holds."""
+        return set(self.feed_sessions()), set(self.stats())
+
     def session_id(self, index: int) -> int:
         return int(self.gw.status(index)["tunnel"].split("session ")[1].split()[0], 16)
 
@@ -220,6 +227,10 @@ def transfers_while(h: Hostile, busy: subprocess.Popen, index: int = 0) -> tuple
         slowest = min(slowest, rate)
         if busy.poll() is not None:
             return done, good, slowest
+
+
+def kernel_drops(samples, where: str) -> float:
+    return metrics.total(samples, "pushgate_dataplane_kernel_drops_total", where=where)
 
 
 def drops(samples, reason: str, direction: str = "inbound") -> float:
@@ -323,7 +334,7 @@ NOISE_CAPACITY: list[float] = []  # datagrams/s the dataplane handled in the flo
 
 def noise_run(h: Hostile, duration: float, seed: int, rate: float = 0) -> dict:
     """Noise from the attacker while alice transfers and bob pings; the figures."""
-    before, udp_before = h.settled(), h.kernel_udp()
+    before, udp_before, path_before = h.settled(), h.kernel_udp(), h.kernel_drops()
     command = [sys.executable, "-m", "netlab.noise", GATEWAY, str(DATAPLANE_PORT)]
     noise = h.lab.start(
         h.atk,
@@ -335,7 +346,7 @@ def noise_run(h: Hostile, duration: float, seed: int, rate: float = 0) -> dict:
     fetches, good, slowest = transfers_while(h, noise)
     report = json.loads(noise.communicate(timeout=60)[0])
     sent, received = ping_loss(ping)
-    after, udp_after = h.settled(), h.kernel_udp()
+    after, udp_after, path_after = h.settled(), h.kernel_udp(), h.kernel_drops()
     counted = {r: int(delta(after, before, drops, r)) for r in (*NOISE_REASONS, "unknown_session")}
     expected = report["by_reason"]
     figures = {
@@ -347,6 +358,7 @@ def noise_run(h: Hostile, duration: float, seed: int, rate: float = 0) -> dict:
         "counted": counted,
         "missing": {r: expected.get(r, 0) - counted[r] for r in counted},
         "kernel_rcvbuf_drops": udp_after["RcvbufErrors"] - udp_before["RcvbufErrors"],
+        "dataplane_kernel_drops": int(delta(after, before, kernel_drops, "udp_receive_buffer")),
         "kernel_udp_in": udp_after["InDatagrams"] - udp_before["InDatagrams"],
         "fetches": f"{good}/{fetches}",
         "slowest_mbit": round(slowest),
@@ -354,6 +366,11 @@ def noise_run(h: Hostile, duration: float, seed: int, rate: float = 0) -> dict:
         "lag_over_100ms": delta(after, before, lag_over, "0.1"),
         "lag_over_250ms": delta(after, before, lag_over, "0.25"),
         "max_lag": max_lag(after, before),
+        # where valid packets may have gone: the dataplane's other drops, the kernels'
+        "other_drops": {
+            k: v for k, v in all_drops(after, before).items() if k.split()[1] not in counted
+        },
+        "path_drops": {k: v - path_before[k] for k, v in path_after.items() if v - path_before[k]},
     }
     assert expected.get("live_session", 0) == 0  # odds ~2^-30 per datagram
     assert good == fetches >= 1, "a transfer under noise had the wrong hash"
@@ -362,6 +379,7 @@ def noise_run(h: Hostile, duration: float, seed: int, rate: float = 0) -> dict:
     # document gives it, or was dropped by the kernel before the dataplane saw it
     # (the socket's receive buffer overflowed; the kernel counts that itself).
     missing, kernel = figures["missing"], figures["kernel_rcvbuf_drops"]
+    assert figures["dataplane_kernel_drops"] == kernel  # the dataplane exports them itself
     assert all(m >= 0 for m in missing.values()), f"counted more than was sent: {missing}"
     assert sum(missing.values()) <= kernel, (missing, kernel)
     if kernel == 0:
@@ -393,7 +411,10 @@ def test_noise_within_capacity_is_counted_exactly_and_costs_no_pings(h):
     figures = noise_run(h, seconds(5), seed=2, rate=rate)
     sent, received = figures.pop("_ping")
     record("noise at a quarter of capacity", **figures)
-    assert received >= sent * 0.98, f"ping loss under noise: {received}/{sent}"
+    # The dataplane drops no valid packet; the little ping loss there is happens in the
+    # kernels' TUN queues while alice's bulk transfer bursts (see path_drops).
+    assert figures["other_drops"] == {}, figures["other_drops"]
+    assert received >= sent * 0.95, f"ping loss under noise: {received}/{sent}"
 
 
 # -- rotation and limits -------------------------------------------------------------------
@@ -493,7 +514,9 @@ def test_crafted_datagrams_are_counted_by_reason_and_touch_no_session_state(h):
     65507 bytes long, some a real packet of alice's key with one bit flipped): each
     under its reason, and alice's record in the dataplane does not move at all.
     (A datagram over 65507 bytes cannot be sent over IPv4, so `too_long` is left to
-    the codec's tests.) Alice is stopped meanwhile, so nothing else moves it."""
+    the codec's tests.) Alice is stopped meanwhile, so nothing else moves it, and
+    stopped right after a rekey, so no rekey of hers is still on its way."""
+    h.just_rekeyed(0)
     alice_id = h.session_id(0)
     sessions = h.feed_sessions()
     datagrams = crafted(sessions[alice_id], set(sessions))
@@ -866,3 +889,420 @@ def test_login_churn_returns_everything_to_baseline(h):
     assert growth["dataplane"]["rss_mib"] < 8 and growth["auth"]["rss_mib"] < 24, growth
     assert all(g["fds"] <= 2 for g in growth.values()), growth
     assert_accounted(after)
+
+
+# -- key limits -------------------------------------------------------------------------------
+
+BLOCK_AUTH = """
+table inet pghostile {
+  chain output { type filter hook output priority 0; tcp dport 7443 drop; }
+}
+"""
+
+
+def test_keys_past_their_expiry_end_the_session_and_the_client_recovers(h):
+    """Alice cannot reach the auth service (her TCP to it is dropped), so she cannot
+    rekey: KEY_EXPIRY s after her last rekey her session ends in the auth service
+    and in the dataplane, and her packets are refused from then on. Once the auth
+    service is reachable again she logs in anew by herself and traffic flows.
+    (The hard message limit, 2^28 packets per key, is out of reach of a test run:
+    tests/test_session.py proves it on the core, which both processes share.)"""
+    gw, ns = h.gw, h.gw.clients[0]
+    old_id = h.session_id(0)
+    auth_before = h.auth_metrics()
+    h.just_rekeyed(0)
+    started = time.monotonic()
+    h.lab.exec(ns, ["nft", "-f", "-"], input=BLOCK_AUTH)
+    try:
+        wait_for(lambda: old_id not in h.stats(), KEY_EXPIRY + 5, what="the dataplane to end it")
+        ended = time.monotonic() - started
+        before = h.dp()
+        wait_for(
+            lambda: delta(h.dp(), before, drops, "unknown_session") > 0,
+            10,
+            what="alice's packets to be refused",
+        )
+        refused = int(delta(h.dp(), before, drops, "unknown_session"))
+        assert old_id not in h.feed_sessions()
+    finally:
+        h.lab.exec(ns, ["nft", "delete", "table", "inet", "pghostile"])
+    unblocked = time.monotonic()
+    wait_for(
+        lambda: gw.status(0).get("state") == "up" and h.session_id(0) != old_id,
+        90,
+        interval=0.5,
+        what="alice to log in again",
+    )
+    recovered = time.monotonic() - unblocked
+    auth_after = h.auth_metrics()
+    expired = delta(auth_after, auth_before, metrics.total, "pushgate_auth_sessions_expired_total")
+    record(
+        "key expiry",
+        key_expiry_s=KEY_EXPIRY,
+        ended_after_s=round(ended, 1),
+        refused_after=refused,
+        auth_expired=int(expired),
+        relogin_after_unblock_s=round(recovered, 1),
+        new_session=h.session_id(0) != old_id,
+    )
+    assert (
+        ended <= KEY_EXPIRY + 2.5
+    )  # the sweep (auth) and housekeeping (dataplane) run every second
+    assert expired == 1
+    assert ping_loss(h.ping(0, 10, interval=0.05)) == (10, 10)
+    ids = h.consistent()
+    assert ids[0] == ids[1] and old_id not in ids[0]
+
+
+# -- restarts and failures ----------------------------------------------------------------
+
+
+def test_dataplane_sigkill_mid_transfer_needs_no_login(h):
+    """SIGKILL the dataplane while alice transfers, start it again: the transfer
+    completes with its hash, no client logs in again, and the dataplane holds
+    exactly the sessions the auth service lists."""
+    gw = h.gw
+    sessions = [h.session_id(0), h.session_id(1)]
+    auth_before = h.auth_metrics()
+    transfer = h.fetch(0)
+    time.sleep(0.3)
+    gw.kill(gw.dataplane)
+    killed = time.monotonic()
+    gw.start_dataplane()
+    wait_for(lambda: gw.ping(0, LAN_HOST, count=1).returncode == 0, 30, what="traffic again")
+    back = time.monotonic() - killed
+    ok, rate = fetched(transfer)
+    auth_after = h.auth_metrics()
+    logins = delta(auth_after, auth_before, metrics.total, "pushgate_auth_logins_total")
+    feed, held = h.consistent()
+    installs = metrics.total(h.dp(), "pushgate_dataplane_session_installs_total")
+    record(
+        "dataplane SIGKILL",
+        traffic_back_after_s=round(back, 1),
+        transfer_hash_ok=ok,
+        mbit=round(rate),
+        logins=int(logins),
+        sessions_auth=len(feed),
+        sessions_dataplane=len(held),
+        installs_after_restart=int(installs),
+    )
+    assert ok
+    assert logins == 0 and [h.session_id(0), h.session_id(1)] == sessions
+    assert feed == held and installs == len(feed)
+    assert ping_loss(h.ping(1, 10, interval=0.05)) == (10, 10)
+
+
+def test_auth_sigkill_cuts_the_control_channel_and_stale_sessions_expire(h):
+    """Bob's client dies without logging out (SIGKILL: a stale session), then the auth
+    service is SIGKILLed, which cuts the dataplane's control channel, and started
+    again. Alice's traffic flows throughout; the dataplane reconnects and lists
+    again; bob's stale session expires KEY_EXPIRY s after his last rekey in both
+    processes; nobody logs in again and both processes hold the same sessions."""
+    gw = h.gw
+    alice_id, bob_id = h.session_id(0), h.session_id(1)
+    before = h.dp()
+    gw.kill(gw.client_processes.pop(1))  # stale: bob's session stays until it expires
+    gw.kill(gw.auth)
+    cut = time.monotonic()
+    wait_for(
+        lambda: metrics.total(h.dp(), "pushgate_dataplane_control_connected") == 0,
+        10,
+        what="the dataplane to notice the cut",
+    )
+    during = h.ping(0, 10, interval=0.05)
+    assert ping_loss(during) == (10, 10)  # the auth service is down: traffic flows
+    gw.start_auth()
+    wait_for(
+        lambda: metrics.total(h.dp(), "pushgate_dataplane_control_connected") == 1,
+        20,
+        what="the control channel to come back",
+    )
+    restored = time.monotonic() - cut
+    wait_for(
+        lambda: bob_id not in h.stats() and bob_id not in h.feed_sessions(),
+        KEY_EXPIRY + 10,
+        what="bob's stale session to go from both processes",
+    )
+    gone = time.monotonic() - cut
+    after = h.dp()
+    feed, held = h.consistent()
+    record(
+        "auth SIGKILL, control channel cut",
+        channel_back_after_s=round(restored, 1),
+        stale_session_gone_after_s=round(gone, 1),
+        resyncs=int(
+            delta(after, before, metrics.total, "pushgate_dataplane_control_resyncs_total")
+        ),
+        sessions_auth=sorted(feed),
+        sessions_dataplane=sorted(held),
+        alice_same_session=h.session_id(0) == alice_id,
+    )
+    assert feed == held == {alice_id}
+    assert delta(after, before, metrics.total, "pushgate_dataplane_control_resyncs_total") >= 1
+    assert ping_loss(h.ping(0, 10, interval=0.05)) == (10, 10)
+    gw.connect(1, "bob")  # bob comes back with a new session for what follows
+    wait_for(lambda: set(h.stats()) == set(h.feed_sessions()), 10, what="bob's new session")
+
+
+def test_tun_write_failures_are_counted_and_traffic_resumes(h):
+    """The gateway's TUN goes down under alice's pings: every inner packet the
+    dataplane then takes from a client is a `tun_write_error` (none vanish), and
+    traffic resumes when it comes back up."""
+    gw = h.gw
+    before = h.settled()
+    h.lab.exec(gw.gw, ["ip", "link", "set", "pg0", "down"])
+    try:
+        ping_loss(h.ping(0, 20, interval=0.05))
+        during = h.settled()
+    finally:
+        h.lab.exec(gw.gw, ["ip", "link", "set", "pg0", "up"])
+    failed = int(delta(during, before, drops, "tun_write_error"))
+    inner = int(
+        delta(during, before, metrics.total, "pushgate_dataplane_packets_total", direction="rx")
+    )
+    wait_for(lambda: gw.ping(0, LAN_HOST, count=1).returncode == 0, 20, what="traffic again")
+    record("TUN write failures", inner_packets_while_down=inner, tun_write_error=failed)
+    assert failed >= 20 and failed == inner
+    assert_accounted(during)
+
+
+def test_client_network_outage_longer_than_the_keepalive_timeout(h):
+    """Alice's UDP path drops for longer than the client's dead-peer timeout (two
+    keepalives + 5 s): she notices, says why, and recovers on her own with the
+    same session (the auth service stays reachable, so she keeps rekeying)."""
+    gw, ns = h.gw, h.gw.clients[0]
+    alice_id = h.session_id(0)
+    auth_before = h.auth_metrics()
+    outage = """
+table inet pghostile {
+  chain output { type filter hook output priority 0; udp dport 51820 drop; }
+  chain input { type filter hook input priority 0; udp sport 51820 drop; }
+}
+"""
+    h.lab.exec(ns, ["nft", "-f", "-"], input=outage)
+    started = time.monotonic()
+    try:
+        wait_for(lambda: gw.status(0)["state"] == "reconnecting", 30, what="alice to notice")
+        noticed = time.monotonic() - started
+        reason = gw.status(0)["last error"]
+        time.sleep(2)
+    finally:
+        h.lab.exec(ns, ["nft", "delete", "table", "inet", "pghostile"])
+    restored = time.monotonic()
+    wait_for(lambda: gw.status(0)["state"] == "up", 60, what="alice to recover")
+    recovered = time.monotonic() - restored
+    logins = delta(h.auth_metrics(), auth_before, metrics.total, "pushgate_auth_logins_total")
+    record(
+        "client network outage",
+        noticed_after_s=round(noticed, 1),
+        reason=reason,
+        recovered_after_s=round(recovered, 1),
+        same_session=h.session_id(0) == alice_id,
+        logins=int(logins),
+    )
+    assert "no packet from the dataplane" in reason
+    assert h.session_id(0) == alice_id and logins == 0
+    assert ping_loss(h.ping(0, 10, interval=0.05)) == (10, 10)
+
+
+# -- slow consumer ------------------------------------------------------------------------
+
+# One process on the gateway sending 1200-byte UDP datagrams to a tunnel address as
+# fast as it can; prints how many it sent.
+BLAST = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setblocking(False)
+payload, target = bytes(1200), (sys.argv[1], 9)
+sent, end = 0, time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    for _ in range(64):
+        try:
+            s.sendto(payload, target)
+            sent += 1
+        except BlockingIOError:
+            pass
+print(sent)
+"""
+UPLINK = "50mbit"  # the gateway's shaped uplink towards its clients
+
+
+def test_slow_uplink_fills_the_send_queue_counted_and_the_loop_stays_live(h):
+    """The gateway's uplink to its clients (br0) is shaped to 50 Mbit/s while a process
+    on the gateway sends alice UDP much faster: the UDP socket stops taking datagrams,
+    the dataplane's bounded send queue fills, and what does not fit is a counted
+    `queue_full` drop, never a wait. The sender also outruns the dataplane's reads of
+    its TUN: what the kernel drops at the TUN's queue is in the dataplane's metrics
+    too. Meanwhile the receive loop stays live: every ping request bob sends reaches
+    the lan host, and the loop-lag timer stays on time.
+    Once the uplink is free again the queue drains and both clients ping cleanly."""
+    gw = h.gw
+    alice = h.feed_sessions()[h.session_id(0)].tunnel_addresses[0]
+
+    def echo_requests() -> int:  # ICMP echo requests that reached the lan host
+        text = h.lab.exec(gw.lan, ["cat", "/proc/net/snmp"]).stdout
+        names, values = (line.split() for line in text.splitlines() if line.startswith("Icmp:"))
+        return int(values[names.index("InEchos")])
+
+    duration = seconds(3)
+    before, path_before, echoes_before = h.settled(), h.kernel_drops(), echo_requests()
+    shape = "tc qdisc add dev br0 root tbf burst 64kb limit 64mb rate " + UPLINK
+    h.lab.exec(gw.gw, shape.split())
+    try:
+        blast = h.lab.start(
+            gw.gw,
+            [sys.executable, "-c", BLAST, alice, str(duration)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        ping = h.ping(1, int(duration / 0.05), interval=0.05)
+        sent = int(blast.communicate(timeout=duration + 30)[0])
+        pinged, _ = ping_loss(ping)
+        during = h.dp()
+    finally:
+        h.lab.exec(gw.gw, ["tc", "qdisc", "del", "dev", "br0", "root"])
+    wait_for(
+        lambda: metrics.total(h.dp(), "pushgate_dataplane_queue_depth", queue="udp_send") == 0,
+        30,
+        what="the send queue to drain",
+    )
+    after, path_after = h.settled(), h.kernel_drops()
+    echoes = echo_requests() - echoes_before
+    full = int(delta(after, before, drops, "queue_full", direction="outbound"))
+    overflows = delta(
+        after, before, metrics.total, "pushgate_dataplane_queue_overflows_total", queue="udp_send"
+    )
+    read = delta(after, before, metrics.total, "pushgate_dataplane_tun_packets_read_total")
+    tun_queue = delta(after, before, kernel_drops, "tun_queue")
+    record(
+        "slow uplink",
+        uplink=UPLINK,
+        seconds=duration,
+        blasted=sent,
+        tun_read=int(read),
+        outbound_delivered=int(
+            delta(after, before, metrics.total, "pushgate_dataplane_outbound_delivered_total")
+        ),
+        queue_full=full,
+        queue_high_water=int(
+            metrics.total(during, "pushgate_dataplane_queue_high_water", queue="udp_send")
+        ),
+        pg0_tx_dropped=path_after["pg0 tx_dropped"] - path_before["pg0 tx_dropped"],
+        kernel_drops_tun_queue=int(tun_queue),
+        bob_echo_requests=f"{echoes}/{pinged}",
+        max_lag=max_lag(after, before),
+    )
+    assert full > 0 and overflows == full  # the queue filled; each refusal is one drop
+    # The blaster also outran the dataplane's TUN reads: the kernel dropped at the TUN's
+    # queue, and the dataplane's metrics say so.
+    assert tun_queue == path_after["pg0 tx_dropped"] - path_before["pg0 tx_dropped"] > 0
+    assert metrics.total(
+        during, "pushgate_dataplane_queue_high_water", queue="udp_send"
+    ) == metrics.total(during, "pushgate_dataplane_queue_capacity", queue="udp_send")
+    assert echoes >= pinged  # the receive loop took every request bob sent
+    assert delta(after, before, lag_over, "0.25") == 0
+    assert_accounted(after)
+    for index in (0, 1):
+        assert ping_loss(h.ping(index, 10, interval=0.05)) == (10, 10)
+
+
+# -- auth abuse -----------------------------------------------------------------------------
+
+
+def test_password_guessing_and_bad_requests_while_alice_transfers(h, tmp_path):
+    """From the attacker's namespace: 40 password guesses at alice's account, malformed
+    and oversized requests, a server check against another CA, plain TCP. Guessing is
+    throttled after 6 failures (answered without hashing, so quickly); every bad
+    request gets its precise status; the auth service's metrics count each login by
+    result; alice's connected session does not notice (her transfer completes, she
+    keeps rekeying with her token); the control and stats sockets refuse another user."""
+    gw = h.gw
+    other_ca = tmp_path / "other-ca.crt"
+    other_ca.write_bytes(make_ca("someone else", datetime.datetime.now(datetime.UTC))[0])
+    auth_before = h.auth_metrics()
+    epoch_before = h.stats()[h.session_id(0)].key_epoch
+    transfer = h.fetch(0)
+    churn = [sys.executable, "-m", "netlab.churn"]
+    target = f"{GATEWAY}:{AUTH_PORT}"
+    guessed = json.loads(
+        h.lab.exec(h.atk, [*churn, "guess", target, gw.ca, "alice", "40"], timeout=120).stdout
+    )
+    refused = json.loads(
+        h.lab.exec(h.atk, [*churn, "abuse", target, gw.ca, "alice", str(other_ca)]).stdout
+    )
+    ok, rate = fetched(transfer)
+    time.sleep(KEY_LIFETIME + 1)
+    auth_after = h.auth_metrics()
+    logins = {
+        result: int(
+            delta(
+                auth_after, auth_before, metrics.total, "pushgate_auth_logins_total", result=result
+            )
+        )
+        for result in ("bad_credentials", "throttled", "invalid", "success")
+    }
+    private = {
+        name: refused_to_nobody(os.path.join(gw.workdir, "run", name))
+        for name in ("control.sock", "dataplane.sock")
+    }
+    rekeys = h.stats()[h.session_id(0)].key_epoch - epoch_before
+    record(
+        "auth abuse",
+        guesses=guessed["outcomes"],
+        guess_seconds=guessed["seconds"],
+        bad_requests=refused,
+        logins_by_result=logins,
+        alice_transfer_hash_ok=ok,
+        alice_mbit=round(rate),
+        alice_rekeys_meanwhile=rekeys,
+        sockets_refuse_nobody=private,
+    )
+    # Five free failures, the sixth starts the delay, and from then on no password is
+    # even checked (max_failures_before_delay = 5).
+    assert guessed["outcomes"] == {"UNAUTHENTICATED": 6, "RESOURCE_EXHAUSTED": 34}
+    assert refused == {
+        **dict.fromkeys(
+            ("empty_name", "long_name", "nul_in_name", "empty_password", "long_password"),
+            "INVALID_ARGUMENT",
+        ),
+        "not_utf8": "INVALID_ARGUMENT",
+        "oversized": "RESOURCE_EXHAUSTED",
+        "garbage": "INVALID_ARGUMENT",
+        "other_ca": "UNAVAILABLE",
+        "plaintext": "UNAVAILABLE",
+    }
+    assert logins == {"bad_credentials": 6, "throttled": 34, "invalid": 7, "success": 0}
+    assert ok and rekeys >= 1
+    assert all(private.values()), private
+
+
+def refused_to_nobody(path: str) -> bool:
+    """Whether user `nobody` is refused connecting to the Unix socket at `path` by the
+    socket's own mode (the directories on the way are opened up for the probe)."""
+    opened = []
+    directory = os.path.dirname(path)
+    while directory != "/":
+        mode = stat.S_IMODE(os.stat(directory).st_mode)
+        if mode & 0o005 != 0o005:
+            opened.append((directory, mode))
+            os.chmod(directory, mode | 0o005)
+        directory = os.path.dirname(directory)
+    probe = (
+        "import socket,sys\n"
+        "s=socket.socket(socket.AF_UNIX)\n"
+        "try:\n s.connect(sys.argv[1]); print('connected')\n"
+        "except PermissionError: print('refused')\n"
+    )
+    nobody_python = ["/usr/bin/python3", "-c", probe, path]  # Debian's: nobody can run it
+    try:
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *nobody_python],
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        for directory, mode in opened:
+            os.chmod(directory, mode)
+    return result.stdout.strip() == "refused"

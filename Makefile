@@ -62,7 +62,9 @@ system-deps:
 	        --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
 	fi
 
-# Benchmarks; figures go to stdout (compare figures from one run, as ratios).
+# Benchmarks; figures go to stdout (compare figures from one run, as ratios): codec,
+# login latency, dataplane packets/CPU-second and memory/session, what a noise flood
+# costs a TCP stream, then pushgate beside wireguard-go and OpenVPN.
 # The side-by-side VPN run uses the team's harness in ../shared/bench; its results
 # are kept in bench/results/ and compared with the run before.
 BENCH_HARNESS := ../shared/bench/netns-tunnels.sh
@@ -73,6 +75,8 @@ bench: system-deps $(INSTALLED) $(GENERATED)
 	PYTHONPATH=. $(PY) bench/codec_bench.py
 	PYTHONPATH=. $(PY) bench/login_bench.py
 	PYTHONPATH=. $(PY) bench/dataplane_bench.py
+	mkdir -p bench/results
+	PYTHONPATH=. $(PY) bench/noise_bench.py --results bench/results/noise-last.txt
 	$(MAKE) --no-print-directory bench-vpn
 
 bench-vpn: system-deps $(INSTALLED) $(GENERATED)

@@ -7,6 +7,19 @@ set -euo pipefail
 bin="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin"
 wd=$VPNB_WORKDIR
 s_if="pg${VPNB_IFTAG}s" c_if="pg${VPNB_IFTAG}c"
+# PUSHGATE_PYSPY=DIR: also profile the dataplane and the client with py-spy for
+# PUSHGATE_PYSPY_SECONDS (default 25, about the idle ping and the TCP tests),
+# writing collapsed stacks to DIR/{dataplane,client}-<tag>.txt.
+profile() {
+  [ -n "${PUSHGATE_PYSPY:-}" ] || return 0
+  mkdir -p "$PUSHGATE_PYSPY"
+  local name pid
+  for name in dataplane client; do
+    pid=$(sed -n "$([ $name = dataplane ] && echo 2 || echo 3)p" "$VPNB_PIDFILE")
+    "$bin/py-spy" record --nonblocking -r 200 -d "${PUSHGATE_PYSPY_SECONDS:-25}" -f raw \
+      -o "$PUSHGATE_PYSPY/$name-$VPNB_IFTAG.txt" -p "$pid" >/dev/null 2>&1 &
+  done
+}
 case ${1:-} in
 up)
   umask 077
@@ -32,7 +45,7 @@ up)
   echo $! >>"$VPNB_PIDFILE"
   for _ in $(seq 150); do
     ip netns exec "$VPNB_NS_CLIENT" "$bin/pushgate-client" --tun "$c_if" --status-dir "$wd/c" \
-      status 2>/dev/null | grep -q '^state: *up' && exit 0
+      status 2>/dev/null | grep -q '^state: *up' && { profile; exit 0; }
     sleep 0.2
   done
   echo "pushgate client did not come up" >&2; cat "$wd"/*.log >&2; exit 1

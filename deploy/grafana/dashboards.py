@@ -72,6 +72,16 @@ DASHBOARDS = {
                 unit="pps",
             ),
             panel(
+                "Kernel drops before the dataplane read them",
+                [
+                    (
+                        "sum by (where) (rate(pushgate_dataplane_kernel_drops_total[1m]))",
+                        "{{where}}",
+                    )
+                ],
+                unit="pps",
+            ),
+            panel(
                 "Receive loop lag (p50, p99)",
                 [
                     (

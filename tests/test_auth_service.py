@@ -5,7 +5,6 @@ import ipaddress
 import os
 import signal
 import stat
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from auth_service.pki import make_ca, make_server_cert
 from auth_service.throttle import Throttle
+from netlab import refuses_nobody
 from netlab.auth import AuthServer, admin
 from pushgate_api import auth_pb2, control_pb2
 
@@ -281,34 +281,7 @@ def auth_pb2_grpc_stub(channel):
 def test_control_socket_is_private(auth):
     mode = stat.S_IMODE(os.stat(auth.control_socket).st_mode)
     assert mode == 0o600
-    os.chmod(auth.directory, 0o755)  # let the other user reach the directory ...
-    os.chmod(os.path.dirname(auth.control_socket), 0o755)
-    os.chmod(os.path.dirname(auth.directory), 0o755)
-    probe = (
-        "import socket,sys\n"
-        "s=socket.socket(socket.AF_UNIX)\n"
-        "try:\n s.connect(sys.argv[1]); print('connected')\n"
-        "except PermissionError: print('refused')\n"
-    )
-    # setpriv (util-linux) drops to `nobody`; Debian's own python3, since the test's
-    # interpreter may live where `nobody` cannot read.
-    result = subprocess.run(
-        [
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "/usr/bin/python3",
-            "-c",
-            probe,
-            auth.control_socket,
-        ],
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.stdout.strip() == "refused", (result.returncode, result.stderr)  # still refused
+    assert refuses_nobody(auth.control_socket)
 
 
 def test_health_and_reflection(auth):

@@ -21,7 +21,6 @@ import os
 import re
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import grpc
 import pytest
 
 from auth_service.pki import make_ca
-from netlab import Lab, http_get, metrics, socket_in, wait_for
+from netlab import Lab, http_get, metrics, refuses_nobody, socket_in, wait_for
 from netlab.gateway import AUTH_PORT, DATAPLANE_PORT, GATEWAY, LAN_HOST, GatewayLab
 from netlab.packets import ipv4_udp
 from netlab.transfer import expected_sha256
@@ -1251,7 +1250,7 @@ def test_password_guessing_and_bad_requests_while_alice_transfers(h, tmp_path):
         for result in ("bad_credentials", "throttled", "invalid", "success")
     }
     private = {
-        name: refused_to_nobody(os.path.join(gw.workdir, "run", name))
+        name: refuses_nobody(os.path.join(gw.workdir, "run", name))
         for name in ("control.sock", "dataplane.sock")
     }
     rekeys = h.stats()[h.session_id(0)].key_epoch - epoch_before
@@ -1283,35 +1282,3 @@ def test_password_guessing_and_bad_requests_while_alice_transfers(h, tmp_path):
     assert logins == {"bad_credentials": 6, "throttled": 34, "invalid": 7, "success": 0}
     assert ok and rekeys >= 1
     assert all(private.values()), private
-
-
-def refused_to_nobody(path: str) -> bool:
-    """Whether user `nobody` is refused connecting to the Unix socket at `path` by the
-    socket's own mode (the directories on the way are opened up for the probe)."""
-    opened = []
-    directory = os.path.dirname(path)
-    while directory != "/":
-        mode = stat.S_IMODE(os.stat(directory).st_mode)
-        if mode & 0o005 != 0o005:
-            opened.append((directory, mode))
-            os.chmod(directory, mode | 0o005)
-        directory = os.path.dirname(directory)
-    probe = (
-        "import socket,sys\n"
-        "s=socket.socket(socket.AF_UNIX)\n"
-        "try:\n s.connect(sys.argv[1]); print('connected')\n"
-        "except PermissionError: print('refused')\n"
-    )
-    nobody_python = ["/usr/bin/python3", "-c", probe, path]  # Debian's: nobody can run it
-    try:
-        result = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *nobody_python],
-            cwd="/",
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    finally:
-        for directory, mode in opened:
-            os.chmod(directory, mode)
-    return result.stdout.strip() == "refused"

@@ -141,7 +141,7 @@ class Device:
                             size = udpio.segment_size(data, ancdata)
                             if self._drop_noise_batch(data, size, source):
                                 continue
-                            datagrams = [data[i : i + size] for i in range(0, len(data), size)]
+                            datagrams = udpio.segments(data, size)
                 except BlockingIOError:
                     return
                 except OSError as error:

@@ -64,7 +64,11 @@ def segment_size(data: bytes, ancdata: list) -> int:
 
 def split(data: bytes, ancdata: list) -> list[bytes]:
     """The datagrams in one `recvmsg` result of a GRO socket."""
-    size = segment_size(data, ancdata)
+    return segments(data, segment_size(data, ancdata))
+
+
+def segments(data: bytes, size: int) -> list[bytes]:
+    """`data` cut into datagrams of `size` bytes (the last may be shorter)."""
     if size == len(data):
         return [data]
     return [data[i : i + size] for i in range(0, len(data), size)]

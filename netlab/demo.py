@@ -8,14 +8,12 @@ everything it created.
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
 from . import Lab, metrics
 from .gateway import LAN_HOST, GatewayLab
-from .transfer import expected_sha256
 
 TRANSFER_BYTES = 50 * 1024 * 1024
 TRANSFER_SEED = 2026
@@ -57,29 +55,11 @@ def run(lab: Lab, workdir: str) -> int:
     print(_indent("\n".join(ping.stdout.strip().splitlines()[-2:])))
 
     _say(f"TCP transfer of {TRANSFER_BYTES >> 20} MiB from the lan host, checked with SHA-256")
-    lab.start(
-        gateway.lan,
-        [
-            sys.executable,
-            "-m",
-            "netlab.transfer",
-            "serve-tcp",
-            "5001",
-            str(TRANSFER_BYTES),
-            str(TRANSFER_SEED),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    gateway.serve_transfers(TRANSFER_BYTES, TRANSFER_SEED)
     time.sleep(0.5)
-    fetched = lab.exec(
-        client,
-        [sys.executable, "-m", "netlab.transfer", "fetch-tcp", LAN_HOST, "5001"],
-        timeout=300,
-    ).stdout.split()
-    size, digest, seconds = int(fetched[0]), fetched[1], float(fetched[2])
-    ok = size == TRANSFER_BYTES and digest == expected_sha256(TRANSFER_BYTES, TRANSFER_SEED)
+    ok, rate = gateway.fetched(gateway.fetch(0))
     print(
-        f"    {size} bytes in {seconds:.2f} s = {size * 8 / seconds / 1e6:.0f} Mbit/s, "
+        f"    {TRANSFER_BYTES} bytes at {rate:.0f} Mbit/s, "
         f"sha256 {'matches' if ok else 'DOES NOT MATCH'}"
     )
 

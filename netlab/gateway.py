@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from . import Lab, http_get, metrics, wait_for
+from .transfer import expected_sha256
 
 GATEWAY = "198.18.1.1"
 LAN_GATEWAY = "198.18.2.1"
@@ -22,6 +23,7 @@ AUTH_PORT = 7443
 DATAPLANE_PORT = 51820
 METRICS_PORT = 9102
 PASSWORD = "correct horse battery staple"
+TRANSFER_PORT = 5001  # the lan host's TCP transfer server (netlab.transfer)
 
 
 def tool(name: str) -> str:
@@ -82,6 +84,7 @@ class GatewayLab:
             )
         self.auth = self.dataplane = None
         self.client_processes: dict[int, subprocess.Popen] = {}
+        self._transfer: tuple[int, int] | None = None  # (size, seed) the lan host serves
 
     def _log(self, name: str):
         return open(os.path.join(self.workdir, f"{name}.log"), "a")
@@ -168,6 +171,37 @@ class GatewayLab:
         wait_for(
             lambda: self.status(index).get("state") == "up", 30, what=f"client {index} to come up"
         )
+
+    # -- TCP transfers from the lan host -------------------------------------------
+
+    def serve_transfers(self, size: int, seed: int) -> None:
+        """The lan host sends `size` bytes of `seed`'s stream to every TCP client."""
+        self._transfer = (size, seed)
+        self.lab.start(
+            self.lan,
+            [
+                *(sys.executable, "-m", "netlab.transfer", "serve-tcp"),
+                *(str(TRANSFER_PORT), str(size), str(seed)),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+
+    def fetch(self, index: int = 0) -> subprocess.Popen:
+        """Client `index` fetches one transfer through its tunnel; see `fetched`."""
+        return self.lab.start(
+            self.clients[index],
+            [sys.executable, "-m", "netlab.transfer", "fetch-tcp", LAN_HOST, str(TRANSFER_PORT)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def fetched(self, process: subprocess.Popen) -> tuple[bool, float]:
+        """(size and SHA-256 as served, Mbit/s) of a finished `fetch`."""
+        out, _ = process.communicate(timeout=300)
+        got, digest, seconds = out.split()
+        size, seed = self._transfer
+        ok = int(got) == size and digest == expected_sha256(size, seed)
+        return ok, int(got) * 8 / float(seconds) / 1e6
 
     def status(self, index: int) -> dict[str, str]:
         result = self.lab.exec(

@@ -15,7 +15,6 @@ import pytest
 from auth_service.pki import make_ca
 from netlab import Lab, metrics, wait_for
 from netlab.gateway import AUTH_PORT, GATEWAY, LAN_HOST, GatewayLab, tool
-from netlab.transfer import expected_sha256
 
 SEED = 7
 BIG = 100 * 1024 * 1024
@@ -31,11 +30,7 @@ def gateway(tmp_path_factory):
         gw.start()
         gw.connect(0, "alice")
         gw.connect(1, "bob")
-        lab.start(
-            gw.lan,
-            [sys.executable, "-m", "netlab.transfer", "serve-tcp", "5001", str(BIG), str(SEED)],
-            stdout=subprocess.DEVNULL,
-        )
+        gw.serve_transfers(BIG, SEED)
         lab.start(
             gw.lan,
             [sys.executable, "-m", "netlab.transfer", "udp-echo", "5002"],
@@ -43,22 +38,6 @@ def gateway(tmp_path_factory):
         )
         time.sleep(0.5)
         yield gw
-
-
-def fetch(gw: GatewayLab, index: int = 0) -> subprocess.Popen:
-    return gw.lab.start(
-        gw.clients[index],
-        [sys.executable, "-m", "netlab.transfer", "fetch-tcp", LAN_HOST, "5001"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-
-
-def fetched_ok(process: subprocess.Popen) -> tuple[bool, str]:
-    out, _ = process.communicate(timeout=300)
-    size, digest, seconds = out.split()
-    ok = int(size) == BIG and digest == expected_sha256(BIG, SEED)
-    return ok, f"{int(size) * 8 / float(seconds) / 1e6:.0f} Mbit/s"
 
 
 def dataplane(gw: GatewayLab, name: str, **labels: str) -> float:
@@ -111,8 +90,8 @@ def test_ping_the_lan_host_through_nat(gateway):
 
 
 def test_100mb_tcp_transfer_has_the_right_hash(gateway):
-    ok, rate = fetched_ok(fetch(gateway))
-    print(f"100 MiB through the tunnel at {rate}")
+    ok, rate = gateway.fetched(gateway.fetch())
+    print(f"100 MiB through the tunnel at {rate:.0f} Mbit/s")
     assert ok
 
 
@@ -134,10 +113,10 @@ def test_two_clients_reach_each_other_through_the_gateway(gateway):
 
 def test_roaming_mid_transfer(gateway):
     port_before = gateway.status(0)["server"].split("local UDP port ")[1].rstrip(")")
-    transfer = fetch(gateway)
+    transfer = gateway.fetch()
     time.sleep(0.3)
     gateway.signal_client(0, signal.SIGUSR1)  # new UDP socket: a new source port
-    ok, _ = fetched_ok(transfer)
+    ok, _ = gateway.fetched(transfer)
     assert ok
     wait_for(
         lambda: gateway.status(0)["server"].split("local UDP port ")[1].rstrip(")") != port_before,
@@ -149,10 +128,10 @@ def test_roaming_mid_transfer(gateway):
 def test_rekey_during_a_transfer_loses_nothing(gateway):
     rekeys = dataplane(gateway, "session_rekeys_total")
     epoch = int(gateway.status(0)["tunnel"].split("key epoch ")[1])
-    transfer = fetch(gateway)
+    transfer = gateway.fetch()
     time.sleep(0.3)
     gateway.signal_client(0, signal.SIGUSR2)
-    ok, _ = fetched_ok(transfer)
+    ok, _ = gateway.fetched(transfer)
     assert ok
     wait_for(
         lambda: int(gateway.status(0)["tunnel"].split("key epoch ")[1]) == epoch + 1,
@@ -172,7 +151,7 @@ def test_dataplane_sigkill_and_restart_needs_no_new_login(gateway):
         what="traffic after the dataplane restart",
     )
     assert gateway.status(0)["tunnel"] == session  # same session, same keys epoch
-    ok, _ = fetched_ok(fetch(gateway))
+    ok, _ = gateway.fetched(gateway.fetch())
     assert ok
     assert dataplane(gateway, "session_installs_total") == 2  # re-learned both, no login
 
@@ -181,7 +160,7 @@ def test_auth_service_down_leaves_traffic_alone(gateway):
     gateway.kill(gateway.auth)
     try:
         assert gateway.ping(0, LAN_HOST, count=3).returncode == 0
-        ok, _ = fetched_ok(fetch(gateway))
+        ok, _ = gateway.fetched(gateway.fetch())
         assert ok
         assert gateway.status(0)["state"] == "up"
     finally:

@@ -34,7 +34,6 @@ from auth_service.pki import make_ca
 from netlab import Lab, http_get, metrics, refuses_nobody, socket_in, wait_for
 from netlab.gateway import AUTH_PORT, DATAPLANE_PORT, GATEWAY, LAN_HOST, GatewayLab
 from netlab.packets import ipv4_udp
-from netlab.transfer import expected_sha256
 from push_protocol.aead import CipherSuite, new_aead
 from push_protocol.codec import PacketType, parse_header, seal
 from push_protocol.constants import REPLAY_WINDOW_SIZE
@@ -182,14 +181,6 @@ class Hostile:
 
     # -- traffic -----------------------------------------------------------------------
 
-    def fetch(self, index: int = 0) -> subprocess.Popen:
-        return self.lab.start(
-            self.gw.clients[index],
-            [sys.executable, "-m", "netlab.transfer", "fetch-tcp", LAN_HOST, "5001"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
     def ping(self, index: int, count: int, interval: float = 0.1) -> subprocess.Popen:
         return self.lab.start(
             self.gw.clients[index],
@@ -197,14 +188,6 @@ class Hostile:
             stdout=subprocess.PIPE,
             text=True,
         )
-
-
-def fetched(process: subprocess.Popen) -> tuple[bool, float]:
-    """(hash matched, Mbit/s) of a finished fetch."""
-    out, _ = process.communicate(timeout=300)
-    size, digest, took = out.split()
-    ok = int(size) == TRANSFER and digest == expected_sha256(TRANSFER, SEED)
-    return ok, int(size) * 8 / float(took) / 1e6
 
 
 def ping_loss(process: subprocess.Popen) -> tuple[int, int]:
@@ -220,7 +203,7 @@ def transfers_while(h: Hostile, busy: subprocess.Popen, index: int = 0) -> tuple
     done = good = 0
     slowest = float("inf")
     while True:
-        ok, rate = fetched(h.fetch(index))
+        ok, rate = h.gw.fetched(h.gw.fetch(index))
         done += 1
         good += ok
         slowest = min(slowest, rate)
@@ -308,19 +291,7 @@ def h(tmp_path_factory):
         gw.start()
         gw.connect(0, "alice")
         gw.connect(1, "bob")
-        lab.start(
-            gw.lan,
-            [
-                sys.executable,
-                "-m",
-                "netlab.transfer",
-                "serve-tcp",
-                "5001",
-                str(TRANSFER),
-                str(SEED),
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        gw.serve_transfers(TRANSFER, SEED)
         wait_for(lambda: gw.ping(0, LAN_HOST, count=1).returncode == 0, 20, what="alice's tunnel")
         yield hostile
 
@@ -643,7 +614,7 @@ def test_replays_are_rejected_and_counted_and_never_move_the_endpoint(h):
     capture = Capture(h)
     try:
         assert ping_loss(h.ping(0, 10, interval=0.02)) == (10, 10)
-        ok, _ = fetched(h.fetch(0))  # thousands of ACKs ...
+        ok, _ = h.gw.fetched(h.gw.fetch(0))  # thousands of ACKs ...
         flood = ["ping", "-f", "-c", "6000", "-W", "1", LAN_HOST]  # ... and 6000 echo requests
         h.lab.exec(h.gw.clients[0], flood, check=False, timeout=120)
         assert ping_loss(h.ping(0, 10, interval=0.02)) == (10, 10)
@@ -964,14 +935,14 @@ def test_dataplane_sigkill_mid_transfer_needs_no_login(h):
     gw = h.gw
     sessions = [h.session_id(0), h.session_id(1)]
     auth_before = h.auth_metrics()
-    transfer = h.fetch(0)
+    transfer = h.gw.fetch(0)
     time.sleep(0.3)
     gw.kill(gw.dataplane)
     killed = time.monotonic()
     gw.start_dataplane()
     wait_for(lambda: gw.ping(0, LAN_HOST, count=1).returncode == 0, 30, what="traffic again")
     back = time.monotonic() - killed
-    ok, rate = fetched(transfer)
+    ok, rate = h.gw.fetched(transfer)
     auth_after = h.auth_metrics()
     logins = delta(auth_after, auth_before, metrics.total, "pushgate_auth_logins_total")
     feed, held = h.consistent()
@@ -1230,7 +1201,7 @@ def test_password_guessing_and_bad_requests_while_alice_transfers(h, tmp_path):
     other_ca.write_bytes(make_ca("someone else", datetime.datetime.now(datetime.UTC))[0])
     auth_before = h.auth_metrics()
     epoch_before = h.stats()[h.session_id(0)].key_epoch
-    transfer = h.fetch(0)
+    transfer = h.gw.fetch(0)
     churn = [sys.executable, "-m", "netlab.churn"]
     target = f"{GATEWAY}:{AUTH_PORT}"
     guessed = json.loads(
@@ -1239,7 +1210,7 @@ def test_password_guessing_and_bad_requests_while_alice_transfers(h, tmp_path):
     refused = json.loads(
         h.lab.exec(h.atk, [*churn, "abuse", target, gw.ca, "alice", str(other_ca)]).stdout
     )
-    ok, rate = fetched(transfer)
+    ok, rate = h.gw.fetched(transfer)
     time.sleep(KEY_LIFETIME + 1)
     auth_after = h.auth_metrics()
     logins = {

@@ -85,13 +85,12 @@ class Hostile:
 
     def kernel_udp(self) -> dict[str, int]:
         """The gateway namespace's UDP counters from /proc/net/snmp (RcvbufErrors, ...)."""
-        text = self.lab.exec(self.gw.gw, ["cat", "/proc/net/snmp"]).stdout
-        names, values = (line.split()[1:] for line in text.splitlines() if line.startswith("Udp:"))
-        return dict(zip(names, map(int, values), strict=True))
+        return snmp(self.lab.exec(self.gw.gw, ["cat", "/proc/net/snmp"]).stdout, "Udp")
 
     def kernel_drops(self) -> dict[str, int]:
         """Where the kernels on the path drop on their own: UDP receive buffers (gateway,
-        clients) and TUN transmit queues (pg0, pgcN) -- drops the dataplane cannot see."""
+        clients) and TUN transmit queues (pg0, pgcN), read from the kernel itself (the
+        dataplane exports its own two as kernel_drops_total; the clients' are only here)."""
         found = {}
         for ns, dev in (
             (self.gw.gw, "pg0"),
@@ -105,8 +104,7 @@ class Hostile:
             lines = text.splitlines()
             if lines and lines[0].isdigit():
                 found[f"{dev} tx_dropped"] = int(lines[0])
-            names, values = (line.split()[1:] for line in lines if line.startswith("Udp:"))
-            udp = dict(zip(names, map(int, values), strict=True))
+            udp = snmp(text, "Udp")
             found[f"{ns.rsplit('-', 1)[1]} udp RcvbufErrors"] = udp["RcvbufErrors"]
         return found
 
@@ -188,6 +186,14 @@ class Hostile:
             stdout=subprocess.PIPE,
             text=True,
         )
+
+
+def snmp(text: str, section: str) -> dict[str, int]:
+    """One section ("Udp", "Icmp", ...) of /proc/net/snmp: a line of names, then values."""
+    names, values = (
+        line.split()[1:] for line in text.splitlines() if line.startswith(section + ":")
+    )
+    return dict(zip(names, map(int, values), strict=True))
 
 
 def ping_loss(process: subprocess.Popen) -> tuple[int, int]:
@@ -1113,9 +1119,7 @@ def test_slow_uplink_fills_the_send_queue_counted_and_the_loop_stays_live(h):
     alice = h.feed_sessions()[h.session_id(0)].tunnel_addresses[0]
 
     def echo_requests() -> int:  # ICMP echo requests that reached the lan host
-        text = h.lab.exec(gw.lan, ["cat", "/proc/net/snmp"]).stdout
-        names, values = (line.split() for line in text.splitlines() if line.startswith("Icmp:"))
-        return int(values[names.index("InEchos")])
+        return snmp(h.lab.exec(gw.lan, ["cat", "/proc/net/snmp"]).stdout, "Icmp")["InEchos"]
 
     duration = seconds(3)
     before, path_before, echoes_before = h.settled(), h.kernel_drops(), echo_requests()

@@ -15,7 +15,7 @@ import socket
 import time
 
 import udpio
-from push_protocol.codec import header_drop_reason, parse_header
+from push_protocol.codec import Header, read_header
 from push_protocol.constants import MIN_DATAGRAM_LEN, PROTOCOL_VERSION
 from push_protocol.drops import DropReason, PacketRejected
 from tundev.linux import LinuxTun
@@ -150,15 +150,15 @@ class Device:
                     continue
                 datagrams = datagrams or (data,)
                 budget -= len(datagrams)
+                counters.datagrams_received += len(datagrams)
                 for datagram in datagrams:
-                    counters.datagrams_received += 1
-                    reason = header_drop_reason(datagram)  # noise stops here, cheaply
-                    if reason is not None:
-                        drops[reason] += 1
+                    header = read_header(datagram)  # noise stops here, cheaply
+                    if type(header) is not Header:
+                        drops[header] += 1
                         bad_headers += 1
-                        bad_source, bad_reason = source, reason
+                        bad_source, bad_reason = source, header
                         continue
-                    reason = inbound(datagram, source, now)
+                    reason = inbound(datagram, header, source, now)
                     if reason is None:
                         counters.datagrams_delivered += 1
                     elif reason is not PENDING:
@@ -195,11 +195,10 @@ class Device:
         )
         return True
 
-    def _inbound(self, datagram: bytes, source, now: float):
-        """Where one datagram ends: None if delivered, PENDING if held for the TUN
-        write at the end of this callback, else the drop reason. Its header passed
-        `header_drop_reason`, so `parse_header` accepts it (tests/test_codec_fastpath.py)."""
-        header = parse_header(datagram)
+    def _inbound(self, datagram: bytes, header: Header, source, now: float):
+        """Where one datagram with a well-formed `header` ends: None if delivered,
+        PENDING if held for the TUN write at the end of this callback, else the
+        drop reason."""
         record = self.registry.by_id.get(header.session_id)
         if record is None:
             self._bad_input_log.warning(

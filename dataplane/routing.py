@@ -28,6 +28,12 @@ class Decision(NamedTuple):
     reason: DropReason | None = None
 
 
+# The common answers, built once: a NamedTuple costs more than the lookups here.
+TO_TUN = Decision(Action.TUN)
+NO_ROUTE = Decision(Action.DROP, reason=DropReason.NO_ROUTE)
+SPOOFED = Decision(Action.DROP, reason=DropReason.SPOOFED_SOURCE)
+
+
 class Router:
     def __init__(self, registry: Registry, tunnel_network, gateway_address, mtu: int) -> None:
         self.registry = registry
@@ -49,15 +55,15 @@ class Router:
         except PacketRejected as rejected:
             return Decision(Action.DROP, reason=rejected.reason)
         if source not in record.addresses:
-            return Decision(Action.DROP, reason=DropReason.SPOOFED_SOURCE)
+            return SPOOFED
         if len(packet) > self.mtu:
             return Decision(Action.TOO_BIG, record, DropReason.TOO_BIG)
         target = self.registry.by_address.get(destination)
         if target is not None:
             return Decision(Action.SESSION, target)
         if self._in_tunnel_network(destination) and destination != self._gateway:
-            return Decision(Action.DROP, reason=DropReason.NO_ROUTE)
-        return Decision(Action.TUN)
+            return NO_ROUTE
+        return TO_TUN
 
     def from_tun(self, packet: bytes) -> Decision:
         try:
@@ -66,5 +72,5 @@ class Router:
             return Decision(Action.DROP, reason=rejected.reason)
         target = self.registry.by_address.get(destination)
         if target is None:
-            return Decision(Action.DROP, reason=DropReason.NO_ROUTE)
+            return NO_ROUTE
         return Decision(Action.SESSION, target)

@@ -10,7 +10,7 @@ Layout (docs/protocol.md is the definition):
     +-----------------------------------------------------------------------+
 
 The 16-byte header is the AEAD's associated data; the nonce is derived from the
-counter. `parse_header` does O(header) work and touches no state, so a datagram
+counter. `read_header` does O(header) work and touches no state, so a datagram
 that is wrong in any cheap way is rejected before a session is even looked up.
 """
 
@@ -33,6 +33,7 @@ from .drops import (
     BadTag,
     BadVersion,
     DropReason,
+    PacketRejected,
     TooLong,
     TooShort,
     UnknownType,
@@ -48,7 +49,7 @@ class PacketType(IntEnum):
     KEEPALIVE = 2  # empty payload; proves liveness, keeps NAT mappings open
 
 
-_TYPES = {int(t): t for t in PacketType}  # a dict lookup: cheaper than PacketType(n)
+_DATA, _KEEPALIVE = int(PacketType.DATA), int(PacketType.KEEPALIVE)  # int compares are cheaper
 
 
 class Header(NamedTuple):
@@ -61,50 +62,51 @@ class Header(NamedTuple):
 _new_header = tuple.__new__  # Header(...) without the generated __new__'s extra frame
 
 
-def parse_header(datagram: bytes | bytearray | memoryview) -> Header:
-    """Check the cheap things about a datagram and return its header.
-
-    Raises a `PacketRejected` subclass naming the first thing that is wrong.
-    """
-    length = len(datagram)
-    if length < MIN_DATAGRAM_LEN:
-        raise TooShort(f"{length} bytes, need at least {MIN_DATAGRAM_LEN}")
-    if length > MAX_DATAGRAM_LEN:
-        raise TooLong(f"{length} bytes, at most {MAX_DATAGRAM_LEN}")
-    version, packet_type, key_epoch, session_id, counter = _HEADER.unpack_from(datagram)
-    if version != PROTOCOL_VERSION:
-        raise BadVersion(f"version {version}, expected {PROTOCOL_VERSION}")
-    known = _TYPES.get(packet_type)
-    if known is None:
-        raise UnknownType(f"type {packet_type}")
-    if known is PacketType.KEEPALIVE:
-        if length != MIN_DATAGRAM_LEN:
-            raise BadLength(f"keepalive with {length - MIN_DATAGRAM_LEN} payload bytes")
-    elif length == MIN_DATAGRAM_LEN:
-        raise BadLength("data packet with an empty payload")
-    return _new_header(Header, (known, key_epoch, session_id, counter))
-
-
-def header_drop_reason(datagram: bytes | bytearray | memoryview) -> DropReason | None:
-    """The reason `parse_header` would reject `datagram` for, or None if it would not.
-
-    The same checks in the same order, without building an exception: the
-    receive loop's first look at every datagram, so a flood of noise is counted
-    at the cost of a few comparisons each.
-    """
+def read_header(datagram: bytes | bytearray | memoryview) -> Header | DropReason:
+    """The header of `datagram`, or the reason it is rejected before any state is
+    touched: the first wrong thing among length, version, type and length for
+    that type. No exception is built, so the receive loop counts a flood of
+    noise at the cost of a few comparisons per datagram."""
     length = len(datagram)
     if length < MIN_DATAGRAM_LEN:
         return DropReason.TOO_SHORT
     if length > MAX_DATAGRAM_LEN:
         return DropReason.TOO_LONG
-    if datagram[0] != PROTOCOL_VERSION:
+    version, packet_type, key_epoch, session_id, counter = _HEADER.unpack_from(datagram)
+    if version != PROTOCOL_VERSION:
         return DropReason.BAD_VERSION
-    packet_type = datagram[1]
-    if packet_type == PacketType.DATA:
-        return DropReason.BAD_LENGTH if length == MIN_DATAGRAM_LEN else None
-    if packet_type == PacketType.KEEPALIVE:
-        return DropReason.BAD_LENGTH if length != MIN_DATAGRAM_LEN else None
+    if packet_type == _DATA:
+        if length == MIN_DATAGRAM_LEN:
+            return DropReason.BAD_LENGTH
+        return _new_header(Header, (PacketType.DATA, key_epoch, session_id, counter))
+    if packet_type == _KEEPALIVE:
+        if length != MIN_DATAGRAM_LEN:
+            return DropReason.BAD_LENGTH
+        return _new_header(Header, (PacketType.KEEPALIVE, key_epoch, session_id, counter))
     return DropReason.UNKNOWN_TYPE
+
+
+def parse_header(datagram: bytes | bytearray | memoryview) -> Header:
+    """`read_header`, raising the `PacketRejected` subclass that names what is wrong."""
+    header = read_header(datagram)
+    if type(header) is Header:
+        return header
+    raise _rejection(header, datagram)
+
+
+def _rejection(reason: DropReason, datagram) -> PacketRejected:
+    length = len(datagram)
+    if reason is DropReason.TOO_SHORT:
+        return TooShort(f"{length} bytes, need at least {MIN_DATAGRAM_LEN}")
+    if reason is DropReason.TOO_LONG:
+        return TooLong(f"{length} bytes, at most {MAX_DATAGRAM_LEN}")
+    if reason is DropReason.BAD_VERSION:
+        return BadVersion(f"version {datagram[0]}, expected {PROTOCOL_VERSION}")
+    if reason is DropReason.UNKNOWN_TYPE:
+        return UnknownType(f"type {datagram[1]}")
+    if datagram[1] == _KEEPALIVE:
+        return BadLength(f"keepalive with {length - MIN_DATAGRAM_LEN} payload bytes")
+    return BadLength("data packet with an empty payload")
 
 
 def build_header(packet_type: PacketType, key_epoch: int, session_id: int, counter: int) -> bytes:
@@ -129,7 +131,7 @@ def seal(
 
 
 def open_payload(aead: AEAD, datagram: bytes, counter: int) -> bytes:
-    """Authenticate and decrypt a datagram whose header `parse_header` accepted."""
+    """Authenticate and decrypt a datagram whose header `read_header` accepted."""
     try:
         return aead.decrypt(nonce_for(counter), datagram[HEADER_LEN:], datagram[:HEADER_LEN])
     except InvalidTag:

@@ -23,40 +23,35 @@ _RING_MASK = REPLAY_RING_WORDS - 1
 
 
 class ReplayWindow:
-    __slots__ = ("_highest", "_ring")
+    __slots__ = ("_ring", "highest")
 
     def __init__(self) -> None:
         self._ring: array | None = None  # allocated by the first update
-        self._highest = -1  # nothing seen yet
-
-    @property
-    def highest(self) -> int:
-        """The highest counter accepted so far, -1 before the first."""
-        return self._highest
+        self.highest = -1  # the highest counter accepted so far; read-only outside
 
     def check(self, counter: int) -> None:
         """Raise `Replayed` or `TooOld` if `counter` must not be accepted."""
-        if counter > self._highest:  # always true before the first update
+        if counter > self.highest:  # always true before the first update
             return
-        if self._highest - counter >= REPLAY_WINDOW_SIZE:
-            raise TooOld(f"counter {counter} is behind window ending at {self._highest}")
+        if self.highest - counter >= REPLAY_WINDOW_SIZE:
+            raise TooOld(f"counter {counter} is behind window ending at {self.highest}")
         word = self._ring[(counter >> _WORD_SHIFT) & _RING_MASK]
         if word >> (counter & _BIT_MASK) & 1:
             raise Replayed(f"counter {counter}")
 
     def update(self, counter: int) -> None:
         """Check `counter` and record it as seen."""
-        highest = self._highest
-        if counter <= highest:
-            self.check(counter)
+        highest = self.highest
         ring = self._ring
-        if ring is None:
-            ring = self._ring = array("Q", bytes(8 * REPLAY_RING_WORDS))
         index = counter >> _WORD_SHIFT
         if counter > highest:
+            if ring is None:
+                ring = self._ring = array("Q", bytes(8 * REPLAY_RING_WORDS))
             current = highest >> _WORD_SHIFT
             if index != current:  # the window moves into new words: clear them
                 for step in range(1, min(index - current, REPLAY_RING_WORDS) + 1):
                     ring[(current + step) & _RING_MASK] = 0
-            self._highest = counter
+            self.highest = counter
+        else:
+            self.check(counter)
         ring[index & _RING_MASK] |= 1 << (counter & _BIT_MASK)

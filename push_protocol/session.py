@@ -23,7 +23,7 @@ from .constants import (
 )
 from .drops import SessionExpired, UnknownKey, UnknownSession, UsageError
 from .keys import KeyMaterial, Keypair, Role
-from .lifecycle import Lifecycle, SessionEvent, SessionState
+from .lifecycle import LIVE_STATES, Lifecycle, SessionEvent, SessionState
 
 
 class TunnelSession:
@@ -155,14 +155,19 @@ class TunnelSession:
         """
         if header is None:
             header = parse_header(datagram)
-        if header.session_id != self.session_id:
-            raise UnknownSession(f"session {header.session_id} is not {self.session_id}")
-        if not self.lifecycle.is_live:
+        _, epoch, session_id, counter = header
+        if session_id != self.session_id:
+            raise UnknownSession(f"session {session_id} is not {self.session_id}")
+        if self.lifecycle.state not in LIVE_STATES:
             raise SessionExpired(f"session {self.session_id} is {self.state.value}")
-        keypair = self._keypair_for(header.key_epoch, now)
-        payload = keypair.open(datagram, header.counter, now)
-        if keypair is self.next:
-            self._promote_next(now)
+        current = self.current
+        if epoch == current.epoch:  # nearly always
+            payload = current.open(datagram, counter, now)
+        else:
+            keypair = self._keypair_for(epoch, now)
+            payload = keypair.open(datagram, counter, now)
+            if keypair is self.next:
+                self._promote_next(now)
         self.last_received_at = now
         self.rx_packets += 1
         self.rx_bytes += len(payload)

@@ -45,31 +45,24 @@ _MAX_IP_LEN = 65535
 
 _ACK, _PSH = 0x10, 0x08
 _IP_WORDS = struct.Struct("!10H")
-# IPv4 header without options, then the TCP header without options
-_IPV4_TCP = struct.Struct("!BBHHHBBH12sIIBBHHH")
+# IPv4 header without options, then the TCP header without options; the fields
+# nobody compares (IP id and checksum, TCP checksum) are skipped:
+# tos, total length, flags+fragment offset, ttl, protocol, addresses and ports,
+# seq, ack, data offset, TCP flags, window, urgent pointer
+_IPV4_TCP = struct.Struct("!xBHxxHBB2x12sIIBBHxxH")
 
 
 class _Flow:
-    __slots__ = (
-        "count",
-        "gso_size",
-        "header_len",
-        "next_seq",
-        "parts",
-        "psh",
-        "short",
-        "signature",
-    )
+    __slots__ = ("count", "gso_size", "header_len", "next_seq", "parts", "psh", "signature")
 
     def __init__(self, parts: list, header_len: int, gso_size: int, next_seq: int, sig) -> None:
         self.parts = parts
         self.count = 1
         self.header_len = header_len
         self.gso_size = gso_size
-        self.next_seq = next_seq
+        self.next_seq = next_seq  # -1 once nothing more may join: after a shorter or PSH segment
         self.signature = sig
         self.psh = 0
-        self.short = False  # a shorter (final) segment was merged, or PSH seen
 
 
 def coalesce(packets: list[bytes]) -> list[tuple[list, int]]:
@@ -83,16 +76,13 @@ def coalesce(packets: list[bytes]) -> list[tuple[list, int]]:
         if length < 41 or packet[0] != 0x45:  # IPv4 without options
             writes.append(([PLAIN_HEADER, packet], 1))
             continue
-        (_, tos, total, _, frag, ttl, proto, _, key, seq, ack, offset, flags, window, _, urgent) = (
-            unpack(packet)
-        )
+        tos, total, frag, ttl, proto, key, seq, ack, offset, flags, window, urgent = unpack(packet)
         header_len = 20 + ((offset >> 4) << 2)
         size = length - header_len
         if (
             proto != 6
             or frag & 0x3FFF  # MF or a fragment offset
-            or flags & ~(_ACK | _PSH)
-            or not flags & _ACK
+            or flags & ~_PSH != _ACK  # ACK, maybe PSH, nothing else
             or size <= 0
             or header_len < 40
             or total != length
@@ -106,7 +96,6 @@ def coalesce(packets: list[bytes]) -> list[tuple[list, int]]:
         if (
             flow is not None
             and seq == flow.next_seq
-            and not flow.short
             and size <= flow.gso_size
             and flow.count < MAX_SEGMENTS
             and signature == flow.signature
@@ -115,14 +104,16 @@ def coalesce(packets: list[bytes]) -> list[tuple[list, int]]:
                 merged.append(flow)
             flow.parts.append(memoryview(packet)[header_len:])
             flow.count += 1
-            flow.next_seq = (seq + size) & 0xFFFFFFFF
-            flow.psh = flags & _PSH
-            flow.short = size < flow.gso_size or bool(flow.psh)
+            if size < flow.gso_size or flags & _PSH:  # the last one this write can take
+                flow.psh = flags & _PSH
+                flow.next_seq = -1
+            else:
+                flow.next_seq = (seq + size) & 0xFFFFFFFF
             continue
-        parts = [PLAIN_HEADER, packet]
-        flow = _Flow(parts, header_len, size, (seq + size) & 0xFFFFFFFF, signature)
-        flow.psh = flags & _PSH
-        flow.short = bool(flow.psh)
+        flow = _Flow([PLAIN_HEADER, packet], header_len, size, (seq + size) & 0xFFFFFFFF, signature)
+        if flags & _PSH:
+            flow.psh = _PSH
+            flow.next_seq = -1
         flows[key] = flow
         writes.append(flow)
     for flow in merged:

@@ -111,14 +111,10 @@ class Datapath:
                     self.drops[DropReason.SOCKET_ERROR] += len(run)
 
     def _on_tun_readable(self) -> None:
-        now = self._clock()
-        seal = self.session.seal
-        datagrams = []
-        for packet in self._tun.read_packets(BATCH):
-            try:
-                datagrams.append(seal(packet, now))
-            except PacketRejected as rejected:
-                self.drops[rejected.reason] += 1
+        packets = self._tun.read_packets(BATCH)
+        datagrams, rejected = self.session.seal_many(packets, self._clock())
+        for reason in rejected:
+            self.drops[reason] += 1
         if self._gso:
             self._send_batch(datagrams)
         else:

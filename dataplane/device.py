@@ -151,6 +151,8 @@ class Device:
                 datagrams = datagrams or (data,)
                 budget -= len(datagrams)
                 counters.datagrams_received += len(datagrams)
+                # runs of well-formed datagrams of one session (with GRO, usually all)
+                run, headers, run_session = [], [], None
                 for datagram in datagrams:
                     header = read_header(datagram)  # noise stops here, cheaply
                     if type(header) is not Header:
@@ -158,11 +160,14 @@ class Device:
                         bad_headers += 1
                         bad_source, bad_reason = source, header
                         continue
-                    reason = inbound(datagram, header, source, now)
-                    if reason is None:
-                        counters.datagrams_delivered += 1
-                    elif reason is not PENDING:
-                        drops[reason] += 1
+                    if header.session_id != run_session and run:
+                        inbound(run_session, run, headers, source, now)
+                        run, headers = [], []
+                    run_session = header.session_id
+                    run.append(datagram)
+                    headers.append(header)
+                if run:
+                    inbound(run_session, run, headers, source, now)
         finally:
             if self._tun_pending:
                 self._flush_tun()
@@ -195,29 +200,42 @@ class Device:
         )
         return True
 
-    def _inbound(self, datagram: bytes, header: Header, source, now: float):
-        """Where one datagram with a well-formed `header` ends: None if delivered,
-        PENDING if held for the TUN write at the end of this callback, else the
-        drop reason."""
-        record = self.registry.by_id.get(header.session_id)
+    def _inbound(self, session_id: int, datagrams: list, headers: list, source, now: float):
+        """Authenticate datagrams of one session (their headers read) and take each
+        where it goes; count each delivered or dropped, except those held for the
+        TUN write at the end of this callback (`_flush_tun` counts them)."""
+        counters = self.counters
+        drops = counters.inbound_drops
+        record = self.registry.by_id.get(session_id)
         if record is None:
+            drops[DropReason.UNKNOWN_SESSION] += len(datagrams)
             self._bad_input_log.warning(
                 "session", "dropped datagram from %s: unknown session", source[0]
             )
-            return DropReason.UNKNOWN_SESSION
-        try:
-            payload = record.tunnel.open(datagram, now, header)
-        except PacketRejected as rejected:
-            record.last_drop_reason = rejected.reason
-            self._bad_input_log.warning(
-                "open",
-                "session %#010x: dropped datagram from %s: %s",
-                header.session_id,
-                source[0],
-                rejected.reason.value,
-            )
-            return rejected.reason
-        record.endpoint = source  # roaming: only authenticated, never-seen counters move it
+            return
+        deliver = self._deliver
+        for result in record.tunnel.open_many(datagrams, headers, now):
+            if type(result) is not bytes:
+                drops[result] += 1
+                record.last_drop_reason = result
+                self._bad_input_log.warning(
+                    "open",
+                    "session %#010x: dropped datagram from %s: %s",
+                    session_id,
+                    source[0],
+                    result.value,
+                )
+                continue
+            record.endpoint = source  # roaming: only authenticated, never-seen counters move it
+            reason = deliver(record, result, now)
+            if reason is None:
+                counters.datagrams_delivered += 1
+            elif reason is not PENDING:
+                drops[reason] += 1
+
+    def _deliver(self, record: SessionRecord, payload: bytes, now: float):
+        """Where an authenticated payload ends: None if delivered, PENDING if held
+        for the TUN write, else the drop reason."""
         if not payload:
             last = record.tunnel.last_sent_at
             if last is None or now - last >= KEEPALIVE_REPLY_AFTER:
@@ -226,7 +244,9 @@ class Device:
         decision = self.router.from_session(record, payload)
         action = decision.action
         if action is Action.TUN:
-            self._count_rx(payload)
+            counters = self.counters
+            counters.rx_packets += 1
+            counters.rx_bytes += len(payload)
             self._tun_pending.append(self._clamp(payload))
             return PENDING
         if action is Action.SESSION:  # hub: client to client, never through the TUN
@@ -302,58 +322,53 @@ class Device:
             counters.io_errors["tun_read"] += 1
             self._bad_input_log.warning("tun_read", "TUN read failed: %s", error)
             return
-        from_tun = self.router.from_tun
-        sealed = []  # (datagram, endpoint), sent together below
+        counters.tun_packets_read += len(packets)
+        from_tun, clamp = self.router.from_tun, self._clamp
+        runs = []  # [session, its packets], consecutive packets for one session together
         for packet in packets:
-            counters.tun_packets_read += 1
             decision = from_tun(packet)
             if decision.action is not Action.SESSION:
                 drops[decision.reason] += 1
                 continue
-            result = self._seal_for(decision.target, self._clamp(packet), now)
-            if type(result) is tuple:
-                sealed.append(result)
+            target = decision.target
+            if target.endpoint is None:
+                drops[DropReason.NO_ENDPOINT] += 1
+            elif runs and runs[-1][0] is target:
+                runs[-1][1].append(clamp(packet))
             else:
-                drops[result] += 1
-        if self._gso:
-            self._send_batched(sealed)
-            return
-        for datagram, endpoint in sealed:
-            reason = self._send_datagram(datagram, endpoint)
-            if reason is None:
-                counters.outbound_delivered += 1
-            else:
+                runs.append((target, [clamp(packet)]))
+        for record, payloads in runs:
+            tunnel = record.tunnel
+            sent_bytes = tunnel.tx_bytes
+            datagrams, rejected = tunnel.seal_many(payloads, now)
+            for reason in rejected:
                 drops[reason] += 1
+            counters.tx_packets += len(datagrams)
+            counters.tx_bytes += tunnel.tx_bytes - sent_bytes
+            self._send_run(datagrams, record.endpoint)
 
-    def _send_batched(self, sealed: list) -> None:
-        """Send runs of datagrams to one endpoint with UDP GSO, one call per run;
-        a run the socket refuses goes datagram by datagram (queued or counted)."""
+    def _send_run(self, datagrams: list, endpoint) -> None:
+        """Send datagrams to one endpoint, with UDP GSO in as few calls as it
+        allows; what the socket refuses goes datagram by datagram (queued or counted)."""
         counters = self.counters
         drops = counters.outbound_drops
-        start = 0
-        while start < len(sealed):
-            endpoint = sealed[start][1]
-            end = start + 1
-            while end < len(sealed) and sealed[end][1] == endpoint:
-                end += 1
-            for run in udpio.runs([datagram for datagram, _ in sealed[start:end]]):
-                if len(run) > 1 and not self.udp_queue:
-                    try:
-                        udpio.send_run(self.sock, run, endpoint)
-                        counters.outbound_delivered += len(run)
-                        continue
-                    except BlockingIOError:
-                        pass
-                    except OSError as error:
-                        if error.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP):
-                            self._gso = False  # cannot segment here: one by one from now on
-                for datagram in run:
-                    reason = self._send_datagram(datagram, endpoint)
-                    if reason is None:
-                        counters.outbound_delivered += 1
-                    else:
-                        drops[reason] += 1
-            start = end
+        for run in udpio.runs(datagrams) if self._gso else [datagrams]:
+            if len(run) > 1 and self._gso and not self.udp_queue:
+                try:
+                    udpio.send_run(self.sock, run, endpoint)
+                    counters.outbound_delivered += len(run)
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError as error:
+                    if error.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP):
+                        self._gso = False  # cannot segment here: one by one from now on
+            for datagram in run:
+                reason = self._send_datagram(datagram, endpoint)
+                if reason is None:
+                    counters.outbound_delivered += 1
+                else:
+                    drops[reason] += 1
 
     def _seal_for(self, record: SessionRecord, packet: bytes, now: float):
         """(datagram, endpoint) carrying `packet` to `record`, or the drop reason."""

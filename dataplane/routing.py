@@ -43,12 +43,6 @@ class Router:
         self._net = int(tunnel_network.network_address)
         self._mask = int(tunnel_network.netmask)
 
-    def _in_tunnel_network(self, address: bytes) -> bool:
-        return (
-            len(address) == self._net_len
-            and int.from_bytes(address, "big") & self._mask == self._net
-        )
-
     def from_session(self, record: SessionRecord, packet: bytes) -> Decision:
         try:
             source, destination = inner.addresses(packet)
@@ -61,7 +55,11 @@ class Router:
         target = self.registry.by_address.get(destination)
         if target is not None:
             return Decision(Action.SESSION, target)
-        if self._in_tunnel_network(destination) and destination != self._gateway:
+        if (  # in the tunnel network, but nobody's: not for the TUN either
+            destination != self._gateway
+            and len(destination) == self._net_len
+            and int.from_bytes(destination, "big") & self._mask == self._net
+        ):
             return NO_ROUTE
         return TO_TUN
 

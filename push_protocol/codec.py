@@ -130,6 +130,24 @@ def seal(
     return header + aead.encrypt(nonce_for(counter), payload, header)
 
 
+def seal_many(
+    aead: AEAD, key_epoch: int, session_id: int, first_counter: int, payloads: list[bytes]
+) -> list[bytes]:
+    """`seal` of one DATA packet per payload, with counters from `first_counter` up."""
+    if first_counter < 0 or first_counter + len(payloads) - 1 > MAX_COUNTER:
+        raise UsageError(f"counters from {first_counter} for {len(payloads)} packets out of range")
+    encrypt, pack = aead.encrypt, _HEADER.pack
+    datagrams = []
+    counter = first_counter
+    for payload in payloads:
+        if not payload:
+            raise UsageError("keepalives carry no payload and data packets carry some")
+        header = pack(PROTOCOL_VERSION, _DATA, key_epoch, session_id, counter)
+        datagrams.append(header + encrypt(nonce_for(counter), payload, header))
+        counter += 1
+    return datagrams
+
+
 def open_payload(aead: AEAD, datagram: bytes, counter: int) -> bytes:
     """Authenticate and decrypt a datagram whose header `read_header` accepted."""
     try:

@@ -139,6 +139,35 @@ class Keypair:
         self.sent += 1
         return codec.seal(contexts[0], packet_type, self.epoch, session_id, counter, payload)
 
+    def may_seal(self, count: int, now: float) -> bool:
+        """True if `count` more packets can be sealed now within the hard limits."""
+        return (
+            self.sent + count <= REJECT_AFTER_MESSAGES
+            and now - self.created_at < REJECT_AFTER_SECONDS
+            and self._next_counter + count - 1 <= MAX_COUNTER
+        )
+
+    def seal_many(self, session_id: int, payloads: list[bytes], now: float) -> list[bytes]:
+        """`seal` of a DATA packet for each payload; the batch must fit `may_seal`."""
+        if not self.may_seal(len(payloads), now):
+            raise KeyExpired(f"key epoch {self.epoch} cannot seal {len(payloads)} more packets")
+        counter = self._next_counter
+        contexts = self._contexts or self._cache.build(self)  # before counting the batch
+        self._next_counter = counter + len(payloads)
+        self.sent += len(payloads)
+        return codec.seal_many(contexts[0], self.epoch, session_id, counter, payloads)
+
+    def may_open(self, count: int, now: float) -> bool:
+        """True if `count` more packets can be opened now without reaching a hard
+        limit, so a batch needs no check per packet."""
+        return (
+            self.received + count < REJECT_AFTER_MESSAGES
+            and now - self.created_at < REJECT_AFTER_SECONDS
+        )
+
+    def receive_context(self) -> AEAD:
+        return (self._contexts or self._cache.build(self))[1]
+
     def open(self, datagram: bytes, counter: int, now: float) -> bytes:
         """Authenticate, decrypt and record `counter`; raises PacketRejected."""
         if self.received >= REJECT_AFTER_MESSAGES or now - self.created_at >= REJECT_AFTER_SECONDS:
@@ -146,8 +175,7 @@ class Keypair:
         replay = self.replay
         if counter <= replay.highest:
             replay.check(counter)  # cheap rejection before the crypto
-        contexts = self._contexts or self._cache.build(self)
-        payload = codec.open_payload(contexts[1], datagram, counter)
+        payload = codec.open_payload(self.receive_context(), datagram, counter)
         replay.update(counter)
         self.received += 1
         return payload

@@ -15,7 +15,7 @@ the packet authenticated, so forged packets cannot move the window.
 from array import array
 
 from .constants import REPLAY_RING_WORDS, REPLAY_WINDOW_SIZE, REPLAY_WORD_BITS
-from .drops import Replayed, TooOld
+from .drops import DropReason, Replayed, TooOld
 
 _WORD_SHIFT = REPLAY_WORD_BITS.bit_length() - 1  # 6
 _BIT_MASK = REPLAY_WORD_BITS - 1
@@ -29,14 +29,23 @@ class ReplayWindow:
         self._ring: array | None = None  # allocated by the first update
         self.highest = -1  # the highest counter accepted so far; read-only outside
 
-    def check(self, counter: int) -> None:
-        """Raise `Replayed` or `TooOld` if `counter` must not be accepted."""
+    def rejects(self, counter: int) -> DropReason | None:
+        """Why `counter` must not be accepted (`too_old`, `replay`), or None."""
         if counter > self.highest:  # always true before the first update
-            return
+            return None
         if self.highest - counter >= REPLAY_WINDOW_SIZE:
-            raise TooOld(f"counter {counter} is behind window ending at {self.highest}")
+            return DropReason.TOO_OLD
         word = self._ring[(counter >> _WORD_SHIFT) & _RING_MASK]
         if word >> (counter & _BIT_MASK) & 1:
+            return DropReason.REPLAY
+        return None
+
+    def check(self, counter: int) -> None:
+        """Raise `Replayed` or `TooOld` if `counter` must not be accepted."""
+        reason = self.rejects(counter)
+        if reason is DropReason.TOO_OLD:
+            raise TooOld(f"counter {counter} is behind window ending at {self.highest}")
+        if reason is DropReason.REPLAY:
             raise Replayed(f"counter {counter}")
 
     def update(self, counter: int) -> None:

@@ -9,15 +9,18 @@ wd=$VPNB_WORKDIR
 s_if="pg${VPNB_IFTAG}s" c_if="pg${VPNB_IFTAG}c"
 # PUSHGATE_PYSPY=DIR: also profile the dataplane and the client with py-spy for
 # PUSHGATE_PYSPY_SECONDS (default 25, about the idle ping and the TCP tests),
-# writing collapsed stacks to DIR/{dataplane,client}-<tag>.txt.
+# starting PUSHGATE_PYSPY_DELAY seconds after the tunnel is up (default 0; about
+# 14 reaches the UDP test with -t 5), writing collapsed stacks to
+# DIR/{dataplane,client}-<tag>.txt.
 profile() {
   [ -n "${PUSHGATE_PYSPY:-}" ] || return 0
   mkdir -p "$PUSHGATE_PYSPY"
   local name pid
   for name in dataplane client; do
     pid=$(sed -n "$([ $name = dataplane ] && echo 2 || echo 3)p" "$VPNB_PIDFILE")
-    "$bin/py-spy" record --nonblocking -r 200 -d "${PUSHGATE_PYSPY_SECONDS:-25}" -f raw \
-      -o "$PUSHGATE_PYSPY/$name-$VPNB_IFTAG.txt" -p "$pid" >/dev/null 2>&1 &
+    (sleep "${PUSHGATE_PYSPY_DELAY:-0}"
+     exec "$bin/py-spy" record --nonblocking -r 200 -d "${PUSHGATE_PYSPY_SECONDS:-25}" -f raw \
+       -o "$PUSHGATE_PYSPY/$name-$VPNB_IFTAG.txt" -p "$pid") >/dev/null 2>&1 &
   done
 }
 case ${1:-} in

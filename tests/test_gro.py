@@ -5,7 +5,15 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tundev.gro import F_NEEDS_CSUM, GSO_TCPV4, MAX_SEGMENTS, PLAIN_HEADER, coalesce
+from tundev.gro import (
+    F_NEEDS_CSUM,
+    GSO_TCPV4,
+    GSO_UDP_L4,
+    MAX_SEGMENTS,
+    PLAIN_HEADER,
+    UDP_MAX_SEGMENTS,
+    coalesce,
+)
 
 SRC, DST = bytes([198, 18, 0, 2]), bytes([198, 19, 0, 1])
 
@@ -44,9 +52,14 @@ def _segments(writes):
             out.append(data)
             continue
         flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = struct.unpack("=BBHHHH", vnet)
-        assert (flags, gso_type, csum_start, csum_offset) == (F_NEEDS_CSUM, GSO_TCPV4, 20, 16)
         assert int.from_bytes(data[2:4], "big") == len(data)
         assert _checksum(data[:20]) == 0xFFFF  # the IPv4 header checksum is valid
+        if gso_type == GSO_UDP_L4:
+            out.extend(
+                _udp_segments(data, flags, hdr_len, gso_size, csum_start, csum_offset, count)
+            )
+            continue
+        assert (flags, gso_type, csum_start, csum_offset) == (F_NEEDS_CSUM, GSO_TCPV4, 20, 16)
         pseudo = data[12:20] + struct.pack("!BBH", 0, 6, len(data) - 20)
         assert int.from_bytes(data[36:38], "big") == _checksum(pseudo)  # partial, for the kernel
         payload = data[hdr_len:]
@@ -57,6 +70,66 @@ def _segments(writes):
             out.append((data[12:24], seq, piece))
             seq = (seq + len(piece)) & 0xFFFFFFFF
     return out
+
+
+def _udp_segments(data, flags, hdr_len, gso_size, csum_start, csum_offset, count):
+    """The datagrams the kernel cuts a UDP GSO write into: (addresses and ports, payload)."""
+    assert (flags, hdr_len, csum_start, csum_offset) == (F_NEEDS_CSUM, 28, 20, 6)
+    assert int.from_bytes(data[24:26], "big") == len(data) - 20  # UDP length of the whole
+    pseudo = data[12:20] + struct.pack("!BBH", 0, 17, len(data) - 20)
+    assert int.from_bytes(data[26:28], "big") == _checksum(pseudo)  # partial, for the kernel
+    payload = data[28:]
+    pieces = [payload[i : i + gso_size] for i in range(0, len(payload), gso_size)]
+    assert len(pieces) == count <= UDP_MAX_SEGMENTS
+    assert all(len(p) == gso_size for p in pieces[:-1])
+    return [(data[12:24], piece) for piece in pieces]
+
+
+def udp(payload, *, sport=4000, ttl=64, src=SRC):
+    total = 28 + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0x4000, ttl, 17, 0, src, DST)
+    ip = ip[:10] + (~_checksum(ip) & 0xFFFF).to_bytes(2, "big") + ip[12:]
+    return ip + struct.pack("!HHHH", sport, 9000, 8 + len(payload), 0x1234) + payload
+
+
+def _plain_udp(packet):
+    return (packet[12:24], packet[28:])
+
+
+def test_udp_datagrams_of_a_flow_become_one_write_and_come_back_the_same():
+    packets = [udp(bytes([i]) * 64) for i in range(20)] + [udp(b"tail")]
+    writes = coalesce(packets)
+    assert [count for _, count in writes] == [21]
+    assert _segments(writes) == [_plain_udp(p) for p in packets]
+
+
+def test_udp_merging_stops_where_the_kernel_would_split_differently():
+    packets = [
+        udp(b"a" * 64),
+        udp(b"b" * 64),
+        udp(b"c" * 32),  # shorter: the last of the first write
+        udp(b"d" * 64),  # nothing after a shorter one
+        udp(b"e" * 64, ttl=3),  # another TTL: not with d
+        udp(b"f" * 64, sport=4001),  # another flow
+        udp(b"g" * 80, sport=4001),  # larger than the first of its flow
+    ]
+    writes = coalesce(packets)
+    assert [count for _, count in writes] == [3, 1, 1, 1, 1]
+    assert _segments(writes) == [_plain_udp(p) for p in packets[:3]] + packets[3:]
+
+
+def test_udp_writes_respect_the_kernel_limits():
+    writes = coalesce([udp(b"x" * 64) for _ in range(UDP_MAX_SEGMENTS + 3)])
+    assert [n for _, n in writes] == [UDP_MAX_SEGMENTS, 3]
+    writes = coalesce([udp(b"x" * 1400) for _ in range(60)])
+    assert [n for _, n in writes] == [46, 14]  # 46 x 1400 + 28 <= 65535
+
+
+def test_without_uso_udp_datagrams_go_one_by_one():
+    packets = [udp(b"x" * 64) for _ in range(5)]
+    writes = coalesce(packets, udp=False)
+    assert [n for _, n in writes] == [1] * 5
+    assert [b"".join(bytes(p) for p in parts[1:]) for parts, _ in writes] == packets
 
 
 def _plain(packet):

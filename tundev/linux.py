@@ -1,9 +1,10 @@
 """Linux TUN backend: /dev/net/tun in IFF_TUN | IFF_NO_PI mode, non-blocking.
 
 With `offload=True` the device is opened with IFF_VNET_HDR: every read and
-write carries a 10-byte virtio-net header, which lets `write_packets` hand the
-kernel consecutive TCP segments as one GSO super-packet (tundev/gro.py). Reads
-stay plain IP packets (no TUNSETOFFLOAD, so the kernel never sends us GSO
+write carries a 10-byte virtio-net header, which lets `write_buffers` hand the
+kernel consecutive TCP segments (and UDP datagrams, where the kernel has USO)
+of a flow as one GSO super-packet (tundev/gro.py). Reads stay plain IP
+packets (the TUN's offload flags stay off, so the kernel never sends us GSO
 packets); `read_packets` and `write_packet` strip and add the header, so a
 caller sees the same packets either way.
 """
@@ -15,6 +16,10 @@ import struct
 from . import gro
 
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM = 0x01
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -37,6 +42,7 @@ class LinuxTun:
         self.name = reply[:IFNAMSIZ].rstrip(b"\0").decode()
         self.offload = offload
         self._skip = gro.VNET_HDR_LEN if offload else 0
+        self.udp_offload = offload and _takes_udp_gso(self._fd)
 
     def fileno(self) -> int:
         return self._fd
@@ -67,7 +73,7 @@ class LinuxTun:
     def coalesce(self, packets: list[bytes]) -> list[tuple[list, int]]:
         """The writes that carry `packets`: (buffers, packet count) for `write_buffers`."""
         if self._skip:
-            return gro.coalesce(packets)
+            return gro.coalesce(packets, udp=self.udp_offload)
         return [([packet], 1) for packet in packets]
 
     def write_buffers(self, buffers: list) -> bool:
@@ -82,3 +88,15 @@ class LinuxTun:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _takes_udp_gso(fd: int) -> bool:
+    """Whether this kernel takes UDP GSO writes from a TUN (USO, Linux 6.2+): it
+    accepts the USO offload flags only if it knows them. The flags are cleared
+    again at once, so reads stay plain packets (they would allow GSO reads)."""
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6)
+    except OSError:
+        return False
+    fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+    return True

@@ -188,7 +188,7 @@ def _finish(flow: _Flow) -> None:
     parts = flow.parts
     first = parts[1]
     header_len = flow.header_len
-    total = header_len + flow.gso_size + sum(len(p) for p in parts[2:])
+    total = header_len + flow.gso_size + sum(map(len, parts[2:]))
     head = bytearray(first[:header_len])
     head[2:4] = total.to_bytes(2, "big")
     head[10:12] = b"\0\0"

@@ -20,6 +20,8 @@ from tundev.linux import LinuxTun
 from .device import Device
 from .metrics import Counters, KernelDrops, loop_lag_histogram, register_collectors
 from .registry import Registry
+from .socket_filter import FilterUnavailable
+from .socket_filter import attach as attach_filter
 from .stats_api import DataplaneStatsServicer
 from .sync import SessionSync
 
@@ -117,7 +119,21 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         gateway_address=cfg.gateway.gateway_address,
         loop_lag_histogram=loop_lag_histogram(prometheus),
     )
-    register_collectors(prometheus, counters, registry, device.queues, KernelDrops(sock, tun.name))
+    try:
+        socket_filter = attach_filter(sock)
+        log.info("malformed datagrams are dropped and counted in the kernel (eBPF filter)")
+    except FilterUnavailable as why:
+        socket_filter = None
+        log.warning("no kernel socket filter (%s): all noise is counted in user space", why)
+    filter_drops = socket_filter.drops if socket_filter else None
+    register_collectors(
+        prometheus,
+        counters,
+        registry,
+        device.queues,
+        KernelDrops(sock, tun.name, filter_drops=filter_drops),
+        filter_drops,
+    )
     device.start(loop)
     metrics_server = await serve_metrics(prometheus, *cfg.dataplane.metrics_listen)
     stats_server = await serve_stats(registry, cfg.dataplane.stats_socket)

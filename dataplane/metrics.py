@@ -99,13 +99,28 @@ class KernelDrops:
     (both mean the dataplane read slower than traffic arrived). Missing files (another
     network namespace, an older kernel) read as nothing rather than failing a scrape."""
 
-    def __init__(self, sock: socket.socket, tun_name: str, proc: str = "/proc") -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        tun_name: str,
+        proc: str = "/proc",
+        filter_drops: Callable[[], dict[DropReason, int]] | None = None,
+    ) -> None:
         self._inode = os.fstat(sock.fileno()).st_ino
         self._udp_tables = [f"{proc}/net/udp", f"{proc}/net/udp6"]
         self._tun_dropped = f"/sys/class/net/{tun_name}/statistics/tx_dropped"
+        # The socket's drop count includes what its eBPF filter dropped (counted by
+        # reason elsewhere); those are taken out, read second so the difference can
+        # only lag, and never shown lower than before (a counter never goes down).
+        self._filter_drops = filter_drops
+        self._udp_reported = 0
 
     def __call__(self) -> dict[str, int]:
-        return {"udp_receive_buffer": self._udp_drops(), "tun_queue": self._tun_drops()}
+        udp = self._udp_drops()
+        if self._filter_drops is not None:
+            udp -= sum(self._filter_drops().values())
+        self._udp_reported = max(self._udp_reported, udp)
+        return {"udp_receive_buffer": self._udp_reported, "tun_queue": self._tun_drops()}
 
     def _udp_drops(self) -> int:
         inode = str(self._inode)
@@ -136,12 +151,16 @@ class DataplaneCollector:
         queues: list[BoundedQueue],
         cipher_cache: CipherCache = DEFAULT_CIPHER_CACHE,
         kernel_drops: Callable[[], dict[str, int]] | None = None,
+        filter_drops: Callable[[], dict[DropReason, int]] | None = None,
     ):
         self._c = counters
         self._registry = registry
         self._queues = queues
         self._cipher_cache = cipher_cache
         self._kernel_drops = kernel_drops
+        # the kernel socket filter's drops (dataplane/socket_filter.py): datagrams that
+        # reached the push port and were dropped there, so counted as received too
+        self._filter_drops = filter_drops
 
     def collect(self):
         c = self._c
@@ -157,8 +176,11 @@ class DataplaneCollector:
             family.add_metric([], value)
             return family
 
+        filtered = self._filter_drops() if self._filter_drops is not None else {}
         yield counter(
-            "datagrams_received", "UDP datagrams received on the push port", c.datagrams_received
+            "datagrams_received",
+            "UDP datagrams received on the push port (with those the kernel filter dropped)",
+            c.datagrams_received + sum(filtered.values()),
         )
         yield counter(
             "datagrams_delivered",
@@ -175,10 +197,16 @@ class DataplaneCollector:
             "Dropped packets by direction and reason",
             labels=["direction", "reason"],
         )
-        for direction, table in ((INBOUND, c.inbound_drops), (OUTBOUND, c.outbound_drops)):
-            for reason, value in table.items():
-                drops.add_metric([direction, reason.value], value)
+        for reason, value in c.inbound_drops.items():
+            drops.add_metric([INBOUND, reason.value], value + filtered.get(reason, 0))
+        for reason, value in c.outbound_drops.items():
+            drops.add_metric([OUTBOUND, reason.value], value)
         yield drops
+        yield gauge(
+            "kernel_filter",
+            "1 if the push socket's eBPF filter drops malformed datagrams in the kernel",
+            int(self._filter_drops is not None),
+        )
         if self._kernel_drops is not None:
             kernel = CounterMetricFamily(
                 prefix + "kernel_drops",
@@ -280,8 +308,13 @@ def register_collectors(
     registry: Registry,
     queues: list[BoundedQueue],
     kernel_drops: Callable[[], dict[str, int]] | None = None,
+    filter_drops: Callable[[], dict[DropReason, int]] | None = None,
 ) -> None:
     """Our counters, the kernel's drops next to them, and the process' CPU, memory and
     file descriptors."""
-    prometheus.register(DataplaneCollector(counters, registry, queues, kernel_drops=kernel_drops))
+    prometheus.register(
+        DataplaneCollector(
+            counters, registry, queues, kernel_drops=kernel_drops, filter_drops=filter_drops
+        )
+    )
     ProcessCollector(registry=prometheus)

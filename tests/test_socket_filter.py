@@ -6,6 +6,8 @@ a GSO batch is dropped only when none of its datagrams can be a push packet."""
 import os
 import random
 import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -121,3 +123,28 @@ def test_kernel_drops_do_not_count_the_filters_drops_twice(filtered):
     raw = KernelDrops(receiver, "pg-no-such-tun")()["udp_receive_buffer"]
     exported = KernelDrops(receiver, "pg-no-such-tun", filter_drops=socket_filter.drops)()
     assert (raw, exported["udp_receive_buffer"]) == (50, 0)
+
+
+def test_without_cap_bpf_it_says_why():
+    """In a process with no capabilities at all (root's uid, empty bounding set),
+    attach refuses with the kernel's reason."""
+    code = (
+        "import socket\n"
+        "from dataplane.socket_filter import FilterUnavailable, attach\n"
+        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "try:\n"
+        "    attach(s)\n"
+        "except FilterUnavailable as why:\n"
+        "    print(why)\n"
+    )
+    result = subprocess.run(
+        ["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("cannot create a BPF map: Operation not permitted"), (
+        result.stdout
+    )

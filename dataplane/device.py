@@ -23,7 +23,7 @@ from tundev.linux import LinuxTun
 from . import inner
 from .metrics import BoundedQueue, Counters
 from .registry import Registry, SessionRecord
-from .routing import Action, Router
+from .routing import TO_TUN, Action, Router
 
 log = logging.getLogger("pushgate.dataplane")
 
@@ -38,10 +38,6 @@ LAG_INTERVAL = 0.1
 HOUSEKEEPING_INTERVAL = 1.0
 KEEPALIVE_REPLY_AFTER = 1.0  # answer a keepalive if we sent nothing for this long
 MSS_OVERHEAD = {4: 40, 6: 60}  # IP + TCP headers without options
-# `_inbound`'s answer for a packet held for the TUN write at the end of the
-# readiness callback (`_flush_tun` counts it delivered or dropped there, before
-# the loop can run a metrics scrape).
-PENDING = object()
 
 
 class RateLimitedLog:
@@ -213,7 +209,9 @@ class Device:
                 "session", "dropped datagram from %s: unknown session", source[0]
             )
             return
-        deliver = self._deliver
+        from_session, clamp = self.router.from_session, self._clamp
+        pending = self._tun_pending
+        rx_packets = rx_bytes = 0
         for result in record.tunnel.open_many(datagrams, headers, now):
             if type(result) is not bytes:
                 drops[result] += 1
@@ -227,28 +225,33 @@ class Device:
                 )
                 continue
             record.endpoint = source  # roaming: only authenticated, never-seen counters move it
-            reason = deliver(record, result, now)
+            if not result:
+                self._keepalive_received(record, now)
+                counters.datagrams_delivered += 1
+                continue
+            decision = from_session(record, result)
+            if decision is TO_TUN:
+                rx_packets += 1
+                rx_bytes += len(result)
+                pending.append(clamp(result))  # counted where it ends, by _flush_tun
+                continue
+            reason = self._deliver_elsewhere(record, result, decision, now)
             if reason is None:
                 counters.datagrams_delivered += 1
-            elif reason is not PENDING:
+            else:
                 drops[reason] += 1
+        counters.rx_packets += rx_packets
+        counters.rx_bytes += rx_bytes
 
-    def _deliver(self, record: SessionRecord, payload: bytes, now: float):
-        """Where an authenticated payload ends: None if delivered, PENDING if held
-        for the TUN write, else the drop reason."""
-        if not payload:
-            last = record.tunnel.last_sent_at
-            if last is None or now - last >= KEEPALIVE_REPLY_AFTER:
-                self._send_keepalive(record, now)
-            return None
-        decision = self.router.from_session(record, payload)
+    def _keepalive_received(self, record: SessionRecord, now: float) -> None:
+        last = record.tunnel.last_sent_at
+        if last is None or now - last >= KEEPALIVE_REPLY_AFTER:
+            self._send_keepalive(record, now)
+
+    def _deliver_elsewhere(self, record: SessionRecord, payload: bytes, decision, now: float):
+        """Where a payload the router did not send to the TUN ends: None if delivered
+        to another session (hub), else the drop reason."""
         action = decision.action
-        if action is Action.TUN:
-            counters = self.counters
-            counters.rx_packets += 1
-            counters.rx_bytes += len(payload)
-            self._tun_pending.append(self._clamp(payload))
-            return PENDING
         if action is Action.SESSION:  # hub: client to client, never through the TUN
             self._count_rx(payload)
             return self._send_to(decision.target, self._clamp(payload), now)

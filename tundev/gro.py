@@ -135,7 +135,7 @@ def coalesce(packets: list[bytes], *, udp: bool = True) -> list[tuple[list, int]
             ):
                 if flow.count == 1:
                     merged.append(flow)
-                flow.parts.append(memoryview(packet)[header_len:])
+                flow.parts.append(packet[header_len:])
                 flow.count += 1
                 if size < flow.gso_size or flags & _PSH:  # the last one this write can take
                     flow.psh = flags & _PSH
@@ -167,7 +167,7 @@ def coalesce(packets: list[bytes], *, udp: bool = True) -> list[tuple[list, int]
             ):
                 if flow.count == 1:
                     merged.append(flow)
-                flow.parts.append(memoryview(packet)[28:])
+                flow.parts.append(packet[28:])
                 flow.count += 1
                 if size < flow.gso_size:
                     flow.next_seq = -1
@@ -211,7 +211,7 @@ def _finish(flow: _Flow) -> None:
         head[26:28] = _fold(pseudo).to_bytes(2, "big")
         gso_type, csum_offset = GSO_UDP_L4, UDP_CSUM_OFFSET
     vnet = _VNET_HDR.pack(F_NEEDS_CSUM, gso_type, header_len, flow.gso_size, 20, csum_offset)
-    parts[:2] = [vnet, head, memoryview(first)[header_len:]]
+    parts[:2] = [vnet, head, first[header_len:]]
 
 
 def _fold(value: int) -> int:

@@ -15,6 +15,12 @@ import ipaddress
 from dataclasses import dataclass
 
 FULL_TUNNEL_HALVES = ("0.0.0.0/1", "128.0.0.0/1")
+# Packets the kernel queues on the TUN for the client to read (Linux default 500).
+# The client drains the queue as fast as its CPU allows, so it only fills while
+# the client waits to be scheduled; then a short queue drops packets (TCP
+# retransmits, measured in docs/performance.md). Where the network is the
+# bottleneck the queue stays empty, so a longer one adds no latency there.
+TUN_QUEUE_PACKETS = 2000
 
 
 @dataclass(frozen=True)
@@ -56,7 +62,18 @@ def plan_network(
         # No IPv6 link-local address: its chatter would only be dropped as spoofed.
         ("ip", "link", "set", "dev", tun_name, "addrgenmode", "none"),
         ("ip", "address", "add", str(interface), "dev", tun_name),
-        ("ip", "link", "set", "dev", tun_name, "mtu", str(mtu), "up"),
+        (
+            "ip",
+            "link",
+            "set",
+            "dev",
+            tun_name,
+            "mtu",
+            str(mtu),
+            "txqueuelen",
+            str(TUN_QUEUE_PACKETS),
+            "up",
+        ),
     ]
     undo: list[tuple[str, ...]] = []
     full_tunnel = any(network.prefixlen == 0 for network in networks)

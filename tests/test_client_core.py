@@ -65,7 +65,7 @@ def test_full_tunnel_plan_keeps_the_gateway_outside():
     assert plan.apply == (
         ("ip", "link", "set", "dev", "pgc0", "addrgenmode", "none"),
         ("ip", "address", "add", "198.19.0.2/24", "dev", "pgc0"),
-        ("ip", "link", "set", "dev", "pgc0", "mtu", "1420", "up"),
+        ("ip", "link", "set", "dev", "pgc0", "mtu", "1420", "txqueuelen", "2000", "up"),
         ("ip", "route", "replace", "198.18.0.1/32", "dev", "ul0", "via", "198.18.5.1"),
         ("ip", "route", "replace", "0.0.0.0/1", "dev", "pgc0"),
         ("ip", "route", "replace", "128.0.0.0/1", "dev", "pgc0"),
@@ -93,7 +93,7 @@ def test_split_tunnel_plan_routes_only_what_is_pushed():
     assert plan.apply == (
         ("ip", "link", "set", "dev", "pgc0", "addrgenmode", "none"),
         ("ip", "address", "add", "198.19.0.2/24", "dev", "pgc0"),
-        ("ip", "link", "set", "dev", "pgc0", "mtu", "1380", "up"),
+        ("ip", "link", "set", "dev", "pgc0", "mtu", "1380", "txqueuelen", "2000", "up"),
         ("ip", "route", "replace", "198.18.100.0/24", "dev", "pgc0"),
     )
     assert plan.undo == ()

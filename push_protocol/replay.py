@@ -51,6 +51,10 @@ class ReplayWindow:
     def update(self, counter: int) -> None:
         """Check `counter` and record it as seen."""
         highest = self.highest
+        if counter == highest + 1 and counter & _BIT_MASK:  # the next one, in the same word
+            self._ring[counter >> _WORD_SHIFT & _RING_MASK] |= 1 << (counter & _BIT_MASK)
+            self.highest = counter
+            return
         ring = self._ring
         index = counter >> _WORD_SHIFT
         if counter > highest:

@@ -75,6 +75,7 @@ bench: system-deps $(INSTALLED) $(GENERATED)
 	PYTHONPATH=. $(PY) bench/codec_bench.py
 	PYTHONPATH=. $(PY) bench/login_bench.py
 	PYTHONPATH=. $(PY) bench/dataplane_bench.py
+	PYTHONPATH=. $(PY) bench/receive_path_bench.py
 	mkdir -p bench/results
 	PYTHONPATH=. $(PY) bench/noise_bench.py --results bench/results/noise-last.txt
 	$(MAKE) --no-print-directory bench-vpn

@@ -1,0 +1,136 @@
+"""Python cost per datagram of the dataplane's receive path, system calls aside.
+
+Feeds `Device._on_udp_readable` GRO batches of 44 sealed datagrams (as one
+`recvmsg` of a bulk TCP stream brings them) from a stand-in socket, and
+writes to a stand-in TUN that only merges (tundev/gro.py) and counts. What is
+timed is everything the loop does in Python per datagram: header, session,
+replay window, AEAD open, routing, MSS check and the GRO merge for the TUN
+write. Two payloads: TCP segments of a bulk stream (1420-byte packets, merged)
+and 64-byte UDP datagrams (merged where the kernel has USO). Best and median of
+7 runs; the kernels' own work (recvmsg, writev) is in dataplane_bench.py and
+the side-by-side VPN table.
+"""
+
+import ipaddress
+import os
+import socket
+import struct
+import sys
+import time
+
+import udpio
+from dataplane.device import Device
+from dataplane.metrics import Counters
+from dataplane.registry import Registry, SessionRecord
+from netlab.packets import ipv4_udp
+from push_protocol.aead import CipherSuite
+from push_protocol.keys import KeyMaterial, Role
+from push_protocol.session import TunnelSession
+from tundev import gro
+
+BATCH = 44  # datagrams per GRO receive of a bulk TCP stream at MTU 1420
+ROUNDS = 2000
+REPEATS = 7
+CLIENT, LAN_HOST, SOURCE = "198.19.0.2", "198.18.2.2", ("198.18.0.2", 40000)
+
+
+class MergingTun:
+    """The TUN's merge step, without the write."""
+
+    def fileno(self) -> int:
+        return -1
+
+    def coalesce(self, packets: list[bytes]) -> list[tuple[list, int]]:
+        return gro.coalesce(packets)
+
+    def write_buffers(self, buffers: list) -> bool:
+        return True
+
+
+class BatchSocket:
+    """`recvmsg` hands out queued GRO batches, then EAGAIN."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[bytes, int]] = []
+
+    def recvfrom(self, size: int):  # the loop's path without GRO: not taken here
+        raise BlockingIOError
+
+    def recvmsg(self, size: int, ancillary: int):
+        if not self.batches:
+            raise BlockingIOError
+        data, segment = self.batches.pop()
+        return data, [(udpio.SOL_UDP, udpio.UDP_GRO, struct.pack("=i", segment))], 0, SOURCE
+
+
+class NoHistogram:
+    def observe(self, value: float) -> None:
+        pass
+
+
+def tcp_segment(seq: int, payload: int = 1368) -> bytes:
+    source, destination = (ipaddress.IPv4Address(a).packed for a in (CLIENT, LAN_HOST))
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, seq, 1, 5 << 4, 0x10, 502, 0, 0)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 40 + payload, 0, 0x4000, 64, 6, 0, source, destination
+    )
+    return ip + tcp + bytes(payload)
+
+
+def batches(kind: str, keys: KeyMaterial, now: float) -> list[tuple[bytes, int]]:
+    client = TunnelSession(7, CipherSuite.AES_256_GCM, Role.CLIENT, keys, now)
+    out, seq = [], 1
+    for _ in range(ROUNDS):
+        if kind == "tcp":
+            packets = [tcp_segment(seq + 1368 * i) for i in range(BATCH)]
+            seq += 1368 * BATCH
+        else:
+            packets = [ipv4_udp(CLIENT, LAN_HOST, 4000, 9, bytes(36)) for _ in range(BATCH)]
+        datagrams, _ = client.seal_many(packets, now)
+        out.append((b"".join(datagrams), len(datagrams[0])))
+    return out
+
+
+def run(kind: str, keys: KeyMaterial, sealed: list, now: float) -> float:
+    server = TunnelSession(7, CipherSuite.AES_256_GCM, Role.SERVER, keys, now)
+    registry = Registry()
+    registry.add(SessionRecord(server, (ipaddress.IPv4Address(CLIENT).packed,), 0.0))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as placeholder:
+        device = Device(
+            registry=registry,
+            counters=Counters(),
+            sock=placeholder,
+            tun=MergingTun(),
+            mtu=1420,
+            tunnel_network=ipaddress.ip_network("198.19.0.0/24"),
+            gateway_address=ipaddress.ip_address("198.19.0.1"),
+            loop_lag_histogram=NoHistogram(),
+            clock=lambda: now,
+        )
+    feed = BatchSocket()
+    device.sock, device._gro = feed, True
+    start = time.perf_counter()
+    for batch in sealed:  # one at a time, in the order sealed
+        feed.batches.append(batch)
+        device._on_udp_readable()
+    elapsed = time.perf_counter() - start
+    delivered = device.counters.datagrams_delivered
+    if delivered != ROUNDS * BATCH:
+        sys.exit(f"{kind}: {delivered} of {ROUNDS * BATCH} delivered: {device.counters}")
+    return elapsed / delivered * 1e6
+
+
+def main() -> None:
+    now = time.time()
+    keys = KeyMaterial(0, os.urandom(32), os.urandom(32), now)
+    for kind, label in (("tcp", "TCP segments, 1420 B"), ("udp", "UDP datagrams, 64 B")):
+        sealed = batches(kind, keys, now)
+        figures = sorted(run(kind, keys, list(sealed), now) for _ in range(REPEATS))
+        print(
+            f"receive path, {label}: {figures[0]:.2f} us of Python per datagram "
+            f"(median {figures[REPEATS // 2]:.2f}; GRO batches of {BATCH}, system calls aside)"
+        )
+
+
+if __name__ == "__main__":
+    main()

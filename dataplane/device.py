@@ -4,7 +4,9 @@ Thin on purpose: header checks, crypto, replay and lifecycle are in
 push_protocol; addresses, ICMP and MSS in dataplane/inner.py. Nothing here ever
 waits on a consumer: sockets and the TUN are non-blocking, a packet the kernel
 won't take now goes into a bounded queue drained when the fd is writable, and
-a full queue is a counted `queue_full` drop.
+a full queue is a counted `queue_full` drop. Where the kernel filter is loaded
+(socket_filter.py), malformed datagrams never reach this loop; the loop still
+checks every header itself, so it is correct with or without the filter.
 """
 
 import asyncio

@@ -28,6 +28,16 @@ class ClientError(Exception):
         self.retryable = retryable
 
 
+class SessionGone(ClientError):
+    """The auth service no longer knows our session: only a new login helps."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the gateway no longer knows this session (it expired or was ended there)",
+            retryable=True,
+        )
+
+
 @dataclass(frozen=True)
 class ClientSession:
     """What a login gave us."""
@@ -112,6 +122,16 @@ class AuthClient:
         except grpc.RpcError as error:
             raise describe_rpc_error(error, self.target, self.ca_path) from None
 
+    async def _session_call(self, method, request):
+        """A call with a session token: UNAUTHENTICATED means the session is gone
+        (not bad credentials, as for a login)."""
+        try:
+            return await method(request, timeout=RPC_TIMEOUT_SECONDS)
+        except grpc.RpcError as error:
+            if error.code() is grpc.StatusCode.UNAUTHENTICATED:
+                raise SessionGone() from None
+            raise describe_rpc_error(error, self.target, self.ca_path) from None
+
     async def login(self, username: str, password: str) -> ClientSession:
         response = await self._call(
             self._stub.Login,
@@ -139,23 +159,23 @@ class AuthClient:
 
     async def rekey(self, token: str) -> tuple[KeyMaterial, float]:
         """New keys, and when the session now ends unless rekeyed (unix seconds)."""
-        response = await self._call(self._stub.Rekey, auth_pb2.RekeyRequest(session_token=token))
+        response = await self._session_call(
+            self._stub.Rekey, auth_pb2.RekeyRequest(session_token=token)
+        )
         return key_material(response.keys, time.time()), response.expires_at_unix_ms / 1000
 
     async def session_alive(self, token: str) -> bool:
         """False if the auth service no longer knows the session; raises if unreachable."""
         try:
-            await self._stub.SessionInfo(
-                auth_pb2.SessionInfoRequest(session_token=token), timeout=RPC_TIMEOUT_SECONDS
+            await self._session_call(
+                self._stub.SessionInfo, auth_pb2.SessionInfoRequest(session_token=token)
             )
-        except grpc.RpcError as error:
-            if error.code() is grpc.StatusCode.UNAUTHENTICATED:
-                return False
-            raise describe_rpc_error(error, self.target, self.ca_path) from None
+        except SessionGone:
+            return False
         return True
 
     async def logout(self, token: str) -> None:
-        await self._call(self._stub.Logout, auth_pb2.LogoutRequest(session_token=token))
+        await self._session_call(self._stub.Logout, auth_pb2.LogoutRequest(session_token=token))
 
     async def close(self) -> None:
         await self._channel.close()

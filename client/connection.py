@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from push_protocol.keys import Role
 from push_protocol.session import TunnelSession
 
-from .auth import AuthClient, ClientError, ClientSession
+from .auth import AuthClient, ClientError, ClientSession, SessionGone
 from .datapath import Datapath
 from .host import ClientHost, UndoSteps, current_host
 from .state import ClientEvent, ClientState, ClientStateMachine
@@ -215,17 +215,16 @@ class Connection:
             alive = True  # auth service down: the dataplane may still know us
             log.info("%s", error)
         if not alive:
-            log.warning(
-                "the gateway no longer knows session %#010x; logging in again",
-                self.session_info.session_id,
-            )
-            await self._teardown(logout=False)
-            self._event(ClientEvent.RELOGIN)
+            await self._log_in_again()
             return
         if self.clock() >= self._rekey_at:
             # The UDP path is down, but the auth service may answer: fresh keys keep
             # the session alive through an outage longer than the keys' lifetime.
-            await self._renew_keys(self.clock())
+            try:
+                await self._renew_keys(self.clock())
+            except SessionGone:
+                await self._log_in_again()
+                return
         self.datapath.rebind()
         await self._sleep(self._backoff.next_delay())
 
@@ -247,14 +246,32 @@ class Connection:
 
     async def _rekey(self, now: float) -> None:
         self._event(ClientEvent.REKEY_STARTED)
-        renewed = await self._renew_keys(now)
+        try:
+            renewed = await self._renew_keys(now)
+        except SessionGone:
+            # Retrying the rekey cannot help, and the dataplane has dropped the
+            # session too: log in now rather than after the dead-peer timeout.
+            await self._log_in_again()
+            return
         self._event(ClientEvent.REKEY_DONE if renewed else ClientEvent.REKEY_FAILED)
 
+    async def _log_in_again(self) -> None:
+        self.last_error = (
+            f"the gateway no longer knows session {self.session_info.session_id:#010x};"
+            " logging in again"
+        )
+        log.warning("%s", self.last_error)
+        await self._teardown(logout=False)
+        self._event(ClientEvent.RELOGIN)
+
     async def _renew_keys(self, now: float) -> bool:
-        """New keys from the auth service, installed; if that fails, when to retry."""
+        """New keys from the auth service, installed; if that fails, when to retry.
+        Raises SessionGone if the auth service no longer knows the session."""
         try:
             keys, expires_at = await self.auth.rekey(self.session_info.token)
             self.datapath.session.install_next(keys, self.clock())
+        except SessionGone:
+            raise
         except ClientError as error:
             self.last_error = f"rekey failed: {error}"
             log.warning("%s", self.last_error)

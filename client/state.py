@@ -44,6 +44,7 @@ TRANSITIONS: dict[tuple[ClientState, ClientEvent], ClientState] = {
     (S.UP, E.REKEY_STARTED): S.REKEYING,
     (S.REKEYING, E.REKEY_DONE): S.UP,
     (S.REKEYING, E.REKEY_FAILED): S.UP,
+    (S.REKEYING, E.RELOGIN): S.LOGGING_IN,  # the rekey found the session gone
     (S.CONNECTING, E.SERVER_LOST): S.RECONNECTING,
     (S.UP, E.SERVER_LOST): S.RECONNECTING,
     (S.REKEYING, E.SERVER_LOST): S.RECONNECTING,

@@ -1,5 +1,6 @@
 """The auth service: real gRPC over TLS, real Unix socket, real SQLite."""
 
+import asyncio
 import contextlib
 import ipaddress
 import os
@@ -16,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from auth_service.pki import make_ca, make_server_cert
 from auth_service.throttle import Throttle
+from client.auth import AuthClient, ClientError, SessionGone
 from netlab import refuses_nobody
 from netlab.auth import AuthServer, admin
 from pushgate_api import auth_pb2, control_pb2
@@ -177,6 +179,29 @@ def test_rekey_then_logout(auth):
         assert _code(
             lambda c=call, t=request_type: c(t(session_token=login.session_token), timeout=10)
         )[0] is (grpc.StatusCode.UNAUTHENTICATED)
+
+
+def test_the_client_reads_a_refused_session_call_as_session_gone(auth):
+    """For a login, UNAUTHENTICATED means bad credentials; for a call with a
+    session token it means the session is gone, which only a new login mends
+    (the client's connection logs in again at once instead of retrying a rekey)."""
+
+    async def scenario():
+        client = AuthClient(f"localhost:{auth.port}", str(Path(auth.directory, "tls", "ca.crt")))
+        try:
+            with pytest.raises(ClientError, match="login refused: wrong user name or password"):
+                await client.login("alice", "wrong")
+            session = await client.login("alice", PASSWORD)
+            assert await client.session_alive(session.token)
+            await client.rekey(session.token)
+            await client.logout(session.token)
+            assert not await client.session_alive(session.token)
+            with pytest.raises(SessionGone, match="no longer knows this session"):
+                await client.rekey(session.token)
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
 
 
 def test_feed_lists_then_streams_every_change(auth):

@@ -4,11 +4,15 @@ One gateway (netlab.gateway) serves the whole module; the tests run in order
 and each leaves the gateway as it found it.
 """
 
+import contextlib
 import datetime
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -139,6 +143,37 @@ def test_rekey_during_a_transfer_loses_nothing(gateway):
         what="the client to use the new keys",
     )
     assert dataplane(gateway, "session_rekeys_total") == rekeys + 1
+
+
+def test_a_rekey_that_finds_the_session_gone_logs_in_again_at_once(gateway):
+    """The auth service forgets alice's session (its row deleted while it was
+    stopped; on restart the dataplane drops the session too). Her next rekey is
+    refused with UNAUTHENTICATED: the client says the session is gone (not "wrong
+    password") and logs in again straight away, not after the dead-peer timeout."""
+    old = re.search(r"session (0x[0-9a-f]+)", gateway.status(0)["tunnel"]).group(1)
+    gateway.lab.stop(gateway.auth)
+    with contextlib.closing(sqlite3.connect(f"{gateway.workdir}/pushgate.db")) as db, db:
+        assert db.execute("DELETE FROM sessions WHERE session_id = ?", (int(old, 16),)).rowcount
+    gateway.start_auth()
+    wait_for(
+        lambda: dataplane(gateway, "sessions", state="active") == 1,
+        20,
+        what="the dataplane to drop the forgotten session",
+    )
+    log = Path(gateway.workdir, "client0.log")
+    seen = len(log.read_text())
+    gateway.signal_client(0, signal.SIGUSR2)
+    wait_for(
+        lambda: gateway.status(0).get("state") == "up" and old not in gateway.status(0)["tunnel"],
+        30,
+        what="alice to log in again",
+    )
+    said = log.read_text()[seen:]
+    assert "rekeying -> logging_in (relogin)" in said, said
+    assert f"the gateway no longer knows session {old}" in said, said
+    assert "reconnecting" not in said and "login refused" not in said, said
+    assert dataplane(gateway, "sessions", state="active") == 2
+    assert gateway.ping(0, LAN_HOST, count=2).returncode == 0
 
 
 def test_dataplane_sigkill_and_restart_needs_no_new_login(gateway):

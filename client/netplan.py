@@ -14,13 +14,9 @@ Split tunnel: just the pushed routes on the tunnel device.
 import ipaddress
 from dataclasses import dataclass
 
+from tundev import TUN_QUEUE_PACKETS
+
 FULL_TUNNEL_HALVES = ("0.0.0.0/1", "128.0.0.0/1")
-# Packets the kernel queues on the TUN for the client to read (Linux default 500).
-# The client drains the queue as fast as its CPU allows, so it only fills while
-# the client waits to be scheduled; then a short queue drops packets (TCP
-# retransmits, measured in docs/performance.md). Where the network is the
-# bottleneck the queue stays empty, so a longer one adds no latency there.
-TUN_QUEUE_PACKETS = 2000
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 import gateway_config
 from control_socket import serve_private
 from pushgate_api import control_pb2_grpc
+from tundev import TUN_QUEUE_PACKETS
 from tundev.linux import LinuxTun
 
 from .device import Device
@@ -47,7 +48,8 @@ def open_tun(cfg: gateway_config.GatewayConfig) -> LinuxTun:
     if cfg.gateway.tunnel_network.version == 4:
         _ip("link", "set", "dev", tun.name, "addrgenmode", "none")  # no IPv6 link-local chatter
     _ip("address", "replace", f"{cfg.gateway.gateway_address}/{prefix}", "dev", tun.name)
-    _ip("link", "set", "dev", tun.name, "mtu", str(cfg.gateway.mtu), "up")
+    mtu, queue = str(cfg.gateway.mtu), str(TUN_QUEUE_PACKETS)
+    _ip("link", "set", "dev", tun.name, "mtu", mtu, "txqueuelen", queue, "up")
     return tun
 
 

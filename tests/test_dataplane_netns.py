@@ -26,6 +26,7 @@ from netlab.packets import ipv4_udp, udp_payload
 from push_protocol.codec import parse_header
 from push_protocol.keys import KeyMaterial
 from pushgate_api import control_pb2, control_pb2_grpc
+from tundev import TUN_QUEUE_PACKETS
 
 
 @pytest.fixture
@@ -76,6 +77,9 @@ def test_packets_flow_both_ways(gateway):
     assert metrics.total(samples, "pushgate_dataplane_packets_total", direction="rx") == 1
     assert metrics.total(samples, "pushgate_dataplane_packets_total", direction="tx") >= 1
     assert_accounted(samples)
+    # the TUN's queue is longer than Linux's 500: bursts while the loop waits for a CPU
+    link = gateway.lab.exec(gateway.gw, ["ip", "-o", "link", "show", "pgdp0"]).stdout
+    assert f" qlen {TUN_QUEUE_PACKETS}" in link, link
 
 
 def test_hostile_datagrams_are_counted_by_reason_and_valid_traffic_flows(gateway):

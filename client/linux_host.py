@@ -47,7 +47,7 @@ class LinuxHost:
 
     def open_tun(self, name: str) -> LinuxTun:
         try:
-            return LinuxTun(name)
+            return LinuxTun(name, offload=True)  # TCP segments merged on write
         except OSError as error:
             raise ClientError(f"cannot create TUN {name}: {error}", retryable=False) from None
 

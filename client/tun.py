@@ -22,4 +22,11 @@ class TunDevice(Protocol):
         """Hand one IP packet to the OS; False if it cannot take it now, OSError if
         it refuses it."""
 
+    def coalesce(self, packets: list[bytes]) -> list[tuple[list, int]]:
+        """The writes that carry `packets`, in order: (buffers, packets carried)
+        each. A backend that can merges segments of a flow into one write."""
+
+    def write_buffers(self, buffers: list) -> bool:
+        """One write of `coalesce`; False and OSError as `write_packet`."""
+
     def close(self) -> None: ...

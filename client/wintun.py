@@ -359,6 +359,12 @@ class WintunTun:
         lib.WintunSendPacket(self._session, pointer)
         return True
 
+    def coalesce(self, packets: list[bytes]) -> list[tuple[list, int]]:
+        return [([packet], 1) for packet in packets]  # the ring takes one packet at a time
+
+    def write_buffers(self, buffers: list) -> bool:
+        return self.write_packet(buffers[0])
+
     def close(self) -> None:
         self._ended = True
         if self._quit is not None:

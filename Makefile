@@ -78,6 +78,7 @@ bench: system-deps $(INSTALLED) $(GENERATED)
 	PYTHONPATH=. $(PY) bench/receive_path_bench.py
 	mkdir -p bench/results
 	PYTHONPATH=. $(PY) bench/noise_bench.py --results bench/results/noise-last.txt
+	PYTHONPATH=. $(PY) bench/direction_bench.py --results bench/results/direction-last.txt
 	$(MAKE) --no-print-directory bench-vpn
 
 bench-vpn: system-deps $(INSTALLED) $(GENERATED)

@@ -62,14 +62,19 @@ print(sent)
 """
 
 
-def iperf(gateway: GatewayLab, seconds: float) -> float:
+def iperf(gateway: GatewayLab, seconds: float, *extra: str) -> dict:
+    """A single-stream iperf3 TCP test from client 0 to the gateway's tunnel
+    address (`-R`: the other way); its JSON report's "end"."""
     result = gateway.lab.exec(
         gateway.clients[0],
-        ["iperf3", "-c", TUNNEL_GATEWAY, "-t", str(seconds), "-O", "1", "-J"],
+        ["iperf3", "-c", TUNNEL_GATEWAY, "-t", str(seconds), "-O", "1", "-J", *extra],
         timeout=seconds + 30,
     )
-    report = json.loads(result.stdout)
-    return report["end"]["sum_received"]["bits_per_second"] / 1e9
+    return json.loads(result.stdout)["end"]
+
+
+def gbps(end: dict) -> float:
+    return end["sum_received"]["bits_per_second"] / 1e9
 
 
 def invariant(scrape: dict) -> tuple[float, float]:
@@ -114,7 +119,7 @@ def main(argv: list[str]) -> int:
         time.sleep(0.5)
         try:
             for run in range(1, args.repeats + 1):
-                quiet = iperf(gateway, args.seconds)
+                quiet = gbps(iperf(gateway, args.seconds))
                 before = gateway.scrape()
                 noise = lab.start(
                     gateway.clients[1],
@@ -130,7 +135,7 @@ def main(argv: list[str]) -> int:
                     stdout=subprocess.PIPE,
                 )
                 time.sleep(0.5)
-                noisy = iperf(gateway, args.seconds)
+                noisy = gbps(iperf(gateway, args.seconds))
                 sent = int(noise.communicate(timeout=60)[0])
                 time.sleep(0.3)
                 after = gateway.scrape()

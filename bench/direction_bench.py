@@ -13,14 +13,11 @@ packets the kernel dropped at the dataplane's TUN queue.
 
 import argparse
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 
-from noise_bench import TUNNEL_GATEWAY, gbps, iperf
+from noise_bench import gateway_with_iperf, gbps, iperf, save_results
 
-from netlab import Lab, metrics
+from netlab import metrics
 from netlab.gateway import GatewayLab
 
 DIRECTIONS = (("upload", ()), ("download", ("-R",)))
@@ -39,37 +36,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--results", help="append RESULT lines here")
     args = parser.parse_args(argv)
     lines = []
-    with tempfile.TemporaryDirectory() as workdir, Lab("pgdir") as lab:
-        gateway = GatewayLab(lab, workdir, routes=(f"{TUNNEL_GATEWAY}/32",))
-        gateway.add_user("bench")
-        gateway.start()
-        gateway.connect(0, "bench")
-        server = lab.start(
-            gateway.gw,
-            ["iperf3", "-s", "-B", TUNNEL_GATEWAY],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.5)
-        try:
-            for run in range(1, args.repeats + 1):
-                for name, extra in DIRECTIONS:
-                    dropped = tun_queue_drops(gateway)
-                    end = iperf(gateway, args.seconds, *extra)
-                    dropped = tun_queue_drops(gateway) - dropped
-                    line = (
-                        f"RESULT scenario=pushgate-{name} run={run} tcp_gbps={gbps(end):.3f} "
-                        f"retransmits={end['sum_sent'].get('retransmits', 0)} "
-                        f"tun_queue_drops={dropped:.0f}"
-                    )
-                    print(line, file=sys.stderr, flush=True)
-                    lines.append(line)
-        finally:
-            lab.stop(server)
-    if args.results:
-        with open(args.results, "a") as handle:
-            handle.write("".join(line + "\n" for line in lines))
-    fields = [dict(item.split("=", 1) for item in line.split()[1:]) for line in lines]
+    with gateway_with_iperf("pgdir") as gateway:
+        for run in range(1, args.repeats + 1):
+            for name, extra in DIRECTIONS:
+                dropped = tun_queue_drops(gateway)
+                end = iperf(gateway, args.seconds, *extra)
+                dropped = tun_queue_drops(gateway) - dropped
+                line = (
+                    f"RESULT scenario=pushgate-{name} run={run} tcp_gbps={gbps(end):.3f} "
+                    f"retransmits={end['sum_sent'].get('retransmits', 0)} "
+                    f"tun_queue_drops={dropped:.0f}"
+                )
+                print(line, file=sys.stderr, flush=True)
+                lines.append(line)
+    fields = save_results(lines, args.results)
     rates = {}
     for name, _ in DIRECTIONS:
         mine = [f for f in fields if f["scenario"] == f"pushgate-{name}"]

@@ -17,6 +17,7 @@ that received == delivered + sum(drops) (DESIGN.md invariant 1).
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -62,6 +63,36 @@ print(sent)
 """
 
 
+@contextlib.contextmanager
+def gateway_with_iperf(lab_name: str, clients: int = 1):
+    """A whole gateway in namespaces with client 0 connected (a route to the
+    gateway's tunnel address only) and an iperf3 server on that address."""
+    with tempfile.TemporaryDirectory() as workdir, Lab(lab_name) as lab:
+        gateway = GatewayLab(lab, workdir, clients=clients, routes=(f"{TUNNEL_GATEWAY}/32",))
+        gateway.add_user("bench")
+        gateway.start()
+        gateway.connect(0, "bench")
+        server = lab.start(
+            gateway.gw,
+            ["iperf3", "-s", "-B", TUNNEL_GATEWAY],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
+        try:
+            yield gateway
+        finally:
+            lab.stop(server)
+
+
+def save_results(lines: list[str], path: str | None) -> list[dict]:
+    """Append the RESULT lines to `path` (if given); their fields, parsed."""
+    if path:
+        with open(path, "a") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+    return [dict(item.split("=", 1) for item in line.split()[1:]) for line in lines]
+
+
 def iperf(gateway: GatewayLab, seconds: float, *extra: str) -> dict:
     """A single-stream iperf3 TCP test from client 0 to the gateway's tunnel
     address (`-R`: the other way); its JSON report's "end"."""
@@ -105,56 +136,39 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     label = args.mode + ("-closed-port" if args.closed_port else "")
     lines = []
-    with tempfile.TemporaryDirectory() as workdir, Lab("pgnoise") as lab:
-        gateway = GatewayLab(lab, workdir, clients=2, routes=(f"{TUNNEL_GATEWAY}/32",))
-        gateway.add_user("bench")
-        gateway.start()
-        gateway.connect(0, "bench")
-        server = lab.start(
-            gateway.gw,
-            ["iperf3", "-s", "-B", TUNNEL_GATEWAY],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.5)
-        try:
-            for run in range(1, args.repeats + 1):
-                quiet = gbps(iperf(gateway, args.seconds))
-                before = gateway.scrape()
-                noise = lab.start(
-                    gateway.clients[1],
-                    [
-                        sys.executable,
-                        "-c",
-                        NOISE,
-                        GATEWAY,
-                        str(DATAPLANE_PORT + 1 if args.closed_port else DATAPLANE_PORT),
-                        str(args.seconds + 2),
-                        args.mode,
-                    ],
-                    stdout=subprocess.PIPE,
-                )
-                time.sleep(0.5)
-                noisy = gbps(iperf(gateway, args.seconds))
-                sent = int(noise.communicate(timeout=60)[0])
-                time.sleep(0.3)
-                after = gateway.scrape()
-                received, accounted = invariant(after)
-                counted = received - invariant(before)[0]
-                line = (
-                    f"RESULT scenario=pushgate-noise-{label} run={run} tcp_gbps={quiet:.3f} "
-                    f"tcp_noise_gbps={noisy:.3f} ratio={noisy / quiet:.3f} "
-                    f"noise_kpps={sent / (args.seconds + 2) / 1000:.1f} "
-                    f"dataplane_received={counted:.0f} invariant_ok={int(received == accounted)}"
-                )
-                print(line, file=sys.stderr, flush=True)
-                lines.append(line)
-        finally:
-            lab.stop(server)
-    if args.results:
-        with open(args.results, "a") as handle:
-            handle.write("".join(line + "\n" for line in lines))
-    fields = [dict(item.split("=", 1) for item in line.split()[1:]) for line in lines]
+    with gateway_with_iperf("pgnoise", clients=2) as gateway:
+        for run in range(1, args.repeats + 1):
+            quiet = gbps(iperf(gateway, args.seconds))
+            before = gateway.scrape()
+            noise = gateway.lab.start(
+                gateway.clients[1],
+                [
+                    sys.executable,
+                    "-c",
+                    NOISE,
+                    GATEWAY,
+                    str(DATAPLANE_PORT + 1 if args.closed_port else DATAPLANE_PORT),
+                    str(args.seconds + 2),
+                    args.mode,
+                ],
+                stdout=subprocess.PIPE,
+            )
+            time.sleep(0.5)
+            noisy = gbps(iperf(gateway, args.seconds))
+            sent = int(noise.communicate(timeout=60)[0])
+            time.sleep(0.3)
+            after = gateway.scrape()
+            received, accounted = invariant(after)
+            counted = received - invariant(before)[0]
+            line = (
+                f"RESULT scenario=pushgate-noise-{label} run={run} tcp_gbps={quiet:.3f} "
+                f"tcp_noise_gbps={noisy:.3f} ratio={noisy / quiet:.3f} "
+                f"noise_kpps={sent / (args.seconds + 2) / 1000:.1f} "
+                f"dataplane_received={counted:.0f} invariant_ok={int(received == accounted)}"
+            )
+            print(line, file=sys.stderr, flush=True)
+            lines.append(line)
+    fields = save_results(lines, args.results)
     ratio = statistics.median(float(f["ratio"]) for f in fields)
     quiet = statistics.median(float(f["tcp_gbps"]) for f in fields)
     noisy = statistics.median(float(f["tcp_noise_gbps"]) for f in fields)

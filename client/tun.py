@@ -18,15 +18,12 @@ class TunDevice(Protocol):
     def read_packets(self, limit: int) -> list[bytes]:
         """Up to `limit` waiting IP packets; an empty list when none wait."""
 
-    def write_packet(self, packet: bytes) -> bool:
-        """Hand one IP packet to the OS; False if it cannot take it now, OSError if
-        it refuses it."""
-
     def coalesce(self, packets: list[bytes]) -> list[tuple[list, int]]:
-        """The writes that carry `packets`, in order: (buffers, packets carried)
+        """The writes that carry IP `packets`, in order: (buffers, packets carried)
         each. A backend that can merges segments of a flow into one write."""
 
     def write_buffers(self, buffers: list) -> bool:
-        """One write of `coalesce`; False and OSError as `write_packet`."""
+        """Hand one write of `coalesce` to the OS; False if it cannot take it now,
+        OSError if it refuses it."""
 
     def close(self) -> None: ...

@@ -5,8 +5,8 @@ write carries a 10-byte virtio-net header, which lets `write_buffers` hand the
 kernel consecutive TCP segments (and UDP datagrams, where the kernel has USO)
 of a flow as one GSO super-packet (tundev/gro.py). Reads stay plain IP
 packets (the TUN's offload flags stay off, so the kernel never sends us GSO
-packets); `read_packets` and `write_packet` strip and add the header, so a
-caller sees the same packets either way.
+packets); `read_packets` strips the header and `coalesce` adds it, so a caller
+sees the same packets either way.
 """
 
 import fcntl
@@ -58,18 +58,6 @@ class LinuxTun:
             packets.append(data[skip:] if skip else data)
         return packets
 
-    def write_packet(self, packet: bytes) -> bool:
-        """False if the kernel can't take it now (EAGAIN); other errors raise OSError
-        (EIO while the device is down, EINVAL for a packet the kernel refuses)."""
-        try:
-            if self._skip:
-                os.writev(self._fd, (gro.PLAIN_HEADER, packet))
-            else:
-                os.write(self._fd, packet)
-        except BlockingIOError:
-            return False
-        return True
-
     def coalesce(self, packets: list[bytes]) -> list[tuple[list, int]]:
         """The writes that carry `packets`: (buffers, packet count) for `write_buffers`."""
         if self._skip:
@@ -77,7 +65,9 @@ class LinuxTun:
         return [([packet], 1) for packet in packets]
 
     def write_buffers(self, buffers: list) -> bool:
-        """Write one item of `coalesce`; False on EAGAIN, OSError as write_packet."""
+        """Write one item of `coalesce`. False if the kernel can't take it now
+        (EAGAIN); other errors raise OSError (EIO while the device is down, EINVAL
+        for a packet the kernel refuses)."""
         try:
             os.writev(self._fd, buffers)
         except BlockingIOError:

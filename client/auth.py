@@ -116,19 +116,13 @@ class AuthClient:
         )
         self._stub = auth_pb2_grpc.AuthStub(self._channel)
 
-    async def _call(self, method, request):
+    async def _call(self, method, request, *, with_session: bool = False):
+        """`with_session`: the request carries a session token, so UNAUTHENTICATED
+        means the session is gone (not bad credentials, as for a login)."""
         try:
             return await method(request, timeout=RPC_TIMEOUT_SECONDS)
         except grpc.RpcError as error:
-            raise describe_rpc_error(error, self.target, self.ca_path) from None
-
-    async def _session_call(self, method, request):
-        """A call with a session token: UNAUTHENTICATED means the session is gone
-        (not bad credentials, as for a login)."""
-        try:
-            return await method(request, timeout=RPC_TIMEOUT_SECONDS)
-        except grpc.RpcError as error:
-            if error.code() is grpc.StatusCode.UNAUTHENTICATED:
+            if with_session and error.code() is grpc.StatusCode.UNAUTHENTICATED:
                 raise SessionGone() from None
             raise describe_rpc_error(error, self.target, self.ca_path) from None
 
@@ -159,23 +153,27 @@ class AuthClient:
 
     async def rekey(self, token: str) -> tuple[KeyMaterial, float]:
         """New keys, and when the session now ends unless rekeyed (unix seconds)."""
-        response = await self._session_call(
-            self._stub.Rekey, auth_pb2.RekeyRequest(session_token=token)
+        response = await self._call(
+            self._stub.Rekey, auth_pb2.RekeyRequest(session_token=token), with_session=True
         )
         return key_material(response.keys, time.time()), response.expires_at_unix_ms / 1000
 
     async def session_alive(self, token: str) -> bool:
         """False if the auth service no longer knows the session; raises if unreachable."""
         try:
-            await self._session_call(
-                self._stub.SessionInfo, auth_pb2.SessionInfoRequest(session_token=token)
+            await self._call(
+                self._stub.SessionInfo,
+                auth_pb2.SessionInfoRequest(session_token=token),
+                with_session=True,
             )
         except SessionGone:
             return False
         return True
 
     async def logout(self, token: str) -> None:
-        await self._session_call(self._stub.Logout, auth_pb2.LogoutRequest(session_token=token))
+        await self._call(
+            self._stub.Logout, auth_pb2.LogoutRequest(session_token=token), with_session=True
+        )
 
     async def close(self) -> None:
         await self._channel.close()

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
 
 from .passwords import verify_password
-from .sessions import PoolExhausted, SessionManager
+from .sessions import MAX_COUNTER_RANGES_PER_LEASE, PoolExhausted, SessionManager
 from .throttle import Throttle
 
 log = logging.getLogger("pushgate.auth")
@@ -296,11 +296,15 @@ class SessionFeedServicer(control_pb2_grpc.SessionFeedServicer):
         self.on_change = on_change
 
     async def ListSessions(self, request, context):
-        store, now = self.sessions.store, time.time()
-        return control_pb2.ListSessionsResponse(
-            sessions=[self.sessions.to_message(s, now) for s in store.list_sessions()],
-            revision=store.revision,
-        )
+        return self.sessions.listing(time.time())
+
+    async def LeaseCounterRanges(self, request, context):
+        if not 0 < request.count <= MAX_COUNTER_RANGES_PER_LEASE:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"count must be 1..{MAX_COUNTER_RANGES_PER_LEASE}, not {request.count}",
+            )
+        return self.sessions.lease_counter_ranges(request.count)
 
     async def WatchSessions(self, request, context):
         feed = self.sessions.feed

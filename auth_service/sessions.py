@@ -22,6 +22,10 @@ from pushgate_api import auth_pb2, control_pb2
 from .store import Store, StoredSession
 
 EVENT_LOG_SIZE = 10000  # events a reconnecting dataplane can catch up on without re-listing
+# Send-counter ranges a listing leases beyond one per listed key: a dataplane asks
+# for more (LeaseCounterRanges) only after this many installs and rekeys.
+COUNTER_RANGES_AHEAD = 4096
+MAX_COUNTER_RANGES_PER_LEASE = 65536
 
 
 class PoolExhausted(Exception):
@@ -124,7 +128,24 @@ class SessionManager:
                     s.previous_epoch, s.previous_c2s_key, s.previous_s2c_key, s.previous_created_at
                 )
             )
+            message.previous_keys_until_unix_ms = _ms(s.previous_until)
         return message
+
+    def lease_counter_ranges(self, count: int) -> control_pb2.CounterRanges:
+        """`count` send-counter ranges for a dataplane, never leased before."""
+        with self.store.transaction():
+            first = self.store.lease_counter_ranges(count)
+        return control_pb2.CounterRanges(first=first, count=count)
+
+    def listing(self, now: float) -> control_pb2.ListSessionsResponse:
+        """Every live session, the revision to watch from, and counter ranges for
+        every listed key and COUNTER_RANGES_AHEAD more."""
+        sessions = [self.to_message(s, now) for s in self.store.list_sessions()]
+        return control_pb2.ListSessionsResponse(
+            sessions=sessions,
+            revision=self.store.revision,
+            counter_ranges=self.lease_counter_ranges(2 * len(sessions) + COUNTER_RANGES_AHEAD),
+        )
 
     def _new_session_id(self) -> int:
         taken = self.store.session_ids()
@@ -135,15 +156,9 @@ class SessionManager:
 
     async def _commit(self, change, **event) -> None:
         """Run `change` and bump the revision in one transaction, then publish."""
-        db = self.store.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self.store.transaction():
             change()
             revision = self.store.next_revision()
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         await self.feed.publish(control_pb2.SessionEvent(revision=revision, **event))
 
     async def create(self, username: str, cipher: int, now: float) -> tuple[StoredSession, str]:

@@ -5,9 +5,12 @@ run. Session keys are stored so that a restarted auth service can hand every
 live session to the dataplane again: the file is created mode 0600.
 """
 
+import contextlib
 import os
 import sqlite3
 from dataclasses import dataclass
+
+from push_protocol.constants import SEND_COUNTER_RANGES
 
 MIGRATIONS = [
     # 1: users, sessions, the feed revision
@@ -144,6 +147,17 @@ class Store:
     def remove_user(self, name: str) -> None:
         self._update_user("DELETE FROM users WHERE name=?", (name,))
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """One write transaction (taken at once, so readers never see half of it)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
     # -- sessions and the feed revision ----------------------------------------------
 
     def next_revision(self) -> int:
@@ -189,6 +203,21 @@ class Store:
         return (
             self.db.execute("DELETE FROM sessions WHERE session_id=?", (session_id,)).rowcount > 0
         )
+
+    def lease_counter_ranges(self, count: int) -> int:
+        """The first of `count` send-counter ranges that were never leased before
+        (push_protocol/constants.py, SEND_COUNTER_RANGE), within a transaction.
+        Range 0 is the clients'; the store keeps the lease beside the keys it covers,
+        so no range is handed out twice while those keys exist."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='counter_ranges_leased'").fetchone()
+        first = int(row[0]) if row else 1
+        if first + count > SEND_COUNTER_RANGES:
+            raise RuntimeError("every send-counter range has been leased")
+        self.db.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('counter_ranges_leased', ?)",
+            (str(first + count),),
+        )
+        return first
 
     def count_sessions(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]

@@ -29,8 +29,8 @@ def _best(fn) -> float:
 
 def bench(suite: CipherSuite, size: int) -> str:
     keys = KeyMaterial(0, os.urandom(32), os.urandom(32), 0.0)
-    sender = TunnelSession(1, suite, Role.CLIENT, keys, 0.0)
-    receiver = TunnelSession(1, suite, Role.SERVER, keys, 0.0)
+    sender = TunnelSession(1, suite, Role.CLIENT, keys)
+    receiver = TunnelSession(1, suite, Role.SERVER, keys)
     payload = os.urandom(size)
     datagrams: list[bytes] = []
 

@@ -78,7 +78,7 @@ def tcp_segment(seq: int, payload: int = 1368) -> bytes:
 
 
 def batches(kind: str, keys: KeyMaterial, now: float) -> list[tuple[bytes, int]]:
-    client = TunnelSession(7, CipherSuite.AES_256_GCM, Role.CLIENT, keys, now)
+    client = TunnelSession(7, CipherSuite.AES_256_GCM, Role.CLIENT, keys)
     out, seq = [], 1
     for _ in range(ROUNDS):
         if kind == "tcp":
@@ -92,7 +92,7 @@ def batches(kind: str, keys: KeyMaterial, now: float) -> list[tuple[bytes, int]]
 
 
 def run(kind: str, keys: KeyMaterial, sealed: list, now: float) -> float:
-    server = TunnelSession(7, CipherSuite.AES_256_GCM, Role.SERVER, keys, now)
+    server = TunnelSession(7, CipherSuite.AES_256_GCM, Role.SERVER, keys)
     registry = Registry()
     registry.add(SessionRecord(server, (ipaddress.IPv4Address(CLIENT).packed,), 0.0))
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as placeholder:

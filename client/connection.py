@@ -86,6 +86,7 @@ class Connection:
         self._stop = asyncio.Event()
         self._backoff = Backoff()
         self._rekey_at = 0.0
+        self._rekey_retry_at = 0.0  # after a failed rekey, not before (whatever asks for one)
         self._expires_at = 0.0  # when the session ends unless rekeyed (unix seconds)
         self._since = 0.0  # when we last (re)started waiting for the server
 
@@ -98,7 +99,7 @@ class Connection:
 
     def request_rekey(self) -> None:
         """Rekey at the next tick instead of waiting for the key lifetime (SIGUSR2)."""
-        self._rekey_at = 0.0
+        self._rekey_at = self._rekey_retry_at = 0.0
 
     def request_rebind(self) -> None:
         """Move to a new UDP source port at once, as after a NAT change (SIGUSR1)."""
@@ -162,7 +163,6 @@ class Connection:
             info.cipher,
             Role.CLIENT,
             info.keys,
-            now,
             keepalive_interval=info.keepalive_seconds,
         )
         self.tun = self.host.open_tun(self.options.tun_name)
@@ -239,8 +239,11 @@ class Connection:
             log.warning("server lost: %s", self.last_error)
             self._event(ClientEvent.SERVER_LOST)
             return
-        if self.machine.state is ClientState.UP and (
-            now >= self._rekey_at or session.needs_rekey(now)
+        # needs_rekey: the keys' limits, or the dataplane asked (REKEY_REQUIRED)
+        if (
+            self.machine.state is ClientState.UP
+            and (now >= self._rekey_at or session.needs_rekey(now))
+            and now >= self._rekey_retry_at
         ):
             await self._rekey(now)
 
@@ -275,9 +278,10 @@ class Connection:
         except ClientError as error:
             self.last_error = f"rekey failed: {error}"
             log.warning("%s", self.last_error)
-            self._rekey_at = now + rekey_retry_delay(now, self._expires_at)
+            self._rekey_at = self._rekey_retry_at = now + rekey_retry_delay(now, self._expires_at)
             return False
         self._expires_at = expires_at
+        self._rekey_retry_at = 0.0
         self._rekey_at = keys.created_at + self.session_info.key_lifetime_seconds
         log.info("rekeyed: key epoch %d", keys.epoch)
         return True

@@ -149,7 +149,7 @@ class Datapath:
                 budget -= len(datagrams)
                 well_formed, headers = [], []
                 for datagram in datagrams:
-                    header = read_header(datagram)
+                    header = read_header(datagram, True)  # from the dataplane
                     if type(header) is Header:
                         well_formed.append(datagram)
                         headers.append(header)

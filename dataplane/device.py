@@ -214,10 +214,17 @@ class Device:
         from_session, clamp = self.router.from_session, self._clamp
         pending = self._tun_pending
         rx_packets = rx_bytes = 0
-        for result in record.tunnel.open_many(datagrams, headers, now):
+        tunnel = record.tunnel
+        results = tunnel.open_many(datagrams, headers, now)
+        if tunnel.advanced:  # roaming: only a counter above all seen for its key moves it
+            record.endpoint = source
+        for index, result in enumerate(results):
             if type(result) is not bytes:
                 drops[result] += 1
                 record.last_drop_reason = result
+                if result is DropReason.REKEY_REQUIRED:
+                    self._ask_to_rekey(record, headers[index].key_epoch, source, now)
+                    continue
                 self._bad_input_log.warning(
                     "open",
                     "session %#010x: dropped datagram from %s: %s",
@@ -226,7 +233,6 @@ class Device:
                     result.value,
                 )
                 continue
-            record.endpoint = source  # roaming: only authenticated, never-seen counters move it
             if not result:
                 self._keepalive_received(record, now)
                 counters.datagrams_delivered += 1
@@ -244,6 +250,14 @@ class Device:
                 drops[reason] += 1
         counters.rx_packets += rx_packets
         counters.rx_bytes += rx_bytes
+
+    def _ask_to_rekey(self, record: SessionRecord, epoch: int, source, now: float) -> None:
+        """Answer an authentic packet under re-learned keys with REKEY_REQUIRED, sent to
+        its source (the endpoint is not moved: the packet may be a replay), at most
+        once a second per session (TunnelSession.rekey_request)."""
+        datagram = record.tunnel.rekey_request(epoch, now)
+        if datagram is not None and self._send_datagram(datagram, source) is None:
+            self.counters.rekey_requests_sent += 1
 
     def _keepalive_received(self, record: SessionRecord, now: float) -> None:
         last = record.tunnel.last_sent_at

@@ -82,6 +82,8 @@ class Counters:
         default_factory=lambda: {"udp_recv": 0, "udp_send": 0, "tun_read": 0, "tun_write": 0}
     )
     icmp_too_big_sent: int = 0
+    rekey_requests_sent: int = 0
+    keys_refused: int = 0
     mss_clamped: int = 0
     session_installs: int = 0
     session_removals: int = 0
@@ -239,6 +241,16 @@ class DataplaneCollector:
             "icmp_too_big_sent",
             "ICMP fragmentation-needed / packet-too-big sent",
             c.icmp_too_big_sent,
+        )
+        yield counter(
+            "rekey_requests_sent",
+            "REKEY_REQUIRED sent to clients whose keys were re-learned after a restart",
+            c.rekey_requests_sent,
+        )
+        yield counter(
+            "keys_refused",
+            "Session keys from the auth service not installed (created in the future)",
+            c.keys_refused,
         )
         yield counter("mss_clamped", "TCP SYNs whose MSS was lowered", c.mss_clamped)
         yield counter("session_installs", "Sessions installed", c.session_installs)

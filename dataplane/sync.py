@@ -4,17 +4,24 @@ Runs on the event loop (grpc.aio), so registry changes happen on the loop
 thread only. After any failure it backs off, lists again and reconciles: the
 sessions that did not change keep their counters and replay windows, traffic
 of existing sessions keeps flowing while the auth service is away.
+
+Keys learned from a listing that the registry does not hold already may have
+been received with by an earlier incarnation of this process, whose replay
+windows are gone: they are installed *re-learned* (authenticated packets under
+them are refused and answered with REKEY_REQUIRED). Keys from watch events were
+minted after the listing and are fresh. Every keypair seals in its own
+send-counter range, leased from the auth service (docs/protocol.md, "Restarts").
 """
 
 import asyncio
 import logging
 import random
 import time
+from collections import deque
 
 import grpc
 
 from push_protocol.aead import CipherSuite
-from push_protocol.constants import PREVIOUS_KEY_GRACE_SECONDS
 from push_protocol.drops import UsageError
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.session import TunnelSession
@@ -27,6 +34,14 @@ log = logging.getLogger("pushgate.dataplane.sync")
 
 RETRY_FIRST_SECONDS = 0.2
 RETRY_MAX_SECONDS = 5.0
+# Lease more send-counter ranges while a few installs' worth remain: one event
+# needs at most two, and a lease is one small RPC and one store write.
+COUNTER_RANGES_LOW_WATER = 64
+COUNTER_RANGES_PER_LEASE = 4096
+# Keys minted this far after our own clock's now are refused: the auth service
+# runs on the same host (or one in step with it), and a key from the future
+# would outlive its age limit (REJECT_AFTER_SECONDS) by as much.
+MAX_KEY_CLOCK_AHEAD_SECONDS = 5.0
 
 CIPHERS = {
     auth_pb2.CIPHER_SUITE_AES_256_GCM: CipherSuite.AES_256_GCM,
@@ -43,6 +58,34 @@ def key_material(keys: auth_pb2.SessionKeys) -> KeyMaterial:
     )
 
 
+class KeysFromTheFuture(UsageError):
+    """The auth service's clock is ahead of ours: its keys would outlive their limit."""
+
+
+class CounterRangePool:
+    """Send-counter ranges leased from the auth service; each keypair takes one."""
+
+    def __init__(self) -> None:
+        self._leases: deque[list[int]] = deque()  # [next, end) each
+        self.available = 0
+
+    def add(self, lease: control_pb2.CounterRanges) -> None:
+        if lease.count:
+            self._leases.append([lease.first, lease.first + lease.count])
+            self.available += lease.count
+
+    def take(self) -> int:
+        if not self._leases:
+            raise UsageError("no send-counter range left: the auth service leased none")
+        lease = self._leases[0]
+        counter_range = lease[0]
+        lease[0] += 1
+        if lease[0] == lease[1]:
+            self._leases.popleft()
+        self.available -= 1
+        return counter_range
+
+
 class SessionSync:
     def __init__(
         self, registry: Registry, counters: Counters, socket_path: str, clock=time.time
@@ -53,6 +96,7 @@ class SessionSync:
         self.clock = clock
         self.revision = 0
         self.synced = asyncio.Event()
+        self.counter_ranges = CounterRangePool()
 
     async def run(self) -> None:
         delay = RETRY_FIRST_SECONDS
@@ -61,6 +105,7 @@ class SessionSync:
                 async with grpc.aio.insecure_channel(self.target) as channel:
                     stub = control_pb2_grpc.SessionFeedStub(channel)
                     listing = await stub.ListSessions(control_pb2.ListSessionsRequest(), timeout=30)
+                    self.counter_ranges.add(listing.counter_ranges)
                     self.reconcile(listing)
                     delay = RETRY_FIRST_SECONDS
                     self.counters.control_connected = 1
@@ -68,6 +113,15 @@ class SessionSync:
                         control_pb2.WatchSessionsRequest(after_revision=self.revision)
                     )
                     async for event in watch:
+                        if self.counter_ranges.available < COUNTER_RANGES_LOW_WATER:
+                            self.counter_ranges.add(
+                                await stub.LeaseCounterRanges(
+                                    control_pb2.LeaseCounterRangesRequest(
+                                        count=COUNTER_RANGES_PER_LEASE
+                                    ),
+                                    timeout=30,
+                                )
+                            )
                         self.apply(event)
                     log.warning("session feed ended; listing again")
             except grpc.aio.AioRpcError as error:
@@ -93,9 +147,9 @@ class SessionSync:
         for session in listing.sessions:
             record = self.registry.by_id.get(session.session_id)
             if record is None:
-                self._install(session)
+                self._install(session, relearned=True)
                 continue
-            self._update(record, session)
+            self._update(record, session, relearned=True)
         self.revision = listing.revision
         self.counters.control_resyncs += 1
         self.synced.set()
@@ -106,22 +160,33 @@ class SessionSync:
         if change == "installed":
             existing = self.registry.by_id.get(event.installed.session_id)
             if existing is None:
-                self._install(event.installed)
+                self._install(event.installed, relearned=False)
             else:
-                self._update(existing, event.installed)
+                self._update(existing, event.installed, relearned=False)
         elif change == "rotated":
             record = self.registry.by_id.get(event.rotated.session_id)
             if record is not None:
                 if event.rotated.expires_at_unix_ms:  # a rekey moves the expiry
                     record.expires_at = event.rotated.expires_at_unix_ms / 1000
-                self._rotate(record, event.rotated.keys)
+                self._rotate(record, event.rotated.keys, relearned=False)
         elif change == "removed":
             self._remove(
                 event.removed.session_id, control_pb2.RemovalReason.Name(event.removed.reason)
             )
         self.revision = event.revision
 
-    def _install(self, session: control_pb2.Session) -> None:
+    def _key_material(self, keys: auth_pb2.SessionKeys, now: float) -> KeyMaterial:
+        material = key_material(keys)
+        ahead = material.created_at - now
+        if ahead > MAX_KEY_CLOCK_AHEAD_SECONDS:
+            self.counters.keys_refused += 1
+            raise KeysFromTheFuture(
+                f"key epoch {material.epoch} was created {ahead:.0f} s after our clock's now"
+                " (is the clock of this host or of the auth service's wrong?)"
+            )
+        return material
+
+    def _install(self, session: control_pb2.Session, *, relearned: bool) -> None:
         now = self.clock()
         cipher = CIPHERS.get(session.cipher)
         if cipher is None:
@@ -136,13 +201,17 @@ class SessionSync:
                 session.session_id,
                 cipher,
                 Role.SERVER,
-                key_material(session.current_keys),
-                now,
+                self._key_material(session.current_keys, now),
                 keepalive_interval=float(session.keepalive_seconds or 10),
+                counter_range=self.counter_ranges.take(),
+                relearned=relearned,
             )
-            if session.HasField("previous_keys"):
+            previous_until = session.previous_keys_until_unix_ms / 1000
+            if session.HasField("previous_keys") and previous_until > now:
                 tunnel.restore_previous(
-                    key_material(session.previous_keys), now, now + PREVIOUS_KEY_GRACE_SECONDS
+                    self._key_material(session.previous_keys, now),
+                    previous_until,  # the grace the rekey gave, not a new one
+                    counter_range=self.counter_ranges.take(),
                 )
             addresses = tuple(packed_address(a) for a in session.tunnel_addresses)
         except (UsageError, ValueError) as error:
@@ -159,13 +228,16 @@ class SessionSync:
         )
         self.counters.session_installs += 1
         log.info(
-            "session %#010x installed for %s at %s",
+            "session %#010x installed for %s at %s%s",
             session.session_id,
             session.username,
             ", ".join(session.tunnel_addresses),
+            " (keys re-learned: the client is asked to rekey)" if relearned else "",
         )
 
-    def _update(self, record: SessionRecord, session: control_pb2.Session) -> None:
+    def _update(
+        self, record: SessionRecord, session: control_pb2.Session, *, relearned: bool
+    ) -> None:
         """Make an installed session match what the auth service says about it."""
         record.expires_at = session.expires_at_unix_ms / 1000
         try:
@@ -175,16 +247,24 @@ class SessionSync:
             return
         if addresses != record.addresses:
             self.registry.readdress(record, addresses)
-        self._rotate(record, session.current_keys)
+        self._rotate(record, session.current_keys, relearned=relearned)
 
-    def _rotate(self, record: SessionRecord, keys: auth_pb2.SessionKeys) -> None:
+    def _rotate(
+        self, record: SessionRecord, keys: auth_pb2.SessionKeys, *, relearned: bool
+    ) -> None:
         tunnel = record.tunnel
         if keys.key_epoch == tunnel.current.epoch or (
             tunnel.next is not None and keys.key_epoch == tunnel.next.epoch
         ):
             return  # already have them: keep counters and replay windows
+        now = self.clock()
         try:
-            tunnel.install_next(key_material(keys), self.clock())
+            tunnel.install_next(
+                self._key_material(keys, now),
+                now,
+                counter_range=self.counter_ranges.take(),
+                relearned=relearned,
+            )
         except UsageError as error:
             log.error("session %#010x: rotation refused: %s", record.session_id, error)
             return

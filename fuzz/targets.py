@@ -24,7 +24,7 @@ SESSION_ID = 0x01020304
 
 
 def fresh_session() -> TunnelSession:
-    return TunnelSession(SESSION_ID, CipherSuite.AES_256_GCM, Role.SERVER, KEYS, 0.0)
+    return TunnelSession(SESSION_ID, CipherSuite.AES_256_GCM, Role.SERVER, KEYS)
 
 
 REGISTRY = Registry()

@@ -58,7 +58,6 @@ class PushClient:
             KeyMaterial(
                 keys.key_epoch, keys.client_to_server_key, keys.server_to_client_key, time.time()
             ),
-            time.time(),
         )
         self.sock = sock
         sock.settimeout(5)
@@ -76,7 +75,7 @@ class PushClient:
     def receive_inner(self) -> bytes:
         while True:
             datagram = self.sock.recv(65536)
-            payload = self.session.open(datagram, time.time(), parse_header(datagram))
+            payload = self.session.open(datagram, time.time(), parse_header(datagram, True))
             if payload:
                 return payload
 
@@ -110,6 +109,14 @@ class Gateway:
         self.observer = socket_in(self.gw)
         self.observer.bind((GW_TUNNEL, OBSERVER_PORT))
         self.observer.settimeout(5)
+
+    def start_with(self, *sessions: control_pb2.Session) -> None:
+        """Start the dataplane, then log `sessions` in (feed events, so their keys
+        are fresh: a listed key would be a re-learned one, docs/protocol.md)."""
+        self.start_dataplane()
+        for sess in sessions:
+            self.feed.install(sess)
+        self.wait_sessions(len(sessions))
 
     def _scrape_or_none(self):
         try:

@@ -11,6 +11,8 @@ from concurrent import futures
 
 import grpc
 
+from auth_service.sessions import COUNTER_RANGES_AHEAD
+from push_protocol.constants import PREVIOUS_KEY_GRACE_SECONDS
 from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
 
 
@@ -47,6 +49,7 @@ class FeedServer(control_pb2_grpc.SessionFeedServicer):
         self.sessions: dict[int, control_pb2.Session] = {}
         self.events: list[control_pb2.SessionEvent] = []
         self.revision = 0
+        self._next_counter_range = 1  # as the auth service: never lease a range twice
         self._changed = threading.Condition()
         self._server: grpc.Server | None = None
 
@@ -77,6 +80,7 @@ class FeedServer(control_pb2_grpc.SessionFeedServicer):
     def rotate(self, session_id: int, keys: auth_pb2.SessionKeys) -> None:
         sess = self.sessions[session_id]
         sess.previous_keys.CopyFrom(sess.current_keys)
+        sess.previous_keys_until_unix_ms = int((time.time() + PREVIOUS_KEY_GRACE_SECONDS) * 1000)
         sess.current_keys.CopyFrom(keys)
         self._publish(rotated=control_pb2.KeyRotation(session_id=session_id, keys=keys))
 
@@ -90,11 +94,26 @@ class FeedServer(control_pb2_grpc.SessionFeedServicer):
 
     # -- the API ------------------------------------------------------------------
 
+    def _lease(self, count: int) -> control_pb2.CounterRanges:
+        with self._changed:
+            first, self._next_counter_range = (
+                self._next_counter_range,
+                self._next_counter_range + count,
+            )
+        return control_pb2.CounterRanges(first=first, count=count)
+
     def ListSessions(self, request, context):
         with self._changed:
-            return control_pb2.ListSessionsResponse(
-                sessions=list(self.sessions.values()), revision=self.revision
-            )
+            sessions = list(self.sessions.values())
+            revision = self.revision
+        return control_pb2.ListSessionsResponse(
+            sessions=sessions,
+            revision=revision,
+            counter_ranges=self._lease(2 * len(sessions) + COUNTER_RANGES_AHEAD),
+        )
+
+    def LeaseCounterRanges(self, request, context):
+        return self._lease(request.count)
 
     def WatchSessions(self, request, context):
         after = request.after_revision

@@ -47,9 +47,14 @@ assert _HEADER.size == HEADER_LEN
 class PacketType(IntEnum):
     DATA = 1  # payload is one inner IP packet
     KEEPALIVE = 2  # empty payload; proves liveness, keeps NAT mappings open
+    # Empty payload, sent only by the dataplane: "I cannot accept data under this
+    # key (re-learned after a restart); get new keys" (docs/protocol.md, "Restarts").
+    REKEY_REQUIRED = 3
 
 
-_DATA, _KEEPALIVE = int(PacketType.DATA), int(PacketType.KEEPALIVE)  # int compares are cheaper
+# int compares are cheaper
+_DATA, _KEEPALIVE = int(PacketType.DATA), int(PacketType.KEEPALIVE)
+_REKEY_REQUIRED = int(PacketType.REKEY_REQUIRED)
 
 
 class Header(NamedTuple):
@@ -62,11 +67,14 @@ class Header(NamedTuple):
 _new_header = tuple.__new__  # Header(...) without the generated __new__'s extra frame
 
 
-def read_header(datagram: bytes | bytearray | memoryview) -> Header | DropReason:
+def read_header(
+    datagram: bytes | bytearray | memoryview, from_server: bool = False
+) -> Header | DropReason:
     """The header of `datagram`, or the reason it is rejected before any state is
     touched: the first wrong thing among length, version, type and length for
     that type. No exception is built, so the receive loop counts a flood of
-    noise at the cost of a few comparisons per datagram."""
+    noise at the cost of a few comparisons per datagram. A client sends DATA and
+    KEEPALIVE; the dataplane (`from_server`) also REKEY_REQUIRED."""
     length = len(datagram)
     if length < MIN_DATAGRAM_LEN:
         return DropReason.TOO_SHORT
@@ -83,12 +91,16 @@ def read_header(datagram: bytes | bytearray | memoryview) -> Header | DropReason
         if length != MIN_DATAGRAM_LEN:
             return DropReason.BAD_LENGTH
         return _new_header(Header, (PacketType.KEEPALIVE, key_epoch, session_id, counter))
+    if packet_type == _REKEY_REQUIRED and from_server:
+        if length != MIN_DATAGRAM_LEN:
+            return DropReason.BAD_LENGTH
+        return _new_header(Header, (PacketType.REKEY_REQUIRED, key_epoch, session_id, counter))
     return DropReason.UNKNOWN_TYPE
 
 
-def parse_header(datagram: bytes | bytearray | memoryview) -> Header:
+def parse_header(datagram: bytes | bytearray | memoryview, from_server: bool = False) -> Header:
     """`read_header`, raising the `PacketRejected` subclass that names what is wrong."""
-    header = read_header(datagram)
+    header = read_header(datagram, from_server)
     if type(header) is Header:
         return header
     raise _rejection(header, datagram)
@@ -104,8 +116,9 @@ def _rejection(reason: DropReason, datagram) -> PacketRejected:
         return BadVersion(f"version {datagram[0]}, expected {PROTOCOL_VERSION}")
     if reason is DropReason.UNKNOWN_TYPE:
         return UnknownType(f"type {datagram[1]}")
-    if datagram[1] == _KEEPALIVE:
-        return BadLength(f"keepalive with {length - MIN_DATAGRAM_LEN} payload bytes")
+    if datagram[1] != _DATA:
+        name = PacketType(datagram[1]).name.lower()
+        return BadLength(f"{name} with {length - MIN_DATAGRAM_LEN} payload bytes")
     return BadLength("data packet with an empty payload")
 
 
@@ -124,8 +137,8 @@ def seal(
     payload: bytes,
 ) -> bytes:
     """Return the datagram carrying `payload` encrypted under `aead` with `counter`."""
-    if (packet_type == PacketType.KEEPALIVE) != (not payload):
-        raise UsageError("keepalives carry no payload and data packets carry some")
+    if (packet_type == PacketType.DATA) != bool(payload):
+        raise UsageError("only data packets carry a payload, and always one")
     header = build_header(packet_type, key_epoch, session_id, counter)
     return header + aead.encrypt(nonce_for(counter), payload, header)
 

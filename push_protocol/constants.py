@@ -43,12 +43,20 @@ PREVIOUS_KEY_GRACE_SECONDS = 30.0
 # New keys are used for sending once the peer has sent under them (proof it has
 # them) or, failing that, this long after they were installed.
 NEXT_KEY_PROMOTE_SECONDS = 1.0
+# The dataplane asks a client to rekey (REKEY_REQUIRED) at most this often per
+# session: one answer a second to a stream of packets under re-learned keys.
+REKEY_REQUEST_INTERVAL_SECONDS = 1.0
 
-# First send counter of a key installed `elapsed` seconds after it was minted is
-# elapsed * this rate. A process that restarts and re-learns a key (the dataplane
-# after SIGKILL) therefore starts above every counter its previous incarnation
-# could have used, as long as that incarnation sent fewer than this many packets
-# per second (2^24/s is ~190 Gbit/s of 1400-byte packets). 900 s * 2^24 < 2^34.
-COUNTER_FLOOR_PER_SECOND = 1 << 24
+# Send counters come in ranges of this many, one range per keypair: a key is never
+# used for more than REJECT_AFTER_MESSAGES packets, so a sender that starts at
+# `range_index * SEND_COUNTER_RANGE` never reaches the next range. The client's
+# keys are fresh per login and rekey and it is their only sender: it uses range 0.
+# The dataplane may hold a key that an earlier incarnation of itself sealed with
+# (it re-learns keys after a restart), so it takes a range leased from the auth
+# service for every keypair it creates; the auth service never leases a range
+# twice (the lease is kept in its store, beside the keys). Nothing here depends on
+# a clock. 2^64 / 2^28 = 2^36 ranges.
+SEND_COUNTER_RANGE = REJECT_AFTER_MESSAGES
+SEND_COUNTER_RANGES = (MAX_COUNTER + 1) // SEND_COUNTER_RANGE
 
 DEFAULT_KEEPALIVE_SECONDS = 10.0

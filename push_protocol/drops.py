@@ -37,6 +37,10 @@ class DropReason(StrEnum):
     QUEUE_FULL = "queue_full"
     TUN_WRITE_ERROR = "tun_write_error"
     SOCKET_ERROR = "socket_error"
+    # Authentic, but under keys re-learned after a dataplane restart: the counter may
+    # have been accepted before, so the packet is not delivered; the client is asked
+    # to rekey (docs/protocol.md, "Restarts").
+    REKEY_REQUIRED = "rekey_required"
 
 
 class PacketRejected(Exception):
@@ -119,6 +123,12 @@ class TooOld(PacketRejected):
     """The counter is behind the replay window."""
 
     reason = DropReason.TOO_OLD
+
+
+class RekeyRequired(PacketRejected):
+    """Authentic, under keys re-learned after a restart: not delivered (docs/protocol.md)."""
+
+    reason = DropReason.REKEY_REQUIRED
 
 
 class UsageError(Exception):

@@ -13,15 +13,16 @@ from . import codec
 from .aead import AEAD, CipherSuite, check_key, new_aead
 from .ciphercache import DEFAULT_CIPHER_CACHE, CipherCache
 from .constants import (
-    COUNTER_FLOOR_PER_SECOND,
     KEY_EPOCH_MODULUS,
     MAX_COUNTER,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_SECONDS,
     REKEY_AFTER_MESSAGES,
     REKEY_AFTER_SECONDS,
+    SEND_COUNTER_RANGE,
+    SEND_COUNTER_RANGES,
 )
-from .drops import KeyExpired, UsageError
+from .drops import KeyExpired, RekeyRequired, UsageError
 from .replay import ReplayWindow
 
 
@@ -51,14 +52,24 @@ class KeyMaterial:
         return f"KeyMaterial(epoch={self.epoch}, created_at={self.created_at})"
 
 
-def initial_send_counter(created_at: float, now: float) -> int:
-    """First counter for keys installed at `now` (see COUNTER_FLOOR_PER_SECOND)."""
-    return max(0, int((now - created_at) * COUNTER_FLOOR_PER_SECOND))
+def first_send_counter(counter_range: int) -> int:
+    """The first send counter of a keypair given range `counter_range` (constants.py,
+    SEND_COUNTER_RANGE: the client uses range 0, the dataplane leased ones)."""
+    if not 0 <= counter_range < SEND_COUNTER_RANGES:
+        raise UsageError(f"send counter range {counter_range} does not exist")
+    return counter_range * SEND_COUNTER_RANGE
 
 
 class Keypair:
     """Keys of one epoch. The AEAD contexts are built on first use and held only
-    while `cache` keeps them (ciphercache.py): an idle keypair is its raw keys."""
+    while `cache` keeps them (ciphercache.py): an idle keypair is its raw keys.
+
+    Its send counters are those of range `counter_range` (constants.py). A
+    `relearned` keypair holds keys that an earlier incarnation of this process may
+    have received with (the dataplane after a restart): its empty replay window
+    cannot tell a replay from a new packet, so `open` authenticates and then
+    refuses every packet (`RekeyRequired`); sending is safe (a new counter range).
+    """
 
     __slots__ = (
         "_cache",
@@ -70,6 +81,7 @@ class Keypair:
         "created_at",
         "epoch",
         "received",
+        "relearned",
         "replay",
         "sent",
     )
@@ -79,8 +91,10 @@ class Keypair:
         material: KeyMaterial,
         suite: CipherSuite,
         role: Role,
-        now: float,
         cache: CipherCache = DEFAULT_CIPHER_CACHE,
+        *,
+        counter_range: int = 0,
+        relearned: bool = False,
     ) -> None:
         if role is Role.CLIENT:
             send_key, recv_key = material.client_to_server, material.server_to_client
@@ -95,7 +109,8 @@ class Keypair:
         self._recv_key = recv_key
         self._cache = cache
         self._contexts: tuple[AEAD, AEAD] | None = None  # (send, receive) while cached
-        self._next_counter = initial_send_counter(material.created_at, now)
+        self._next_counter = first_send_counter(counter_range)
+        self.relearned = relearned
         self.sent = 0
         self.received = 0
         self.replay = ReplayWindow()
@@ -169,13 +184,16 @@ class Keypair:
         return (self._contexts or self._cache.build(self))[1]
 
     def open(self, datagram: bytes, counter: int, now: float) -> bytes:
-        """Authenticate, decrypt and record `counter`; raises PacketRejected."""
+        """Authenticate, decrypt and record `counter`; raises PacketRejected
+        (RekeyRequired for an authentic packet under re-learned keys)."""
         if self.received >= REJECT_AFTER_MESSAGES or now - self.created_at >= REJECT_AFTER_SECONDS:
             self._check_limits(self.received, now)  # raises, saying which limit
         replay = self.replay
         if counter <= replay.highest:
             replay.check(counter)  # cheap rejection before the crypto
         payload = codec.open_payload(self.receive_context(), datagram, counter)
-        replay.update(counter)
+        replay.update(counter)  # a repeat of a refused packet is then a cheap `replay`
         self.received += 1
+        if self.relearned:
+            raise RekeyRequired(f"key epoch {self.epoch} was re-learned after a restart")
         return payload

@@ -20,6 +20,7 @@ from .constants import (
     KEY_EPOCH_MODULUS,
     NEXT_KEY_PROMOTE_SECONDS,
     PREVIOUS_KEY_GRACE_SECONDS,
+    REKEY_REQUEST_INTERVAL_SECONDS,
 )
 from .drops import PacketRejected, SessionExpired, UnknownKey, UnknownSession, UsageError
 from .keys import KeyMaterial, Keypair, Role
@@ -33,10 +34,11 @@ class TunnelSession:
         suite: CipherSuite,
         role: Role,
         keys: KeyMaterial,
-        now: float,
         *,
         keepalive_interval: float = DEFAULT_KEEPALIVE_SECONDS,
         cipher_cache: CipherCache = DEFAULT_CIPHER_CACHE,
+        counter_range: int = 0,
+        relearned: bool = False,
     ) -> None:
         if not 0 <= session_id < 1 << 32:
             raise UsageError(f"session id {session_id} does not fit in 32 bits")
@@ -46,11 +48,20 @@ class TunnelSession:
         self.keepalive_interval = keepalive_interval
         self.lifecycle = Lifecycle()
         self.cipher_cache = cipher_cache
-        self.current = Keypair(keys, suite, role, now, cipher_cache)
+        self.current = self._keypair(keys, counter_range, relearned)
         self.previous: Keypair | None = None
         self.next: Keypair | None = None
         self._previous_until = 0.0
         self._promote_next_at = 0.0
+        # True after an `open`/`open_many` that authenticated a packet whose counter is
+        # above every one authenticated before under its key (current or next): only
+        # such a packet may move the session's endpoint (roaming). A delayed or
+        # reordered packet, even an authentic one, moves nothing.
+        self.advanced = False
+        # Client: the key epoch the dataplane asked us to replace (REKEY_REQUIRED).
+        self._rekey_requested_epoch: int | None = None
+        # Dataplane: when we last asked the client to rekey.
+        self._rekey_request_sent_at: float | None = None
         # Liveness moves only on authenticated packets.
         self.last_received_at: float | None = None
         self.last_sent_at: float | None = None
@@ -62,24 +73,40 @@ class TunnelSession:
     def state(self) -> SessionState:
         return self.lifecycle.state
 
-    def install_next(self, keys: KeyMaterial, now: float) -> None:
-        """New keys from a rekey: accepted at once, sent with once confirmed."""
+    def install_next(
+        self, keys: KeyMaterial, now: float, *, counter_range: int = 0, relearned: bool = False
+    ) -> None:
+        """New keys from a rekey: accepted at once, sent with once confirmed, or at
+        once if the peer asked for them (it refuses the current keys anyway)."""
         if keys.epoch == self.current.epoch:
             raise UsageError(f"key epoch {keys.epoch} is already current")
         self.lifecycle.handle(SessionEvent.ROTATE)
         if self.next is not None:
             self.next.release()
-        self.next = Keypair(keys, self.suite, self.role, now, self.cipher_cache)
-        self._promote_next_at = now + NEXT_KEY_PROMOTE_SECONDS
+        self.next = self._keypair(keys, counter_range, relearned)
+        asked = self._rekey_requested_epoch == self.current.epoch
+        self._promote_next_at = now if asked else now + NEXT_KEY_PROMOTE_SECONDS
 
-    def restore_previous(self, keys: KeyMaterial, now: float, until: float) -> None:
-        """Re-learn keys that were replaced recently (after a restart) for receiving."""
+    def restore_previous(self, keys: KeyMaterial, until: float, *, counter_range: int) -> None:
+        """Re-learn keys replaced at most a grace period ago (a dataplane after a
+        restart), accepted until `until` (as the auth service recorded it), and as
+        re-learned keys: authenticated, never delivered."""
         if keys.epoch == self.current.epoch:
             raise UsageError(f"key epoch {keys.epoch} is current, not previous")
         if self.previous is not None:
             self.previous.release()
-        self.previous = Keypair(keys, self.suite, self.role, now, self.cipher_cache)
+        self.previous = self._keypair(keys, counter_range, relearned=True)
         self._previous_until = until
+
+    def _keypair(self, keys: KeyMaterial, counter_range: int, relearned: bool) -> Keypair:
+        return Keypair(
+            keys,
+            self.suite,
+            self.role,
+            self.cipher_cache,
+            counter_range=counter_range,
+            relearned=relearned,
+        )
 
     def expire(self) -> None:
         self.lifecycle.handle(SessionEvent.EXPIRE)
@@ -120,8 +147,26 @@ class TunnelSession:
             self.previous = None
 
     def needs_rekey(self, now: float) -> bool:
-        """True when current keys are due for replacement and none are pending."""
-        return self.next is None and self.current.needs_rekey(now)
+        """True when current keys are due for replacement, or the dataplane asked
+        for new ones, and none are pending."""
+        return self.next is None and (
+            self._rekey_requested_epoch == self.current.epoch or self.current.needs_rekey(now)
+        )
+
+    def rekey_request(self, epoch: int, now: float) -> bytes | None:
+        """(Dataplane) The REKEY_REQUIRED datagram answering a packet refused under
+        re-learned keys of `epoch`, sealed with the same keys; None if one was sent
+        less than REKEY_REQUEST_INTERVAL_SECONDS ago or the keys can't seal."""
+        last = self._rekey_request_sent_at
+        if last is not None and now - last < REKEY_REQUEST_INTERVAL_SECONDS:
+            return None
+        try:
+            keypair = self._keypair_for(epoch, now)
+            datagram = keypair.seal(PacketType.REKEY_REQUIRED, self.session_id, b"", now)
+        except PacketRejected:
+            return None
+        self._rekey_request_sent_at = now
+        return datagram
 
     def keepalive_due(self, now: float) -> bool:
         last = self.last_sent_at
@@ -181,19 +226,25 @@ class TunnelSession:
         """
         if header is None:
             header = parse_header(datagram)
-        _, epoch, session_id, counter = header
+        packet_type, epoch, session_id, counter = header
+        self.advanced = False
         if session_id != self.session_id:
             raise UnknownSession(f"session {session_id} is not {self.session_id}")
         if self.lifecycle.state not in LIVE_STATES:
             raise SessionExpired(f"session {self.session_id} is {self.state.value}")
         current = self.current
         if epoch == current.epoch:  # nearly always
+            above = counter > current.replay.highest
             payload = current.open(datagram, counter, now)
         else:
             keypair = self._keypair_for(epoch, now)
+            above = counter > keypair.replay.highest and keypair is not self.previous
             payload = keypair.open(datagram, counter, now)
             if keypair is self.next:
                 self._promote_next(now)
+        self.advanced = above
+        if packet_type is PacketType.REKEY_REQUIRED:
+            self._rekey_requested_epoch = epoch
         self.last_received_at = now
         self.rx_packets += 1
         self.rx_bytes += len(payload)
@@ -211,18 +262,24 @@ class TunnelSession:
         the same results and leave the same state.
         """
         current = self.current
-        if self.lifecycle.state not in LIVE_STATES or not current.may_open(len(datagrams), now):
-            return [
-                self._open_or_reason(d, h, now) for d, h in zip(datagrams, headers, strict=True)
-            ]
+        if (
+            self.lifecycle.state not in LIVE_STATES
+            or current.relearned
+            or not current.may_open(len(datagrams), now)
+        ):
+            return self._open_each(datagrams, headers, now)
         epoch, session_id, replay = current.epoch, self.session_id, current.replay
         aead = current.receive_context()
         results = []
         opened = opened_bytes = 0
+        advanced, roams = False, True
         for datagram, header in zip(datagrams, headers, strict=True):
-            _, key_epoch, header_session, counter = header
+            packet_type, key_epoch, header_session, counter = header
             if key_epoch != epoch or header_session != session_id:
                 results.append(self._open_or_reason(datagram, header, now))
+                advanced = advanced or self.advanced
+                # next keys promoted: the batch's key is previous now and moves nothing
+                roams = roams and self.current is current
                 continue
             if counter <= replay.highest:  # cheap rejection before the crypto
                 reason = replay.rejects(counter)
@@ -234,7 +291,11 @@ class TunnelSession:
             except PacketRejected as rejected:
                 results.append(rejected.reason)
                 continue
+            if roams and counter > replay.highest:
+                advanced = True
             replay.update(counter)
+            if not payload and packet_type is PacketType.REKEY_REQUIRED:
+                self._rekey_requested_epoch = key_epoch
             opened += 1
             opened_bytes += len(payload)
             results.append(payload)
@@ -243,6 +304,17 @@ class TunnelSession:
             self.last_received_at = now
             self.rx_packets += opened
             self.rx_bytes += opened_bytes
+        self.advanced = advanced
+        return results
+
+    def _open_each(self, datagrams: list, headers: list, now: float) -> list:
+        """`open` of each datagram in turn; `advanced` if any of them advanced."""
+        results = []
+        advanced = False
+        for datagram, header in zip(datagrams, headers, strict=True):
+            results.append(self._open_or_reason(datagram, header, now))
+            advanced = advanced or self.advanced
+        self.advanced = advanced
         return results
 
     def _open_or_reason(self, datagram: bytes, header: Header, now: float):

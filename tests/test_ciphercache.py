@@ -18,9 +18,9 @@ def _keys(epoch: int = 0) -> KeyMaterial:
 
 def _pair(cache: CipherCache, session_id: int = 1, keys: KeyMaterial | None = None):
     keys = keys or _keys()
-    client = TunnelSession(session_id, CipherSuite.AES_256_GCM, Role.CLIENT, keys, 0.0)
+    client = TunnelSession(session_id, CipherSuite.AES_256_GCM, Role.CLIENT, keys)
     server = TunnelSession(
-        session_id, CipherSuite.AES_256_GCM, Role.SERVER, keys, 0.0, cipher_cache=cache
+        session_id, CipherSuite.AES_256_GCM, Role.SERVER, keys, cipher_cache=cache
     )
     return client, server
 
@@ -96,7 +96,7 @@ def test_removed_sessions_and_replaced_keys_release_their_contexts():
 def test_bad_keys_are_refused_at_install_not_at_the_first_packet():
     keys = KeyMaterial(0, b"short", os.urandom(32), 0.0)
     with pytest.raises(UsageError):
-        TunnelSession(1, CipherSuite.AES_256_GCM, Role.SERVER, keys, 0.0)
+        TunnelSession(1, CipherSuite.AES_256_GCM, Role.SERVER, keys)
 
 
 def test_the_replay_ring_is_allocated_by_the_first_accepted_counter():

@@ -23,7 +23,7 @@ from netlab.dataplane_lab import (
 )
 from netlab.feed import FeedServer, key_epoch, session
 from netlab.packets import ipv4_udp, udp_payload
-from push_protocol.codec import parse_header
+from push_protocol.codec import PacketType, parse_header
 from push_protocol.keys import KeyMaterial
 from pushgate_api import control_pb2, control_pb2_grpc
 from tundev import TUN_QUEUE_PACKETS
@@ -46,9 +46,7 @@ def gateway(tmp_path):
 def serve_one(gateway: Gateway, session_id: int):
     """Start the dataplane with one session at 198.19.10.2 and a client for it."""
     sess = session(session_id, "198.19.10.2")
-    gateway.feed.install(sess)
-    gateway.start_dataplane()
-    gateway.wait_sessions(1)
+    gateway.start_with(sess)
     return gateway.client(sess)
 
 
@@ -264,19 +262,109 @@ def test_resync_after_the_feed_restarts_and_after_a_dataplane_restart(gateway):
     gateway.lab.stop(gateway.process, sig=9)  # SIGKILL the dataplane, then restart it
     gateway.start_dataplane()
     gateway.wait_sessions(2)
+    # Re-learned keys: the packet is refused and the client asked to rekey ...
     client.send_udp(b"after restart")
-    assert gateway.observe()[2] == b"after restart"
+    receive_rekey_request(client)
+    rekey(gateway, client, 1)  # ... which it does (the auth service's part played here)
+    client.send_udp(b"after the rekey")
+    assert gateway.observe()[2] == b"after the rekey"
     gateway.observer.sendto(b"reply after restart", ("198.19.10.2", 4000))
     assert udp_payload(client.receive_inner())[3] == b"reply after restart"
+
+
+def receive_rekey_request(client) -> None:
+    """The REKEY_REQUIRED the dataplane answers a packet under re-learned keys with."""
+    datagram = client.sock.recv(65536)
+    header = parse_header(datagram, True)
+    assert header.packet_type is PacketType.REKEY_REQUIRED
+    client.session.open(datagram, time.time(), header)
+    assert client.session.needs_rekey(time.time())
+
+
+def rekey(gateway, client, epoch: int) -> None:
+    """What a rekey does: the auth service mints keys and publishes them (a watch
+    event), the client installs them."""
+    before = metrics.total(gateway.scrape(), "pushgate_dataplane_session_rekeys_total")
+    new_keys = key_epoch(epoch)
+    gateway.feed.rotate(client.session.session_id, new_keys)
+    wait_for(
+        lambda: metrics.total(gateway.scrape(), "pushgate_dataplane_session_rekeys_total") > before,
+        10,
+        what="the rotation to reach the dataplane",
+    )
+    client.session.install_next(
+        KeyMaterial(
+            epoch, new_keys.client_to_server_key, new_keys.server_to_client_key, time.time()
+        ),
+        time.time(),
+    )
+
+
+def session_stats(gateway, session_id: int) -> control_pb2.SessionStats:
+    with grpc.insecure_channel(f"unix:{gateway.workdir}/dataplane.sock") as channel:
+        return control_pb2_grpc.DataplaneStatsStub(channel).GetSessionStats(
+            control_pb2.GetSessionStatsRequest(session_id=session_id), timeout=5
+        )
+
+
+def test_packets_replayed_after_a_restart_are_refused_and_move_nothing(gateway):
+    client = serve_one(gateway, 0x100A)
+    captured = [client.send_udp(b"captured %d" % n) for n in range(3)]
+    assert sorted(gateway.observe()[2] for _ in captured) == [
+        b"captured 0",
+        b"captured 1",
+        b"captured 2",
+    ]
+
+    gateway.lab.stop(gateway.process, sig=9)
+    gateway.start_dataplane()
+    gateway.wait_sessions(1)
+    replayer = socket_in(gateway.cl)  # another source: a replay must not become the endpoint
+    replayer.settimeout(5)
+    for datagram in captured:
+        replayer.sendto(datagram, (GW_UNDERLAY, PORT))
+    wait_for(
+        lambda: drops(gateway.scrape(), "rekey_required") == 3,
+        10,
+        what="three refused replays",
+    )
+    gateway.observer.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        gateway.observe()  # nothing reached the network behind the gateway
+    assert session_stats(gateway, 0x100A).endpoint == ""
+    # The one answer (a second apart at most) went to where the packets came from.
+    assert parse_header(replayer.recv(65536), True).packet_type is PacketType.REKEY_REQUIRED
+    for datagram in captured:  # again: now a cheap replay drop
+        replayer.sendto(datagram, (GW_UNDERLAY, PORT))
+    wait_for(lambda: drops(gateway.scrape(), "replay") == 3, 10, what="three replays")
+    samples = gateway.scrape()
+    assert metrics.total(samples, "pushgate_dataplane_rekey_requests_sent_total") == 1
+    assert_accounted(samples)
+
+
+def test_an_authentic_packet_out_of_order_does_not_move_the_endpoint(gateway):
+    client = serve_one(gateway, 0x100B)
+    sealed = [
+        client.session.seal(
+            ipv4_udp(client.address, GW_TUNNEL, 4000, OBSERVER_PORT, m), time.time()
+        )
+        for m in (b"early", b"late")
+    ]
+    client.sock.sendto(sealed[1], (GW_UNDERLAY, PORT))
+    assert gateway.observe()[2] == b"late"
+    spoofer = socket_in(gateway.cl)  # delays the early one and sends it from elsewhere
+    spoofer.sendto(sealed[0], (GW_UNDERLAY, PORT))
+    assert gateway.observe()[2] == b"early"  # in the window: delivered, but ...
+    own_port = client.sock.getsockname()[1]
+    assert session_stats(gateway, 0x100B).endpoint == f"{CLIENT_UNDERLAY}:{own_port}"
+    gateway.observer.sendto(b"to the client", ("198.19.10.2", 4000))
+    assert udp_payload(client.receive_inner())[3] == b"to the client"  # ... nothing moved
 
 
 def test_expiry_and_stalled_sessions_are_visible(gateway):
     talker = session(0x1007, "198.19.10.2", keepalive=1)
     short = session(0x1008, "198.19.10.3", expires_at=time.time() + 2)
-    gateway.feed.install(talker)
-    gateway.feed.install(short)
-    gateway.start_dataplane()
-    gateway.wait_sessions(2)
+    gateway.start_with(talker, short)
     gateway.feed.stop()  # expiry must not depend on the auth service
     wait_for(
         lambda: metrics.total(gateway.scrape(), "pushgate_dataplane_session_expiries_total") == 1,

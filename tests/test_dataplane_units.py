@@ -23,7 +23,7 @@ from push_protocol.session import TunnelSession
 
 def _tunnel(session_id: int) -> TunnelSession:
     keys = KeyMaterial(0, os.urandom(32), os.urandom(32), 0.0)
-    return TunnelSession(session_id, CipherSuite.AES_256_GCM, Role.SERVER, keys, 0.0)
+    return TunnelSession(session_id, CipherSuite.AES_256_GCM, Role.SERVER, keys)
 
 
 def test_addresses_of_ipv4_and_ipv6():

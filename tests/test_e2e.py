@@ -178,6 +178,7 @@ def test_a_rekey_that_finds_the_session_gone_logs_in_again_at_once(gateway):
 
 def test_dataplane_sigkill_and_restart_needs_no_new_login(gateway):
     session = gateway.status(0)["tunnel"]
+    assert session.endswith("key epoch 0")
     gateway.kill(gateway.dataplane)
     gateway.start_dataplane()
     wait_for(
@@ -185,10 +186,12 @@ def test_dataplane_sigkill_and_restart_needs_no_new_login(gateway):
         20,
         what="traffic after the dataplane restart",
     )
-    assert gateway.status(0)["tunnel"] == session  # same session, same keys epoch
+    # The same session: re-learned keys are refused, so the client was asked to rekey.
+    assert gateway.status(0)["tunnel"] == session.replace("key epoch 0", "key epoch 1")
     ok, _ = gateway.fetched(gateway.fetch())
     assert ok
     assert dataplane(gateway, "session_installs_total") == 2  # re-learned both, no login
+    assert dataplane(gateway, "rekey_requests_sent_total") >= 1
 
 
 def test_auth_service_down_leaves_traffic_alone(gateway):

@@ -24,16 +24,20 @@ from pushgate_api import auth_pb2, control_pb2
 def test_a_rotation_moves_the_dataplanes_expiry():
     registry = Registry()
     sync = SessionSync(registry, Counters(), "/nonexistent", clock=lambda: 1000.0)
+    sync.counter_ranges.add(control_pb2.CounterRanges(first=1, count=10))
     sync.apply(
         control_pb2.SessionEvent(
-            revision=1, installed=session(7, "198.19.0.2", key_epoch(0), expires_at=1900.0)
+            revision=1,
+            installed=session(7, "198.19.0.2", key_epoch(0, 1000.0), expires_at=1900.0),
         )
     )
     assert registry.by_id[7].expires_at == 1900.0
-    rotation = control_pb2.KeyRotation(session_id=7, keys=key_epoch(1), expires_at_unix_ms=2500_000)
+    rotation = control_pb2.KeyRotation(
+        session_id=7, keys=key_epoch(1, 1001.0), expires_at_unix_ms=2500_000
+    )
     sync.apply(control_pb2.SessionEvent(revision=2, rotated=rotation))
     assert registry.by_id[7].expires_at == 2500.0
-    unchanged = control_pb2.KeyRotation(session_id=7, keys=key_epoch(2))  # an older auth service
+    unchanged = control_pb2.KeyRotation(session_id=7, keys=key_epoch(2, 1002.0))  # no new expiry
     sync.apply(control_pb2.SessionEvent(revision=3, rotated=unchanged))
     assert registry.by_id[7].expires_at == 2500.0
 

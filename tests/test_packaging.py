@@ -29,7 +29,7 @@ def test_generated_stubs_expose_the_apis():
     rpcs = {m.name for m in auth_pb2.DESCRIPTOR.services_by_name["Auth"].methods}
     assert rpcs == {"Login", "Rekey", "Logout", "SessionInfo"}
     feed = control_pb2.DESCRIPTOR.services_by_name["SessionFeed"]
-    assert {m.name for m in feed.methods} == {"ListSessions", "WatchSessions"}
+    assert {m.name for m in feed.methods} == {"ListSessions", "WatchSessions", "LeaseCounterRanges"}
 
 
 def test_control_messages_round_trip():

@@ -14,7 +14,7 @@ from push_protocol.drops import (
     UnknownSession,
     UsageError,
 )
-from push_protocol.keys import KeyMaterial, Role, initial_send_counter
+from push_protocol.keys import KeyMaterial, Role, first_send_counter
 from push_protocol.lifecycle import SessionState
 from push_protocol.session import TunnelSession, next_epoch
 
@@ -26,8 +26,8 @@ def _keys(epoch: int = 0, created_at: float = 0.0) -> KeyMaterial:
 
 
 def _pair(keys: KeyMaterial, suite=CipherSuite.AES_256_GCM, now=0.0):
-    client = TunnelSession(SID, suite, Role.CLIENT, keys, now)
-    server = TunnelSession(SID, suite, Role.SERVER, keys, now)
+    client = TunnelSession(SID, suite, Role.CLIENT, keys)
+    server = TunnelSession(SID, suite, Role.SERVER, keys)
     return client, server
 
 
@@ -66,10 +66,10 @@ def test_replayed_datagram_is_rejected_and_changes_nothing():
 
 def test_wrong_session_id_and_unknown_epoch():
     _, server = _pair(_keys())
-    other = TunnelSession(SID + 1, CipherSuite.AES_256_GCM, Role.CLIENT, _keys(), 0.0)
+    other = TunnelSession(SID + 1, CipherSuite.AES_256_GCM, Role.CLIENT, _keys())
     with pytest.raises(UnknownSession):
         server.open(other.seal(b"x", 1.0), 1.0)
-    stranger = TunnelSession(SID, CipherSuite.AES_256_GCM, Role.CLIENT, _keys(epoch=9), 0.0)
+    stranger = TunnelSession(SID, CipherSuite.AES_256_GCM, Role.CLIENT, _keys(epoch=9))
     with pytest.raises(UnknownKey):
         server.open(stranger.seal(b"x", 1.0), 1.0)
 
@@ -107,7 +107,7 @@ def test_rekey_loses_no_packet_in_either_order():
     assert parse_header(server.seal(b"d", promoted_at)).key_epoch == 1
     # Old packets still in flight are accepted during the grace period only.
     assert server.open(in_flight_old, promoted_at + 1) == b"old key, still in flight"
-    late_old = TunnelSession(SID, CipherSuite.AES_256_GCM, Role.CLIENT, old, 0.0)
+    late_old = TunnelSession(SID, CipherSuite.AES_256_GCM, Role.CLIENT, old)
     late_old.current._next_counter = 10**6
     late = late_old.seal(b"too late", 0.0)
     server.handle_timer(promoted_at + constants.PREVIOUS_KEY_GRACE_SECONDS)
@@ -160,17 +160,24 @@ def test_hard_limits_refuse_sending_and_receiving():
         fresh_server.open(_pair(_keys())[0].seal(b"x", 1.0), 1.0)
 
 
-def test_a_reinstalled_key_starts_above_every_counter_used_before():
-    """A restarted dataplane re-learns keys; its counters must not repeat."""
+def test_keypairs_in_different_counter_ranges_never_share_a_nonce():
+    """A restarted dataplane re-learns keys: each keypair seals in its own range
+    (leased from the auth service), so two incarnations never use one (key, nonce),
+    whatever their clocks say."""
     keys = _keys(created_at=100.0)
-    first = TunnelSession(SID, CipherSuite.AES_256_GCM, Role.SERVER, keys, 100.0)
-    # The first incarnation sends for 5 s at an impossible 1M packets/s ...
-    first.current._next_counter += 5 * 1_000_000
-    highest_used = parse_header(first.seal(b"x", 105.0)).counter
-    # ... and is restarted 0.5 s later.
-    second = TunnelSession(SID, CipherSuite.AES_256_GCM, Role.SERVER, keys, 105.5)
-    assert parse_header(second.seal(b"x", 105.5)).counter > highest_used
-    assert initial_send_counter(100.0, 99.0) == 0  # a clock behind never goes negative
+    first = TunnelSession(SID, CipherSuite.AES_256_GCM, Role.SERVER, keys, counter_range=1)
+    # The first incarnation uses its whole range ...
+    first.current._next_counter += constants.REJECT_AFTER_MESSAGES - 1
+    first.current.sent = constants.REJECT_AFTER_MESSAGES - 1
+    last = parse_header(first.seal(b"x", 105.0)).counter
+    assert last == first_send_counter(2) - 1
+    with pytest.raises(KeyExpired):
+        first.seal(b"x", 105.0)
+    # ... and the next one, its clock stepped back, starts above it.
+    second = TunnelSession(SID, CipherSuite.AES_256_GCM, Role.SERVER, keys, counter_range=2)
+    assert parse_header(second.seal(b"x", 50.0)).counter == last + 1
+    with pytest.raises(UsageError):
+        first_send_counter(constants.SEND_COUNTER_RANGES)
 
 
 def test_closed_or_expired_sessions_refuse_packets():
@@ -196,4 +203,4 @@ def test_keys_never_appear_in_repr():
 
 def test_session_id_must_fit_the_header():
     with pytest.raises(UsageError):
-        TunnelSession(1 << 32, CipherSuite.AES_256_GCM, Role.CLIENT, _keys(), 0.0)
+        TunnelSession(1 << 32, CipherSuite.AES_256_GCM, Role.CLIENT, _keys())

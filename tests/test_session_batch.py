@@ -25,7 +25,7 @@ KINDS = ["fresh", "fresh", "fresh", "keepalive", "replay", "tampered", "foreign"
 
 def _twins():
     """Two server sessions in the same state, both with next keys installed."""
-    twins = [TunnelSession(SID, SUITE, Role.SERVER, KEYS, 0.0) for _ in range(2)]
+    twins = [TunnelSession(SID, SUITE, Role.SERVER, KEYS) for _ in range(2)]
     for twin in twins:
         twin.install_next(NEXT_KEYS, 0.0)
     return twins
@@ -56,9 +56,9 @@ def _state(session: TunnelSession) -> tuple:
 
 
 def _make_batches(plan):
-    client = TunnelSession(SID, SUITE, Role.CLIENT, KEYS, 0.0)
-    client_next = TunnelSession(SID, SUITE, Role.CLIENT, NEXT_KEYS, 0.0)
-    stranger = TunnelSession(SID + 1, SUITE, Role.CLIENT, KEYS, 0.0)
+    client = TunnelSession(SID, SUITE, Role.CLIENT, KEYS)
+    client_next = TunnelSession(SID, SUITE, Role.CLIENT, NEXT_KEYS)
+    stranger = TunnelSession(SID + 1, SUITE, Role.CLIENT, KEYS)
     sent: list[bytes] = []
     batches = []
     for kinds, shuffle_seed in plan:
@@ -111,7 +111,7 @@ def test_a_batch_within_reach_of_a_limit_is_checked_packet_by_packet():
     batched, single = _twins()
     for twin in (batched, single):
         twin.current.received = REJECT_AFTER_MESSAGES - 2
-    client = TunnelSession(SID, SUITE, Role.CLIENT, KEYS, 0.0)
+    client = TunnelSession(SID, SUITE, Role.CLIENT, KEYS)
     batch = [client.seal(b"x", 1.0) for _ in range(4)]
     results = batched.open_many(batch, [parse_header(d) for d in batch], 2.0)
     assert results == _one_by_one(single, batch, 2.0)
@@ -120,7 +120,7 @@ def test_a_batch_within_reach_of_a_limit_is_checked_packet_by_packet():
 
 def test_too_old_and_closed_sessions_are_named():
     batched, single = _twins()
-    client = TunnelSession(SID, SUITE, Role.CLIENT, KEYS, 0.0)
+    client = TunnelSession(SID, SUITE, Role.CLIENT, KEYS)
     first = client.seal(b"first", 1.0)
     later = [client.seal(b"x", 1.0) for _ in range(REPLAY_WINDOW_SIZE + 1)][-1:]
     batch = [*later, first]
@@ -135,7 +135,7 @@ def test_too_old_and_closed_sessions_are_named():
 
 
 def _client_twins(now: float = 0.0):
-    return [TunnelSession(SID, SUITE, Role.CLIENT, KEYS, now) for _ in range(2)]
+    return [TunnelSession(SID, SUITE, Role.CLIENT, KEYS) for _ in range(2)]
 
 
 def _seal_one_by_one(session: TunnelSession, payloads: list, now: float):

@@ -2,7 +2,9 @@
 
 Any sequence of feed events and re-lists, however odd (unknown ids, repeated
 installs, epochs out of order, addresses moving between sessions), leaves the
-one registry consistent, and a re-list makes it equal to the listing.
+one registry consistent, and a re-list makes it equal to the listing; every
+keypair seals in a send-counter range of its own, and keys first learned from a
+listing are re-learned ones.
 """
 
 import os
@@ -14,6 +16,7 @@ from dataplane.metrics import Counters
 from dataplane.registry import Registry, packed_address
 from dataplane.sync import SessionSync
 from netlab.feed import session
+from push_protocol.constants import SEND_COUNTER_RANGE
 from pushgate_api import auth_pb2, control_pb2
 
 IDS = st.integers(1, 6)
@@ -46,11 +49,20 @@ def check_consistent(registry: Registry) -> None:
             assert registry.by_address[address] is record
 
 
+def keypairs(registry: Registry, session_id: int | None = None) -> list:
+    records = registry.by_id.values() if session_id is None else [registry.by_id[session_id]]
+    tunnels = [record.tunnel for record in records]
+    pairs = [t.previous for t in tunnels] + [t.current for t in tunnels] + [t.next for t in tunnels]
+    return [pair for pair in pairs if pair is not None]
+
+
 @given(st.lists(st.one_of(install, rotate, remove, relist), max_size=40))
 @settings(max_examples=300, deadline=None)
 def test_any_event_sequence_keeps_the_registry_consistent(steps):
     registry = Registry()
     sync = SessionSync(registry, Counters(), "/nonexistent", clock=lambda: 1000.0)
+    sync.counter_ranges.add(control_pb2.CounterRanges(first=1, count=40))
+    ranges_used, seen = set(), []  # `seen` holds every keypair, so no id() is reused
     for revision, (kind, ident, address, epoch) in enumerate(steps, start=1):
         if kind == "install":
             sync.apply(
@@ -75,10 +87,29 @@ def test_any_event_sequence_keeps_the_registry_consistent(steps):
                 )
             )
         else:
+            held = {  # the key epochs held before the listing
+                i: {pair.epoch for pair in keypairs(registry, i)}
+                for i in ident
+                if i in registry.by_id
+            }
             listed = [session(i, f"198.19.1.{i}", keys(0)) for i in sorted(ident)]
-            sync.reconcile(control_pb2.ListSessionsResponse(sessions=listed, revision=revision))
+            ranges = control_pb2.CounterRanges(first=1000 * revision, count=2 * len(listed))
+            sync.reconcile(
+                control_pb2.ListSessionsResponse(
+                    sessions=listed, revision=revision, counter_ranges=ranges
+                )
+            )
             assert set(registry.by_id) == set(ident)
             for i in ident:
                 assert registry.by_address[packed_address(f"198.19.1.{i}")].session_id == i
+                if i not in held or 0 not in held[i]:  # learned from the listing:
+                    listed_keys = [p for p in keypairs(registry, i) if p.epoch == 0]
+                    assert [p.relearned for p in listed_keys] == [True]  # maybe used before
         check_consistent(registry)
         assert sync.revision == revision
+        for pair in keypairs(registry):  # each in a range of its own, never reused
+            if not any(pair is known for known in seen):
+                counter_range = pair._next_counter // SEND_COUNTER_RANGE
+                assert counter_range not in ranges_used
+                ranges_used.add(counter_range)
+                seen.append(pair)

@@ -77,8 +77,8 @@ gateway = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 gateway.bind(("127.0.0.1", 0))
 now = time.time()
 keys = KeyMaterial(0, os.urandom(32), os.urandom(32), created_at=now)
-client = TunnelSession(7, CipherSuite.AES_256_GCM, Role.CLIENT, keys, now)
-server = TunnelSession(7, CipherSuite.AES_256_GCM, Role.SERVER, keys, now)
+client = TunnelSession(7, CipherSuite.AES_256_GCM, Role.CLIENT, keys)
+server = TunnelSession(7, CipherSuite.AES_256_GCM, Role.SERVER, keys)
 payloads = [bytes([i]) * 1000 for i in range(100)]
 sealed = [server.seal(ipv4_udp("198.18.79.1", "198.18.79.2", 4000, 9000, p), now)
           for p in payloads]

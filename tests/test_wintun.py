@@ -301,8 +301,8 @@ def test_the_client_datapath_runs_unchanged_on_wintun(library, waits, fake):
     full ring is a counted drop."""
     now = time.time()
     keys = KeyMaterial(0, os.urandom(32), os.urandom(32), created_at=now)
-    client = TunnelSession(7, CipherSuite.AES_256_GCM, Role.CLIENT, keys, now)
-    server = TunnelSession(7, CipherSuite.AES_256_GCM, Role.SERVER, keys, now)
+    client = TunnelSession(7, CipherSuite.AES_256_GCM, Role.CLIENT, keys)
+    server = TunnelSession(7, CipherSuite.AES_256_GCM, Role.SERVER, keys)
     gateway = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     gateway.bind(("127.0.0.1", 0))
     gateway.setblocking(False)

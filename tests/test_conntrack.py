@@ -18,7 +18,12 @@ import time
 import pytest
 
 from dataplane.conntrack import MAX_LINE, ConntrackCleaner, tunnel_host
+from dataplane.metrics import Counters
+from dataplane.registry import Registry, packed_address
+from dataplane.sync import SessionSync
 from netlab import Lab, wait_for
+from netlab.feed import session
+from pushgate_api import control_pb2
 
 NETWORK = ipaddress.ip_network("198.19.0.0/24")
 GATEWAY = ipaddress.ip_address("198.19.0.1")
@@ -59,6 +64,28 @@ def test_only_host_addresses_of_the_tunnel_network_are_accepted():
     ):
         with pytest.raises(ValueError, match=why):
             tunnel_host(text, NETWORK, GATEWAY)
+
+
+def test_the_registry_reports_every_address_a_session_stops_owning():
+    released = []
+    registry = Registry(released=released.append)
+    sync = SessionSync(registry, Counters(), "/nonexistent", clock=lambda: 1000.0)
+    revision = 0
+
+    def event(**change) -> None:
+        nonlocal revision
+        revision += 1
+        sync.apply(control_pb2.SessionEvent(revision=revision, **change))
+
+    event(installed=session(1, "198.19.0.2"))
+    event(installed=session(2, "198.19.0.3"))
+    assert released == []
+    event(removed=control_pb2.SessionRemoval(session_id=1))  # logout or expiry
+    event(installed=session(2, "198.19.0.4"))  # the auth service readdressed it
+    event(installed=session(3, "198.19.0.4"))  # a newer session takes an address over
+    registry.remove(3)  # as the dataplane's own expiry does
+    gone = ("198.19.0.2", "198.19.0.3", "198.19.0.4", "198.19.0.4")
+    assert released == [packed_address(address) for address in gone]
 
 
 @pytest.fixture

@@ -226,6 +226,8 @@ class ConntrackCleaner:
 # -- the child ---------------------------------------------------------------------------
 
 CAP_NET_ADMIN = 12
+CAP_SETGID = 6
+CAP_SETUID = 7
 CAP_SETPCAP = 8
 _CAPABILITY_VERSION_3 = 0x20080522  # linux/capability.h: two 32-bit words per set
 PR_CAPBSET_DROP = 24
@@ -281,9 +283,9 @@ def keep_only_net_admin() -> None:
     """Give up every privilege but CAP_NET_ADMIN, for good.
 
     The bounding set loses everything else (while CAP_SETPCAP allows it); root becomes
-    nobody, keeping its permitted set across the switch (PR_SET_KEEPCAPS) so it can
-    raise CAP_NET_ADMIN again; no ambient or inheritable capabilities; and no execve
-    can ever grant more (PR_SET_NO_NEW_PRIVS)."""
+    nobody (where CAP_SETUID and CAP_SETGID allow it), keeping its permitted set across
+    the switch (PR_SET_KEEPCAPS) so it can raise CAP_NET_ADMIN again; no ambient or
+    inheritable capabilities; and no execve can ever grant more (PR_SET_NO_NEW_PRIVS)."""
     effective, permitted = _capabilities()
     net_admin = 1 << CAP_NET_ADMIN
     if not permitted & net_admin:
@@ -294,13 +296,18 @@ def keep_only_net_admin() -> None:
         for capability in range(last + 1):
             if capability != CAP_NET_ADMIN:
                 _check(_libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0), "PR_CAPBSET_DROP")
-    if os.getuid() == 0 or os.geteuid() == 0:
+    switch = (1 << CAP_SETUID) | (1 << CAP_SETGID)
+    if 0 in os.getresuid() and effective & switch == switch:
         nobody = pwd.getpwnam("nobody")
         _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "PR_SET_KEEPCAPS")
         os.setgroups([])
         os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)
         os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
         _check(_libc.prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0), "PR_SET_KEEPCAPS")
+    elif 0 in os.getresuid():
+        # (e.g. a unit whose bounding set holds CAP_NET_ADMIN alone): no capability
+        # but CAP_NET_ADMIN all the same, yet root's own files stay readable: say so
+        print("conntrack cleaner: no CAP_SETUID/CAP_SETGID; it stays uid 0", file=sys.stderr)
     _set_capabilities(net_admin)
     _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "PR_CAP_AMBIENT")
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
@@ -331,17 +338,22 @@ class ConntrackTable:
         returns how many were deleted."""
         table = self._tables[address.version]
         family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-        deleted = 0
+        deleted, refused = 0, []
         for side in ("saddr", "daddr"):
             match = self._match(family=family, **{side: str(address)})
             for entry in list(table.dump_entries(tuple_orig=match)):
                 try:
                     table.entry("del", tuple_orig=entry.tuple_orig)
                 except self._netlink_error as error:
-                    if error.code != errno.ENOENT:  # gone meanwhile: timed out, or both sides
-                        raise
+                    if error.code != errno.ENOENT:  # ENOENT: gone meanwhile (timed out)
+                        refused.append(error)
                     continue
                 deleted += 1
+        if refused:  # the others are deleted all the same
+            error = refused[0]
+            raise OSError(
+                error.code, f"{deleted} deleted, {len(refused)} refused: {os.strerror(error.code)}"
+            )
         return deleted
 
 

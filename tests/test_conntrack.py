@@ -167,6 +167,24 @@ def test_an_ended_sessions_entries_are_deleted_by_a_child_holding_net_admin_only
         loop.close()
 
 
+def test_a_root_child_that_may_not_change_user_still_keeps_net_admin_alone(ns):
+    """Started as root with CAP_NET_ADMIN as its only capability (a unit's bounding
+    set): it stays uid 0, says so, and works."""
+    lab, gw = ns
+    lab.exec(gw, [sys.executable, "-c", FLOWS])
+    bounded = ["setpriv", "--bounding-set=-all,+net_admin", "--inh-caps=-all", "--"]
+    process = child(lab, gw, *bounded)
+    process.stdin.write(f"{ENDED}\n".encode())
+    process.stdin.flush()
+    assert process.stdout.readline() == b"ready\n"
+    assert process.stdout.readline() == f"ok {ENDED} 2\n".encode()
+    seen = status(process.pid)
+    assert (seen["CapEff"], seen["CapPrm"], seen["CapBnd"]) == (f"{1 << 12:016x}",) * 3
+    assert seen["Uid"].split() == ["0"] * 4 and seen["NoNewPrivs"] == "1"
+    process.stdin.close()
+    assert process.wait(10) == 0
+
+
 def test_the_child_refuses_what_is_not_a_tunnel_host(ns):
     lab, gw = ns
     lab.exec(gw, [sys.executable, "-c", FLOWS])

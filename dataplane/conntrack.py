@@ -194,8 +194,8 @@ class ConntrackCleaner:
         if self._writing:
             self._loop.remove_writer(self._to_child)
             self._writing = False
-        lost = self._awaiting + len(self._backlog) + bool(self._partial)
-        self.results["failed"] += lost
+        # (a line written in part is among the awaited ones)
+        self.results["failed"] += self._awaiting + len(self._backlog)
         self._backlog.clear()
         self._awaiting, self._partial = 0, b""
 

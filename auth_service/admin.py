@@ -44,6 +44,9 @@ key_expiry_seconds = 900               # keys not replaced by then end the sessi
 max_failures_before_delay = 5          # per user and per source address
 failure_delay_seconds = 1.0            # doubles per further failure ...
 max_failure_delay_seconds = 300.0      # ... up to this
+address_quarantine_seconds = 180       # a freed tunnel address goes to another user only
+                                       # after this (outlasts UDP/ICMP conntrack timeouts);
+                                       # a user gets their own previous address back
 
 [dataplane]
 listen = "{dataplane_listen}"

@@ -40,15 +40,16 @@ def _read(path: str) -> bytes:
 async def run(cfg: gateway_config.GatewayConfig) -> None:
     gw, auth = cfg.gateway, cfg.auth
     store = Store(auth.database)
+    registry = CollectorRegistry()
+    metrics = AuthMetrics(registry)
     sessions = SessionManager(
         store,
-        AddressPool(gw.tunnel_network, gw.gateway_address),
+        AddressPool(gw.tunnel_network, gw.gateway_address, auth.address_quarantine_seconds),
         keepalive_seconds=gw.keepalive_seconds,
         session_lifetime_seconds=auth.session_lifetime_seconds,
         key_expiry_seconds=auth.key_expiry_seconds,
+        allocated=lambda kind: metrics.allocations.labels(kind.value).inc(),
     )
-    registry = CollectorRegistry()
-    metrics = AuthMetrics(registry)
     host, port = auth.dataplane_endpoint
     servicer = AuthServicer(
         sessions,

@@ -12,7 +12,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
 
 from .passwords import verify_password
-from .sessions import MAX_COUNTER_RANGES_PER_LEASE, PoolExhausted, SessionManager
+from .sessions import (
+    MAX_COUNTER_RANGES_PER_LEASE,
+    AllocationKind,
+    PoolExhausted,
+    SessionManager,
+)
 from .throttle import Throttle
 
 log = logging.getLogger("pushgate.auth")
@@ -46,6 +51,15 @@ class AuthMetrics:
             ["state"],
             registry=registry,
         )
+        self.allocations = Counter(
+            "pushgate_auth_address_allocations",
+            "Tunnel addresses handed out, by the rule that picked them "
+            "(quarantined: another user's, freed within the quarantine, none else free)",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in AllocationKind:
+            self.allocations.labels(kind.value)
         self.watchers = Gauge(
             "pushgate_auth_feed_watchers", "Dataplanes watching the session feed", registry=registry
         )
@@ -244,7 +258,9 @@ class AuthServicer:
 
     async def Logout(self, request, context):
         session = await self._session(request, context)
-        await self.sessions.remove(session.session_id, control_pb2.REMOVAL_REASON_LOGOUT)
+        await self.sessions.remove(
+            session.session_id, control_pb2.REMOVAL_REASON_LOGOUT, time.time()
+        )
         self.metrics.logouts.inc()
         self.update_gauges()
         log.info("logout session=%#010x user=%r", session.session_id, session.username)

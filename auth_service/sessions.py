@@ -7,10 +7,16 @@ to the dataplane watchers (SessionFeed).
 
 import asyncio
 import hashlib
+import ipaddress
+import logging
 import os
 import secrets
+import time
 from collections import deque
+from collections.abc import Callable, Mapping
+from enum import StrEnum
 
+from gateway_config import DEFAULT_ADDRESS_QUARANTINE_SECONDS
 from push_protocol.constants import (
     KEY_LEN,
     PREVIOUS_KEY_GRACE_SECONDS,
@@ -19,7 +25,9 @@ from push_protocol.constants import (
 from push_protocol.session import next_epoch
 from pushgate_api import auth_pb2, control_pb2
 
-from .store import Store, StoredSession
+from .store import Release, Store, StoredSession
+
+log = logging.getLogger("pushgate.auth")
 
 EVENT_LOG_SIZE = 10000  # events a reconnecting dataplane can catch up on without re-listing
 # Send-counter ranges a listing leases beyond one per listed key: a dataplane asks
@@ -40,12 +48,38 @@ def _ms(seconds: float) -> int:
     return int(seconds * 1000)
 
 
-class AddressPool:
-    """Host addresses of the tunnel network, minus the gateway's; lowest free first."""
+class AllocationKind(StrEnum):
+    """Which rule picked a login's tunnel address (the label of an auth metric)."""
 
-    def __init__(self, network, gateway) -> None:
+    PREVIOUS = "previous"  # the user's own last address, free again (sticky)
+    UNUSED = "unused"  # no record of anyone holding it
+    RELEASED = "released"  # another user's, freed longer than the quarantine ago
+    QUARANTINED = "quarantined"  # another user's, freed within the quarantine: none else free
+
+
+class AddressPool:
+    """Host addresses of the tunnel network, minus the gateway's, and the rules that pick
+    one for a login (pure: the caller passes what is in use, what was freed, and now).
+
+    A user gets back the address they held last if it is free. Otherwise an address
+    nobody held (lowest first), then the one freed longest ago, so a freed address goes
+    to a *different* user only after `quarantine_seconds`, while the kernel may still
+    hold connection-tracking (NAT) state for it. Only if every free address is still in
+    quarantine is the one freed longest ago handed out anyway: a login is not refused
+    while addresses are free, and the dataplane deletes an ended session's conntrack
+    state itself (dataplane/conntrack.py); the quarantine covers what that cannot
+    (a dataplane that was down when the session ended, a deletion that failed).
+    """
+
+    def __init__(
+        self,
+        network,
+        gateway,
+        quarantine_seconds: float = DEFAULT_ADDRESS_QUARANTINE_SECONDS,
+    ) -> None:
         self.network = network
         self.gateway = gateway
+        self.quarantine = quarantine_seconds
         self.size = sum(1 for _ in self._candidates())
 
     def _candidates(self):
@@ -53,11 +87,50 @@ class AddressPool:
             if host != self.gateway:
                 yield host
 
-    def allocate(self, used: set[str]) -> str:
-        for host in self._candidates():
-            if str(host) not in used:
-                return str(host)
-        raise PoolExhausted(f"no free tunnel address in {self.network}")
+    def __contains__(self, address: str) -> bool:
+        """Whether `address` is one this pool hands out (as `network.hosts()` yields)."""
+        try:
+            host = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        network = self.network
+        if host not in network or host == self.gateway:
+            return False
+        if network.prefixlen >= network.max_prefixlen - 1:
+            return True  # /31 and /32 (/127, /128): every address is a host
+        if host == network.network_address:
+            return False
+        return network.version == 6 or host != network.broadcast_address
+
+    def allocate(
+        self, username: str, used: set[str], released: Mapping[str, Release], now: float
+    ) -> tuple[str, AllocationKind]:
+        """The address for a new session of `username`. `used` holds the addresses of
+        live sessions; `released` says who last held a freed address, and when (only
+        addresses of this pool: see `SessionManager`)."""
+        mine = [
+            (release.released_at, address)
+            for address, release in released.items()
+            if release.username == username and address not in used
+        ]
+        if mine:
+            return max(mine)[1], AllocationKind.PREVIOUS
+        if len(used | released.keys()) < self.size:  # else every address was held once
+            for host in self._candidates():
+                address = str(host)
+                if address not in used and address not in released:
+                    return address, AllocationKind.UNUSED
+        freed = [
+            (release.released_at, address)
+            for address, release in released.items()
+            if address not in used
+        ]
+        if not freed:
+            raise PoolExhausted(f"no free tunnel address in {self.network}")
+        released_at, address = min(freed)
+        if now - released_at >= self.quarantine:
+            return address, AllocationKind.RELEASED
+        return address, AllocationKind.QUARANTINED
 
 
 class SessionFeed:
@@ -98,9 +171,14 @@ class SessionManager:
         keepalive_seconds: float,
         session_lifetime_seconds: float,
         key_expiry_seconds: float = REJECT_AFTER_SECONDS,
+        allocated: Callable[[AllocationKind], None] | None = None,
     ) -> None:
         self.store = store
         self.pool = pool
+        self.allocated = allocated  # told which rule picked each login's address
+        # Records of addresses the pool no longer holds (the tunnel network changed)
+        # would only confuse `allocate`'s count of addresses ever held.
+        store.forget_released([a for a in store.released_addresses() if a not in pool])
         self.keepalive_seconds = keepalive_seconds
         self.session_lifetime = session_lifetime_seconds
         self.key_expiry = min(key_expiry_seconds, REJECT_AFTER_SECONDS)
@@ -163,11 +241,23 @@ class SessionManager:
 
     async def create(self, username: str, cipher: int, now: float) -> tuple[StoredSession, str]:
         token = secrets.token_urlsafe(32)
+        address, kind = self.pool.allocate(
+            username, self.store.used_addresses(), self.store.released_addresses(), now
+        )
+        if kind is AllocationKind.QUARANTINED:
+            log.warning(
+                "every free tunnel address was freed less than %g s ago; %s goes to user %r",
+                self.pool.quarantine,
+                address,
+                username,
+            )
+        if self.allocated is not None:
+            self.allocated(kind)
         session = StoredSession(
             session_id=self._new_session_id(),
             token_hash=token_hash(token),
             username=username,
-            address=self.pool.allocate(self.store.used_addresses()),
+            address=address,
             cipher=cipher,
             key_epoch=0,
             c2s_key=os.urandom(KEY_LEN),
@@ -207,10 +297,13 @@ class SessionManager:
         await self._commit(lambda: self.store.save_session(session), rotated=rotation)
         return session
 
-    async def remove(self, session_id: int, reason: int) -> bool:
+    async def remove(self, session_id: int, reason: int, now: float | None = None) -> bool:
+        """End a session; its address is recorded as released at `now` (default: the
+        wall clock, for callers that end sessions outside a timed sweep)."""
+        released_at = time.time() if now is None else now
         removed = []
         await self._commit(
-            lambda: removed.append(self.store.delete_session(session_id)),
+            lambda: removed.append(self.store.delete_session(session_id, released_at)),
             removed=control_pb2.SessionRemoval(session_id=session_id, reason=reason),
         )
         return removed[0]
@@ -218,5 +311,5 @@ class SessionManager:
     async def expire(self, now: float) -> int:
         expired = self.store.expired_sessions(now)
         for session in expired:
-            await self.remove(session.session_id, control_pb2.REMOVAL_REASON_EXPIRED)
+            await self.remove(session.session_id, control_pb2.REMOVAL_REASON_EXPIRED, now)
         return len(expired)

@@ -42,6 +42,14 @@ MIGRATIONS = [
     );
     INSERT INTO meta (key, value) VALUES ('revision', '0');
     """,
+    # 2: who last held each freed tunnel address, and when (quarantine and sticky addresses)
+    """
+    CREATE TABLE released_addresses (
+        address TEXT PRIMARY KEY,
+        username TEXT NOT NULL,
+        released_at REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -59,6 +67,14 @@ class User:
     password_hash: str
     disabled: bool
     created_at: float
+
+
+@dataclass(frozen=True)
+class Release:
+    """Who last held a freed tunnel address, and when it was freed."""
+
+    username: str
+    released_at: float
 
 
 @dataclass
@@ -199,7 +215,13 @@ class Store:
     def expired_sessions(self, now: float) -> list[StoredSession]:
         return self._sessions("WHERE expires_at <= ?", (now,))
 
-    def delete_session(self, session_id: int) -> bool:
+    def delete_session(self, session_id: int, now: float) -> bool:
+        """Delete a session and record its address as released by its user at `now`."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO released_addresses (address, username, released_at) "
+            "SELECT address, username, ? FROM sessions WHERE session_id=?",
+            (now, session_id),
+        )
         return (
             self.db.execute("DELETE FROM sessions WHERE session_id=?", (session_id,)).rowcount > 0
         )
@@ -218,6 +240,15 @@ class Store:
             (str(first + count),),
         )
         return first
+
+    def released_addresses(self) -> dict[str, Release]:
+        rows = self.db.execute("SELECT address, username, released_at FROM released_addresses")
+        return {address: Release(username, at) for address, username, at in rows.fetchall()}
+
+    def forget_released(self, addresses: list[str]) -> None:
+        self.db.executemany(
+            "DELETE FROM released_addresses WHERE address=?", [(a,) for a in addresses]
+        )
 
     def count_sessions(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM sessions").fetchone()[0]

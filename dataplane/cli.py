@@ -18,6 +18,7 @@ from pushgate_api import control_pb2_grpc
 from tundev import TUN_QUEUE_PACKETS
 from tundev.linux import LinuxTun
 
+from .conntrack import ConntrackCleaner
 from .device import Device
 from .metrics import Counters, KernelDrops, loop_lag_histogram, register_collectors
 from .registry import Registry
@@ -107,10 +108,13 @@ async def serve_stats(registry: Registry, path: str) -> grpc.aio.Server:
 
 async def run(cfg: gateway_config.GatewayConfig) -> None:
     loop = asyncio.get_running_loop()
+    # First, while the process still has CAP_NET_ADMIN to hand on to it.
+    cleaner = ConntrackCleaner.spawn(cfg.gateway.tunnel_network, cfg.gateway.gateway_address, loop)
     tun = open_tun(cfg)
     sock = open_udp(cfg.dataplane.listen)
-    registry, counters = Registry(), Counters()
+    registry, counters = Registry(released=cleaner.forget), Counters()
     prometheus = CollectorRegistry()
+    prometheus.register(cleaner)
     device = Device(
         registry=registry,
         counters=counters,
@@ -162,6 +166,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     await stats_server.stop(1)
     sock.close()
     tun.close()
+    cleaner.close()
 
 
 def nat(cfg: gateway_config.GatewayConfig, out_interface: str, remove: bool) -> int:

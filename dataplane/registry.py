@@ -6,6 +6,7 @@ updates a record's endpoint and stats after a packet authenticated.
 """
 
 import ipaddress
+from collections.abc import Callable
 
 from push_protocol.drops import DropReason
 from push_protocol.lifecycle import SessionState
@@ -51,9 +52,13 @@ def packed_address(text: str) -> bytes:
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, released: Callable[[bytes], None] | None = None) -> None:
         self.by_id: dict[int, SessionRecord] = {}
         self.by_address: dict[bytes, SessionRecord] = {}
+        # Told each address a session stops owning (removed, readdressed, or taken by
+        # a newer session), so the kernel's NAT state for it can be forgotten
+        # (dataplane/conntrack.py) before anyone else uses the address.
+        self._released = released or (lambda address: None)
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -67,6 +72,7 @@ class Registry:
             previous = self.by_address.get(address)
             if previous is not None:
                 previous.addresses = tuple(a for a in previous.addresses if a != address)
+                self._released(address)
             self.by_address[address] = record
 
     def readdress(self, record: SessionRecord, addresses: tuple[bytes, ...]) -> None:
@@ -74,11 +80,14 @@ class Registry:
         for address in record.addresses:
             if self.by_address.get(address) is record:
                 del self.by_address[address]
+                if address not in addresses:
+                    self._released(address)
         record.addresses = addresses
         for address in addresses:
             previous = self.by_address.get(address)
             if previous is not None and previous is not record:
                 previous.addresses = tuple(a for a in previous.addresses if a != address)
+                self._released(address)
             self.by_address[address] = record
 
     def remove(self, session_id: int) -> SessionRecord | None:
@@ -88,6 +97,7 @@ class Registry:
         for address in record.addresses:
             if self.by_address.get(address) is record:
                 del self.by_address[address]
+                self._released(address)
         tunnel = record.tunnel
         if tunnel.state is not SessionState.REMOVED:
             if tunnel.lifecycle.is_live:

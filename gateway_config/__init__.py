@@ -18,6 +18,13 @@ from push_protocol.constants import (
     REKEY_AFTER_SECONDS,
 )
 
+# How long a freed tunnel address is kept from other users. Linux keeps a UDP flow's
+# conntrack (NAT) entry 120 s after its last packet once both directions were seen
+# (nf_conntrack_udp_timeout_stream), 30 s otherwise, ICMP 30 s: 180 s outlasts those with
+# margin. TCP's established entries live 5 days, which no quarantine covers: the
+# dataplane deletes an ended session's entries itself (dataplane/conntrack.py).
+DEFAULT_ADDRESS_QUARANTINE_SECONDS = 180.0
+
 
 class ConfigError(Exception):
     """The config file is missing, unreadable or wrong; the message names the key."""
@@ -52,6 +59,7 @@ class AuthSection:
     max_failure_delay_seconds: float
     hash_workers: int
     max_pending_hashes: int
+    address_quarantine_seconds: float  # a freed address goes to another user after this
 
 
 @dataclass(frozen=True)
@@ -188,6 +196,11 @@ def _auth(section: _Section) -> AuthSection:
         ),
         hash_workers=int(section.number("hash_workers", 2, 1, 64)),
         max_pending_hashes=int(section.number("max_pending_hashes", 64, 1, 100000)),
+        address_quarantine_seconds=float(
+            section.number(
+                "address_quarantine_seconds", DEFAULT_ADDRESS_QUARANTINE_SECONDS, 0, 86400
+            )
+        ),
     )
 
 

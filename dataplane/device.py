@@ -254,8 +254,8 @@ class Device:
     def _ask_to_rekey(self, record: SessionRecord, epoch: int, source, now: float) -> None:
         """Answer an authentic packet under re-learned keys with REKEY_REQUIRED, sent to
         its source (the endpoint is not moved: the packet may be a replay), at most
-        once a second per session (TunnelSession.rekey_request)."""
-        datagram = record.tunnel.rekey_request(epoch, now)
+        once a second per session and source (TunnelSession.rekey_request)."""
+        datagram = record.tunnel.rekey_request(epoch, source, now)
         if datagram is not None and self._send_datagram(datagram, source) is None:
             self.counters.rekey_requests_sent += 1
 

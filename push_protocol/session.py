@@ -60,8 +60,8 @@ class TunnelSession:
         self.advanced = False
         # Client: the key epoch the dataplane asked us to replace (REKEY_REQUIRED).
         self._rekey_requested_epoch: int | None = None
-        # Dataplane: when we last asked the client to rekey.
-        self._rekey_request_sent_at: float | None = None
+        # Dataplane: (to where, when) we last asked the client to rekey.
+        self._rekey_request_sent: tuple[object, float] | None = None
         # Liveness moves only on authenticated packets.
         self.last_received_at: float | None = None
         self.last_sent_at: float | None = None
@@ -153,19 +153,27 @@ class TunnelSession:
             self._rekey_requested_epoch == self.current.epoch or self.current.needs_rekey(now)
         )
 
-    def rekey_request(self, epoch: int, now: float) -> bytes | None:
-        """(Dataplane) The REKEY_REQUIRED datagram answering a packet refused under
-        re-learned keys of `epoch`, sealed with the same keys; None if one was sent
-        less than REKEY_REQUEST_INTERVAL_SECONDS ago or the keys can't seal."""
-        last = self._rekey_request_sent_at
-        if last is not None and now - last < REKEY_REQUEST_INTERVAL_SECONDS:
+    def rekey_request(self, epoch: int, source: object, now: float) -> bytes | None:
+        """(Dataplane) The REKEY_REQUIRED datagram answering a packet from `source`
+        refused under re-learned keys of `epoch`, sealed with the same keys; None if
+        the last one went to the same source less than REKEY_REQUEST_INTERVAL_SECONDS
+        ago, or the keys can't seal. Limited per source, so that replays from
+        elsewhere cannot use up the client's answers; each authentic packet is
+        answered at most once (a repeat is a replay), so a replayer gets no more
+        packets than it sends, and no bigger ones."""
+        last = self._rekey_request_sent
+        if (
+            last is not None
+            and last[0] == source
+            and now - last[1] < REKEY_REQUEST_INTERVAL_SECONDS
+        ):
             return None
         try:
             keypair = self._keypair_for(epoch, now)
             datagram = keypair.seal(PacketType.REKEY_REQUIRED, self.session_id, b"", now)
         except PacketRejected:
             return None
-        self._rekey_request_sent_at = now
+        self._rekey_request_sent = (source, now)
         return datagram
 
     def keepalive_due(self, now: float) -> bool:

@@ -77,8 +77,12 @@ def test_packets_captured_before_a_restart_are_never_delivered_after_it():
     assert not after.advanced
 
     # The client is asked to rekey, once a second, under the same keys ...
-    request = after.rekey_request(0, 1002.0)
-    assert after.rekey_request(0, 1002.5) is None
+    client_address, replayer = ("198.18.0.2", 4000), ("198.18.0.66", 4000)
+    request = after.rekey_request(0, client_address, 1002.0)
+    assert after.rekey_request(0, client_address, 1002.5) is None
+    # replays from elsewhere do not use up the client's answers
+    assert after.rekey_request(0, replayer, 1002.6) is not None
+    assert after.rekey_request(0, client_address, 1002.7) is not None
     header = parse_header(request, True)
     assert header.packet_type is PacketType.REKEY_REQUIRED
     assert client.open(request, 1002.0, header) == b""

@@ -123,7 +123,11 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     )
     try:
         socket_filter = attach_filter(sock)
-        log.info("malformed datagrams are dropped and counted in the kernel (eBPF filter)")
+        registry.observe(socket_filter)  # its set of live session ids follows the registry
+        log.info(
+            "malformed datagrams and unknown session ids are dropped and counted "
+            "in the kernel (eBPF filter)"
+        )
     except FilterUnavailable as why:
         socket_filter = None
         log.warning("no kernel socket filter (%s): all noise is counted in user space", why)

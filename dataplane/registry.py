@@ -2,10 +2,13 @@
 
 Only the event loop thread touches it. Records are created and removed only by
 the control channel (dataplane/sync.py); the receive loop only reads it and
-updates a record's endpoint and stats after a packet authenticated.
+updates a record's endpoint and stats after a packet authenticated. Observers
+(the kernel socket filter's set of live session ids) hear of every id added and
+removed here, so they stay in step with the one registry.
 """
 
 import ipaddress
+from typing import Protocol
 
 from push_protocol.drops import DropReason
 from push_protocol.lifecycle import SessionState
@@ -50,10 +53,24 @@ def packed_address(text: str) -> bytes:
     return ipaddress.ip_address(text).packed
 
 
+class SessionIdObserver(Protocol):
+    def session_added(self, session_id: int) -> None: ...
+
+    def session_removed(self, session_id: int) -> None: ...
+
+
 class Registry:
     def __init__(self) -> None:
         self.by_id: dict[int, SessionRecord] = {}
         self.by_address: dict[bytes, SessionRecord] = {}
+        self._observers: list[SessionIdObserver] = []
+
+    def observe(self, observer: SessionIdObserver) -> None:
+        """Tell `observer` every session id installed now and from now on, and every
+        one removed."""
+        self._observers.append(observer)
+        for session_id in self.by_id:
+            observer.session_added(session_id)
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -68,6 +85,8 @@ class Registry:
             if previous is not None:
                 previous.addresses = tuple(a for a in previous.addresses if a != address)
             self.by_address[address] = record
+        for observer in self._observers:
+            observer.session_added(record.session_id)
 
     def readdress(self, record: SessionRecord, addresses: tuple[bytes, ...]) -> None:
         """Give an installed session a new set of addresses (taken from others if owned)."""
@@ -85,6 +104,8 @@ class Registry:
         record = self.by_id.pop(session_id, None)
         if record is None:
             return None
+        for observer in self._observers:
+            observer.session_removed(session_id)
         for address in record.addresses:
             if self.by_address.get(address) is record:
                 del self.by_address[address]

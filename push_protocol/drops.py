@@ -37,6 +37,7 @@ class DropReason(StrEnum):
     QUEUE_FULL = "queue_full"
     TUN_WRITE_ERROR = "tun_write_error"
     SOCKET_ERROR = "socket_error"
+    SOURCE_OVER_BUDGET = "source_over_budget"  # its source forged too many tags lately
 
 
 class PacketRejected(Exception):

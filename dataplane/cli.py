@@ -112,7 +112,8 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     cleaner = ConntrackCleaner.spawn(cfg.gateway.tunnel_network, cfg.gateway.gateway_address, loop)
     tun = open_tun(cfg)
     sock = open_udp(cfg.dataplane.listen)
-    registry, counters = Registry(released=cleaner.forget), Counters()
+    registry, counters = Registry(), Counters()
+    registry.observe(cleaner)  # an ended session's NAT state goes with it
     prometheus = CollectorRegistry()
     prometheus.register(cleaner)
     device = Device(
@@ -127,7 +128,11 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     )
     try:
         socket_filter = attach_filter(sock)
-        log.info("malformed datagrams are dropped and counted in the kernel (eBPF filter)")
+        registry.observe(socket_filter)  # its set of live session ids follows the registry
+        log.info(
+            "malformed datagrams and unknown session ids are dropped and counted "
+            "in the kernel (eBPF filter)"
+        )
     except FilterUnavailable as why:
         socket_filter = None
         log.warning("no kernel socket filter (%s): all noise is counted in user space", why)

@@ -41,6 +41,8 @@ from collections import deque
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .registry import RegistryObserver
+
 log = logging.getLogger("pushgate.dataplane.conntrack")
 
 MAX_LINE = 64  # an address line, with room to spare (an IPv6 address is <= 45 characters)
@@ -59,8 +61,9 @@ def tunnel_host(text: str, network, gateway) -> ipaddress.IPv4Address | ipaddres
     return address
 
 
-class ConntrackCleaner:
+class ConntrackCleaner(RegistryObserver):
     """The dataplane's side: `forget(address)` queues and returns; results are counted.
+    It observes the registry: every address a session stops owning is forgotten.
 
     Start it (`spawn`) before the dataplane drops its capabilities: a child started
     later has no CAP_NET_ADMIN to keep, says so, and every cleanup counts as failed.
@@ -99,6 +102,9 @@ class ConntrackCleaner:
             close_fds=True,  # the child holds no socket, TUN or key of ours
         )
         return cls(process, loop)
+
+    def address_released(self, address: bytes) -> None:
+        self.forget(address)
 
     def forget(self, address: bytes | str) -> None:
         """Delete the conntrack entries of `address` (raw 4/16 bytes or text), later."""

@@ -5,8 +5,9 @@ push_protocol; addresses, ICMP and MSS in dataplane/inner.py. Nothing here ever
 waits on a consumer: sockets and the TUN are non-blocking, a packet the kernel
 won't take now goes into a bounded queue drained when the fd is writable, and
 a full queue is a counted `queue_full` drop. Where the kernel filter is loaded
-(socket_filter.py), malformed datagrams never reach this loop; the loop still
-checks every header itself, so it is correct with or without the filter.
+(socket_filter.py), malformed datagrams and unknown session ids never reach
+this loop; the loop still checks every header and id itself, so it is correct
+with or without the filter.
 """
 
 import asyncio
@@ -26,6 +27,7 @@ from . import inner
 from .metrics import BoundedQueue, Counters
 from .registry import Registry, SessionRecord
 from .routing import TO_TUN, Action, Router
+from .source_budget import SourceBudget, source_key
 
 log = logging.getLogger("pushgate.dataplane")
 
@@ -91,6 +93,7 @@ class Device:
         self._udp_writer = self._tun_writer = False
         self._lag_due = 0.0
         self._tun_pending: list[bytes] = []  # decrypted packets for the TUN, this callback
+        self.source_budget = SourceBudget()  # forged tags per source (source_budget.py)
         # batched UDP (udpio): several datagrams per recvmsg / sendmsg where the kernel can
         self._gro = udpio.enable_gro(sock)
         self._gso = udpio.gso_capable(sock)
@@ -211,6 +214,16 @@ class Device:
                 "session", "dropped datagram from %s: unknown session", source[0]
             )
             return
+        budget_key = None
+        if source != record.endpoint:  # a session's own endpoint is never held back
+            budget_key = source_key(source[0])
+            if not self.source_budget.allows(budget_key, now):
+                drops[DropReason.SOURCE_OVER_BUDGET] += len(datagrams)
+                self._bad_input_log.warning(
+                    "budget", "dropped datagram from %s: too many forged tags", source[0]
+                )
+                return
+            forged_before = drops[DropReason.BAD_TAG]
         from_session, clamp = self.router.from_session, self._clamp
         pending = self._tun_pending
         rx_packets = rx_bytes = 0
@@ -250,6 +263,8 @@ class Device:
                 drops[reason] += 1
         counters.rx_packets += rx_packets
         counters.rx_bytes += rx_bytes
+        if budget_key is not None and drops[DropReason.BAD_TAG] != forged_before:
+            self.source_budget.charge(budget_key, drops[DropReason.BAD_TAG] - forged_before, now)
 
     def _ask_to_rekey(self, record: SessionRecord, epoch: int, source, now: float) -> None:
         """Answer an authentic packet under re-learned keys with REKEY_REQUIRED, sent to

@@ -209,6 +209,16 @@ class DataplaneCollector:
             "1 if the push socket's eBPF filter drops malformed datagrams in the kernel",
             int(self._filter_drops is not None),
         )
+        if filtered:
+            in_kernel = CounterMetricFamily(
+                prefix + "kernel_filter_drops",
+                "Inbound drops made by the eBPF socket filter, by reason "
+                "(already included in drops_total)",
+                labels=["reason"],
+            )
+            for reason, value in filtered.items():
+                in_kernel.add_metric([reason.value], value)
+            yield in_kernel
         if self._kernel_drops is not None:
             kernel = CounterMetricFamily(
                 prefix + "kernel_drops",

@@ -2,11 +2,13 @@
 
 Only the event loop thread touches it. Records are created and removed only by
 the control channel (dataplane/sync.py); the receive loop only reads it and
-updates a record's endpoint and stats after a packet authenticated.
+updates a record's endpoint and stats after a packet authenticated. Observers
+hear of every session id added and removed and of every address a session stops
+owning (the kernel socket filter's set of live ids, the conntrack cleaner), so
+they stay in step with the one registry.
 """
 
 import ipaddress
-from collections.abc import Callable
 
 from push_protocol.drops import DropReason
 from push_protocol.lifecycle import SessionState
@@ -51,14 +53,37 @@ def packed_address(text: str) -> bytes:
     return ipaddress.ip_address(text).packed
 
 
+class RegistryObserver:
+    """What the registry tells its observers; each overrides what it needs."""
+
+    def session_added(self, session_id: int) -> None:
+        pass
+
+    def session_removed(self, session_id: int) -> None:
+        pass
+
+    def address_released(self, address: bytes) -> None:
+        """A session stopped owning `address` (removed, readdressed, or the address
+        was taken by a newer session): the kernel's NAT state for it can go
+        (dataplane/conntrack.py) before anyone else uses it."""
+
+
 class Registry:
-    def __init__(self, released: Callable[[bytes], None] | None = None) -> None:
+    def __init__(self) -> None:
         self.by_id: dict[int, SessionRecord] = {}
         self.by_address: dict[bytes, SessionRecord] = {}
-        # Told each address a session stops owning (removed, readdressed, or taken by
-        # a newer session), so the kernel's NAT state for it can be forgotten
-        # (dataplane/conntrack.py) before anyone else uses the address.
-        self._released = released or (lambda address: None)
+        self._observers: list[RegistryObserver] = []
+
+    def observe(self, observer: RegistryObserver) -> None:
+        """Tell `observer` every session id installed now and from now on, every one
+        removed, and every address released from now on."""
+        self._observers.append(observer)
+        for session_id in self.by_id:
+            observer.session_added(session_id)
+
+    def _released(self, address: bytes) -> None:
+        for observer in self._observers:
+            observer.address_released(address)
 
     def __len__(self) -> int:
         return len(self.by_id)
@@ -74,6 +99,8 @@ class Registry:
                 previous.addresses = tuple(a for a in previous.addresses if a != address)
                 self._released(address)
             self.by_address[address] = record
+        for observer in self._observers:
+            observer.session_added(record.session_id)
 
     def readdress(self, record: SessionRecord, addresses: tuple[bytes, ...]) -> None:
         """Give an installed session a new set of addresses (taken from others if owned)."""
@@ -94,6 +121,8 @@ class Registry:
         record = self.by_id.pop(session_id, None)
         if record is None:
             return None
+        for observer in self._observers:
+            observer.session_removed(session_id)
         for address in record.addresses:
             if self.by_address.get(address) is record:
                 del self.by_address[address]

@@ -41,6 +41,7 @@ class DropReason(StrEnum):
     # have been accepted before, so the packet is not delivered; the client is asked
     # to rekey (docs/protocol.md, "Restarts").
     REKEY_REQUIRED = "rekey_required"
+    SOURCE_OVER_BUDGET = "source_over_budget"  # its source forged too many tags lately
 
 
 class PacketRejected(Exception):

@@ -19,7 +19,7 @@ import pytest
 
 from dataplane.conntrack import MAX_LINE, ConntrackCleaner, tunnel_host
 from dataplane.metrics import Counters
-from dataplane.registry import Registry, packed_address
+from dataplane.registry import Registry, RegistryObserver, packed_address
 from dataplane.sync import SessionSync
 from netlab import Lab, wait_for
 from netlab.feed import session
@@ -68,8 +68,15 @@ def test_only_host_addresses_of_the_tunnel_network_are_accepted():
 
 def test_the_registry_reports_every_address_a_session_stops_owning():
     released = []
-    registry = Registry(released=released.append)
-    sync = SessionSync(registry, Counters(), "/nonexistent", clock=lambda: 1000.0)
+
+    class Released(RegistryObserver):
+        def address_released(self, address: bytes) -> None:
+            released.append(address)
+
+    registry = Registry()
+    registry.observe(Released())
+    sync = SessionSync(registry, Counters(), "/nonexistent")
+    sync.counter_ranges.add(control_pb2.CounterRanges(first=1, count=100))
     revision = 0
 
     def event(**change) -> None:

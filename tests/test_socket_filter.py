@@ -32,7 +32,7 @@ LIVE = (0x01020304, 0xFFFFFFFF, 7)  # session ids the registry holds in most tes
 
 def _record(session_id: int) -> SessionRecord:
     keys = KeyMaterial(0, os.urandom(32), os.urandom(32), 0.0)
-    tunnel = TunnelSession(session_id, CipherSuite.AES_256_GCM, Role.SERVER, keys, 0.0)
+    tunnel = TunnelSession(session_id, CipherSuite.AES_256_GCM, Role.SERVER, keys)
     return SessionRecord(tunnel, (), 0.0)
 
 

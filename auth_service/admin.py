@@ -18,7 +18,8 @@ PASSWORD_ENV = "PUSHGATE_PASSWORD"
 
 CONFIG_TEMPLATE = """\
 # pushgate gateway config, written by `pushgate-admin init`. Paths are relative
-# to this file. Both pushgate-auth and pushgate-dataplane read it.
+# to this file. Both pushgate-auth and pushgate-dataplane read it; it holds no
+# secret (those are tls/ and the database, owner-only files of the auth service).
 
 [gateway]
 tunnel_network = "{tunnel_network}"   # clients get addresses from here
@@ -27,7 +28,7 @@ mtu = 1420
 keepalive_seconds = 10
 cipher = "aes-256-gcm"                 # or "chacha20-poly1305"
 control_socket = "run/control.sock"    # session feed, Unix socket, mode 0600
-
+{control_group}
 [auth]
 listen = "{auth_listen}"               # client API, gRPC over TLS
 tls_cert = "tls/server.crt"
@@ -53,7 +54,7 @@ listen = "{dataplane_listen}"
 tun_name = "pg0"
 stats_socket = "run/dataplane.sock"
 metrics_listen = "127.0.0.1:9102"
-"""
+{dataplane_user}"""
 
 
 def _quoted(items: list[str]) -> str:
@@ -86,7 +87,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.chmod(path, mode)
-    with open(config_path, "w") as handle:
+    # Readable by the dataplane's user whatever the umask: it holds no secret.
+    fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.fchmod(fd, 0o644)
+    with os.fdopen(fd, "w") as handle:
         handle.write(
             CONFIG_TEMPLATE.format(
                 tunnel_network=network,
@@ -96,6 +100,16 @@ def cmd_init(args: argparse.Namespace) -> int:
                 dataplane_listen=args.dataplane_listen,
                 routes=_quoted(args.route or ["0.0.0.0/0"]),
                 dns=_quoted(args.dns or []),
+                control_group=(
+                    f'control_group = "{args.control_group}"  # also may use it (0660)\n'
+                    if args.control_group
+                    else ""
+                ),
+                dataplane_user=(
+                    f'user = "{args.dataplane_user}"  # started as root, it becomes this user\n'
+                    if args.dataplane_user
+                    else ""
+                ),
             )
         )
     gateway_config.load(config_path, auth=True)  # what we wrote must load
@@ -180,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--gateway-address", help="default: the network's first host")
     init.add_argument("--route", action="append", help="pushed route (repeatable)")
     init.add_argument("--dns", action="append", help="pushed DNS server (repeatable)")
+    init.add_argument(
+        "--control-group",
+        help="group that may use the session feed socket too (dataplane as another user)",
+    )
+    init.add_argument(
+        "--dataplane-user", help="user the dataplane becomes after set-up when started as root"
+    )
     init.add_argument("--force", action="store_true")
     init.set_defaults(func=cmd_init)
     user = commands.add_parser("user", help="manage users")

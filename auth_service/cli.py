@@ -95,7 +95,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     control_pb2_grpc.add_SessionFeedServicer_to_server(
         SessionFeedServicer(sessions, servicer.update_gauges), control
     )
-    await serve_private(control, gw.control_socket)
+    await serve_private(control, gw.control_socket, gw.control_group)
     start_http_server(auth.metrics_listen[1], addr=auth.metrics_listen[0], registry=registry)
     log.info(
         "auth service up: clients %s (TLS), session feed unix:%s, metrics %s:%d, "

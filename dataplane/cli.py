@@ -21,6 +21,7 @@ from tundev.linux import LinuxTun
 from .conntrack import ConntrackCleaner
 from .device import Device
 from .metrics import Counters, KernelDrops, loop_lag_histogram, register_collectors
+from .privileges import drop_privileges
 from .registry import Registry
 from .socket_filter import FilterUnavailable
 from .socket_filter import attach as attach_filter
@@ -99,10 +100,10 @@ async def serve_metrics(prometheus, host: str, port: int) -> asyncio.AbstractSer
     return await asyncio.start_server(handle, host, port)
 
 
-async def serve_stats(registry: Registry, path: str) -> grpc.aio.Server:
+async def serve_stats(registry: Registry, path: str, group: str | None) -> grpc.aio.Server:
     server = grpc.aio.server()
     control_pb2_grpc.add_DataplaneStatsServicer_to_server(DataplaneStatsServicer(registry), server)
-    await serve_private(server, path)
+    await serve_private(server, path, group)
     return server
 
 
@@ -136,6 +137,8 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     except FilterUnavailable as why:
         socket_filter = None
         log.warning("no kernel socket filter (%s): all noise is counted in user space", why)
+    # Set-up that needs privileges ends here; nothing below needs one (threads start below).
+    drop_privileges(cfg.dataplane.user)
     filter_drops = socket_filter.drops if socket_filter else None
     register_collectors(
         prometheus,
@@ -147,7 +150,9 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     )
     device.start(loop)
     metrics_server = await serve_metrics(prometheus, *cfg.dataplane.metrics_listen)
-    stats_server = await serve_stats(registry, cfg.dataplane.stats_socket)
+    stats_server = await serve_stats(
+        registry, cfg.dataplane.stats_socket, cfg.gateway.control_group
+    )
     sync = SessionSync(registry, counters, cfg.gateway.control_socket)
     sync_task = asyncio.create_task(sync.run())
     log.info(
@@ -174,35 +179,6 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     cleaner.close()
 
 
-def nat(cfg: gateway_config.GatewayConfig, out_interface: str, remove: bool) -> int:
-    """Masquerade the tunnel network out of `out_interface` (nftables) and forward."""
-    table = "pushgate_nat"
-    if remove:
-        subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
-        print(f"removed nftables table ip {table}")
-        return 0
-    forward = "/proc/sys/net/ipv4/ip_forward"
-    with open(forward) as handle:
-        enabled = handle.read().strip() == "1"
-    if not enabled:  # (a container gets it from its runtime and may not write it)
-        with open(forward, "w") as handle:
-            handle.write("1\n")
-    rules = (
-        f"table ip {table} {{\n"
-        f"  chain postrouting {{\n"
-        f"    type nat hook postrouting priority srcnat; policy accept;\n"
-        f'    ip saddr {cfg.gateway.tunnel_network} oifname "{out_interface}" masquerade\n'
-        f"  }}\n}}\n"
-    )
-    subprocess.run(["nft", "delete", "table", "ip", table], capture_output=True)
-    result = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
-    if result.returncode != 0:
-        print(f"pushgate-dataplane: nft failed: {result.stderr.strip()}", file=sys.stderr)
-        return 1
-    print(f"forwarding on; {cfg.gateway.tunnel_network} masqueraded out of {out_interface}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pushgate-dataplane",
@@ -212,10 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", help="override [dataplane] listen, HOST:PORT")
     parser.add_argument("--tun-name", help="override [dataplane] tun_name")
     parser.add_argument("--metrics-listen", help="override [dataplane] metrics_listen")
-    parser.add_argument(
-        "--nat", metavar="OUT_IF", help="set up forwarding and NAT out of OUT_IF, then exit"
-    )
-    parser.add_argument("--remove-nat", action="store_true", help="remove the NAT table, exit")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -238,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if overrides:
         cfg = dataclasses.replace(cfg, dataplane=dataclasses.replace(cfg.dataplane, **overrides))
-    if args.nat or args.remove_nat:
-        return nat(cfg, args.nat or "", args.remove_nat)
     asyncio.run(run(cfg))
     return 0
 

@@ -17,6 +17,8 @@ auth)
         # Metrics must be reachable from the Prometheus container.
         sed -i 's/^metrics_listen = "127.0.0.1:9101"/metrics_listen = "0.0.0.0:9101"/' "$CONFIG"
         sed -i 's/^metrics_listen = "127.0.0.1:9102"/metrics_listen = "0.0.0.0:9102"/' "$CONFIG"
+        # The database in its own volume, mounted in this container only (like tls/).
+        sed -i 's|^database = "pushgate.db"|database = "db/pushgate.db"|' "$CONFIG"
         if [ -z "${PUSHGATE_ADMIN_PASSWORD:-}" ]; then
             PUSHGATE_ADMIN_PASSWORD=$(python -c 'import secrets; print(secrets.token_urlsafe(18))')
             echo "first start: user 'admin' created with password $PUSHGATE_ADMIN_PASSWORD"
@@ -28,7 +30,7 @@ auth)
 dataplane)
     while [ ! -f "$CONFIG" ]; do echo "waiting for the auth container to initialise $CONFIG"; sleep 1; done
     if [ -n "${PUSHGATE_NAT_INTERFACE:-}" ]; then
-        pushgate-dataplane --config "$CONFIG" --nat "$PUSHGATE_NAT_INTERFACE"
+        pushgate-nat --config "$CONFIG" "$PUSHGATE_NAT_INTERFACE"  # one shot, before the dataplane
     fi
     exec pushgate-dataplane --config "$CONFIG"
     ;;

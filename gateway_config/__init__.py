@@ -38,6 +38,7 @@ class GatewaySection:
     keepalive_seconds: float
     cipher: CipherSuite
     control_socket: str
+    control_group: str | None  # may use the session feed socket besides its owner
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class DataplaneSection:
     tun_name: str
     stats_socket: str
     metrics_listen: tuple[str, int]
+    user: str | None  # started as root, the dataplane becomes this user after set-up
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,9 @@ class _Section:
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ConfigError(f"[{self.name}] {key}: expected {kind.__name__}, got {value!r}")
         return value
+
+    def optional(self, key: str, kind: type):
+        return None if key not in self.values else self.get(key, kind)
 
     def number(self, key: str, default: float, low: float, high: float) -> float:
         value = self.values.get(key, default)
@@ -147,6 +152,7 @@ def _gateway(section: _Section) -> GatewaySection:
         ),
         cipher=cipher,
         control_socket=section.path("control_socket", "run/control.sock"),
+        control_group=section.optional("control_group", str),
     )
 
 
@@ -213,6 +219,7 @@ def _dataplane(section: _Section) -> DataplaneSection:
         tun_name=tun_name,
         stats_socket=section.path("stats_socket", "run/dataplane.sock"),
         metrics_listen=section.endpoint("metrics_listen", "127.0.0.1:9102"),
+        user=section.optional("user", str),
     )
 
 

@@ -180,14 +180,6 @@ def refuses_nobody(path: str) -> bool:
     closed again), so only the socket's permissions can refuse. setpriv (util-linux)
     drops to `nobody`; Debian's own python3, since ours may live where `nobody`
     cannot read."""
-    opened = []
-    directory = os.path.dirname(path)
-    while directory != "/":
-        mode = stat.S_IMODE(os.stat(directory).st_mode)
-        if mode & 0o005 != 0o005:
-            opened.append((directory, mode))
-            os.chmod(directory, mode | 0o005)
-        directory = os.path.dirname(directory)
     probe = (
         "import socket,sys\n"
         "s=socket.socket(socket.AF_UNIX)\n"
@@ -195,7 +187,7 @@ def refuses_nobody(path: str) -> bool:
         "except PermissionError: print('refused')\n"
     )
     nobody_python = ["/usr/bin/python3", "-c", probe, path]  # Debian's: nobody can run it
-    try:
+    with directories_opened(os.path.dirname(path)):
         result = subprocess.run(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *nobody_python],
             cwd="/",
@@ -203,7 +195,23 @@ def refuses_nobody(path: str) -> bool:
             text=True,
             timeout=30,
         )
-    finally:
-        for directory, mode in opened:
-            os.chmod(directory, mode)
     return result.stdout.strip() == "refused"
+
+
+@contextlib.contextmanager
+def directories_opened(directory: str):
+    """`directory` and those above it readable and searchable by group and others for
+    a while (for a process a test runs as another user), then as they were."""
+    opened = []
+    directory = os.path.abspath(directory)
+    while directory != "/":
+        mode = stat.S_IMODE(os.stat(directory).st_mode)
+        if mode & 0o055 != 0o055:
+            opened.append((directory, mode))
+            os.chmod(directory, mode | 0o055)
+        directory = os.path.dirname(directory)
+    try:
+        yield
+    finally:
+        for path, mode in opened:
+            os.chmod(path, mode)

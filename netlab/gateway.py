@@ -131,9 +131,7 @@ class GatewayLab:
     def start(self) -> None:
         self.start_auth()
         self.start_dataplane()
-        self.lab.exec(
-            self.gw, [tool("pushgate-dataplane"), "--config", self.config, "--nat", self.lan_dev]
-        )
+        self.lab.exec(self.gw, [tool("pushgate-nat"), "--config", self.config, self.lan_dev])
 
     def kill(self, process: subprocess.Popen) -> None:
         self.lab.stop(process, sig=signal.SIGKILL)

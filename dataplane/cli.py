@@ -18,6 +18,7 @@ from pushgate_api import control_pb2_grpc
 from tundev import TUN_QUEUE_PACKETS
 from tundev.linux import LinuxTun
 
+from .destinations import DestinationPolicy, parse_ip_addresses
 from .device import Device
 from .metrics import Counters, KernelDrops, loop_lag_histogram, register_collectors
 from .registry import Registry
@@ -29,6 +30,7 @@ from .sync import SessionSync
 log = logging.getLogger("pushgate.dataplane")
 
 SOCKET_BUFFER_BYTES = 4 << 20
+HOST_ADDRESS_REFRESH_SECONDS = 10  # an address added to the host is refused this soon
 
 
 def _ip(*args: str) -> None:
@@ -61,6 +63,24 @@ def open_udp(listen: tuple[str, int]) -> socket.socket:
     sock.setblocking(False)
     sock.bind(listen)
     return sock
+
+
+def read_host_addresses() -> set:
+    """Every address of this host (its network namespace), local and broadcast."""
+    result = subprocess.run(["ip", "-j", "address", "show"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise OSError(f"ip -j address show: {result.stderr.strip()}")
+    return parse_ip_addresses(result.stdout)
+
+
+async def refresh_host_addresses(destinations: DestinationPolicy) -> None:
+    """Keep the host's addresses current (off the loop: a thread runs `ip`)."""
+    while True:
+        await asyncio.sleep(HOST_ADDRESS_REFRESH_SECONDS)
+        try:
+            destinations.set_host_addresses(await asyncio.to_thread(read_host_addresses))
+        except (OSError, ValueError) as error:
+            log.warning("cannot re-read the host's addresses, keeping the last: %s", error)
 
 
 async def serve_metrics(prometheus, host: str, port: int) -> asyncio.AbstractServer:
@@ -111,6 +131,15 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     sock = open_udp(cfg.dataplane.listen)
     registry, counters = Registry(), Counters()
     prometheus = CollectorRegistry()
+    destinations = DestinationPolicy(
+        cfg.gateway.gateway_address,
+        cfg.dataplane.deny_networks,
+        cfg.dataplane.offered_services,
+    )
+    try:  # before the first packet: no moment when the host is open to clients
+        destinations.set_host_addresses(read_host_addresses())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"pushgate-dataplane: cannot read the host's addresses: {error}") from None
     device = Device(
         registry=registry,
         counters=counters,
@@ -120,6 +149,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         tunnel_network=cfg.gateway.tunnel_network,
         gateway_address=cfg.gateway.gateway_address,
         loop_lag_histogram=loop_lag_histogram(prometheus),
+        destinations=destinations,
     )
     try:
         socket_filter = attach_filter(sock)
@@ -138,6 +168,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     )
     device.start(loop)
     metrics_server = await serve_metrics(prometheus, *cfg.dataplane.metrics_listen)
+    refresh_task = asyncio.create_task(refresh_host_addresses(destinations))
     stats_server = await serve_stats(registry, cfg.dataplane.stats_socket)
     sync = SessionSync(registry, counters, cfg.gateway.control_socket)
     sync_task = asyncio.create_task(sync.run())
@@ -157,6 +188,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     await stop.wait()
     log.info("stopping")
     sync_task.cancel()
+    refresh_task.cancel()
     device.stop()
     metrics_server.close()
     await stats_server.stop(1)

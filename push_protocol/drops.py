@@ -37,6 +37,7 @@ class DropReason(StrEnum):
     QUEUE_FULL = "queue_full"
     TUN_WRITE_ERROR = "tun_write_error"
     SOCKET_ERROR = "socket_error"
+    FORBIDDEN_DESTINATION = "forbidden_destination"  # the gateway host, link-local, denied nets
 
 
 class PacketRejected(Exception):

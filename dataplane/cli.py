@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import grpc
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 import gateway_config
 from control_socket import serve_private
@@ -21,6 +21,7 @@ from tundev.linux import LinuxTun
 from .destinations import DestinationPolicy, parse_ip_addresses
 from .device import Device
 from .metrics import Counters, KernelDrops, loop_lag_histogram, register_collectors
+from .metrics_http import LOOP_ANSWER_SECONDS, MetricsServer, run_on_loop
 from .registry import Registry
 from .socket_filter import FilterUnavailable
 from .socket_filter import attach as attach_filter
@@ -83,41 +84,6 @@ async def refresh_host_addresses(destinations: DestinationPolicy) -> None:
             log.warning("cannot re-read the host's addresses, keeping the last: %s", error)
 
 
-async def serve_metrics(prometheus, host: str, port: int) -> asyncio.AbstractServer:
-    """A minimal HTTP/1.0 /metrics endpoint on the event loop (consistent snapshots)."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
-            if path.split(b"?")[0] == b"/metrics":
-                body, status, kind = generate_latest(prometheus), b"200 OK", CONTENT_TYPE_LATEST
-            else:
-                body, status, kind = b"not found; try /metrics\n", b"404 Not Found", "text/plain"
-            writer.write(
-                b"HTTP/1.0 "
-                + status
-                + b"\r\nContent-Type: "
-                + kind.encode()
-                + b"\r\nContent-Length: "
-                + str(len(body)).encode()
-                + b"\r\n\r\n"
-                + body
-            )
-            await writer.drain()
-        except (
-            TimeoutError,
-            asyncio.IncompleteReadError,
-            ConnectionError,
-            asyncio.LimitOverrunError,
-        ):
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, host, port)
-
-
 async def serve_stats(registry: Registry, path: str) -> grpc.aio.Server:
     server = grpc.aio.server()
     control_pb2_grpc.add_DataplaneStatsServicer_to_server(DataplaneStatsServicer(registry), server)
@@ -165,9 +131,11 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         device.queues,
         KernelDrops(sock, tun.name, filter_drops=filter_drops),
         filter_drops,
+        on_loop=lambda function: run_on_loop(loop, function, LOOP_ANSWER_SECONDS),
     )
     device.start(loop)
-    metrics_server = await serve_metrics(prometheus, *cfg.dataplane.metrics_listen)
+    metrics_server = MetricsServer(cfg.dataplane.metrics_listen, prometheus)
+    metrics_server.start()
     refresh_task = asyncio.create_task(refresh_host_addresses(destinations))
     stats_server = await serve_stats(registry, cfg.dataplane.stats_socket)
     sync = SessionSync(registry, counters, cfg.gateway.control_socket)
@@ -190,7 +158,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     sync_task.cancel()
     refresh_task.cancel()
     device.stop()
-    metrics_server.close()
+    metrics_server.stop()
     await stats_server.stop(1)
     sock.close()
     tun.close()

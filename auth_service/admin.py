@@ -54,11 +54,27 @@ listen = "{dataplane_listen}"
 tun_name = "pg0"
 stats_socket = "run/dataplane.sock"
 metrics_listen = "127.0.0.1:9102"
-{dataplane_user}"""
+{dataplane_user}# Clients never reach this host's own addresses, link-local (169.254.0.0/16,
+# fe80::/10), loopback, multicast or broadcast; nor these networks (management,
+# containers' networks) ...
+deny_networks = [{deny_networks}]
+# ... except what this host offers them on purpose: "ping ADDRESS",
+# "udp ADDRESS:PORT", "tcp ADDRESS:PORT" (e.g. a DNS server on this host)
+offered_services = [{offered_services}]
+"""
 
 
 def _quoted(items: list[str]) -> str:
     return ", ".join(f'"{item}"' for item in items)
+
+
+def _offered(gateway: str, dns: list[str]) -> list[str]:
+    """Ping to the gateway's tunnel address, and DNS if a pushed server is that address."""
+    offered = [f"ping {gateway}"]
+    if ipaddress.ip_address(gateway) in {ipaddress.ip_address(server) for server in dns}:
+        where = f"[{gateway}]:53" if ":" in gateway else f"{gateway}:53"
+        offered += [f"udp {where}", f"tcp {where}"]
+    return offered
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -110,6 +126,8 @@ def cmd_init(args: argparse.Namespace) -> int:
                     if args.dataplane_user
                     else ""
                 ),
+                deny_networks=_quoted(args.deny_network or []),
+                offered_services=_quoted(_offered(gateway, args.dns or [])),
             )
         )
     gateway_config.load(config_path, auth=True)  # what we wrote must load
@@ -200,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument(
         "--dataplane-user", help="user the dataplane becomes after set-up when started as root"
+    )
+    init.add_argument(
+        "--deny-network",
+        action="append",
+        help="a network clients may not reach, e.g. a management network (repeatable)",
     )
     init.add_argument("--force", action="store_true")
     init.set_defaults(func=cmd_init)

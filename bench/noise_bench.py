@@ -68,7 +68,13 @@ def gateway_with_iperf(lab_name: str, clients: int = 1):
     """A whole gateway in namespaces with client 0 connected (a route to the
     gateway's tunnel address only) and an iperf3 server on that address."""
     with tempfile.TemporaryDirectory() as workdir, Lab(lab_name) as lab:
-        gateway = GatewayLab(lab, workdir, clients=clients, routes=(f"{TUNNEL_GATEWAY}/32",))
+        gateway = GatewayLab(
+            lab,
+            workdir,
+            clients=clients,
+            routes=(f"{TUNNEL_GATEWAY}/32",),
+            offered_services=(f"tcp {TUNNEL_GATEWAY}:5201", f"udp {TUNNEL_GATEWAY}:5201"),
+        )
         gateway.add_user("bench")
         gateway.start()
         gateway.connect(0, "bench")

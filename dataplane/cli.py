@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import grpc
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
 import gateway_config
 from control_socket import serve_private
@@ -19,8 +19,10 @@ from tundev import TUN_QUEUE_PACKETS
 from tundev.linux import LinuxTun
 
 from .conntrack import ConntrackCleaner
+from .destinations import DestinationPolicy, parse_ip_addresses
 from .device import Device
 from .metrics import Counters, KernelDrops, loop_lag_histogram, register_collectors
+from .metrics_http import LOOP_ANSWER_SECONDS, MetricsServer, run_on_loop
 from .privileges import drop_privileges
 from .registry import Registry
 from .socket_filter import FilterUnavailable
@@ -31,6 +33,7 @@ from .sync import SessionSync
 log = logging.getLogger("pushgate.dataplane")
 
 SOCKET_BUFFER_BYTES = 4 << 20
+HOST_ADDRESS_REFRESH_SECONDS = 10  # an address added to the host is refused this soon
 
 
 def _ip(*args: str) -> None:
@@ -65,39 +68,22 @@ def open_udp(listen: tuple[str, int]) -> socket.socket:
     return sock
 
 
-async def serve_metrics(prometheus, host: str, port: int) -> asyncio.AbstractServer:
-    """A minimal HTTP/1.0 /metrics endpoint on the event loop (consistent snapshots)."""
+def read_host_addresses() -> set:
+    """Every address of this host (its network namespace), local and broadcast."""
+    result = subprocess.run(["ip", "-j", "address", "show"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise OSError(f"ip -j address show: {result.stderr.strip()}")
+    return parse_ip_addresses(result.stdout)
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+
+async def refresh_host_addresses(destinations: DestinationPolicy) -> None:
+    """Keep the host's addresses current (off the loop: a thread runs `ip`)."""
+    while True:
+        await asyncio.sleep(HOST_ADDRESS_REFRESH_SECONDS)
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
-            if path.split(b"?")[0] == b"/metrics":
-                body, status, kind = generate_latest(prometheus), b"200 OK", CONTENT_TYPE_LATEST
-            else:
-                body, status, kind = b"not found; try /metrics\n", b"404 Not Found", "text/plain"
-            writer.write(
-                b"HTTP/1.0 "
-                + status
-                + b"\r\nContent-Type: "
-                + kind.encode()
-                + b"\r\nContent-Length: "
-                + str(len(body)).encode()
-                + b"\r\n\r\n"
-                + body
-            )
-            await writer.drain()
-        except (
-            TimeoutError,
-            asyncio.IncompleteReadError,
-            ConnectionError,
-            asyncio.LimitOverrunError,
-        ):
-            pass
-        finally:
-            writer.close()
-
-    return await asyncio.start_server(handle, host, port)
+            destinations.set_host_addresses(await asyncio.to_thread(read_host_addresses))
+        except (OSError, ValueError) as error:
+            log.warning("cannot re-read the host's addresses, keeping the last: %s", error)
 
 
 async def serve_stats(registry: Registry, path: str, group: str | None) -> grpc.aio.Server:
@@ -117,6 +103,15 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     registry.observe(cleaner)  # an ended session's NAT state goes with it
     prometheus = CollectorRegistry()
     prometheus.register(cleaner)
+    destinations = DestinationPolicy(
+        cfg.gateway.gateway_address,
+        cfg.dataplane.deny_networks,
+        cfg.dataplane.offered_services,
+    )
+    try:  # before the first packet: no moment when the host is open to clients
+        destinations.set_host_addresses(read_host_addresses())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"pushgate-dataplane: cannot read the host's addresses: {error}") from None
     device = Device(
         registry=registry,
         counters=counters,
@@ -126,6 +121,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         tunnel_network=cfg.gateway.tunnel_network,
         gateway_address=cfg.gateway.gateway_address,
         loop_lag_histogram=loop_lag_histogram(prometheus),
+        destinations=destinations,
     )
     try:
         socket_filter = attach_filter(sock)
@@ -147,9 +143,12 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         device.queues,
         KernelDrops(sock, tun.name, filter_drops=filter_drops),
         filter_drops,
+        on_loop=lambda function: run_on_loop(loop, function, LOOP_ANSWER_SECONDS),
     )
     device.start(loop)
-    metrics_server = await serve_metrics(prometheus, *cfg.dataplane.metrics_listen)
+    metrics_server = MetricsServer(cfg.dataplane.metrics_listen, prometheus)
+    metrics_server.start()
+    refresh_task = asyncio.create_task(refresh_host_addresses(destinations))
     stats_server = await serve_stats(
         registry, cfg.dataplane.stats_socket, cfg.gateway.control_group
     )
@@ -171,8 +170,9 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     await stop.wait()
     log.info("stopping")
     sync_task.cancel()
+    refresh_task.cancel()
     device.stop()
-    metrics_server.close()
+    metrics_server.stop()
     await stats_server.stop(1)
     sock.close()
     tun.close()

@@ -76,13 +76,14 @@ class Device:
         gateway_address,
         loop_lag_histogram,
         clock=time.time,
+        destinations=None,
     ) -> None:
         self.registry = registry
         self.counters = counters
         self.sock = sock
         self.tun = tun
         self.mtu = mtu
-        self.router = Router(registry, tunnel_network, gateway_address, mtu)
+        self.router = Router(registry, tunnel_network, gateway_address, mtu, destinations)
         self.gateway_packed = gateway_address.packed
         self.clock = clock
         self.udp_queue = BoundedQueue("udp_send", QUEUE_CAPACITY)
@@ -295,6 +296,13 @@ class Device:
                 "session %#010x sent a packet from %s, which it does not own",
                 record.session_id,
                 ipaddress.ip_address(inner.addresses(payload)[0]),
+            )
+        elif decision.reason is DropReason.FORBIDDEN_DESTINATION:
+            self._bad_input_log.warning(
+                "forbidden",
+                "session %#010x sent a packet to %s, which clients may not reach",
+                record.session_id,
+                ipaddress.ip_address(inner.addresses(payload)[1]),
             )
         return decision.reason
 

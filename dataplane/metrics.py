@@ -1,7 +1,9 @@
 """Dataplane counters (plain integers on the hot path) and their Prometheus export.
 
 The receive loop bumps plain ints; the collector turns them into metrics when
-/metrics is scraped. The scrape is served on the same event loop, so it always
+/metrics is scraped. The scrape is served by its own thread (metrics_http.py),
+so a slow or flooding scraper cannot hold up the loop, but what the loop mutates
+is copied on the loop thread, between two callbacks (`on_loop`): every scrape
 sees a consistent snapshot:
 
     datagrams_received == datagrams_delivered + sum(drops{direction="inbound"})
@@ -12,6 +14,7 @@ a bounded output queue; a queued packet that later fails to be written is
 counted in pushgate_dataplane_io_errors_total.
 """
 
+import copy
 import os
 import socket
 from collections import deque
@@ -93,6 +96,14 @@ class Counters:
     control_resyncs: int = 0
     stalled_sessions: int = 0
 
+    def snapshot(self) -> "Counters":
+        """A copy the loop no longer changes (its dicts copied too)."""
+        snapshot = copy.copy(self)
+        for name, value in vars(self).items():
+            if isinstance(value, dict):
+                setattr(snapshot, name, dict(value))
+        return snapshot
+
 
 class KernelDrops:
     """What the kernel dropped on its side of our two file descriptors, read at scrape
@@ -154,8 +165,11 @@ class DataplaneCollector:
         cipher_cache: CipherCache = DEFAULT_CIPHER_CACHE,
         kernel_drops: Callable[[], dict[str, int]] | None = None,
         filter_drops: Callable[[], dict[DropReason, int]] | None = None,
+        on_loop: Callable[[Callable], object] | None = None,
     ):
         self._c = counters
+        # runs a function on the loop's thread and returns its result (None: here)
+        self._on_loop = on_loop or (lambda function: function())
         self._registry = registry
         self._queues = queues
         self._cipher_cache = cipher_cache
@@ -164,8 +178,13 @@ class DataplaneCollector:
         # reached the push port and were dropped there, so counted as received too
         self._filter_drops = filter_drops
 
+    def _loop_state(self):
+        """What the loop mutates, copied on its thread: counters, sessions, queues."""
+        queues = [(q.name, q.capacity, len(q), q.high_water, q.overflows) for q in self._queues]
+        return self._c.snapshot(), self._registry.count_by_state(), queues
+
     def collect(self):
-        c = self._c
+        c, counts, queues = self._on_loop(self._loop_state)
         prefix = "pushgate_dataplane_"
 
         def counter(name, doc, value):
@@ -278,27 +297,25 @@ class DataplaneCollector:
             c.stalled_sessions,
         )
         sessions = GaugeMetricFamily(prefix + "sessions", "Sessions by state", labels=["state"])
-        counts = self._registry.count_by_state()
         for state in SessionState:
             sessions.add_metric([state.value], counts[state])
         yield sessions
-        for name, doc, attribute in (
-            ("queue_capacity", "Queue capacity in packets", "capacity"),
-            ("queue_depth", "Packets waiting in the queue", None),
-            ("queue_high_water", "Highest queue depth seen", "high_water"),
+        for name, doc, column in (
+            ("queue_capacity", "Queue capacity in packets", 1),
+            ("queue_depth", "Packets waiting in the queue", 2),
+            ("queue_high_water", "Highest queue depth seen", 3),
         ):
             family = GaugeMetricFamily(prefix + name, doc, labels=["queue"])
-            for queue in self._queues:
-                value = len(queue) if attribute is None else getattr(queue, attribute)
-                family.add_metric([queue.name], value)
+            for queue in queues:
+                family.add_metric([queue[0]], queue[column])
             yield family
         overflows = CounterMetricFamily(
             prefix + "queue_overflows", "Packets refused by a full queue", labels=["queue"]
         )
-        for queue in self._queues:
-            overflows.add_metric([queue.name], queue.overflows)
+        for queue in queues:
+            overflows.add_metric([queue[0]], queue[4])
         yield overflows
-        cache = self._cipher_cache
+        cache = self._cipher_cache  # plain ints and a len(): atomic reads, in no equation
         yield gauge(
             "cipher_contexts",
             "Keypairs holding built AEAD contexts (bounded by the cipher cache)",
@@ -331,12 +348,18 @@ def register_collectors(
     queues: list[BoundedQueue],
     kernel_drops: Callable[[], dict[str, int]] | None = None,
     filter_drops: Callable[[], dict[DropReason, int]] | None = None,
+    on_loop: Callable[[Callable], object] | None = None,
 ) -> None:
     """Our counters, the kernel's drops next to them, and the process' CPU, memory and
     file descriptors."""
     prometheus.register(
         DataplaneCollector(
-            counters, registry, queues, kernel_drops=kernel_drops, filter_drops=filter_drops
+            counters,
+            registry,
+            queues,
+            kernel_drops=kernel_drops,
+            filter_drops=filter_drops,
+            on_loop=on_loop,
         )
     )
     ProcessCollector(registry=prometheus)

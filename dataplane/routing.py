@@ -1,9 +1,10 @@
 """Cryptokey routing decisions (pure: no I/O, no clock).
 
 A decrypted packet must come from an address its session owns; it goes to the
-session that owns its destination (hub), or to the TUN. A packet read from the
-TUN goes only to the session that owns its destination. Addresses are raw
-header bytes, as the registry indexes them.
+session that owns its destination (hub), or to the TUN unless the destination is forbidden
+(destinations.py: the gateway host itself, link-local, denied networks). A packet
+read from the TUN goes only to the session that owns its destination. Addresses
+are raw header bytes, as the registry indexes them.
 """
 
 from enum import IntEnum
@@ -12,6 +13,7 @@ from typing import NamedTuple
 from push_protocol.drops import DropReason, PacketRejected
 
 from . import inner
+from .destinations import DestinationPolicy
 from .registry import Registry, SessionRecord
 
 
@@ -32,12 +34,21 @@ class Decision(NamedTuple):
 TO_TUN = Decision(Action.TUN)
 NO_ROUTE = Decision(Action.DROP, reason=DropReason.NO_ROUTE)
 SPOOFED = Decision(Action.DROP, reason=DropReason.SPOOFED_SOURCE)
+FORBIDDEN = Decision(Action.DROP, reason=DropReason.FORBIDDEN_DESTINATION)
 
 
 class Router:
-    def __init__(self, registry: Registry, tunnel_network, gateway_address, mtu: int) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        tunnel_network,
+        gateway_address,
+        mtu: int,
+        destinations: DestinationPolicy | None = None,
+    ) -> None:
         self.registry = registry
         self.mtu = mtu
+        self.destinations = destinations or DestinationPolicy(gateway_address)
         self._gateway = gateway_address.packed
         self._net_len = len(tunnel_network.network_address.packed)
         self._net = int(tunnel_network.network_address)
@@ -55,6 +66,8 @@ class Router:
         target = self.registry.by_address.get(destination)
         if target is not None:
             return Decision(Action.SESSION, target)
+        if self.destinations.refuses(packet, destination):
+            return FORBIDDEN
         if (  # in the tunnel network, but nobody's: not for the TUN either
             destination != self._gateway
             and len(destination) == self._net_len

@@ -8,13 +8,17 @@ CONFIG="$DIR/pushgate.toml"
 case "$1" in
 auth)
     if [ ! -f "$CONFIG" ]; then
-        pushgate-admin init --dir "$DIR" \
+        deny=""
+        for network in ${PUSHGATE_DENY_NETWORKS:-}; do deny="$deny --deny-network $network"; done
+        # shellcheck disable=SC2086 # $deny is a list of arguments
+        pushgate-admin init --dir "$DIR" $deny \
             --server-name "${PUSHGATE_SERVER_NAME:-localhost}" \
             --auth-listen 0.0.0.0:7443 \
             --dataplane-endpoint "${PUSHGATE_PUBLIC_ENDPOINT:-localhost:51820}" \
             --dataplane-listen 0.0.0.0:51820 \
             --tunnel-network "${PUSHGATE_TUNNEL_NETWORK:-198.19.0.0/24}"
-        # Metrics must be reachable from the Prometheus container.
+        # Metrics must be reachable from the Prometheus container (and are not from
+        # the tunnel: the dataplane refuses clients' packets to this stack's network).
         sed -i 's/^metrics_listen = "127.0.0.1:9101"/metrics_listen = "0.0.0.0:9101"/' "$CONFIG"
         sed -i 's/^metrics_listen = "127.0.0.1:9102"/metrics_listen = "0.0.0.0:9102"/' "$CONFIG"
         # The database in its own volume, mounted in this container only (like tls/).

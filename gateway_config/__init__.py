@@ -64,12 +64,45 @@ class AuthSection:
 
 
 @dataclass(frozen=True)
+class OfferedService:
+    """A service of the gateway host that clients may reach through the tunnel."""
+
+    protocol: str  # "tcp", "udp" or "ping" (ICMP/ICMPv6 echo request)
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
+    port: int | None  # None for ping
+
+    @classmethod
+    def parse(cls, text: str, key: str) -> "OfferedService":
+        """From "ping ADDRESS", "tcp ADDRESS:PORT" or "udp ADDRESS:PORT" ([v6]:PORT)."""
+        protocol, _, where = text.strip().partition(" ")
+        where = where.strip()
+        try:
+            if protocol == "ping":
+                return cls(protocol, ipaddress.ip_address(where), None)
+            if protocol in ("tcp", "udp"):
+                host, port = parse_host_port(where, key)
+                if not where.rpartition(":")[0]:
+                    raise ValueError("an address is required")
+                return cls(protocol, ipaddress.ip_address(host), port)
+        except ValueError as error:
+            raise ConfigError(f"{key}: {text!r}: {error}") from None
+        raise ConfigError(
+            f'{key}: {text!r}: expected "ping ADDRESS", "tcp ADDRESS:PORT" or "udp ADDRESS:PORT"'
+        )
+
+
+@dataclass(frozen=True)
 class DataplaneSection:
     listen: tuple[str, int]
     tun_name: str
     stats_socket: str
     metrics_listen: tuple[str, int]
     user: str | None  # started as root, the dataplane becomes this user after set-up
+    # Clients never reach the gateway host's own addresses, link-local, loopback,
+    # multicast or broadcast (dataplane/destinations.py); these networks neither ...
+    deny_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    # ... except these services, offered on purpose (default: ping the gateway address).
+    offered_services: tuple[OfferedService, ...]
 
 
 @dataclass(frozen=True)
@@ -210,16 +243,26 @@ def _auth(section: _Section) -> AuthSection:
     )
 
 
-def _dataplane(section: _Section) -> DataplaneSection:
+def _dataplane(section: _Section, gateway: GatewaySection) -> DataplaneSection:
     tun_name = section.get("tun_name", str, "pg0")
     if not 0 < len(tun_name) < 16:
         raise ConfigError(f"[dataplane] tun_name: {tun_name!r} must be 1-15 characters")
+    deny_networks = []
+    for network in section.strings("deny_networks", []):
+        try:
+            deny_networks.append(ipaddress.ip_network(network))
+        except ValueError as error:
+            raise ConfigError(f"[dataplane] deny_networks: {error}") from None
+    key = "[dataplane] offered_services"
+    offered = section.strings("offered_services", [f"ping {gateway.gateway_address}"])
     return DataplaneSection(
         listen=section.endpoint("listen", "0.0.0.0:51820"),
         tun_name=tun_name,
         stats_socket=section.path("stats_socket", "run/dataplane.sock"),
         metrics_listen=section.endpoint("metrics_listen", "127.0.0.1:9102"),
         user=section.optional("user", str),
+        deny_networks=tuple(deny_networks),
+        offered_services=tuple(OfferedService.parse(text, key) for text in offered),
     )
 
 
@@ -233,9 +276,10 @@ def load(path: str, *, auth: bool = False) -> GatewayConfig:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     base = os.path.dirname(os.path.abspath(path))
+    gateway = _gateway(_Section(table, "gateway", base))
     return GatewayConfig(
         path=os.path.abspath(path),
-        gateway=_gateway(_Section(table, "gateway", base)),
+        gateway=gateway,
         auth=_auth(_Section(table, "auth", base)) if auth else None,
-        dataplane=_dataplane(_Section(table, "dataplane", base)),
+        dataplane=_dataplane(_Section(table, "dataplane", base), gateway),
     )

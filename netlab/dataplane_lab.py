@@ -42,6 +42,8 @@ listen = "{GW_UNDERLAY}:{PORT}"
 tun_name = "pgdp0"
 stats_socket = "dataplane.sock"
 metrics_listen = "127.0.0.1:{METRICS_PORT}"
+# the observer, and the discard port bench/dataplane_bench.py sends to: on purpose
+offered_services = ["udp {GW_TUNNEL}:{OBSERVER_PORT}", "udp {GW_TUNNEL}:9"]
 """
 
 

@@ -38,8 +38,11 @@ class GatewayLab:
         clients: int = 1,
         routes: tuple[str, ...] = ("0.0.0.0/0",),
         keepalive_seconds: int = 10,
+        offered_services: tuple[str, ...] = (),
+        metrics_host: str = "127.0.0.1",
     ) -> None:
         self.lab = lab
+        self.metrics_host = metrics_host
         self.workdir = workdir
         self.gw = lab.namespace("gw")
         self.lan = lab.namespace("lan")
@@ -78,10 +81,12 @@ class GatewayLab:
         subprocess.run(init, check=True, capture_output=True)
         with open(self.config) as handle:
             text = handle.read()
+        text = text.replace("keepalive_seconds = 10", f"keepalive_seconds = {keepalive_seconds}")
+        if offered_services:  # besides ping to the gateway's tunnel address, as init writes
+            offered = ", ".join(f'"{service}"' for service in offered_services)
+            text = text.replace("offered_services = [", f"offered_services = [{offered}, ")
         with open(self.config, "w") as handle:
-            handle.write(
-                text.replace("keepalive_seconds = 10", f"keepalive_seconds = {keepalive_seconds}")
-            )
+            handle.write(text)
         self.auth = self.dataplane = None
         self.client_processes: dict[int, subprocess.Popen] = {}
         self._transfer: tuple[int, int] | None = None  # (size, seed) the lan host serves
@@ -121,7 +126,7 @@ class GatewayLab:
                 "--config",
                 self.config,
                 "--metrics-listen",
-                f"127.0.0.1:{METRICS_PORT}",
+                f"{self.metrics_host}:{METRICS_PORT}",
             ],
             stdout=self._log("dataplane"),
             stderr=subprocess.STDOUT,

@@ -42,6 +42,7 @@ class DropReason(StrEnum):
     # to rekey (docs/protocol.md, "Restarts").
     REKEY_REQUIRED = "rekey_required"
     SOURCE_OVER_BUDGET = "source_over_budget"  # its source forged too many tags lately
+    FORBIDDEN_DESTINATION = "forbidden_destination"  # the gateway host, link-local, denied nets
 
 
 class PacketRejected(Exception):

@@ -77,9 +77,7 @@ def attacker_socket(gateway: Gateway):
 
 def test_unknown_session_ids_stop_in_the_kernel_and_its_ids_follow_the_registry(gateway):
     first = session(0x2001, "198.19.10.2")
-    gateway.feed.install(first)
-    gateway.start_dataplane()
-    gateway.wait_sessions(1)
+    gateway.start_with(first)
     alice = gateway.client(first)
     alice.send_udp(b"before")
     assert gateway.observe()[2] == b"before"
@@ -128,9 +126,7 @@ def test_unknown_session_ids_stop_in_the_kernel_and_its_ids_follow_the_registry(
 
 def test_forged_tags_from_one_source_stop_at_its_budget_and_a_real_client_goes_on(gateway):
     sess = session(0x2101, "198.19.10.2")
-    gateway.feed.install(sess)
-    gateway.start_dataplane()
-    gateway.wait_sessions(1)
+    gateway.start_with(sess)
     alice = gateway.client(sess)
     alice.send_udp(b"hello")
     assert gateway.observe()[2] == b"hello"

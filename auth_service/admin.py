@@ -49,7 +49,7 @@ max_source_failures_before_delay = 20  # per source, all user names together
 max_network_failures_before_delay = 100   # per IPv4 /24; refuses only its sources that failed
 failure_delay_seconds = 1.0            # doubles per further failure ...
 max_failure_delay_seconds = 300.0      # ... up to this; a key quiet this long is forgotten
-max_throttle_records = 200000          # memory bound (~200 bytes each); oldest pushed out
+max_throttle_records = 100000          # memory bound (~0.5 KB each); oldest pushed out
 spray_alert_sources = 10               # an account failing from this many sources in 15 min
                                        # counts in pushgate_auth_accounts_targeted
 

@@ -213,8 +213,17 @@ class Throttle:
         # (max_pending_hashes) keeps that far below max_records.
 
     def prune(self, now: float) -> None:
-        """Forget quiet records (the sweep calls this every second)."""
-        for key in [k for k, r in self._records.items() if self._stale(r, now)]:
+        """Forget quiet records (the sweep calls this every second). Records are in
+        order of their last failure, so this stops at the first that is not quiet:
+        it costs what it removes, not what the throttle holds."""
+        quiet = []
+        for key, record in self._records.items():
+            if record.pending:
+                continue  # in flight (at most max_pending_hashes of them)
+            if not self._stale(record, now):
+                break
+            quiet.append(key)
+        for key in quiet:
             del self._records[key]
 
     def __len__(self) -> int:

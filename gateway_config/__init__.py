@@ -196,7 +196,7 @@ def _auth(section: _Section) -> AuthSection:
         max_failure_delay_seconds=float(
             section.number("max_failure_delay_seconds", 300.0, 0.01, 86400)
         ),
-        max_throttle_records=int(section.number("max_throttle_records", 200000, 100, 10**8)),
+        max_throttle_records=int(section.number("max_throttle_records", 100000, 100, 10**8)),
         spray_alert_sources=int(section.number("spray_alert_sources", 10, 2, 1000)),
         hash_workers=int(section.number("hash_workers", 2, 1, 64)),
         max_pending_hashes=int(section.number("max_pending_hashes", 64, 1, 100000)),

@@ -63,8 +63,9 @@ system-deps:
 	fi
 
 # Benchmarks; figures go to stdout (compare figures from one run, as ratios): codec,
-# login latency, auth memory under failed logins, dataplane packets/CPU-second and memory/session, what a noise flood
-# costs a TCP stream, then pushgate beside wireguard-go and OpenVPN.
+# login latency, auth memory under failed logins, dataplane packets/CPU-second and
+# memory/session, what a noise flood costs a TCP stream, then pushgate beside
+# wireguard-go and OpenVPN.
 # The side-by-side VPN run uses the team's harness in ../shared/bench; its results
 # are kept in bench/results/ and compared with the run before.
 BENCH_HARNESS := ../shared/bench/netns-tunnels.sh

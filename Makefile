@@ -63,8 +63,9 @@ system-deps:
 	fi
 
 # Benchmarks; figures go to stdout (compare figures from one run, as ratios): codec,
-# login latency, dataplane packets/CPU-second and memory/session, what a noise flood
-# costs a TCP stream, then pushgate beside wireguard-go and OpenVPN.
+# login latency, auth memory under failed logins, dataplane packets/CPU-second and
+# memory/session, what a noise flood costs a TCP stream, then pushgate beside
+# wireguard-go and OpenVPN.
 # The side-by-side VPN run uses the team's harness in ../shared/bench; its results
 # are kept in bench/results/ and compared with the run before.
 BENCH_HARNESS := ../shared/bench/netns-tunnels.sh
@@ -74,6 +75,7 @@ BENCH_PACKAGES := wireguard-go wireguard-tools openvpn openssl iperf3
 bench: system-deps $(INSTALLED) $(GENERATED)
 	PYTHONPATH=. $(PY) bench/codec_bench.py
 	PYTHONPATH=. $(PY) bench/login_bench.py
+	PYTHONPATH=. $(PY) bench/throttle_memory_bench.py
 	PYTHONPATH=. $(PY) bench/dataplane_bench.py
 	PYTHONPATH=. $(PY) bench/receive_path_bench.py
 	mkdir -p bench/results

@@ -42,9 +42,17 @@ metrics_listen = "127.0.0.1:9101"
 session_lifetime_seconds = 86400       # absolute; 0 = no limit
 key_lifetime_seconds = 600             # clients rekey after this many seconds
 key_expiry_seconds = 900               # keys not replaced by then end the session (max 900)
-max_failures_before_delay = 5          # per user and per source address
+# Failed logins are throttled per (user, source), per source and per IPv4 /24
+# (a source is an IPv4 address or an IPv6 /64). A correct password from a source
+# that has not failed is never refused. Free failures per key, then delays:
+max_failures_before_delay = 5          # per user from one source
+max_source_failures_before_delay = 20  # per source, all user names together
+max_network_failures_before_delay = 100   # per IPv4 /24; refuses only its sources that failed
 failure_delay_seconds = 1.0            # doubles per further failure ...
-max_failure_delay_seconds = 300.0      # ... up to this
+max_failure_delay_seconds = 300.0      # ... up to this; a key quiet this long is forgotten
+max_throttle_records = 100000          # memory bound (~0.5 KB each); oldest pushed out
+spray_alert_sources = 10               # an account failing from this many sources in 15 min
+                                       # counts in pushgate_auth_accounts_targeted
 address_quarantine_seconds = 180       # a freed tunnel address goes to another user only
                                        # after this (outlasts UDP/ICMP conntrack timeouts);
                                        # a user gets their own previous address back

@@ -20,12 +20,13 @@ from pushgate_api import auth_pb2, control_pb2_grpc
 from .server import AuthMetrics, AuthServicer, SessionFeedServicer
 from .sessions import AddressPool, SessionManager
 from .store import Store
-from .throttle import Throttle
+from .throttle import Limits, SprayWatch, Throttle
 
 log = logging.getLogger("pushgate.auth")
 
 MAX_REQUEST_BYTES = 64 * 1024
 SWEEP_SECONDS = 1.0
+SPRAY_WINDOW_SECONDS = 900.0  # pushgate_auth_accounts_targeted looks this far back
 CIPHER_CODES = {
     CipherSuite.AES_256_GCM: auth_pb2.CIPHER_SUITE_AES_256_GCM,
     CipherSuite.CHACHA20_POLY1305: auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305,
@@ -55,10 +56,16 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         sessions,
         metrics,
         throttle=Throttle(
-            auth.max_failures_before_delay,
+            Limits(
+                account_source=auth.max_failures_before_delay,
+                source=auth.max_source_failures_before_delay,
+                network=auth.max_network_failures_before_delay,
+            ),
             auth.failure_delay_seconds,
             auth.max_failure_delay_seconds,
+            auth.max_throttle_records,
         ),
+        spray_watch=SprayWatch(auth.spray_alert_sources, SPRAY_WINDOW_SECONDS),
         hash_workers=auth.hash_workers,
         max_pending_hashes=auth.max_pending_hashes,
         default_cipher=CIPHER_CODES[gw.cipher],
@@ -115,6 +122,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         try:
             await asyncio.wait_for(stop.wait(), SWEEP_SECONDS)
         except TimeoutError:
+            servicer.sweep(time.monotonic())
             expired = await sessions.expire(time.time())
             if expired:
                 metrics.expired.inc(expired)

@@ -18,7 +18,7 @@ from .sessions import (
     PoolExhausted,
     SessionManager,
 )
-from .throttle import Throttle
+from .throttle import Outcome, SprayWatch, Throttle, Verdict, login_keys
 
 log = logging.getLogger("pushgate.auth")
 
@@ -27,6 +27,8 @@ MAX_PASSWORD_BYTES = 1024
 GENERIC_LOGIN_ERROR = "invalid user name or password"
 LOGIN_RESULTS = ("success", "bad_credentials", "throttled", "invalid", "pool_exhausted", "busy")
 CIPHERS = {auth_pb2.CIPHER_SUITE_AES_256_GCM, auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305}
+FAILURE_LOG_SECONDS = 10.0  # at most one "login failed" line per user name this often
+FAILURE_LOG_NAMES = 1024  # names remembered for that; beyond, one line for all the rest
 
 
 class AuthMetrics:
@@ -66,6 +68,62 @@ class AuthMetrics:
         self.revision = Gauge(
             "pushgate_auth_feed_revision", "Session feed revision", registry=registry
         )
+        self.password_checks = Counter(
+            "pushgate_auth_password_checks",
+            "Password hashes verified (a throttled login never gets this far)",
+            registry=registry,
+        )
+        self.throttle_records = Gauge(
+            "pushgate_auth_throttle_records",
+            "Failed-login records the throttle holds (bounded by max_throttle_records)",
+            registry=registry,
+        )
+        self.throttle_evictions = Counter(
+            "pushgate_auth_throttle_evictions",
+            "Throttle records pushed out at max_throttle_records",
+            registry=registry,
+        )
+        self.accounts_targeted = Gauge(
+            "pushgate_auth_accounts_targeted",
+            "Existing accounts that failed to log in from spray_alert_sources or more "
+            "sources in the last 15 minutes (a password spray across sources)",
+            registry=registry,
+        )
+
+
+class FailureLog:
+    """One warning per user name per `interval`, for at most `max_names` names at
+    once (pruned by the sweep); past that, one line per interval for all the rest,
+    so distinct names cannot grow memory or flood the log."""
+
+    def __init__(self, interval: float, max_names: int) -> None:
+        self.interval = interval
+        self.max_names = max_names
+        self._last: dict[str, float] = {}
+        self._overflow_last = float("-inf")
+        self._overflow_suppressed = 0
+
+    def warning(self, name: str, now: float, message: str, *args) -> None:
+        last = self._last.get(name)
+        if last is not None and now - last < self.interval:
+            return
+        if last is None and len(self._last) >= self.max_names:
+            if now - self._overflow_last < self.interval:
+                self._overflow_suppressed += 1
+                return
+            suppressed, self._overflow_suppressed = self._overflow_suppressed, 0
+            self._overflow_last = now
+            log.warning(message + " (and %d more for other names)", *args, suppressed)
+            return
+        self._last[name] = now
+        log.warning(message, *args)
+
+    def prune(self, now: float) -> None:
+        for name in [n for n, last in self._last.items() if now - last >= self.interval]:
+            del self._last[name]
+
+    def __len__(self) -> int:
+        return len(self._last)
 
 
 def peer_ip(context) -> str:
@@ -89,6 +147,7 @@ class AuthServicer:
         metrics: AuthMetrics,
         *,
         throttle: Throttle,
+        spray_watch: SprayWatch,
         hash_workers: int,
         max_pending_hashes: int,
         default_cipher: int,
@@ -97,12 +156,15 @@ class AuthServicer:
         self.sessions = sessions
         self.metrics = metrics
         self.throttle = throttle
+        self.spray_watch = spray_watch
+        self._settled = asyncio.Condition()  # a password check ended: waiters ask again
         self._hash_pool = ThreadPoolExecutor(hash_workers, thread_name_prefix="argon2")
         self._pending = 0
         self._max_pending = max_pending_hashes
         self.default_cipher = default_cipher
         self.template = response_template
-        self._last_failure_log: dict[str, float] = {}
+        self._failure_log = FailureLog(FAILURE_LOG_SECONDS, FAILURE_LOG_NAMES)
+        self._evictions_seen = 0
 
     def update_gauges(self) -> None:
         store = self.sessions.store
@@ -113,15 +175,30 @@ class AuthServicer:
         self.metrics.revision.set(store.revision)
         self.metrics.watchers.set(self.sessions.feed.watchers)
 
+    def sweep(self, now: float) -> None:
+        """Forget what the throttle, spray watch and failure log no longer need
+        (`now` is time.monotonic(), their clock); called every second."""
+        self.throttle.prune(now)
+        self._failure_log.prune(now)
+        self.metrics.accounts_targeted.set(self.spray_watch.targeted(now))
+        self._throttle_gauges()
+
+    def _throttle_gauges(self) -> None:
+        self.metrics.throttle_records.set(len(self.throttle))
+        self.metrics.throttle_evictions.inc(self.throttle.evicted - self._evictions_seen)
+        self._evictions_seen = self.throttle.evicted
+
     async def _refuse(self, context, result: str, code, message: str):
         self.metrics.logins.labels(result).inc()
         await context.abort(code, message)
 
-    def _log_failure(self, key: str, message: str, *args) -> None:
-        now = time.monotonic()
-        if now - self._last_failure_log.get(key, 0.0) >= 10.0:
-            self._last_failure_log[key] = now
-            log.warning(message, *args)
+    async def _admit(self, keys) -> Verdict:
+        while True:
+            verdict = self.throttle.begin(keys, time.monotonic())
+            if not verdict.wait:
+                return verdict
+            async with self._settled:
+                await self._settled.wait()
 
     async def Login(self, request, context):
         started = time.perf_counter()
@@ -156,16 +233,6 @@ class AuthServicer:
                 context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, "unknown cipher"
             )
         source = peer_ip(context)
-        keys = (f"user:{name}", f"addr:{source}")
-        now = time.time()
-        wait = max(self.throttle.retry_after(key, now) for key in keys)
-        if wait > 0:
-            await self._refuse(
-                context,
-                "throttled",
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"too many failed logins; try again in {wait:.0f} s",
-            )
         if self._pending >= self._max_pending:
             await self._refuse(
                 context,
@@ -173,23 +240,41 @@ class AuthServicer:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "the auth service is busy; try again shortly",
             )
-        user = self.sessions.store.get_user(name)
-        self._pending += 1
+        keys = login_keys(name, source)
+        self._pending += 1  # also while waiting for the throttle: waiters are bounded too
         try:
-            ok = await asyncio.get_running_loop().run_in_executor(
-                self._hash_pool, verify_password, user.password_hash if user else None, password
-            )
+            verdict = await self._admit(keys)
+            if not verdict.go:
+                await self._refuse(
+                    context,
+                    "throttled",
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"too many failed logins; try again in {verdict.retry_after:.0f} s",
+                )
+            outcome = Outcome.ABANDONED
+            try:
+                user = self.sessions.store.get_user(name)
+                self.metrics.password_checks.inc()
+                ok = await asyncio.get_running_loop().run_in_executor(
+                    self._hash_pool, verify_password, user.password_hash if user else None, password
+                )
+                good = ok and user is not None and not user.disabled
+                outcome = Outcome.SUCCEEDED if good else Outcome.FAILED
+            finally:
+                self.throttle.finish(keys, time.monotonic(), outcome)
+                self._throttle_gauges()
+                async with self._settled:
+                    self._settled.notify_all()
         finally:
             self._pending -= 1
-        if not ok or user is None or user.disabled:
-            now = time.time()
-            for key in keys:
-                self.throttle.failed(key, now)
-            self._log_failure(name, "login failed user=%r peer=%s", name, source)
+        if outcome is Outcome.FAILED:
+            now = time.monotonic()
+            if user is not None:
+                self.spray_watch.failed(name, source, now)
+            self._failure_log.warning(name, now, "login failed user=%r peer=%s", name, source)
             await self._refuse(
                 context, "bad_credentials", grpc.StatusCode.UNAUTHENTICATED, GENERIC_LOGIN_ERROR
             )
-        self.throttle.succeeded(keys[0])
         try:
             session, token = await self.sessions.create(
                 name, cipher or self.default_cipher, time.time()

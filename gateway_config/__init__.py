@@ -55,9 +55,13 @@ class AuthSection:
     session_lifetime_seconds: float
     key_lifetime_seconds: float  # clients rekey after this (pushed at login)
     key_expiry_seconds: float  # keys not replaced by then end their session
-    max_failures_before_delay: int
+    max_failures_before_delay: int  # per (user, source)
+    max_source_failures_before_delay: int  # per source, all user names together
+    max_network_failures_before_delay: int  # per IPv4 /24, for sources that failed
     failure_delay_seconds: float
     max_failure_delay_seconds: float
+    max_throttle_records: int
+    spray_alert_sources: int
     hash_workers: int
     max_pending_hashes: int
     address_quarantine_seconds: float  # a freed address goes to another user after this
@@ -229,10 +233,18 @@ def _auth(section: _Section) -> AuthSection:
         key_lifetime_seconds=key_lifetime,
         key_expiry_seconds=key_expiry,
         max_failures_before_delay=int(section.number("max_failures_before_delay", 5, 1, 1000)),
+        max_source_failures_before_delay=int(
+            section.number("max_source_failures_before_delay", 20, 1, 100000)
+        ),
+        max_network_failures_before_delay=int(
+            section.number("max_network_failures_before_delay", 100, 1, 1000000)
+        ),
         failure_delay_seconds=float(section.number("failure_delay_seconds", 1.0, 0.01, 3600)),
         max_failure_delay_seconds=float(
             section.number("max_failure_delay_seconds", 300.0, 0.01, 86400)
         ),
+        max_throttle_records=int(section.number("max_throttle_records", 100000, 100, 10**8)),
+        spray_alert_sources=int(section.number("spray_alert_sources", 10, 2, 1000)),
         hash_workers=int(section.number("hash_workers", 2, 1, 64)),
         max_pending_hashes=int(section.number("max_pending_hashes", 64, 1, 100000)),
         address_quarantine_seconds=float(

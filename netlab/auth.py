@@ -1,4 +1,5 @@
-"""Run a real pushgate-auth (subprocess) on 127.0.0.1 with a fresh gateway directory."""
+"""Run a real pushgate-auth (subprocess) with a fresh gateway directory: on 127.0.0.1,
+or inside a netlab namespace (`lab`, `namespace`) listening on every address there."""
 
 import os
 import re
@@ -7,10 +8,12 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 
+from netlab import Lab, http_get
 from pushgate_api import auth_pb2, auth_pb2_grpc, control_pb2_grpc
 
 BIN = os.path.dirname(sys.executable)
@@ -44,18 +47,22 @@ class AuthServer:
         *,
         network: str = "198.19.0.0/24",
         settings: dict[str, str] | None = None,
+        lab: Lab | None = None,
+        namespace: str | None = None,
+        server_names: tuple[str, ...] = ("localhost",),
     ) -> None:
         self.directory = directory
+        self.lab, self.namespace = lab, namespace
         self.port = free_port()
         self.metrics_port = free_port()
+        listen = "0.0.0.0" if namespace else "127.0.0.1"
         result = admin(
             "init",
             "--dir",
             directory,
-            "--server-name",
-            "localhost",
+            *(arg for name in server_names for arg in ("--server-name", name)),
             "--auth-listen",
-            f"127.0.0.1:{self.port}",
+            f"{listen}:{self.port}",
             "--dataplane-endpoint",
             "198.18.0.1:51820",
             "--tunnel-network",
@@ -84,19 +91,28 @@ class AuthServer:
 
     def start(self) -> "AuthServer":
         self.log = open(os.path.join(self.directory, "auth.log"), "a")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [os.path.join(BIN, "pushgate-auth"), "--config", self.config],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        argv = [os.path.join(BIN, "pushgate-auth"), "--config", self.config]
+        if self.namespace:
+            self.process = self.lab.start(
+                self.namespace, argv, stdout=self.log, stderr=subprocess.STDOUT
+            )
+        else:
+            self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while True:
-            try:
-                grpc.channel_ready_future(self.channel()).result(timeout=1)
+            if self.namespace:
+                # The control socket is served after the client port, and a Unix
+                # socket is seen from outside the namespace.
                 if os.path.exists(self.control_socket):
                     return self
-            except grpc.FutureTimeoutError:
-                pass
+                time.sleep(0.1)
+            else:
+                try:
+                    grpc.channel_ready_future(self.channel()).result(timeout=1)
+                    if os.path.exists(self.control_socket):
+                        return self
+                except grpc.FutureTimeoutError:
+                    pass
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(Path(self.directory, "auth.log").read_text())
 
@@ -104,7 +120,9 @@ class AuthServer:
         for channel in self.channels:
             channel.close()
         self.channels.clear()
-        if self.process is not None and self.process.poll() is None:
+        if self.namespace and self.process is not None:
+            self.lab.stop(self.process, sig, timeout=15)
+        elif self.process is not None and self.process.poll() is None:
             self.process.send_signal(sig)
             self.process.wait(15)
         self.process = None
@@ -123,6 +141,14 @@ class AuthServer:
         channel = grpc.insecure_channel(f"unix:{self.control_socket}")
         self.channels.append(channel)
         return control_pb2_grpc.SessionFeedStub(channel)
+
+    def metrics_text(self) -> str:
+        if self.namespace:
+            return http_get(self.namespace, self.metrics_port, "/metrics").decode()
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10
+        ) as response:
+            return response.read().decode()
 
     def login(self, user: str, password: str) -> auth_pb2.LoginResponse:
         return self.stub().Login(

@@ -5,7 +5,8 @@
     python -m netlab.churn abuse HOST:PORT CA USER OTHER_CA
 
 `churn` logs in and out CYCLES times (CONCURRENCY at once); `guess` tries
-ATTEMPTS wrong passwords one after another, as a brute-force attacker would;
+ATTEMPTS wrong passwords one after another, as a brute-force attacker would
+(USER may be a comma-separated list, taken in turn: a password spray);
 `abuse` sends malformed and oversized requests, and tries a server certificate
 from another CA and plain TCP. Each prints one JSON line: how many calls ended
 how (gRPC status names), and how long they took.
@@ -72,8 +73,9 @@ def guess(target: str, ca_path: str, user: str, attempts: int):
     channel, stub = _stub(target, ca_path)
     outcomes: Counter[str] = Counter()
     started = time.monotonic()
+    users = user.split(",")
     for n in range(attempts):
-        request = auth_pb2.LoginRequest(username=user, password=f"guess-{n}")
+        request = auth_pb2.LoginRequest(username=users[n % len(users)], password=f"guess-{n}")
         outcomes[_code(lambda r=request: stub.Login(r, timeout=60))] += 1
     elapsed = time.monotonic() - started
     channel.close()

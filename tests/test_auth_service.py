@@ -3,9 +3,11 @@
 import asyncio
 import contextlib
 import ipaddress
+import json
 import os
 import signal
 import stat
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +18,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from auth_service.pki import make_ca, make_server_cert
-from auth_service.throttle import Throttle
+from auth_service.server import FailureLog
+from auth_service.throttle import Limits, Outcome, SprayWatch, Throttle, login_keys
 from client.auth import AuthClient, ClientError, SessionGone
-from netlab import refuses_nobody
+from netlab import Lab, metrics, refuses_nobody, wait_for
 from netlab.auth import AuthServer, admin
 from pushgate_api import auth_pb2, control_pb2
 
@@ -92,23 +95,204 @@ def test_throttling_kicks_in_and_lifts(auth):
     assert auth.login("alice", PASSWORD).session_id
 
 
+def test_60_concurrent_wrong_guesses_reach_the_hash_only_as_often_as_allowed(auth):
+    """Today's service checked the throttle before hashing and counted the failure
+    after: all 60 concurrent guesses were password-checked. With 3 free failures
+    (the fixture) only 4 may be."""
+    stub = auth.stub()
+    request = auth_pb2.LoginRequest(username="alice", password="wrong")
+    with ThreadPoolExecutor(60) as pool:
+        codes = list(
+            pool.map(lambda _: _code(lambda: stub.Login(request, timeout=30))[0], range(60))
+        )
+    assert codes.count(grpc.StatusCode.UNAUTHENTICATED) == 4
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 56
+    samples = metrics.parse(auth.metrics_text())
+    assert metrics.total(samples, "pushgate_auth_password_checks_total") == 4
+    assert metrics.total(samples, "pushgate_auth_logins_total", result="throttled") == 56
+
+
+def test_guessing_and_spraying_from_elsewhere_lock_nobody_out(tmp_path):
+    """From mallory's namespace: guesses at alice from four addresses and a spray over
+    30 user names from a fifth. Each is slowed where it comes from; alice, from her
+    own address, logs in at once (today's per-account throttle refused her), and
+    the spray across sources shows as a targeted account in the metrics."""
+    with Lab("pgthr") as lab:
+        gw, home, attacker = (lab.namespace(name) for name in ("gw", "alice", "mallory"))
+        lab.link(gw, "198.18.1.1/24", home, "198.18.1.2/24")
+        _, mallory_dev = lab.link(gw, "198.18.2.1/24", attacker, "198.18.2.2/24")
+        for host in range(3, 7):
+            lab.exec(attacker, ["ip", "address", "add", f"198.18.2.{host}/24", "dev", mallory_dev])
+        server = AuthServer(
+            str(tmp_path / "gw"),
+            lab=lab,
+            namespace=gw,
+            server_names=("198.18.1.1", "198.18.2.1"),
+            settings={"spray_alert_sources": "4"},
+        )
+        server.add_user("alice", PASSWORD)
+        server.start()
+        try:
+            ca = str(Path(server.directory, "tls", "ca.crt"))
+
+            def churn(ns, *args):
+                argv = [sys.executable, "-m", "netlab.churn", *args]
+                return json.loads(lab.exec(ns, argv, timeout=120).stdout)["outcomes"]
+
+            mallory = f"198.18.2.1:{server.port}"
+            for host in range(2, 6):  # alice's password guessed from four addresses
+                route = ["ip", "route", "replace", "198.18.2.1/32", "dev", mallory_dev]
+                lab.exec(attacker, [*route, "src", f"198.18.2.{host}"])
+                guessed = churn(attacker, "guess", mallory, ca, "alice", "12")
+                assert guessed == {"UNAUTHENTICATED": 6, "RESOURCE_EXHAUSTED": 6}, host
+            lab.exec(attacker, [*route, "src", "198.18.2.6"])
+            names = ",".join(f"user{n}" for n in range(30))  # the spray: 21 get checked
+            sprayed = churn(attacker, "guess", mallory, ca, names, "30")
+            assert sprayed == {"UNAUTHENTICATED": 21, "RESOURCE_EXHAUSTED": 9}
+            password_file = tmp_path / "password"
+            password_file.write_text(PASSWORD + "\n")
+            target = f"198.18.1.1:{server.port}"
+            assert churn(home, "churn", target, ca, "alice", str(password_file), "1", "1") == {
+                "OK": 1
+            }
+
+            def targeted():  # the sweep sets the gauge within a second
+                samples = metrics.parse(server.metrics_text())
+                return (
+                    samples if metrics.total(samples, "pushgate_auth_accounts_targeted") else None
+                )
+
+            samples = wait_for(targeted, timeout=10, what="alice counted as a targeted account")
+            assert metrics.total(samples, "pushgate_auth_accounts_targeted") == 1
+            assert metrics.total(samples, "pushgate_auth_password_checks_total") == 4 * 6 + 21 + 1
+            assert metrics.total(samples, "pushgate_auth_logins_total", result="success") == 1
+        finally:
+            server.stop()
+
+
+def _failed(throttle, keys, now):
+    assert throttle.begin(keys, now).go
+    throttle.finish(keys, now, Outcome.FAILED)
+
+
+def _guess(throttle, keys, now) -> bool:
+    """A wrong password, if the throttle lets it be checked; whether it was."""
+    if not throttle.begin(keys, now).go:
+        return False
+    throttle.finish(keys, now, Outcome.FAILED)
+    return True
+
+
 def test_throttle_model():
-    throttle = Throttle(free_failures=2, base_delay=1.0, max_delay=4.0)
+    throttle = Throttle(Limits(account_source=2), base_delay=1.0, max_delay=4.0, max_records=100)
+    keys = login_keys("alice", "198.18.7.7")
     for now in (0.0, 0.1):
-        throttle.failed("k", now)
-        assert throttle.retry_after("k", now) == 0.0
+        _failed(throttle, keys, now)
+        assert throttle.begin(keys, now).go
+        throttle.finish(keys, now, Outcome.ABANDONED)  # an abandoned check counts nothing
     delays = []
     now = 0.2
     for _ in range(5):
-        throttle.failed("k", now)
-        delays.append(throttle.retry_after("k", now))
+        _failed(throttle, keys, now)
+        delays.append(throttle.begin(keys, now).retry_after)
         now += delays[-1]
     assert delays == pytest.approx([1.0, 2.0, 4.0, 4.0, 4.0])
-    assert throttle.retry_after("k", now + 4.1) == 0.0
-    assert len(throttle) == 0  # forgotten after a quiet period: no permanent lockout
-    throttle.failed("k", 0)
-    throttle.succeeded("k")
+    assert throttle.begin(keys, now + 4.1).go  # forgotten after a quiet period
+    throttle.finish(keys, now + 4.1, Outcome.SUCCEEDED)
     assert len(throttle) == 0
+    # A success clears the account's record from that source, not the source's own.
+    _failed(throttle, keys, 100.0)
+    assert throttle.begin(keys, 100.0).go
+    throttle.finish(keys, 100.0, Outcome.SUCCEEDED)
+    assert len(throttle) == 2 and throttle.begin(keys, 100.0).go  # the address and its /24
+
+
+def test_a_correct_password_from_a_source_that_has_not_failed_is_never_refused():
+    """Today's throttle refused the account everywhere after 5 failures from anywhere."""
+    throttle = Throttle(Limits(), base_delay=1.0, max_delay=300.0, max_records=10000)
+    now = 0.0
+    # Guessing alice from two IPv4 addresses and an IPv6 /64; spraying her whole /24.
+    for attacker in ("198.18.5.66", "198.18.9.9", "2001:db8:1:2::66"):
+        checked = sum(_guess(throttle, login_keys("alice", attacker), now) for _ in range(50))
+        assert checked == 6
+    for host in range(100, 250):
+        _guess(throttle, login_keys(f"user{host}", f"198.18.5.{host}"), now)
+    assert throttle.begin(login_keys("alice", "198.18.5.66"), now).retry_after > 0
+    assert throttle.begin(login_keys("bob", "198.18.5.66"), now).retry_after > 0  # a spray
+    assert throttle.begin(login_keys("alice", "198.18.5.120"), now).retry_after > 0  # its /24
+    # alice from her own address, from the attacker's /24 and from another host of the
+    # attacker's IPv6 /64's neighbour /64: none of them has failed, none is refused.
+    for own in ("198.18.6.1", "198.18.5.7", "2001:db8:1:3::1"):
+        keys = login_keys("alice", own)
+        assert throttle.begin(keys, now).go, own
+        throttle.finish(keys, now, Outcome.SUCCEEDED)
+    # The same /64 is the same source: an IPv6 attacker cannot hop addresses in it.
+    assert throttle.begin(login_keys("alice", "2001:db8:1:2::99"), now).retry_after > 0
+
+
+def test_a_spray_across_users_from_one_source_is_slowed():
+    throttle = Throttle(Limits(source=20), base_delay=1.0, max_delay=300.0, max_records=1000)
+    for n in range(21):  # every name only once: no account_source key ever blocks
+        _failed(throttle, login_keys(f"user{n}", "198.18.3.3"), 0.0)
+    assert throttle.begin(login_keys("someone-new", "198.18.3.3"), 0.0).retry_after == 1.0
+    assert throttle.begin(login_keys("someone-new", "198.18.3.4"), 0.0).go  # neighbour
+
+
+def test_concurrent_guesses_reach_the_hash_at_most_free_plus_one_times():
+    """Today's throttle checked, then hashed, then counted: 60 concurrent guesses all
+    reached the hash. Now an attempt is counted when it starts."""
+    throttle = Throttle(Limits(account_source=5), base_delay=1.0, max_delay=300.0, max_records=99)
+    keys = login_keys("alice", "198.18.3.3")
+    verdicts = [throttle.begin(keys, 0.0) for _ in range(60)]
+    assert [v.go for v in verdicts].count(True) == 6
+    assert all(v.wait for v in verdicts[6:])  # not refused: they wait for those in flight
+    for _ in range(6):
+        throttle.finish(keys, 0.1, Outcome.FAILED)
+    assert all(throttle.begin(keys, 0.1).retry_after == pytest.approx(1.0) for _ in range(54))
+    # Concurrent correct logins only queue: each success lets the next one start.
+    other = login_keys("bob", "198.18.3.9")
+    waiting, in_flight = 20, 0
+    while waiting:
+        while waiting and (verdict := throttle.begin(other, 0.0)).go:
+            waiting, in_flight = waiting - 1, in_flight + 1
+        assert verdict.retry_after == 0.0  # waits, never refused
+        throttle.finish(other, 0.0, Outcome.SUCCEEDED)
+        in_flight -= 1
+    for _ in range(in_flight):
+        throttle.finish(other, 0.0, Outcome.SUCCEEDED)
+    assert len(throttle) == 3  # alice's records (pair, address, /24); bob left none
+
+
+def test_throttle_spray_watch_and_failure_log_stay_bounded():
+    throttle = Throttle(Limits(), base_delay=1.0, max_delay=300.0, max_records=1000)
+    watch = SprayWatch(sources=3, window=900.0)
+    failure_log = FailureLog(interval=10.0, max_names=50)
+    held = login_keys("mallory", "198.18.0.9")
+    assert throttle.begin(held, 0.0).go  # in flight: never evicted
+    for n in range(20000):  # distinct names and sources, as fast as can be
+        now = n * 0.001
+        address = f"198.{18 + n % 2}.{n // 256 % 256}.{n % 256}"
+        _failed(throttle, login_keys(f"u{n}", address), now)
+        watch.failed("alice", address, now)
+        failure_log.warning(f"u{n}", now, "login failed user=%r", f"u{n}")
+        assert len(throttle) <= 1000 and len(failure_log) <= 50
+    assert throttle.evicted > 0
+    throttle.finish(held, 20.0, Outcome.FAILED)
+    assert len(watch) == 1 and watch.targeted(20.0) == 1
+    throttle.prune(20.0 + 301)
+    failure_log.prune(20.0 + 10)
+    assert len(throttle) == len(failure_log) == 0
+    assert watch.targeted(20.0 + 901) == 0 and len(watch) == 0
+
+
+def test_spray_watch_counts_accounts_failing_from_many_sources():
+    watch = SprayWatch(sources=3, window=900.0)
+    for source in ("198.18.1.1", "198.18.1.1", "2001:db8::1", "2001:db8::2"):
+        watch.failed("alice", source, 0.0)  # one IPv4 source and one /64: two sources
+    assert watch.targeted(1.0) == 0
+    watch.failed("alice", "198.18.9.9", 500.0)
+    assert watch.targeted(500.0) == 1
+    assert watch.targeted(901.0) == 0  # the first two fell out of the window
 
 
 def test_malformed_requests_get_invalid_argument(auth):

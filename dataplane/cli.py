@@ -19,7 +19,13 @@ from tundev import TUN_QUEUE_PACKETS
 from tundev.linux import LinuxTun
 
 from .device import Device
-from .metrics import Counters, KernelDrops, loop_lag_histogram, register_collectors
+from .metrics import (
+    Counters,
+    KernelDrops,
+    KernelSendErrors,
+    loop_lag_histogram,
+    register_collectors,
+)
 from .registry import Registry
 from .socket_filter import FilterUnavailable
 from .socket_filter import attach as attach_filter
@@ -135,6 +141,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         device.queues,
         KernelDrops(sock, tun.name, filter_drops=filter_drops),
         filter_drops,
+        KernelSendErrors(),
     )
     device.start(loop)
     metrics_server = await serve_metrics(prometheus, *cfg.dataplane.metrics_listen)

@@ -9,7 +9,9 @@ sees a consistent snapshot:
 
 "Delivered" means handed to the kernel (TUN write or UDP send) or accepted into
 a bounded output queue; a queued packet that later fails to be written is
-counted in pushgate_dataplane_io_errors_total.
+counted in pushgate_dataplane_io_errors_total. A UDP send the kernel refuses
+(ENOBUFS: the push socket has IP_RECVERR, so it is not dropped silently) is an
+outbound `no_buffer_space` drop, each datagram of a refused GSO send included.
 """
 
 import os
@@ -81,6 +83,8 @@ class Counters:
     io_errors: dict[str, int] = field(
         default_factory=lambda: {"udp_recv": 0, "udp_send": 0, "tun_read": 0, "tun_write": 0}
     )
+    # reports read off the push socket's error queue (IP_RECVERR), by errno name
+    udp_error_reports: dict[str, int] = field(default_factory=dict)
     icmp_too_big_sent: int = 0
     mss_clamped: int = 0
     session_installs: int = 0
@@ -143,6 +147,42 @@ class KernelDrops:
             return 0
 
 
+def snmp_section(text: str, section: str) -> dict[str, int]:
+    """One section ("Udp", "Icmp", ...) of /proc/net/snmp: a line of names, then values."""
+    names, values = (
+        line.split()[1:] for line in text.splitlines() if line.startswith(section + ":")
+    )
+    return dict(zip(names, map(int, values), strict=True))
+
+
+class KernelSendErrors:
+    """The kernel's UDP SndbufErrors for the dataplane's network namespace (IPv4 from
+    /proc/net/snmp, IPv6 from /proc/net/snmp6), read at scrape time: send calls the
+    kernel refused, ENOBUFS (no room in a transmit queue) or EAGAIN (the socket's
+    send buffer full), from any UDP socket in the namespace; the kernel keeps no
+    such count per socket. Missing files read as nothing rather than failing a scrape."""
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self._snmp, self._snmp6 = f"{proc}/net/snmp", f"{proc}/net/snmp6"
+
+    def __call__(self) -> int:
+        total = 0
+        try:
+            with open(self._snmp) as handle:
+                total += snmp_section(handle.read(), "Udp").get("SndbufErrors", 0)
+        except (OSError, ValueError):
+            pass
+        try:
+            with open(self._snmp6) as handle:
+                for line in handle:
+                    fields = line.split()
+                    if len(fields) == 2 and fields[0] == "Udp6SndbufErrors":
+                        total += int(fields[1])
+        except (OSError, ValueError):
+            pass
+        return total
+
+
 class DataplaneCollector:
     def __init__(
         self,
@@ -152,6 +192,7 @@ class DataplaneCollector:
         cipher_cache: CipherCache = DEFAULT_CIPHER_CACHE,
         kernel_drops: Callable[[], dict[str, int]] | None = None,
         filter_drops: Callable[[], dict[DropReason, int]] | None = None,
+        kernel_send_errors: Callable[[], int] | None = None,
     ):
         self._c = counters
         self._registry = registry
@@ -161,6 +202,7 @@ class DataplaneCollector:
         # the kernel socket filter's drops (dataplane/socket_filter.py): datagrams that
         # reached the push port and were dropped there, so counted as received too
         self._filter_drops = filter_drops
+        self._kernel_send_errors = kernel_send_errors
 
     def collect(self):
         c = self._c
@@ -217,6 +259,14 @@ class DataplaneCollector:
             for where, value in self._kernel_drops().items():
                 kernel.add_metric([where], value)
             yield kernel
+        if self._kernel_send_errors is not None:
+            yield counter(
+                "kernel_udp_sndbuf_errors",
+                "The kernel's UDP SndbufErrors in the dataplane's network namespace: send "
+                "calls refused (ENOBUFS or EAGAIN) by any UDP socket there; the dataplane's "
+                "own are no_buffer_space drops (ENOBUFS) or queued (EAGAIN)",
+                self._kernel_send_errors(),
+            )
         packets = CounterMetricFamily(
             prefix + "packets", "Tunnel packets by direction", labels=["direction"]
         )
@@ -235,6 +285,15 @@ class DataplaneCollector:
         for kind, value in c.io_errors.items():
             errors.add_metric([kind], value)
         yield errors
+        reports = CounterMetricFamily(
+            prefix + "udp_error_reports",
+            "Error reports read off the push socket's error queue, by errno name: ICMP "
+            "errors about datagrams sent to clients (ECONNREFUSED: nothing listens there)",
+            labels=["error"],
+        )
+        for name, value in c.udp_error_reports.items():
+            reports.add_metric([name], value)
+        yield reports
         yield counter(
             "icmp_too_big_sent",
             "ICMP fragmentation-needed / packet-too-big sent",
@@ -309,12 +368,18 @@ def register_collectors(
     queues: list[BoundedQueue],
     kernel_drops: Callable[[], dict[str, int]] | None = None,
     filter_drops: Callable[[], dict[DropReason, int]] | None = None,
+    kernel_send_errors: Callable[[], int] | None = None,
 ) -> None:
     """Our counters, the kernel's drops next to them, and the process' CPU, memory and
     file descriptors."""
     prometheus.register(
         DataplaneCollector(
-            counters, registry, queues, kernel_drops=kernel_drops, filter_drops=filter_drops
+            counters,
+            registry,
+            queues,
+            kernel_drops=kernel_drops,
+            filter_drops=filter_drops,
+            kernel_send_errors=kernel_send_errors,
         )
     )
     ProcessCollector(registry=prometheus)

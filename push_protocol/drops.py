@@ -37,6 +37,7 @@ class DropReason(StrEnum):
     QUEUE_FULL = "queue_full"
     TUN_WRITE_ERROR = "tun_write_error"
     SOCKET_ERROR = "socket_error"
+    NO_BUFFER_SPACE = "no_buffer_space"  # a UDP send refused (ENOBUFS): transmit queue full
 
 
 class PacketRejected(Exception):

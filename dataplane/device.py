@@ -99,7 +99,8 @@ class Device:
         # batched UDP (udpio): several datagrams per recvmsg / sendmsg where the kernel can
         self._gro = udpio.enable_gro(sock)
         self._gso = udpio.gso_capable(sock)
-        udpio.enable_send_errors(sock)  # refused sends fail loudly (ENOBUFS), not silently
+        # refused sends fail loudly (ENOBUFS), not silently; ICMP errors queue up
+        self._send_errors = udpio.enable_send_errors(sock)
 
     @property
     def queues(self) -> list[BoundedQueue]:
@@ -147,7 +148,7 @@ class Device:
                                 continue
                             datagrams = udpio.segments(data, size)
                 except BlockingIOError:
-                    if call == 0:  # woken for nothing to read: for the error queue
+                    if call == 0 and self._send_errors:  # woken for the error queue
                         self._read_error_reports()
                     return
                 except OSError as error:

@@ -21,7 +21,13 @@ from tundev.linux import LinuxTun
 from .conntrack import ConntrackCleaner
 from .destinations import DestinationPolicy, parse_ip_addresses
 from .device import Device
-from .metrics import Counters, KernelDrops, loop_lag_histogram, register_collectors
+from .metrics import (
+    Counters,
+    KernelDrops,
+    KernelSendErrors,
+    loop_lag_histogram,
+    register_collectors,
+)
 from .metrics_http import LOOP_ANSWER_SECONDS, MetricsServer, run_on_loop
 from .privileges import drop_privileges
 from .registry import Registry
@@ -144,6 +150,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         KernelDrops(sock, tun.name, filter_drops=filter_drops),
         filter_drops,
         on_loop=lambda function: run_on_loop(loop, function, LOOP_ANSWER_SECONDS),
+        kernel_send_errors=KernelSendErrors(),
     )
     device.start(loop)
     metrics_server = MetricsServer(cfg.dataplane.metrics_listen, prometheus)

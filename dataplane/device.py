@@ -8,12 +8,16 @@ a full queue is a counted `queue_full` drop. Where the kernel filter is loaded
 (socket_filter.py), malformed datagrams and unknown session ids never reach
 this loop; the loop still checks every header and id itself, so it is correct
 with or without the filter.
+The socket has IP_RECVERR: a send the kernel cannot queue fails (ENOBUFS, a
+counted `no_buffer_space` drop) instead of vanishing, and ICMP errors about
+what we sent are read off its error queue and counted.
 """
 
 import asyncio
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import time
 
@@ -38,6 +42,7 @@ BATCH = 64  # receive calls (UDP) or packets (TUN) per readiness callback
 DATAGRAM_BUDGET = 64
 RECV_SIZE = 65536
 QUEUE_CAPACITY = 4096  # packets per output queue
+ERROR_REPORTS_PER_READ = 256  # bounds one read of the error queue (it refills by ICMP)
 LAG_INTERVAL = 0.1
 HOUSEKEEPING_INTERVAL = 1.0
 KEEPALIVE_REPLY_AFTER = 1.0  # answer a keepalive if we sent nothing for this long
@@ -98,6 +103,8 @@ class Device:
         # batched UDP (udpio): several datagrams per recvmsg / sendmsg where the kernel can
         self._gro = udpio.enable_gro(sock)
         self._gso = udpio.gso_capable(sock)
+        # refused sends fail loudly (ENOBUFS), not silently; ICMP errors queue up
+        self._send_errors = udpio.enable_send_errors(sock)
 
     @property
     def queues(self) -> list[BoundedQueue]:
@@ -129,7 +136,7 @@ class Device:
         bad_headers = 0
         budget = DATAGRAM_BUDGET
         try:
-            for _ in range(BATCH):
+            for call in range(BATCH):
                 if budget <= 0:
                     return  # the loop calls back at once if more is waiting
                 try:
@@ -145,8 +152,13 @@ class Device:
                                 continue
                             datagrams = udpio.segments(data, size)
                 except BlockingIOError:
+                    if call == 0 and self._send_errors:  # woken for the error queue
+                        self._read_error_reports()
                     return
                 except OSError as error:
+                    if error.errno in udpio.REPORTED_ERRNOS:  # an ICMP error, not ours
+                        self._read_error_reports()
+                        continue
                     counters.io_errors["udp_recv"] += 1
                     self._bad_input_log.warning("udp_recv", "UDP receive error: %s", error)
                     continue
@@ -397,12 +409,15 @@ class Device:
         for run in udpio.runs(datagrams) if self._gso else [datagrams]:
             if len(run) > 1 and self._gso and not self.udp_queue:
                 try:
-                    udpio.send_run(self.sock, run, endpoint)
+                    self._send(run, endpoint)
                     counters.outbound_delivered += len(run)
                     continue
                 except BlockingIOError:
                     pass
                 except OSError as error:
+                    if error.errno == errno.ENOBUFS:  # the kernel dropped the run as one
+                        drops[self._send_failed(error, endpoint)] += len(run)
+                        continue
                     if error.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP):
                         self._gso = False  # cannot segment here: one by one from now on
             for datagram in run:
@@ -445,15 +460,54 @@ class Device:
             ok = self._queue(self.udp_queue, (datagram, endpoint))
             return None if ok else DropReason.QUEUE_FULL
         try:
-            self.sock.sendto(datagram, endpoint)
+            self._send([datagram], endpoint)
         except BlockingIOError:
             ok = self._queue(self.udp_queue, (datagram, endpoint))
             return None if ok else DropReason.QUEUE_FULL
         except OSError as error:
-            self.counters.io_errors["udp_send"] += 1
-            self._bad_input_log.warning("udp_send", "UDP send to %s failed: %s", endpoint, error)
-            return DropReason.SOCKET_ERROR
+            return self._send_failed(error, endpoint)
         return None
+
+    def _send(self, run: list, endpoint) -> None:
+        """One send call (a GSO one if `run` has several datagrams), raising as it
+        does; except that an error which only passed on an ICMP report about an
+        earlier datagram (the socket's pending error) did not stop this one: the
+        reports are read and the call made once more."""
+        try:
+            udpio.send_run(self.sock, run, endpoint)
+        except OSError as error:
+            if error.errno not in udpio.REPORTED_ERRNOS:
+                raise
+            self._read_error_reports()
+            udpio.send_run(self.sock, run, endpoint)
+
+    def _send_failed(self, error: OSError, endpoint) -> DropReason:
+        """Count a send call the kernel refused; the drop reason of its datagrams."""
+        self.counters.io_errors["udp_send"] += 1
+        self._bad_input_log.warning("udp_send", "UDP send to %s failed: %s", endpoint, error)
+        return (
+            DropReason.NO_BUFFER_SPACE if error.errno == errno.ENOBUFS else DropReason.SOCKET_ERROR
+        )
+
+    def _read_error_reports(self) -> None:
+        """Empty the socket's error queue and count its reports (ICMP errors about
+        datagrams we sent: a client that went away answers "port unreachable").
+        Left there they would hold receive-buffer memory and wake the loop again."""
+        reports = udpio.read_error_queue(self.sock, ERROR_REPORTS_PER_READ)
+        counts = self.counters.udp_error_reports
+        for report in reports:
+            name = errno.errorcode.get(report.errno, "other")
+            counts[name] = counts.get(name, 0) + 1
+        if reports:
+            last = reports[-1]
+            self._bad_input_log.warning(
+                "udp_error_report",
+                "%d UDP error reports, the last about a datagram to %s: %s (%s)",
+                len(reports),
+                last.destination[0],
+                os.strerror(last.errno),
+                last.origin,
+            )
 
     # -- bounded output queues --------------------------------------------------
 
@@ -473,7 +527,7 @@ class Device:
         while queue:
             datagram, endpoint = queue.peek()
             try:
-                self.sock.sendto(datagram, endpoint)
+                self._send([datagram], endpoint)
             except BlockingIOError:
                 return
             except OSError:

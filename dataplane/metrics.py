@@ -11,7 +11,9 @@ sees a consistent snapshot:
 
 "Delivered" means handed to the kernel (TUN write or UDP send) or accepted into
 a bounded output queue; a queued packet that later fails to be written is
-counted in pushgate_dataplane_io_errors_total.
+counted in pushgate_dataplane_io_errors_total. A UDP send the kernel refuses
+(ENOBUFS: the push socket has IP_RECVERR, so it is not dropped silently) is an
+outbound `no_buffer_space` drop, each datagram of a refused GSO send included.
 """
 
 import copy
@@ -84,6 +86,8 @@ class Counters:
     io_errors: dict[str, int] = field(
         default_factory=lambda: {"udp_recv": 0, "udp_send": 0, "tun_read": 0, "tun_write": 0}
     )
+    # reports read off the push socket's error queue (IP_RECVERR), by errno name
+    udp_error_reports: dict[str, int] = field(default_factory=dict)
     icmp_too_big_sent: int = 0
     rekey_requests_sent: int = 0
     keys_refused: int = 0
@@ -156,6 +160,42 @@ class KernelDrops:
             return 0
 
 
+def snmp_section(text: str, section: str) -> dict[str, int]:
+    """One section ("Udp", "Icmp", ...) of /proc/net/snmp: a line of names, then values."""
+    names, values = (
+        line.split()[1:] for line in text.splitlines() if line.startswith(section + ":")
+    )
+    return dict(zip(names, map(int, values), strict=True))
+
+
+class KernelSendErrors:
+    """The kernel's UDP SndbufErrors for the dataplane's network namespace (IPv4 from
+    /proc/net/snmp, IPv6 from /proc/net/snmp6), read at scrape time: send calls the
+    kernel refused, ENOBUFS (no room in a transmit queue) or EAGAIN (the socket's
+    send buffer full), from any UDP socket in the namespace; the kernel keeps no
+    such count per socket. Missing files read as nothing rather than failing a scrape."""
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self._snmp, self._snmp6 = f"{proc}/net/snmp", f"{proc}/net/snmp6"
+
+    def __call__(self) -> int:
+        total = 0
+        try:
+            with open(self._snmp) as handle:
+                total += snmp_section(handle.read(), "Udp").get("SndbufErrors", 0)
+        except (OSError, ValueError):
+            pass
+        try:
+            with open(self._snmp6) as handle:
+                for line in handle:
+                    fields = line.split()
+                    if len(fields) == 2 and fields[0] == "Udp6SndbufErrors":
+                        total += int(fields[1])
+        except (OSError, ValueError):
+            pass
+        return total
+
+
 class DataplaneCollector:
     def __init__(
         self,
@@ -166,6 +206,7 @@ class DataplaneCollector:
         kernel_drops: Callable[[], dict[str, int]] | None = None,
         filter_drops: Callable[[], dict[DropReason, int]] | None = None,
         on_loop: Callable[[Callable], object] | None = None,
+        kernel_send_errors: Callable[[], int] | None = None,
     ):
         self._c = counters
         # runs a function on the loop's thread and returns its result (None: here)
@@ -177,6 +218,7 @@ class DataplaneCollector:
         # the kernel socket filter's drops (dataplane/socket_filter.py): datagrams that
         # reached the push port and were dropped there, so counted as received too
         self._filter_drops = filter_drops
+        self._kernel_send_errors = kernel_send_errors
 
     def _loop_state(self):
         """What the loop mutates, copied on its thread: counters, sessions, queues."""
@@ -248,6 +290,14 @@ class DataplaneCollector:
             for where, value in self._kernel_drops().items():
                 kernel.add_metric([where], value)
             yield kernel
+        if self._kernel_send_errors is not None:
+            yield counter(
+                "kernel_udp_sndbuf_errors",
+                "The kernel's UDP SndbufErrors in the dataplane's network namespace: send "
+                "calls refused (ENOBUFS or EAGAIN) by any UDP socket there; the dataplane's "
+                "own are no_buffer_space drops (ENOBUFS) or queued (EAGAIN)",
+                self._kernel_send_errors(),
+            )
         packets = CounterMetricFamily(
             prefix + "packets", "Tunnel packets by direction", labels=["direction"]
         )
@@ -266,6 +316,15 @@ class DataplaneCollector:
         for kind, value in c.io_errors.items():
             errors.add_metric([kind], value)
         yield errors
+        reports = CounterMetricFamily(
+            prefix + "udp_error_reports",
+            "Error reports read off the push socket's error queue, by errno name: ICMP "
+            "errors about datagrams sent to clients (ECONNREFUSED: nothing listens there)",
+            labels=["error"],
+        )
+        for name, value in c.udp_error_reports.items():
+            reports.add_metric([name], value)
+        yield reports
         yield counter(
             "icmp_too_big_sent",
             "ICMP fragmentation-needed / packet-too-big sent",
@@ -349,6 +408,7 @@ def register_collectors(
     kernel_drops: Callable[[], dict[str, int]] | None = None,
     filter_drops: Callable[[], dict[DropReason, int]] | None = None,
     on_loop: Callable[[Callable], object] | None = None,
+    kernel_send_errors: Callable[[], int] | None = None,
 ) -> None:
     """Our counters, the kernel's drops next to them, and the process' CPU, memory and
     file descriptors."""
@@ -360,6 +420,7 @@ def register_collectors(
             kernel_drops=kernel_drops,
             filter_drops=filter_drops,
             on_loop=on_loop,
+            kernel_send_errors=kernel_send_errors,
         )
     )
     ProcessCollector(registry=prometheus)

@@ -43,6 +43,7 @@ class DropReason(StrEnum):
     REKEY_REQUIRED = "rekey_required"
     SOURCE_OVER_BUDGET = "source_over_budget"  # its source forged too many tags lately
     FORBIDDEN_DESTINATION = "forbidden_destination"  # the gateway host, link-local, denied nets
+    NO_BUFFER_SPACE = "no_buffer_space"  # a UDP send refused (ENOBUFS): transmit queue full
 
 
 class PacketRejected(Exception):

@@ -3,6 +3,7 @@
 The topology and the test client are netlab.dataplane_lab's.
 """
 
+import socket
 import struct
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from dataplane.metrics import snmp_section
 from netlab import Lab, metrics, socket_in, wait_for
 from netlab.dataplane_lab import (
     CLIENT_UNDERLAY,
@@ -61,6 +63,10 @@ def assert_accounted(samples) -> None:
     delivered = metrics.total(samples, "pushgate_dataplane_datagrams_delivered_total")
     dropped = metrics.total(samples, "pushgate_dataplane_drops_total", direction="inbound")
     assert received == delivered + dropped, (received, delivered, dropped)
+    read = metrics.total(samples, "pushgate_dataplane_tun_packets_read_total")
+    sent = metrics.total(samples, "pushgate_dataplane_outbound_delivered_total")
+    out_dropped = metrics.total(samples, "pushgate_dataplane_drops_total", direction="outbound")
+    assert read == sent + out_dropped, (read, sent, out_dropped)
 
 
 def test_packets_flow_both_ways(gateway):
@@ -408,4 +414,158 @@ def test_tun_write_errors_are_counted_and_not_fatal(gateway):
     gateway.lab.exec(gateway.gw, ["ip", "link", "set", "pgdp0", "up"])
     client.send_udp(b"after")
     assert gateway.observe()[2] == b"after"
+    assert_accounted(gateway.scrape())
+
+
+def kernel_snmp(lab, ns: str, section: str) -> dict[str, int]:
+    return snmp_section(lab.exec(ns, ["cat", "/proc/net/snmp"]).stdout, section)
+
+
+def dataplane_metric(samples, name: str, **labels) -> float:
+    return metrics.total(samples, f"pushgate_dataplane_{name}", **labels)
+
+
+def moved(after, before, name: str, **labels) -> int:
+    """How much a dataplane metric moved between two scrapes."""
+    return int(dataplane_metric(after, name, **labels) - dataplane_metric(before, name, **labels))
+
+
+def settled(gateway: Gateway):
+    """A scrape taken once the dataplane has read everything its TUN held."""
+    last = None
+    while True:
+        samples = gateway.scrape()
+        read = metrics.total(samples, "pushgate_dataplane_tun_packets_read_total")
+        if read == last:
+            return samples
+        last = read
+        time.sleep(0.3)
+
+
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h (root may pass rmem_max); not in Python 3.11
+BLAST = """
+import socket, sys, time
+host, seconds = sys.argv[1], float(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+payload, n, end = bytes(1200), 0, time.monotonic() + seconds
+while time.monotonic() < end:
+    for _ in range(64):
+        s.sendto(payload, (host, 4000))
+    n += 64
+print(n)
+"""
+
+
+def test_sends_the_kernel_refuses_are_drops_and_the_outbound_sum_holds(gateway):
+    """A TUN->UDP blast towards a client behind a slow link (10 Mbit/s, a 128 kB
+    queue): the kernel refuses the dataplane's sends (ENOBUFS). Each refused send
+    call is an io error and each of its datagrams a `no_buffer_space` drop; the
+    kernel's own count of refusals (SndbufErrors) is exported and equals the calls;
+    tun_packets_read == outbound_delivered + drops exactly, and "delivered" is
+    true: the client receives exactly the datagrams counted as delivered."""
+    client = serve_one(gateway, 0x100A)
+    client.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 32 << 20)  # holds it all
+    client.send_udp(b"here I am")  # gives the session its endpoint
+    assert gateway.observe()[2] == b"here I am"
+    lab, gw, cl = gateway.lab, gateway.gw, gateway.cl
+    # The blast comes from the client's namespace, forwarded into the TUN, so that the
+    # dataplane's socket is the only UDP sender in the gateway's namespace.
+    lab.exec(gw, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    lab.exec(cl, ["ip", "route", "add", "198.19.10.0/24", "via", GW_UNDERLAY])
+    uplink = lab.exec(gw, ["ip", "-o", "link", "show", "type", "veth"]).stdout
+    uplink = uplink.split(":")[1].strip().split("@")[0]
+    shape = f"tc qdisc add dev {uplink} root tbf rate 10mbit burst 128kb limit 128kb"
+    lab.exec(gw, shape.split())
+    before, udp_before = settled(gateway), kernel_snmp(lab, gw, "Udp")
+    client_before = kernel_snmp(lab, cl, "Udp")
+    blast = lab.start(
+        cl, [sys.executable, "-c", BLAST, "198.19.10.2", "1.5"], stdout=subprocess.PIPE
+    )
+    blasted = int(blast.communicate(timeout=30)[0])
+    after, udp_after = settled(gateway), kernel_snmp(lab, gw, "Udp")
+
+    client.sock.setblocking(False)
+    received = 0
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < 1.0:  # the shaped queue drains, then nothing
+        try:
+            datagram = client.sock.recv(65536)
+        except BlockingIOError:
+            time.sleep(0.05)
+            continue
+        received += parse_header(datagram).packet_type == PacketType.DATA
+        quiet_since = time.monotonic()
+
+    refused = moved(after, before, "drops_total", direction="outbound", reason="no_buffer_space")
+    calls = moved(after, before, "io_errors_total", kind="udp_send")
+    delivered = moved(after, before, "outbound_delivered_total")
+    kernel = udp_after["SndbufErrors"] - udp_before["SndbufErrors"]
+    read = moved(after, before, "tun_packets_read_total")
+    print(
+        f"blasted {blasted}, read {read}, delivered {delivered},"
+        f" no_buffer_space {refused} in {calls} refused calls (kernel: {kernel}),"
+        f" the client received {received}"
+    )
+    assert refused > 0  # the slow link made the kernel refuse ...
+    assert calls == kernel  # ... and every refusal it counted is one of ours
+    assert (
+        moved(after, before, "kernel_udp_sndbuf_errors_total") == kernel
+    )  # exported as it counts it
+    assert dataplane_metric(after, "queue_high_water", queue="udp_send") == 0  # none was EAGAIN
+    assert moved(after, before, "drops_total", direction="outbound", reason="socket_error") == 0
+    assert_accounted(after)
+    client_after = kernel_snmp(lab, cl, "Udp")
+    assert client_after["RcvbufErrors"] == client_before["RcvbufErrors"]
+    assert received == delivered
+
+
+def test_icmp_errors_from_a_vanished_client_are_read_counted_and_cost_nothing(gateway):
+    """The client's socket closes: its kernel answers each datagram the dataplane
+    sends it with ICMP port unreachable, which (the socket has IP_RECVERR) lands on
+    the push socket's error queue and fails its next call once. Each report is read
+    and counted; no send fails for it (every datagram for the client is sent), no
+    receive error is counted, the error queue holds no receive-buffer memory, and
+    the loop goes on: the client comes back from a new port and traffic flows."""
+    client = serve_one(gateway, 0x100B)
+    client.send_udp(b"here I am")
+    assert gateway.observe()[2] == b"here I am"
+    lab, gw, cl = gateway.lab, gateway.gw, gateway.cl
+    lab.exec(cl, ["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"])  # answer every datagram
+    before, icmp_before = gateway.scrape(), kernel_snmp(lab, cl, "Icmp")
+    client.sock.close()
+    rounds = 20
+    for _ in range(rounds):  # two sizes: two send calls, the second after the first's ICMP
+        gateway.observer.sendto(b"s" * 10, ("198.19.10.2", 4000))
+        gateway.observer.sendto(b"L" * 300, ("198.19.10.2", 4000))
+        time.sleep(0.02)
+
+    def reports(samples) -> float:
+        return dataplane_metric(samples, "udp_error_reports_total", error="ECONNREFUSED")
+
+    def unreachable() -> int:  # what the client's kernel answered
+        return kernel_snmp(lab, cl, "Icmp")["OutDestUnreachs"] - icmp_before["OutDestUnreachs"]
+
+    settled(gateway)  # every packet for the client sent: every ICMP error answered
+    wait_for(
+        lambda: 0 < unreachable() == reports(gateway.scrape()) - reports(before),
+        10,
+        what="a report for every ICMP error",
+    )
+    after = gateway.scrape()
+    assert reports(after) - reports(before) == unreachable() == 2 * rounds
+    assert moved(after, before, "outbound_delivered_total") == 2 * rounds
+    assert moved(after, before, "drops_total", direction="outbound", reason="socket_error") == 0
+    assert moved(after, before, "io_errors_total", kind="udp_send") == 0
+    assert moved(after, before, "io_errors_total", kind="udp_recv") == 0
+    port = f":{PORT:04X} "
+    table = lab.exec(gw, ["cat", "/proc/net/udp"]).stdout.splitlines()
+    (row,) = [line.split() for line in table if port in line]
+    assert int(row[4].split(":")[1], 16) == 0  # rx_queue: nothing left on the error queue
+
+    client.sock = socket_in(cl)  # back, from another port
+    client.sock.settimeout(5)
+    client.send_udp(b"back again", sport=4001)
+    assert gateway.observe()[2] == b"back again"
+    gateway.observer.sendto(b"welcome back", ("198.19.10.2", 4001))
+    assert udp_payload(client.receive_inner())[3] == b"welcome back"
     assert_accounted(gateway.scrape())

@@ -10,7 +10,7 @@ import pytest
 
 import gateway_config as config
 from dataplane import inner
-from dataplane.metrics import BoundedQueue, KernelDrops
+from dataplane.metrics import BoundedQueue, KernelDrops, KernelSendErrors
 from dataplane.registry import Registry, SessionRecord, packed_address
 from dataplane.routing import TO_TUN, Action, Router
 from netlab.packets import ipv4_tcp_syn, ipv4_udp
@@ -193,3 +193,21 @@ def test_kernel_drops_read_the_sockets_own_receive_buffer_overflows():
                 break
         assert kernel()["udp_receive_buffer"] == 200 - received > 0
         assert KernelDrops(bystander, "pg-no-such-tun")()["udp_receive_buffer"] == 0
+
+
+def test_kernel_send_errors_add_the_ipv4_and_ipv6_counts_and_survive_missing_files(tmp_path):
+    net = tmp_path / "net"
+    net.mkdir()
+    (net / "snmp").write_text(
+        "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n"
+        "Udp: 10 0 0 20 3 7\n"
+        "UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n"
+        "UdpLite: 0 0 0 0 0 100\n"
+    )
+    kernel = KernelSendErrors(str(tmp_path))
+    assert kernel() == 7  # no snmp6 (IPv6 off): the IPv4 count alone
+    (net / "snmp6").write_text(
+        "Udp6OutDatagrams                \t9\nUdp6SndbufErrors                \t5\n"
+    )
+    assert kernel() == 12
+    assert KernelSendErrors(str(tmp_path / "elsewhere"))() == 0

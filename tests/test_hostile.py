@@ -31,6 +31,7 @@ import grpc
 import pytest
 
 from auth_service.pki import make_ca
+from dataplane.metrics import snmp_section
 from netlab import Lab, http_get, metrics, refuses_nobody, socket_in, wait_for
 from netlab.gateway import AUTH_PORT, DATAPLANE_PORT, GATEWAY, LAN_HOST, GatewayLab
 from netlab.packets import ipv4_udp
@@ -85,7 +86,7 @@ class Hostile:
 
     def kernel_udp(self) -> dict[str, int]:
         """The gateway namespace's UDP counters from /proc/net/snmp (RcvbufErrors, ...)."""
-        return snmp(self.lab.exec(self.gw.gw, ["cat", "/proc/net/snmp"]).stdout, "Udp")
+        return snmp_section(self.lab.exec(self.gw.gw, ["cat", "/proc/net/snmp"]).stdout, "Udp")
 
     def kernel_drops(self) -> dict[str, int]:
         """Where the kernels on the path drop on their own: UDP receive buffers (gateway,
@@ -104,7 +105,7 @@ class Hostile:
             lines = text.splitlines()
             if lines and lines[0].isdigit():
                 found[f"{dev} tx_dropped"] = int(lines[0])
-            udp = snmp(text, "Udp")
+            udp = snmp_section(text, "Udp")
             found[f"{ns.rsplit('-', 1)[1]} udp RcvbufErrors"] = udp["RcvbufErrors"]
         return found
 
@@ -186,14 +187,6 @@ class Hostile:
             stdout=subprocess.PIPE,
             text=True,
         )
-
-
-def snmp(text: str, section: str) -> dict[str, int]:
-    """One section ("Udp", "Icmp", ...) of /proc/net/snmp: a line of names, then values."""
-    names, values = (
-        line.split()[1:] for line in text.splitlines() if line.startswith(section + ":")
-    )
-    return dict(zip(names, map(int, values), strict=True))
 
 
 def ping_loss(process: subprocess.Popen) -> tuple[int, int]:
@@ -1119,7 +1112,7 @@ def test_slow_uplink_fills_the_send_queue_counted_and_the_loop_stays_live(h):
     alice = h.feed_sessions()[h.session_id(0)].tunnel_addresses[0]
 
     def echo_requests() -> int:  # ICMP echo requests that reached the lan host
-        return snmp(h.lab.exec(gw.lan, ["cat", "/proc/net/snmp"]).stdout, "Icmp")["InEchos"]
+        return snmp_section(h.lab.exec(gw.lan, ["cat", "/proc/net/snmp"]).stdout, "Icmp")["InEchos"]
 
     duration = seconds(3)
     before, path_before, echoes_before = h.settled(), h.kernel_drops(), echo_requests()

@@ -119,6 +119,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
                 metrics.expired.inc(expired)
                 servicer.update_gauges()
                 log.info("expired %d sessions", expired)
+            store.wipe_replaced_keys()  # ended and replaced keys leave the WAL
     log.info("stopping")
     await public.stop(2)
     await control.stop(1)

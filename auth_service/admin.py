@@ -27,6 +27,8 @@ mtu = 1420
 keepalive_seconds = 10
 cipher = "aes-256-gcm"                 # or "chacha20-poly1305"
 control_socket = "run/control.sock"    # session feed, Unix socket, mode 0600
+control_peer_users = []                # who else may use the local sockets (besides root
+                                       # and the service's own user), e.g. ["pushgate-dp"]
 
 [auth]
 listen = "{auth_listen}"               # client API, gRPC over TLS

@@ -52,6 +52,11 @@ class AuthMetrics:
         self.revision = Gauge(
             "pushgate_auth_feed_revision", "Session feed revision", registry=registry
         )
+        self.control_peers_refused = Counter(
+            "pushgate_auth_control_peers_refused",
+            "Connections to the session feed socket refused: the peer's uid is not allowed",
+            registry=registry,
+        )
 
 
 def peer_ip(context) -> str:

@@ -13,7 +13,7 @@ import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import gateway_config
-from control_socket import serve_private
+from control_socket import ControlSocketError, PeerPolicy, PrivateServer, serve_private
 from pushgate_api import control_pb2_grpc
 from tundev import TUN_QUEUE_PACKETS
 from tundev.linux import LinuxTun
@@ -98,11 +98,16 @@ async def serve_metrics(prometheus, host: str, port: int) -> asyncio.AbstractSer
     return await asyncio.start_server(handle, host, port)
 
 
-async def serve_stats(registry: Registry, path: str) -> grpc.aio.Server:
+async def serve_stats(
+    registry: Registry, counters: Counters, path: str, peers: PeerPolicy
+) -> PrivateServer:
     server = grpc.aio.server()
     control_pb2_grpc.add_DataplaneStatsServicer_to_server(DataplaneStatsServicer(registry), server)
-    await serve_private(server, path)
-    return server
+
+    def refused() -> None:
+        counters.control_peers_refused["stats"] += 1
+
+    return await serve_private(server, path, peers, on_refused=refused)
 
 
 async def run(cfg: gateway_config.GatewayConfig) -> None:
@@ -138,8 +143,9 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     )
     device.start(loop)
     metrics_server = await serve_metrics(prometheus, *cfg.dataplane.metrics_listen)
-    stats_server = await serve_stats(registry, cfg.dataplane.stats_socket)
-    sync = SessionSync(registry, counters, cfg.gateway.control_socket)
+    peers = PeerPolicy.for_service(cfg.gateway.control_peer_users)
+    stats_server = await serve_stats(registry, counters, cfg.dataplane.stats_socket, peers)
+    sync = SessionSync(registry, counters, cfg.gateway.control_socket, peers=peers)
     sync_task = asyncio.create_task(sync.run())
     log.info(
         "dataplane up: UDP %s:%d, TUN %s %s/%d mtu %d, metrics %s:%d, feed %s",
@@ -230,7 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, dataplane=dataclasses.replace(cfg.dataplane, **overrides))
     if args.nat or args.remove_nat:
         return nat(cfg, args.nat or "", args.remove_nat)
-    asyncio.run(run(cfg))
+    try:
+        asyncio.run(run(cfg))
+    except ControlSocketError as error:
+        print(f"pushgate-dataplane: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

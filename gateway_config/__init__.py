@@ -31,6 +31,7 @@ class GatewaySection:
     keepalive_seconds: float
     cipher: CipherSuite
     control_socket: str
+    control_peer_users: tuple[str, ...]  # besides our own user and root (control_socket)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,7 @@ def _gateway(section: _Section) -> GatewaySection:
         ),
         cipher=cipher,
         control_socket=section.path("control_socket", "run/control.sock"),
+        control_peer_users=section.strings("control_peer_users", []),
     )
 
 

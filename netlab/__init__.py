@@ -174,36 +174,47 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
         time.sleep(interval)
 
 
-def refuses_nobody(path: str) -> bool:
-    """Whether user `nobody` is refused connecting to the Unix socket at `path` by the
-    socket's own mode: the directories on the way are opened up for the probe (and
-    closed again), so only the socket's permissions can refuse. setpriv (util-linux)
-    drops to `nobody`; Debian's own python3, since ours may live where `nobody`
-    cannot read."""
+# Runs a command as user `nobody`: setpriv (util-linux) drops to it; Debian's own
+# python3, since ours may live where `nobody` cannot read.
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+NOBODY_PYTHON = "/usr/bin/python3"
+NOBODY_UID = 65534
+
+
+@contextlib.contextmanager
+def reachable_by_nobody(path: str):
+    """Opens the directories above `path` for `nobody` to pass through (and closes
+    them again), so that only `path`'s own permissions decide."""
     opened = []
     directory = os.path.dirname(path)
-    while directory != "/":
-        mode = stat.S_IMODE(os.stat(directory).st_mode)
-        if mode & 0o005 != 0o005:
-            opened.append((directory, mode))
-            os.chmod(directory, mode | 0o005)
-        directory = os.path.dirname(directory)
+    try:
+        while directory != "/":
+            mode = stat.S_IMODE(os.stat(directory).st_mode)
+            if mode & 0o005 != 0o005:
+                opened.append((directory, mode))
+                os.chmod(directory, mode | 0o005)
+            directory = os.path.dirname(directory)
+        yield
+    finally:
+        for directory, mode in opened:
+            os.chmod(directory, mode)
+
+
+def refuses_nobody(path: str) -> bool:
+    """Whether user `nobody` is refused connecting to the Unix socket at `path` by the
+    socket's own mode."""
     probe = (
         "import socket,sys\n"
         "s=socket.socket(socket.AF_UNIX)\n"
         "try:\n s.connect(sys.argv[1]); print('connected')\n"
         "except PermissionError: print('refused')\n"
     )
-    nobody_python = ["/usr/bin/python3", "-c", probe, path]  # Debian's: nobody can run it
-    try:
+    with reachable_by_nobody(path):
         result = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *nobody_python],
+            [*AS_NOBODY, NOBODY_PYTHON, "-c", probe, path],
             cwd="/",
             capture_output=True,
             text=True,
             timeout=30,
         )
-    finally:
-        for directory, mode in opened:
-            os.chmod(directory, mode)
     return result.stdout.strip() == "refused"

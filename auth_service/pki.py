@@ -1,4 +1,12 @@
-"""A gateway's private CA and server certificate (cryptography, ECDSA P-256)."""
+"""A gateway's private CA and server certificate (cryptography, ECDSA P-256).
+
+The CA exists only to vouch for this gateway, so it carries critical name
+constraints (RFC 5280, 4.2.1.10) for the gateway's names: even its own key
+cannot make a certificate a client accepts for any other name or address.
+Permitted DNS names include their subdomains; a gateway known only by IP
+addresses permits only the reserved name "invalid" (RFC 6761), one known only by
+DNS names excludes every IP address.
+"""
 
 import datetime
 import ipaddress
@@ -6,6 +14,7 @@ import ipaddress
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_DAYS = 3650
@@ -28,16 +37,54 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _subject_alt_names(names: list[str]) -> x509.SubjectAlternativeName:
-    entries = []
-    for name in names:
-        try:
-            entries.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            entries.append(x509.DNSName(name))
-    return x509.SubjectAlternativeName(entries)
+    return x509.SubjectAlternativeName([_general_name(name) for name in names])
 
 
-def make_ca(common_name: str, now: datetime.datetime) -> tuple[bytes, bytes, object, object]:
+def server_names(cert: x509.Certificate) -> list[str]:
+    """The DNS names and IP addresses a server certificate is for, in order."""
+    alt_names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(name.value) for name in alt_names]
+
+
+def load_ca(cert_pem: bytes, key_pem: bytes):
+    """The CA certificate and its private key, checked to belong together."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if key.public_key() != cert.public_key():
+        raise ValueError("the CA key does not belong to the CA certificate")
+    return cert, key
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def name_constraints(names: list[str]) -> x509.NameConstraints:
+    """Only the gateway's own names: DNS names (and below), single IP addresses."""
+    dns = [x509.DNSName(n) for n in names if isinstance(_general_name(n), x509.DNSName)]
+    ips = [
+        x509.IPAddress(ipaddress.ip_network(ipaddress.ip_address(n)))
+        for n in names
+        if isinstance(_general_name(n), x509.IPAddress)
+    ]
+    excluded = None
+    if not ips:
+        excluded = [
+            x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")),
+            x509.IPAddress(ipaddress.ip_network("::/0")),
+        ]
+    return x509.NameConstraints(
+        permitted_subtrees=(dns or [x509.DNSName("invalid")]) + ips, excluded_subtrees=excluded
+    )
+
+
+def make_ca(
+    common_name: str, now: datetime.datetime, names: list[str]
+) -> tuple[bytes, bytes, object, object]:
+    """A CA for the gateway known as `names` (constrained to them)."""
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
@@ -63,6 +110,7 @@ def make_ca(common_name: str, now: datetime.datetime) -> tuple[bytes, bytes, obj
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(name_constraints(names), critical=True)
         .sign(key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key), cert, key
@@ -89,3 +137,25 @@ def make_server_cert(
         .sign(ca_key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+def verification_problem(
+    cert: x509.Certificate, ca_cert: x509.Certificate, name: str, now: datetime.datetime
+) -> str | None:
+    """Why a TLS client trusting only `ca_cert` would refuse `cert` for `name`
+    (RFC 5280 path validation, name constraints included), or None."""
+    try:
+        subject = verification.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        subject = verification.DNSName(name)
+    verifier = (
+        verification.PolicyBuilder()
+        .store(verification.Store([ca_cert]))
+        .time(now)
+        .build_server_verifier(subject)
+    )
+    try:
+        verifier.verify(cert, [])
+    except verification.VerificationError as error:
+        return str(error)
+    return None

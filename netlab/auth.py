@@ -44,6 +44,7 @@ class AuthServer:
         *,
         network: str = "198.19.0.0/24",
         settings: dict[str, str] | None = None,
+        init_args: tuple[str, ...] = (),
     ) -> None:
         self.directory = directory
         self.port = free_port()
@@ -60,6 +61,7 @@ class AuthServer:
             "198.18.0.1:51820",
             "--tunnel-network",
             network,
+            *init_args,
         )
         assert result.returncode == 0, result.stderr
         self.config = os.path.join(directory, "pushgate.toml")

@@ -37,7 +37,7 @@ def test_compose_file_validates():
 def test_prometheus_config_and_rules_pass_promtool():
     run("promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
     out = run("promtool", "check", "rules", str(DEPLOY / "prometheus" / "rules.yml")).stdout
-    assert "SUCCESS: 7 rules found" in out
+    assert "SUCCESS: 8 rules found" in out
 
 
 def test_every_alert_fires_in_the_rule_unit_tests():
@@ -49,7 +49,7 @@ def test_every_alert_fires_in_the_rule_unit_tests():
         for line in rules.splitlines()
         if line.strip().startswith("- alert:")
     ]
-    assert len(alerts) == 7
+    assert len(alerts) == 8
     for alert in alerts:
         assert f"alertname: {alert}\n        exp_alerts:\n          - exp_labels" in tests, alert
 

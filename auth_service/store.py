@@ -103,7 +103,8 @@ class Store:
         # Deleted and overwritten rows are zeroed in the file (the default is a
         # compile-time choice, so it is set here explicitly).
         self.db.execute("PRAGMA secure_delete=ON")
-        self._keys_replaced = False  # since the last wipe: old key bytes in the WAL
+        # old key bytes may be in the WAL (since the last wipe, or left by an earlier run)
+        self._keys_replaced = True
         self._migrate()
 
     def close(self) -> None:

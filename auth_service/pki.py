@@ -2,10 +2,13 @@
 
 The CA exists only to vouch for this gateway, so it carries critical name
 constraints (RFC 5280, 4.2.1.10) for the gateway's names: even its own key
-cannot make a certificate a client accepts for any other name or address.
-Permitted DNS names include their subdomains; a gateway known only by IP
-addresses permits only the reserved name "invalid" (RFC 6761), one known only by
-DNS names excludes every IP address.
+cannot make a certificate a client accepts for any other DNS name. Permitted DNS
+names include their subdomains; a gateway known only by IP addresses permits
+only the reserved DNS name "invalid" (RFC 6761). IP addresses: a gateway known
+only by DNS names excludes every one; a gateway with an IP address among its
+names gets no IP constraint, because BoringSSL (gRPC's TLS, so our own client)
+refuses any certificate with an IP address under a CA with IP constraints
+("unsupported name constraint type").
 """
 
 import datetime
@@ -63,21 +66,18 @@ def _general_name(name: str) -> x509.GeneralName:
 
 
 def name_constraints(names: list[str]) -> x509.NameConstraints:
-    """Only the gateway's own names: DNS names (and below), single IP addresses."""
-    dns = [x509.DNSName(n) for n in names if isinstance(_general_name(n), x509.DNSName)]
-    ips = [
-        x509.IPAddress(ipaddress.ip_network(ipaddress.ip_address(n)))
-        for n in names
-        if isinstance(_general_name(n), x509.IPAddress)
-    ]
+    """Only the gateway's own DNS names (and below); no IP address unless the
+    gateway has one (see the module's doc for why not just its own)."""
+    general = [_general_name(name) for name in names]
+    dns = [name for name in general if isinstance(name, x509.DNSName)]
     excluded = None
-    if not ips:
+    if len(dns) == len(general):
         excluded = [
             x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")),
             x509.IPAddress(ipaddress.ip_network("::/0")),
         ]
     return x509.NameConstraints(
-        permitted_subtrees=(dns or [x509.DNSName("invalid")]) + ips, excluded_subtrees=excluded
+        permitted_subtrees=dns or [x509.DNSName("invalid")], excluded_subtrees=excluded
     )
 
 
@@ -122,7 +122,10 @@ def make_server_cert(
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(_name(names[0]))
+        # The names are in the SANs only: TLS libraries (OpenSSL, BoringSSL) check a
+        # hostname-like common name against the CA's DNS constraints too, and an IP
+        # address there would break them; a CN with a space is no hostname.
+        .subject_name(_name("pushgate gateway server"))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

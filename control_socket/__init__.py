@@ -195,7 +195,9 @@ class PeerCheckedRelay:
                     self._refuse(f"the server at {self.upstream},", server)
                     return
             await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
-        except OSError:
+        except (OSError, asyncio.CancelledError):
+            # A cancelled connection task just ends: Python 3.11's stream server
+            # would log a cancelled handler as an error (fixed in 3.12).
             pass
         finally:
             for end in (writer, upstream_writer):

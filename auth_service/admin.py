@@ -1,4 +1,4 @@
-"""`pushgate-admin`: set up a gateway (init) and manage its users."""
+"""`pushgate-admin`: set up a gateway (init), renew its server certificate, manage users."""
 
 import argparse
 import datetime
@@ -8,10 +8,12 @@ import os
 import sys
 import time
 
+from cryptography import x509
+
 import gateway_config
 
 from .passwords import hash_password
-from .pki import make_ca, make_server_cert
+from .pki import load_ca, make_ca, make_server_cert, server_names, verification_problem
 from .store import NoSuchUser, Store, UserExists
 
 PASSWORD_ENV = "PUSHGATE_PASSWORD"
@@ -96,21 +98,18 @@ def cmd_init(args: argparse.Namespace) -> int:
     os.makedirs(os.path.join(directory, "tls"), mode=0o700, exist_ok=True)
     os.makedirs(os.path.join(directory, "run"), mode=0o700, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
-    ca_pem, ca_key_pem, ca_cert, ca_key = make_ca("pushgate gateway CA", now)
     names = args.server_name or ["localhost", "127.0.0.1"]
+    ca_pem, ca_key_pem, ca_cert, ca_key = make_ca("pushgate gateway CA", now, names)
     cert_pem, key_pem = make_server_cert(names, ca_cert, ca_key, now)
+    ca_key_path = os.path.abspath(args.ca_key_out or os.path.join(directory, "tls/ca.key"))
     files = {
         "tls/ca.crt": (ca_pem, 0o644),
-        "tls/ca.key": (ca_key_pem, 0o600),
+        ca_key_path: (ca_key_pem, 0o600),
         "tls/server.crt": (cert_pem, 0o644),
         "tls/server.key": (key_pem, 0o600),
     }
     for name, (data, mode) in files.items():
-        path = os.path.join(directory, name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(path, mode)
+        _write(os.path.join(directory, name), data, mode)
     # Readable by the dataplane's user whatever the umask: it holds no secret.
     fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.fchmod(fd, 0o644)
@@ -125,7 +124,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                 routes=_quoted(args.route or ["0.0.0.0/0"]),
                 dns=_quoted(args.dns or []),
                 control_group=(
-                    f'control_group = "{args.control_group}"  # also may use it (0660)\n'
+                    f'control_group = "{args.control_group}"  # members may use the sockets\n'
                     if args.control_group
                     else ""
                 ),
@@ -144,7 +143,46 @@ def cmd_init(args: argparse.Namespace) -> int:
         f"  config      {config_path}\n"
         f"  CA          {os.path.join(directory, 'tls/ca.crt')} (give this to clients)\n"
         f"  server cert for {', '.join(names)}\n"
+        f"  CA key      {ca_key_path} (needed only to renew the server certificate: "
+        "keep it offline)\n"
         f"next: pushgate-admin user add NAME --config {config_path}"
+    )
+    return 0
+
+
+def _write(path: str, data: bytes, mode: int) -> None:
+    """Replace `path` at once (a reader sees the old file or the new one), with `mode`."""
+    partial = f"{path}.new"
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.chmod(partial, mode)
+    os.replace(partial, path)
+
+
+def cmd_cert_renew(args: argparse.Namespace) -> int:
+    """A new server key and certificate from the existing CA: clients keep their ca.crt."""
+    cfg = gateway_config.load(args.config, auth=True)
+    ca_key_path = args.ca_key or os.path.join(os.path.dirname(cfg.auth.ca_cert), "ca.key")
+    with open(cfg.auth.ca_cert, "rb") as cert_file, open(ca_key_path, "rb") as key_file:
+        ca_cert, ca_key = load_ca(cert_file.read(), key_file.read())
+    with open(cfg.auth.tls_cert, "rb") as handle:
+        current = x509.load_pem_x509_certificate(handle.read())
+    names = args.server_name or server_names(current)
+    now = datetime.datetime.now(datetime.UTC)
+    cert_pem, key_pem = make_server_cert(names, ca_cert, ca_key, now)
+    new_cert = x509.load_pem_x509_certificate(cert_pem)
+    for name in names:  # outside the CA's constraints, clients would refuse it
+        problem = verification_problem(new_cert, ca_cert, name, now)
+        if problem:
+            raise ValueError(f"the CA cannot vouch for {name}: {problem}")
+    _write(cfg.auth.tls_key, key_pem, 0o600)
+    _write(cfg.auth.tls_cert, cert_pem, 0o644)
+    print(
+        f"server certificate renewed for {', '.join(names)}, valid until "
+        f"{new_cert.not_valid_after_utc:%Y-%m-%d}: {cfg.auth.tls_cert}\n"
+        "clients keep their ca.crt; restart pushgate-auth to serve it "
+        "(sessions survive the restart)"
     )
     return 0
 
@@ -199,7 +237,7 @@ def cmd_user(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pushgate-admin", description="gateway administration (init, users)"
+        prog="pushgate-admin", description="gateway administration (init, cert, users)"
     )
     commands = parser.add_subparsers(dest="command", required=True)
     init = commands.add_parser("init", help="create a CA, a server certificate and a config")
@@ -232,8 +270,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="a network clients may not reach, e.g. a management network (repeatable)",
     )
+    init.add_argument(
+        "--ca-key-out",
+        metavar="PATH",
+        help="write the CA's private key here instead of DIR/tls/ca.key (e.g. removable "
+        "media kept offline: only `cert renew` needs it)",
+    )
     init.add_argument("--force", action="store_true")
     init.set_defaults(func=cmd_init)
+    cert = commands.add_parser("cert", help="the server certificate")
+    cert.add_argument("action", choices=["renew"])
+    cert.add_argument("--config", required=True)
+    cert.add_argument(
+        "--ca-key", metavar="PATH", help="the CA's private key (default: tls/ca.key beside ca.crt)"
+    )
+    cert.add_argument(
+        "--server-name",
+        action="append",
+        help="names for the new certificate (default: those of the current one)",
+    )
+    cert.set_defaults(func=cmd_cert_renew)
     user = commands.add_parser("user", help="manage users")
     user.add_argument("action", choices=["add", "passwd", "disable", "enable", "remove", "list"])
     user.add_argument("name", nargs="?")
@@ -245,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "action", "list") != "list" and not args.name:
+    if args.command == "user" and args.action != "list" and not args.name:
         print("pushgate-admin: user NAME is required", file=sys.stderr)
         return 2
     try:

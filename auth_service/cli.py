@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 import gateway_config
-from control_socket import serve_private
+from control_socket import ControlSocketError, PeerPolicy, serve_private
 from push_protocol.aead import CipherSuite
 from pushgate_api import auth_pb2, control_pb2_grpc
 
@@ -102,7 +102,12 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     control_pb2_grpc.add_SessionFeedServicer_to_server(
         SessionFeedServicer(sessions, servicer.update_gauges), control
     )
-    await serve_private(control, gw.control_socket, gw.control_group)
+    control_socket = await serve_private(
+        control,
+        gw.control_socket,
+        PeerPolicy.for_service(gw.control_group),
+        on_refused=metrics.control_peers_refused.inc,
+    )
     start_http_server(auth.metrics_listen[1], addr=auth.metrics_listen[0], registry=registry)
     log.info(
         "auth service up: clients %s (TLS), session feed unix:%s, metrics %s:%d, "
@@ -128,9 +133,10 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
                 metrics.expired.inc(expired)
                 servicer.update_gauges()
                 log.info("expired %d sessions", expired)
+            store.wipe_replaced_keys()  # ended and replaced keys leave the WAL
     log.info("stopping")
     await public.stop(2)
-    await control.stop(1)
+    await control_socket.stop(1)
     store.close()
 
 
@@ -156,7 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"pushgate-auth: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
-    asyncio.run(run(cfg))
+    try:
+        asyncio.run(run(cfg))
+    except ControlSocketError as error:
+        print(f"pushgate-auth: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

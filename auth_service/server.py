@@ -90,6 +90,12 @@ class AuthMetrics:
             registry=registry,
         )
 
+        self.control_peers_refused = Counter(
+            "pushgate_auth_control_peers_refused",
+            "Connections to the session feed socket refused: the peer's uid is not allowed",
+            registry=registry,
+        )
+
 
 class FailureLog:
     """One warning per user name per `interval`, for at most `max_names` names at

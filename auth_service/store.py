@@ -2,7 +2,10 @@
 
 Schema changes are numbered migrations; `meta.schema_version` says which have
 run. Session keys are stored so that a restarted auth service can hand every
-live session to the dataplane again: the file is created mode 0600.
+live session to the dataplane again: the file is created mode 0600. Keys that
+were deleted or replaced leave no copy behind once `wipe_replaced_keys` has run:
+secure_delete zeroes freed content in the database file, and a truncating
+checkpoint removes the old page images the write-ahead log still holds.
 """
 
 import contextlib
@@ -113,6 +116,11 @@ class Store:
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=5000")
+        # Deleted and overwritten rows are zeroed in the file (the default is a
+        # compile-time choice, so it is set here explicitly).
+        self.db.execute("PRAGMA secure_delete=ON")
+        # old key bytes may be in the WAL (since the last wipe, or left by an earlier run)
+        self._keys_replaced = True
         self._migrate()
 
     def close(self) -> None:
@@ -190,6 +198,7 @@ class Store:
         self.db.execute(f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES ({marks})", values)
 
     def save_session(self, session: StoredSession) -> None:
+        self._keys_replaced = True
         fields = [f for f in StoredSession.__dataclass_fields__ if f != "session_id"]
         assignments = ", ".join(f"{f}=?" for f in fields)
         values = (*(getattr(session, f) for f in fields), session.session_id)
@@ -217,6 +226,7 @@ class Store:
 
     def delete_session(self, session_id: int, now: float) -> bool:
         """Delete a session and record its address as released by its user at `now`."""
+        self._keys_replaced = True
         self.db.execute(
             "INSERT OR REPLACE INTO released_addresses (address, username, released_at) "
             "SELECT address, username, ? FROM sessions WHERE session_id=?",
@@ -225,6 +235,18 @@ class Store:
         return (
             self.db.execute("DELETE FROM sessions WHERE session_id=?", (session_id,)).rowcount > 0
         )
+
+    def wipe_replaced_keys(self) -> bool:
+        """Checkpoint the WAL into the database and truncate it to zero bytes if any
+        session was saved or deleted since the last wipe: the WAL keeps every old
+        page image (old keys included) until then. The auth service's sweep calls
+        this, so it runs at most once a second. False if a reader held the WAL
+        (it is tried again next time)."""
+        if not self._keys_replaced:
+            return True
+        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        self._keys_replaced = bool(busy)
+        return not busy
 
     def lease_counter_ranges(self, count: int) -> int:
         """The first of `count` send-counter ranges that were never leased before

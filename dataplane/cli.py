@@ -13,7 +13,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 import gateway_config
-from control_socket import serve_private
+from control_socket import ControlSocketError, PeerPolicy, PrivateServer, serve_private
 from pushgate_api import control_pb2_grpc
 from tundev import TUN_QUEUE_PACKETS
 from tundev.linux import LinuxTun
@@ -92,11 +92,16 @@ async def refresh_host_addresses(destinations: DestinationPolicy) -> None:
             log.warning("cannot re-read the host's addresses, keeping the last: %s", error)
 
 
-async def serve_stats(registry: Registry, path: str, group: str | None) -> grpc.aio.Server:
+async def serve_stats(
+    registry: Registry, counters: Counters, path: str, peers: PeerPolicy
+) -> PrivateServer:
     server = grpc.aio.server()
     control_pb2_grpc.add_DataplaneStatsServicer_to_server(DataplaneStatsServicer(registry), server)
-    await serve_private(server, path, group)
-    return server
+
+    def refused() -> None:
+        counters.control_peers_refused["stats"] += 1
+
+    return await serve_private(server, path, peers, on_refused=refused)
 
 
 async def run(cfg: gateway_config.GatewayConfig) -> None:
@@ -156,10 +161,9 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     metrics_server = MetricsServer(cfg.dataplane.metrics_listen, prometheus)
     metrics_server.start()
     refresh_task = asyncio.create_task(refresh_host_addresses(destinations))
-    stats_server = await serve_stats(
-        registry, cfg.dataplane.stats_socket, cfg.gateway.control_group
-    )
-    sync = SessionSync(registry, counters, cfg.gateway.control_socket)
+    peers = PeerPolicy.for_service(cfg.gateway.control_group)
+    stats_server = await serve_stats(registry, counters, cfg.dataplane.stats_socket, peers)
+    sync = SessionSync(registry, counters, cfg.gateway.control_socket, peers=peers)
     sync_task = asyncio.create_task(sync.run())
     log.info(
         "dataplane up: UDP %s:%d, TUN %s %s/%d mtu %d, metrics %s:%d, feed %s",
@@ -217,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if overrides:
         cfg = dataclasses.replace(cfg, dataplane=dataclasses.replace(cfg.dataplane, **overrides))
-    asyncio.run(run(cfg))
+    try:
+        asyncio.run(run(cfg))
+    except ControlSocketError as error:
+        print(f"pushgate-dataplane: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

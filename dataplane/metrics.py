@@ -98,6 +98,8 @@ class Counters:
     session_expiries: int = 0
     control_connected: int = 0
     control_resyncs: int = 0
+    # connections refused by the peer check (control_socket): stats clients, feed servers
+    control_peers_refused: dict[str, int] = field(default_factory=lambda: {"stats": 0, "feed": 0})
     stalled_sessions: int = 0
 
     def snapshot(self) -> "Counters":
@@ -349,6 +351,15 @@ class DataplaneCollector:
         yield gauge(
             "control_connected", "1 while the session feed is being watched", c.control_connected
         )
+        refused = CounterMetricFamily(
+            prefix + "control_peers_refused",
+            "Local connections refused because the peer's uid is not allowed: clients of "
+            "the stats socket, or a session feed served by another user",
+            labels=["socket"],
+        )
+        for name, value in c.control_peers_refused.items():
+            refused.add_metric([name], value)
+        yield refused
         yield gauge(
             "stalled_sessions",
             "Sessions receiving but not sending, or the reverse, "

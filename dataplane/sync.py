@@ -21,6 +21,7 @@ from collections import deque
 
 import grpc
 
+from control_socket import PeerPolicy, checked_target
 from push_protocol.aead import CipherSuite
 from push_protocol.drops import UsageError
 from push_protocol.keys import KeyMaterial, Role
@@ -88,21 +89,41 @@ class CounterRangePool:
 
 class SessionSync:
     def __init__(
-        self, registry: Registry, counters: Counters, socket_path: str, clock=time.time
+        self,
+        registry: Registry,
+        counters: Counters,
+        socket_path: str,
+        clock=time.time,
+        peers: PeerPolicy | None = None,
     ) -> None:
         self.registry = registry
         self.counters = counters
-        self.target = f"unix:{socket_path}"
+        self.socket_path = socket_path
+        self.peers = peers or PeerPolicy.for_service()  # whose feed we take
         self.clock = clock
         self.revision = 0
         self.synced = asyncio.Event()
         self.counter_ranges = CounterRangePool()
 
+    def _refused(self) -> None:
+        self.counters.control_peers_refused["feed"] += 1
+
     async def run(self) -> None:
+        # gRPC reaches the feed through a relay that first checks who serves it
+        # (control_socket): a feed served by another user is refused, never read.
+        async with checked_target(
+            self.socket_path,
+            self.peers,
+            name=f"session feed {self.socket_path}",
+            on_refused=self._refused,
+        ) as (target, _):
+            await self._run(target)
+
+    async def _run(self, target: str) -> None:
         delay = RETRY_FIRST_SECONDS
         while True:
             try:
-                async with grpc.aio.insecure_channel(self.target) as channel:
+                async with grpc.aio.insecure_channel(target) as channel:
                     stub = control_pb2_grpc.SessionFeedStub(channel)
                     listing = await stub.ListSessions(control_pb2.ListSessionsRequest(), timeout=30)
                     self.counter_ranges.add(listing.counter_ranges)
@@ -128,7 +149,7 @@ class SessionSync:
                 self.counters.control_connected = 0
                 log.warning(
                     "session feed %s: %s %s; retrying in %.1f s",
-                    self.target,
+                    self.socket_path,
                     error.code().name,
                     error.details(),
                     delay,

@@ -174,22 +174,26 @@ def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "cond
         time.sleep(interval)
 
 
+# Runs a command as user `nobody`: setpriv (util-linux) drops to it; Debian's own
+# python3, since ours may live where `nobody` cannot read.
+AS_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+NOBODY_PYTHON = "/usr/bin/python3"
+NOBODY_UID = 65534
+
+
 def refuses_nobody(path: str) -> bool:
     """Whether user `nobody` is refused connecting to the Unix socket at `path` by the
     socket's own mode: the directories on the way are opened up for the probe (and
-    closed again), so only the socket's permissions can refuse. setpriv (util-linux)
-    drops to `nobody`; Debian's own python3, since ours may live where `nobody`
-    cannot read."""
+    closed again), so only the socket's permissions can refuse."""
     probe = (
         "import socket,sys\n"
         "s=socket.socket(socket.AF_UNIX)\n"
         "try:\n s.connect(sys.argv[1]); print('connected')\n"
         "except PermissionError: print('refused')\n"
     )
-    nobody_python = ["/usr/bin/python3", "-c", probe, path]  # Debian's: nobody can run it
     with directories_opened(os.path.dirname(path)):
         result = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *nobody_python],
+            [*AS_NOBODY, NOBODY_PYTHON, "-c", probe, path],
             cwd="/",
             capture_output=True,
             text=True,

@@ -50,6 +50,7 @@ class AuthServer:
         lab: Lab | None = None,
         namespace: str | None = None,
         server_names: tuple[str, ...] = ("localhost",),
+        init_args: tuple[str, ...] = (),
     ) -> None:
         self.directory = directory
         self.lab, self.namespace = lab, namespace
@@ -67,6 +68,7 @@ class AuthServer:
             "198.18.0.1:51820",
             "--tunnel-network",
             network,
+            *init_args,
         )
         assert result.returncode == 0, result.stderr
         self.config = os.path.join(directory, "pushgate.toml")

@@ -455,7 +455,7 @@ def test_wrong_ca_and_plaintext_are_refused(auth):
     import datetime
 
     now = datetime.datetime.now(datetime.UTC)
-    other_ca, _, _, _ = make_ca("someone else", now)
+    other_ca, _, _, _ = make_ca("someone else", now, ["localhost"])
     stranger = auth_pb2_grpc_stub(auth.channel(root=other_ca))
     assert (
         _code(

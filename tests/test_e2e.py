@@ -79,7 +79,9 @@ def test_clear_messages_for_bad_credentials_and_a_wrong_ca(gateway, tmp_path):
     assert result.returncode == 2
     assert "login refused: wrong user name or password" in result.stderr
     other_ca = tmp_path / "other-ca.crt"
-    other_ca.write_bytes(make_ca("not the gateway", datetime.datetime.now(datetime.UTC))[0])
+    other_ca.write_bytes(
+        make_ca("not the gateway", datetime.datetime.now(datetime.UTC), ["localhost"])[0]
+    )
     result = connect_fails(
         gateway, "--server", f"{GATEWAY}:{AUTH_PORT}", "--ca", str(other_ca), "--user", "bob"
     )

@@ -1195,7 +1195,9 @@ def test_password_guessing_and_bad_requests_while_alice_transfers(h, tmp_path):
     keeps rekeying with her token); the control and stats sockets refuse another user."""
     gw = h.gw
     other_ca = tmp_path / "other-ca.crt"
-    other_ca.write_bytes(make_ca("someone else", datetime.datetime.now(datetime.UTC))[0])
+    other_ca.write_bytes(
+        make_ca("someone else", datetime.datetime.now(datetime.UTC), ["localhost"])[0]
+    )
     auth_before = h.auth_metrics()
     epoch_before = h.stats()[h.session_id(0)].key_epoch
     transfer = h.gw.fetch(0)

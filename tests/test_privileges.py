@@ -215,20 +215,19 @@ def test_control_group_opens_the_local_sockets_to_that_group_only(tmp_path):
 
     import grpc
 
-    from control_socket import serve_private
+    from control_socket import PeerPolicy, serve_private
 
     path = str(tmp_path / "run" / "control.sock")
 
     async def probe():
-        server = grpc.aio.server()
-        await serve_private(server, path, "nogroup")
+        served = await serve_private(grpc.aio.server(), path, PeerPolicy.for_service("nogroup"))
         try:
             with directories_opened(str(tmp_path)):
                 member = await asyncio.to_thread(access_as, 12345, 65534, path)
                 other = await asyncio.to_thread(access_as, 12345, 12345, path)
             return member, other, os.stat(path), os.stat(os.path.dirname(path))
         finally:
-            await server.stop(0)
+            await served.stop(0)
 
     member, other, sock, run_dir = asyncio.run(probe())
     assert (member, other) == (["ok"], ["refused"])

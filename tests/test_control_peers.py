@@ -33,12 +33,12 @@ import socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(3)
 s.connect(sys.argv[1])
-s.sendall(b"PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
 got = 0
-try:
+try:  # a refusal may close the connection before our first bytes are even sent
+    s.sendall(b"PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
     while data := s.recv(65536):
         got += len(data)
-except (TimeoutError, ConnectionResetError):
+except (TimeoutError, ConnectionResetError, BrokenPipeError):
     pass
 print(got)
 """
@@ -122,7 +122,7 @@ def test_the_session_feed_refuses_another_uid_counted_and_logged(tmp_path):
 
 
 def test_a_member_of_the_control_group_is_let_through(tmp_path):
-    auth = AuthServer(str(tmp_path / "gw"), settings={"control_group": '"nogroup"'})
+    auth = AuthServer(str(tmp_path / "gw"), init_args=("--control-group", "nogroup"))
     auth.start()
     try:
         assert stat.S_IMODE(os.stat(auth.control_socket).st_mode) == 0o660

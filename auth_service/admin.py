@@ -44,6 +44,9 @@ key_expiry_seconds = 900               # keys not replaced by then end the sessi
 max_failures_before_delay = 5          # per user and per source address
 failure_delay_seconds = 1.0            # doubles per further failure ...
 max_failure_delay_seconds = 300.0      # ... up to this
+max_sessions_per_user = 3              # a further login ends the user's oldest session
+max_connections = 10000                # client API connections (at most the fd limit allows)
+reflection = false                     # gRPC server reflection on the client API port
 
 [dataplane]
 listen = "{dataplane_listen}"

@@ -52,6 +52,9 @@ class AuthSection:
     max_failure_delay_seconds: float
     hash_workers: int
     max_pending_hashes: int
+    max_sessions_per_user: int  # a login beyond it ends the user's oldest session
+    max_connections: int  # client API connections; also bounded by the fd limit
+    reflection: bool  # gRPC server reflection on the client API port
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,9 @@ def _auth(section: _Section) -> AuthSection:
         ),
         hash_workers=int(section.number("hash_workers", 2, 1, 64)),
         max_pending_hashes=int(section.number("max_pending_hashes", 64, 1, 100000)),
+        max_sessions_per_user=int(section.number("max_sessions_per_user", 3, 1, 100000)),
+        max_connections=int(section.number("max_connections", 10000, 16, 1000000)),
+        reflection=section.get("reflection", bool, False),
     )
 
 

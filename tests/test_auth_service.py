@@ -5,6 +5,7 @@ import contextlib
 import ipaddress
 import os
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -466,11 +467,28 @@ def _check(server, timeout: float = 2.0):
     )
 
 
-def test_health_follows_a_self_check_so_a_locked_database_or_wedged_loop_is_unhealthy(tmp_path):
+def _notifications(sock, seconds: float) -> list[str]:
+    """The sd_notify messages that arrive within `seconds`."""
+    received, deadline = [], time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            received.append(sock.recv(4096).decode())
+        except TimeoutError:
+            break
+    return received
+
+
+def test_health_follows_a_self_check_so_a_locked_database_or_wedged_loop_is_unhealthy(
+    tmp_path, monkeypatch
+):
     """gRPC health on the client port says NOT_SERVING while the database will not take
     a write (another process holds its write lock), and `pushgate-auth --check` (the
     compose health check) fails then, and also when the event loop is wedged (a login
     blocked on that lock holds it for SQLite's 5 s busy timeout): it gets no answer."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # systemd's side
+    notify.bind(str(tmp_path / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     server = AuthServer(str(tmp_path / "gw"))
     server.add_user("alice", PASSWORD)
     server.start()
@@ -486,12 +504,16 @@ def test_health_follows_a_self_check_so_a_locked_database_or_wedged_loop_is_unhe
     locker = sqlite3.connect(os.path.join(server.directory, "pushgate.db"), isolation_level=None)
     try:
         assert status() == health_pb2.HealthCheckResponse.SERVING
+        said = _notifications(notify, 2.5)
+        assert "READY=1" in said and "WATCHDOG=1" in said, said
         locker.execute("BEGIN IMMEDIATE")  # the write lock, held as a stuck writer would
         wait_for(
             lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING,
             10,
             what="health NOT_SERVING while the database is locked",
         )
+        _notifications(notify, 0.5)  # one may have been on its way
+        assert "WATCHDOG=1" not in _notifications(notify, 2.5)  # systemd would restart it
         locked = _check(server)
         assert locked.returncode == 1 and "reports NOT_SERVING" in locked.stderr, locked
         login = threading.Thread(target=lambda: _code(lambda: server.login("alice", PASSWORD)))
@@ -509,4 +531,5 @@ def test_health_follows_a_self_check_so_a_locked_database_or_wedged_loop_is_unhe
         assert "self-check fails" in Path(server.directory, "auth.log").read_text()
     finally:
         locker.close()
+        notify.close()
         server.stop()

@@ -34,10 +34,23 @@ def test_compose_file_validates():
     run("docker-compose", "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q")
 
 
+def test_health_checks_ask_the_auth_service_itself():
+    """The compose health check is gRPC health on the client port (`pushgate-auth
+    --check`, tested against a locked database and a wedged loop in
+    test_auth_service.py), and systemd restarts an auth service whose self-check
+    stops petting the watchdog."""
+    compose = (DEPLOY / "docker-compose.yml").read_text()
+    auth = compose.split("\n  auth:\n", 1)[1].split("\n  dataplane:\n", 1)[0]
+    assert '"pushgate-auth", "--config", "/var/lib/pushgate/pushgate.toml", "--check"' in auth
+    unit = (DEPLOY / "systemd" / "pushgate-auth.service").read_text().splitlines()
+    for setting in ("Type=notify", "WatchdogSec=30", "Restart=on-failure", "LimitNOFILE=65536"):
+        assert setting in unit, setting
+
+
 def test_prometheus_config_and_rules_pass_promtool():
     run("promtool", "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
     out = run("promtool", "check", "rules", str(DEPLOY / "prometheus" / "rules.yml")).stdout
-    assert "SUCCESS: 7 rules found" in out
+    assert "SUCCESS: 9 rules found" in out
 
 
 def test_every_alert_fires_in_the_rule_unit_tests():
@@ -49,7 +62,7 @@ def test_every_alert_fires_in_the_rule_unit_tests():
         for line in rules.splitlines()
         if line.strip().startswith("- alert:")
     ]
-    assert len(alerts) == 7
+    assert len(alerts) == 9
     for alert in alerts:
         assert f"alertname: {alert}\n        exp_alerts:\n          - exp_labels" in tests, alert
 
@@ -144,6 +157,6 @@ def test_dashboard_query_returns_live_data(live, dashboard, panel, expr):
 def test_rules_load_in_the_live_prometheus(live):
     rules = json.loads(http_get(live.gw, PROMETHEUS_PORT, "/api/v1/rules"))
     names = {rule["name"] for group in rules["data"]["groups"] for rule in group["rules"]}
-    assert "PushgateReceiveLoopStalled" in names and len(names) == 7
+    assert "PushgateReceiveLoopStalled" in names and len(names) == 9
     firing = json.loads(http_get(live.gw, PROMETHEUS_PORT, "/api/v1/alerts"))
     assert firing["data"]["alerts"] == []  # a healthy gateway raises nothing

@@ -150,7 +150,7 @@ def test_a_real_client_logs_in_and_rekeys_through_idle_connections_and_a_stream_
     assert during.get("key_epoch") == 1, during  # logged in and rekeyed meanwhile
     assert opened["opened"] == 1100, opened
     assert released["closed_by_server"] == 0  # within the idle limit they are kept
-    # Each connection holds at most 8 streams and the service at most 16 watchers:
+    # Each connection holds at most 32 streams and the service at most 16 watchers:
     # the rest are refused at once, none is left hanging.
     assert flood_report["opened"] == 50000
     assert flood_report["still_open"] <= 16, flood_report

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from auth_service import limits
 from netlab import Lab, wait_for
 from netlab.auth import admin
 
@@ -155,3 +156,10 @@ def test_a_real_client_logs_in_and_rekeys_through_idle_connections_and_a_stream_
     assert flood_report["opened"] == 50000
     assert flood_report["still_open"] <= 16, flood_report
     assert growth < RSS_GROWTH_BOUND, growth / MIB
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_one_and_connections_fit_below_it():
+    assert limits.plan(1024, 4096, 10000) == limits.Limits(4096, 4096 - limits.FD_RESERVE)
+    assert limits.plan(1024, 1 << 20, 10000) == limits.Limits(1 << 20, 10000)
+    assert limits.plan(1024, -1, 10000).fd_limit == limits.UNLIMITED_FDS  # RLIM_INFINITY
+    assert limits.plan(100, 100, 10000).connections == 1  # never zero

@@ -58,6 +58,9 @@ spray_alert_sources = 10               # an account failing from this many sourc
 address_quarantine_seconds = 180       # a freed tunnel address goes to another user only
                                        # after this (outlasts UDP/ICMP conntrack timeouts);
                                        # a user gets their own previous address back
+max_sessions_per_user = 3              # a further login ends the user's oldest session
+max_connections = 10000                # client API connections (at most the fd limit allows)
+reflection = false                     # gRPC server reflection on the client API port
 
 [dataplane]
 listen = "{dataplane_listen}"

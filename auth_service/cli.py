@@ -3,20 +3,24 @@
 import argparse
 import asyncio
 import logging
+import resource
 import signal
+import sqlite3
 import sys
 import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.process_collector import ProcessCollector
 
 import gateway_config
 from control_socket import ControlSocketError, PeerPolicy, serve_private
 from push_protocol.aead import CipherSuite
 from pushgate_api import auth_pb2, control_pb2_grpc
 
+from . import health, limits
 from .server import AuthMetrics, AuthServicer, SessionFeedServicer
 from .sessions import AddressPool, SessionManager
 from .store import Store
@@ -25,7 +29,7 @@ from .throttle import Limits, SprayWatch, Throttle
 log = logging.getLogger("pushgate.auth")
 
 MAX_REQUEST_BYTES = 64 * 1024
-SWEEP_SECONDS = 1.0
+SWEEP_SECONDS = 1.0  # expiry sweep and self-check
 SPRAY_WINDOW_SECONDS = 900.0  # pushgate_auth_accounts_targeted looks this far back
 CIPHER_CODES = {
     CipherSuite.AES_256_GCM: auth_pb2.CIPHER_SUITE_AES_256_GCM,
@@ -38,11 +42,59 @@ def _read(path: str) -> bytes:
         return handle.read()
 
 
+def raise_fd_limit(max_connections: int) -> limits.Limits:
+    """Soft RLIMIT_NOFILE up to the hard one (each client connection is a descriptor)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    plan = limits.plan(soft, hard, max_connections)
+    if plan.fd_limit != soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (plan.fd_limit, hard))
+    log.info(
+        "file descriptors: limit %d (was %d); client connections: at most %d, %d calls at "
+        "once, %d per connection",
+        plan.fd_limit,
+        soft,
+        plan.connections,
+        limits.MAX_CONCURRENT_RPCS,
+        limits.MAX_STREAMS_PER_CONNECTION,
+    )
+    return plan
+
+
+async def housekeeping(sessions, servicer, metrics, self_check, probe) -> None:
+    """Expiry, the throttle's pruning, ended keys out of the WAL, and the self-check,
+    on the event loop: if this stops running, so do logins."""
+    servicer.sweep(time.monotonic())
+    try:
+        expired = await sessions.expire(time.time())
+        sessions.store.wipe_replaced_keys()  # ended and replaced keys leave the WAL
+    except sqlite3.Error as error:
+        log.error("session expiry failed: %s", error)
+        expired, ok = 0, False
+    else:
+        ok = await probe.writable()
+    if expired:
+        metrics.expired.inc(expired)
+        servicer.update_gauges()
+        log.info("expired %d sessions", expired)
+    metrics.healthy.set(int(ok))
+    if await self_check.record(ok):
+        if ok:
+            log.info("self-check passes: health SERVING")
+        else:
+            log.error(
+                "self-check fails (database write lock not had within %g s): health NOT_SERVING",
+                health.PROBE_TIMEOUT_SECONDS,
+            )
+
+
 async def run(cfg: gateway_config.GatewayConfig) -> None:
     gw, auth = cfg.gateway, cfg.auth
+    plan = raise_fd_limit(auth.max_connections)
     store = Store(auth.database)
     registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_open_fds against process_max_fds
     metrics = AuthMetrics(registry)
+    metrics.connections_limit.set(plan.connections)
     sessions = SessionManager(
         store,
         AddressPool(gw.tunnel_network, gw.gateway_address, auth.address_quarantine_seconds),
@@ -50,6 +102,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         session_lifetime_seconds=auth.session_lifetime_seconds,
         key_expiry_seconds=auth.key_expiry_seconds,
         allocated=lambda kind: metrics.allocations.labels(kind.value).inc(),
+        max_sessions_per_user=auth.max_sessions_per_user,
     )
     host, port = auth.dataplane_endpoint
     servicer = AuthServicer(
@@ -82,21 +135,26 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     )
     servicer.update_gauges()
 
-    public = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+    public = grpc.aio.server(
+        options=limits.server_options(plan), maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS
+    )
     public.add_generic_rpc_handlers((servicer.generic_handler(),))
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health.BoundedHealthServicer(limits.MAX_HEALTH_WATCHERS)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, public)
+    metrics.health_watchers.set_function(lambda: health_servicer.watchers)
     service_names = (
         auth_pb2.DESCRIPTOR.services_by_name["Auth"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
     )
-    reflection.enable_server_reflection(service_names, public)
+    if auth.reflection:
+        reflection.enable_server_reflection((*service_names, reflection.SERVICE_NAME), public)
     credentials = grpc.ssl_server_credentials([(_read(auth.tls_key), _read(auth.tls_cert))])
     public.add_secure_port(auth.listen, credentials)
+    self_check = health.SelfCheck(health_servicer, ("", service_names[0]))
+    metrics.self_check_age.set_function(self_check.age)
+    probe = health.DatabaseProbe(auth.database)
+    await housekeeping(sessions, servicer, metrics, self_check, probe)
     await public.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set(service_names[0], health_pb2.HealthCheckResponse.SERVING)
 
     control = grpc.aio.server()
     control_pb2_grpc.add_SessionFeedServicer_to_server(
@@ -118,6 +176,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         store.count_sessions(),
         store.revision,
     )
+    health.notify_systemd("READY=1")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -127,17 +186,26 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         try:
             await asyncio.wait_for(stop.wait(), SWEEP_SECONDS)
         except TimeoutError:
-            servicer.sweep(time.monotonic())
-            expired = await sessions.expire(time.time())
-            if expired:
-                metrics.expired.inc(expired)
-                servicer.update_gauges()
-                log.info("expired %d sessions", expired)
-            store.wipe_replaced_keys()  # ended and replaced keys leave the WAL
+            await housekeeping(sessions, servicer, metrics, self_check, probe)
     log.info("stopping")
     await public.stop(2)
     await control_socket.stop(1)
+    probe.close()
     store.close()
+
+
+def _check(cfg: gateway_config.GatewayConfig, timeout: float) -> int:
+    auth = cfg.auth
+    listen = gateway_config.parse_host_port(auth.listen, "[auth] listen")
+    try:
+        problem = health.check(listen, _read(auth.ca_cert), _read(auth.tls_cert), timeout)
+    except (OSError, ValueError) as error:
+        problem = str(error)
+    if problem:
+        print(f"pushgate-auth: unhealthy: {problem}", file=sys.stderr)
+        return 1
+    print("pushgate-auth: healthy (SERVING)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         description="the gRPC auth service (client API over TLS, session feed on a Unix socket)",
     )
     parser.add_argument("--config", required=True, help="gateway config (TOML)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="do not serve: ask the running service's gRPC health over TLS; exit 0 if "
+        "SERVING, 1 if not (for container and service health checks)",
+    )
+    parser.add_argument("--timeout", type=float, default=3.0, help="for --check, seconds")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -162,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"pushgate-auth: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
+    if args.check:
+        return _check(cfg, args.timeout)
     try:
         asyncio.run(run(cfg))
     except ControlSocketError as error:

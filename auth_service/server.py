@@ -89,11 +89,33 @@ class AuthMetrics:
             "sources in the last 15 minutes (a password spray across sources)",
             registry=registry,
         )
-
         self.control_peers_refused = Counter(
             "pushgate_auth_control_peers_refused",
             "Connections to the session feed socket refused: the peer's uid is not allowed",
             registry=registry,
+        )
+        self.replaced = Counter(
+            "pushgate_auth_sessions_replaced",
+            "Sessions ended because their user logged in beyond max_sessions_per_user",
+            registry=registry,
+        )
+        self.healthy = Gauge(
+            "pushgate_auth_healthy",
+            "1 while the self-check passes (event loop runs, database takes writes)",
+            registry=registry,
+        )
+        self.self_check_age = Gauge(
+            "pushgate_auth_self_check_age_seconds",
+            "Seconds since the self-check last passed (computed when scraped)",
+            registry=registry,
+        )
+        self.connections_limit = Gauge(
+            "pushgate_auth_connections_limit",
+            "Client API connections accepted at once (from max_connections and the fd limit)",
+            registry=registry,
+        )
+        self.health_watchers = Gauge(
+            "pushgate_auth_health_watchers", "Health.Watch streams open", registry=registry
         )
 
 
@@ -282,7 +304,7 @@ class AuthServicer:
                 context, "bad_credentials", grpc.StatusCode.UNAUTHENTICATED, GENERIC_LOGIN_ERROR
             )
         try:
-            session, token = await self.sessions.create(
+            session, token, replaced = await self.sessions.create(
                 name, cipher or self.default_cipher, time.time()
             )
         except PoolExhausted as error:
@@ -290,7 +312,15 @@ class AuthServicer:
                 context, "pool_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
             )
         self.metrics.logins.labels("success").inc()
+        self.metrics.replaced.inc(len(replaced))
         self.update_gauges()
+        for old in replaced:
+            log.info(
+                "session=%#010x user=%r ended: replaced by a new login (max_sessions_per_user=%d)",
+                old.session_id,
+                name,
+                self.sessions.max_sessions_per_user,
+            )
         log.info(
             "login ok user=%r session=%#010x address=%s peer=%s",
             name,

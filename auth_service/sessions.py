@@ -142,10 +142,13 @@ class SessionFeed:
         self.changed = asyncio.Condition()
         self.watchers = 0
 
-    async def publish(self, event: control_pb2.SessionEvent) -> None:
-        if len(self.events) == self.events.maxlen:
-            self.oldest_replayable = self.events[0].revision
-        self.events.append(event)
+    async def publish(self, *events: control_pb2.SessionEvent) -> None:
+        # Appended before the first await, so events of one change stay together and
+        # in revision order even when another change is published meanwhile.
+        for event in events:
+            if len(self.events) == self.events.maxlen:
+                self.oldest_replayable = self.events[0].revision
+            self.events.append(event)
         async with self.changed:
             self.changed.notify_all()
 
@@ -172,8 +175,10 @@ class SessionManager:
         session_lifetime_seconds: float,
         key_expiry_seconds: float = REJECT_AFTER_SECONDS,
         allocated: Callable[[AllocationKind], None] | None = None,
+        max_sessions_per_user: int = 3,
     ) -> None:
         self.store = store
+        self.max_sessions_per_user = max_sessions_per_user
         self.pool = pool
         self.allocated = allocated  # told which rule picked each login's address
         # Records of addresses the pool no longer holds (the tunnel network changed)
@@ -239,10 +244,21 @@ class SessionManager:
             revision = self.store.next_revision()
         await self.feed.publish(control_pb2.SessionEvent(revision=revision, **event))
 
-    async def create(self, username: str, cipher: int, now: float) -> tuple[StoredSession, str]:
+    async def create(
+        self, username: str, cipher: int, now: float
+    ) -> tuple[StoredSession, str, list[StoredSession]]:
+        """A new session for `username`, and the sessions it replaced: the user's oldest
+        ones beyond `max_sessions_per_user` (one transaction; the feed gets each removal,
+        reason REPLACED, before the install, so the dataplane ends them too)."""
+        existing = self.store.sessions_of(username)
+        replaced = existing[: max(0, len(existing) + 1 - self.max_sessions_per_user)]
+        freed = {old.address for old in replaced}
         token = secrets.token_urlsafe(32)
+        released = self.store.released_addresses()
+        for old in replaced:  # its address is this user's to take again
+            released[old.address] = Release(username, now)
         address, kind = self.pool.allocate(
-            username, self.store.used_addresses(), self.store.released_addresses(), now
+            username, self.store.used_addresses() - freed, released, now
         )
         if kind is AllocationKind.QUARANTINED:
             log.warning(
@@ -272,10 +288,21 @@ class SessionManager:
             expires_at=self._expiry(now, now),
             last_rekey_at=now,
         )
-        await self._commit(
-            lambda: self.store.add_session(session), installed=self.to_message(session, now)
-        )
-        return session, token
+        events = []
+        with self.store.transaction():
+            for old in replaced:
+                self.store.delete_session(old.session_id, now)
+                removal = control_pb2.SessionRemoval(
+                    session_id=old.session_id, reason=control_pb2.REMOVAL_REASON_REPLACED
+                )
+                revision = self.store.next_revision()
+                events.append(control_pb2.SessionEvent(revision=revision, removed=removal))
+            self.store.add_session(session)
+            revision = self.store.next_revision()
+            installed = self.to_message(session, now)
+            events.append(control_pb2.SessionEvent(revision=revision, installed=installed))
+        await self.feed.publish(*events)
+        return session, token, replaced
 
     def by_token(self, token: str) -> StoredSession | None:
         return self.store.session_by_token(token_hash(token)) if token else None

@@ -212,6 +212,10 @@ class Store:
         found = self._sessions("WHERE token_hash=?", (token_hash,))
         return found[0] if found else None
 
+    def sessions_of(self, username: str) -> list[StoredSession]:
+        """The user's sessions, oldest first."""
+        return self._sessions("WHERE username=? ORDER BY created_at, session_id", (username,))
+
     def session_ids(self) -> set[int]:
         return {row[0] for row in self.db.execute("SELECT session_id FROM sessions")}
 

@@ -65,6 +65,9 @@ class AuthSection:
     hash_workers: int
     max_pending_hashes: int
     address_quarantine_seconds: float  # a freed address goes to another user after this
+    max_sessions_per_user: int  # a login beyond it ends the user's oldest session
+    max_connections: int  # client API connections; also bounded by the fd limit
+    reflection: bool  # gRPC server reflection on the client API port
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,9 @@ def _auth(section: _Section) -> AuthSection:
                 "address_quarantine_seconds", DEFAULT_ADDRESS_QUARANTINE_SECONDS, 0, 86400
             )
         ),
+        max_sessions_per_user=int(section.number("max_sessions_per_user", 3, 1, 100000)),
+        max_connections=int(section.number("max_connections", 10000, 16, 1000000)),
+        reflection=section.get("reflection", bool, False),
     )
 
 

@@ -6,7 +6,10 @@ import ipaddress
 import json
 import os
 import signal
+import socket
+import sqlite3
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -22,7 +25,7 @@ from auth_service.server import FailureLog
 from auth_service.throttle import Limits, Outcome, SprayWatch, Throttle, login_keys
 from client.auth import AuthClient, ClientError, SessionGone
 from netlab import Lab, metrics, refuses_nobody, wait_for
-from netlab.auth import AuthServer, admin
+from netlab.auth import BIN, AuthServer, admin
 from pushgate_api import auth_pb2, control_pb2
 
 PASSWORD = "correct horse battery staple"
@@ -36,6 +39,7 @@ def auth(tmp_path):
             "max_failures_before_delay": "3",
             "failure_delay_seconds": "1.0",
             "max_failure_delay_seconds": "2.0",
+            "max_sessions_per_user": "100",  # tests below log alice in many times
         },
     )
     server.add_user("alice", PASSWORD)
@@ -329,7 +333,9 @@ def test_100_concurrent_logins_get_100_distinct_addresses(auth):
 
 
 def test_pool_exhaustion_is_a_clear_error(tmp_path):
-    server = AuthServer(str(tmp_path / "small"), network="198.19.0.0/29")
+    server = AuthServer(
+        str(tmp_path / "small"), network="198.19.0.0/29", settings={"max_sessions_per_user": "10"}
+    )
     server.add_user("alice", PASSWORD)
     server.start()
     try:
@@ -493,18 +499,29 @@ def test_control_socket_is_private(auth):
     assert refuses_nobody(auth.control_socket)
 
 
-def test_health_and_reflection(auth):
-    channel = auth.channel()
-    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-    assert health.status == health_pb2.HealthCheckResponse.SERVING
+def _reflected_services(channel) -> set[str]:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     responses = stub.ServerReflectionInfo(
         iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
     )
-    names = {s.name for r in responses for s in r.list_services_response.service}
-    assert "pushgate.auth.v1.Auth" in names
+    return {s.name for r in responses for s in r.list_services_response.service}
+
+
+def test_health_and_reflection_only_when_switched_on(auth, tmp_path):
+    channel = auth.channel()
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as off:
+        _reflected_services(channel)
+    assert off.value.code() is grpc.StatusCode.UNIMPLEMENTED  # off on the public port by default
+    server = AuthServer(str(tmp_path / "reflecting"), settings={"reflection": "true"})
+    server.start()
+    try:
+        assert "pushgate.auth.v1.Auth" in _reflected_services(server.channel())
+    finally:
+        server.stop()
 
 
 def test_metrics_count_logins_by_result(auth):
@@ -567,4 +584,136 @@ def test_sessions_expire_on_schedule_and_the_feed_says_so(tmp_path):
         assert code is grpc.StatusCode.UNAUTHENTICATED
         assert server.login("alice", PASSWORD).tunnel_address == "198.19.0.2/24"  # released
     finally:
+        server.stop()
+
+
+def _feed_events(feed, after: int, count: int) -> list:
+    watch = feed.WatchSessions(control_pb2.WatchSessionsRequest(after_revision=after), timeout=15)
+    events = [next(watch) for _ in range(count)]
+    watch.cancel()
+    return events
+
+
+def test_a_login_beyond_the_cap_ends_the_users_oldest_session_and_tells_the_dataplane(tmp_path):
+    """max_sessions_per_user (default 3): a further login ends the oldest session, in
+    the store and, through a removal event (reason REPLACED) before the install, in
+    the dataplane; one account can no longer take the address pool."""
+    server = AuthServer(str(tmp_path / "gw"))
+    server.add_user("alice", PASSWORD)
+    server.add_user("bob", PASSWORD)
+    server.start()
+    try:
+        bob = server.login("bob", PASSWORD)
+        first, second, third = (server.login("alice", PASSWORD) for _ in range(3))
+        feed = server.feed()
+        revision = feed.ListSessions(control_pb2.ListSessionsRequest(), timeout=10).revision
+        fourth = server.login("alice", PASSWORD)
+        removed, installed = _feed_events(feed, revision, 2)
+        assert removed.removed.session_id == first.session_id
+        assert removed.removed.reason == control_pb2.REMOVAL_REASON_REPLACED
+        assert installed.installed.session_id == fourth.session_id
+        assert installed.revision == removed.revision + 1
+        stub = server.stub()
+
+        def alive(login) -> bool:
+            request = auth_pb2.SessionInfoRequest(session_token=login.session_token)
+            try:
+                stub.SessionInfo(request, timeout=10)
+            except grpc.RpcError as error:
+                assert error.code() is grpc.StatusCode.UNAUTHENTICATED
+                return False
+            return True
+
+        assert [alive(s) for s in (first, second, third, fourth, bob)] == [
+            False, True, True, True, True
+        ]  # fmt: skip
+        for _ in range(20):  # the 252-login attack: alice never holds more than 3
+            server.login("alice", PASSWORD)
+        listing = feed.ListSessions(control_pb2.ListSessionsRequest(), timeout=10)
+        owners = sorted(s.username for s in listing.sessions)
+        assert owners == ["alice", "alice", "alice", "bob"]
+        assert not alive(fourth) and alive(bob)
+        text = Path(server.directory, "auth.log").read_text()
+        assert f"session={first.session_id:#010x} user='alice' ended: replaced" in text
+        scraped = metrics.scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
+        assert metrics.total(scraped, "pushgate_auth_sessions_replaced_total") == 21
+    finally:
+        server.stop()
+
+
+def _check(server, timeout: float = 2.0):
+    command = [os.path.join(BIN, "pushgate-auth"), "--config", server.config, "--check"]
+    return subprocess.run(
+        [*command, "--timeout", str(timeout)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def _notifications(sock, seconds: float) -> list[str]:
+    """The sd_notify messages that arrive within `seconds`."""
+    received, deadline = [], time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            received.append(sock.recv(4096).decode())
+        except TimeoutError:
+            break
+    return received
+
+
+def test_health_follows_a_self_check_so_a_locked_database_or_wedged_loop_is_unhealthy(
+    tmp_path, monkeypatch
+):
+    """gRPC health on the client port says NOT_SERVING while the database will not take
+    a write (another process holds its write lock), and `pushgate-auth --check` (the
+    compose health check) fails then, and also when the event loop is wedged (a login
+    blocked on that lock holds it for SQLite's 5 s busy timeout): it gets no answer."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # systemd's side
+    notify.bind(str(tmp_path / "notify"))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    server = AuthServer(str(tmp_path / "gw"))
+    server.add_user("alice", PASSWORD)
+    server.start()
+    stub = health_pb2_grpc.HealthStub(server.channel())
+
+    def status() -> int:
+        return stub.Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+    def age() -> float:
+        scraped = metrics.scrape(f"http://127.0.0.1:{server.metrics_port}/metrics")
+        return metrics.total(scraped, "pushgate_auth_self_check_age_seconds")
+
+    locker = sqlite3.connect(os.path.join(server.directory, "pushgate.db"), isolation_level=None)
+    try:
+        assert status() == health_pb2.HealthCheckResponse.SERVING
+        said = _notifications(notify, 2.5)
+        assert "READY=1" in said and "WATCHDOG=1" in said, said
+        locker.execute("BEGIN IMMEDIATE")  # the write lock, held as a stuck writer would
+        wait_for(
+            lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING,
+            10,
+            what="health NOT_SERVING while the database is locked",
+        )
+        _notifications(notify, 0.5)  # one may have been on its way
+        assert "WATCHDOG=1" not in _notifications(notify, 2.5)  # systemd would restart it
+        locked = _check(server)
+        assert locked.returncode == 1 and "reports NOT_SERVING" in locked.stderr, locked
+        login = threading.Thread(target=lambda: _code(lambda: server.login("alice", PASSWORD)))
+        login.start()  # its session write blocks the event loop on the lock
+        time.sleep(1.0)
+        wedged = _check(server, timeout=2.0)
+        assert wedged.returncode == 1 and "no answer" in wedged.stderr, wedged
+        assert age() > 2.0  # the metrics thread still answers and shows the stall
+        login.join(30)
+        locker.execute("ROLLBACK")
+        wait_for(lambda: _check(server).returncode == 0, 10, what="healthy again")
+        healthy = _check(server)
+        assert healthy.returncode == 0 and "healthy (SERVING)" in healthy.stdout, healthy.stderr
+        assert status() == health_pb2.HealthCheckResponse.SERVING and age() < 3
+        assert "self-check fails" in Path(server.directory, "auth.log").read_text()
+    finally:
+        locker.close()
+        notify.close()
         server.stop()

@@ -34,6 +34,19 @@ def test_compose_file_validates():
     run("docker-compose", "-f", str(DEPLOY / "docker-compose.yml"), "config", "-q")
 
 
+def test_health_checks_ask_the_auth_service_itself():
+    """The compose health check is gRPC health on the client port (`pushgate-auth
+    --check`, tested against a locked database and a wedged loop in
+    test_auth_service.py), and systemd restarts an auth service whose self-check
+    stops petting the watchdog."""
+    compose = (DEPLOY / "docker-compose.yml").read_text()
+    auth = compose.split("\n  auth:\n", 1)[1].split("\n  dataplane:\n", 1)[0]
+    assert '"pushgate-auth", "--config", "/var/lib/pushgate/pushgate.toml", "--check"' in auth
+    unit = (DEPLOY / "systemd" / "pushgate-auth.service").read_text().splitlines()
+    for setting in ("Type=notify", "WatchdogSec=30", "Restart=on-failure", "LimitNOFILE=65536"):
+        assert setting in unit, setting
+
+
 def alert_names() -> list[str]:
     """Every alert in the rules file (it holds alerts only)."""
     rules = (DEPLOY / "prometheus" / "rules.yml").read_text()

@@ -281,6 +281,9 @@ def h(tmp_path_factory):
             r"(?m)^key_lifetime_seconds = .*$", f"key_lifetime_seconds = {KEY_LIFETIME}", text
         )
         text = re.sub(r"(?m)^key_expiry_seconds = .*$", f"key_expiry_seconds = {KEY_EXPIRY}", text)
+        # The churner logs in 8 at a time: above the default cap, which would end sessions
+        # it is about to log out.
+        text = re.sub(r"(?m)^max_sessions_per_user = .*$", "max_sessions_per_user = 16", text)
         with open(gw.config, "w") as handle:
             handle.write(text)
         hostile = Hostile(lab, gw)

@@ -52,7 +52,7 @@ def test_the_auth_service_expires_unreplaced_keys_and_a_rekey_moves_the_expiry(t
             session_lifetime_seconds=86400,
             key_expiry_seconds=8,
         )
-        created, _ = await manager.create("alice", auth_pb2.CIPHER_SUITE_AES_256_GCM, 100.0)
+        created, _, _ = await manager.create("alice", auth_pb2.CIPHER_SUITE_AES_256_GCM, 100.0)
         assert created.expires_at == 108.0
         rekeyed = await manager.rekey(created, 105.0)
         assert rekeyed.expires_at == 113.0

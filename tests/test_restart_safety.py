@@ -143,7 +143,7 @@ def test_no_nonce_is_used_twice_when_the_clock_steps_back_across_a_restart(tmp_p
             keepalive_seconds=10,
             session_lifetime_seconds=86400,
         )
-        created, _ = await manager.create("alice", auth_pb2.CIPHER_SUITE_AES_256_GCM, 1000.0)
+        created, _, _ = await manager.create("alice", auth_pb2.CIPHER_SUITE_AES_256_GCM, 1000.0)
         feed = SessionFeedServicer(manager, on_change=lambda: None)
         nonces = []
         for now in (1010.0, 1010.0):  # each incarnation lists the sessions, as at start-up

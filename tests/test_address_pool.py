@@ -129,8 +129,8 @@ def test_released_addresses_survive_a_restart_and_stale_ones_are_forgotten(tmp_p
 
     async def before_the_restart():
         sessions = manager(path)
-        alice, _ = await sessions.create("alice", cipher, 100.0)
-        bob, _ = await sessions.create("bob", cipher, 100.0)
+        alice, _, _ = await sessions.create("alice", cipher, 100.0)
+        bob, _, _ = await sessions.create("bob", cipher, 100.0)
         assert (alice.address, bob.address) == ("198.19.0.2", "198.19.0.3")
         await sessions.remove(alice.session_id, control_pb2.REMOVAL_REASON_LOGOUT, 200.0)
         await sessions.expire(100.0 + 901)  # bob's keys were never replaced
@@ -142,9 +142,9 @@ def test_released_addresses_survive_a_restart_and_stale_ones_are_forgotten(tmp_p
 
     async def after_the_restart():
         sessions = manager(path)
-        bob, _ = await sessions.create("bob", cipher, 1100.0)
-        alice, _ = await sessions.create("alice", cipher, 1100.0)
-        carol, _ = await sessions.create("carol", cipher, 1100.0)
+        bob, _, _ = await sessions.create("bob", cipher, 1100.0)
+        alice, _, _ = await sessions.create("alice", cipher, 1100.0)
+        carol, _, _ = await sessions.create("carol", cipher, 1100.0)
         assert (alice.address, bob.address, carol.address) == (
             "198.19.0.2",
             "198.19.0.3",

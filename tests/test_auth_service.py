@@ -26,7 +26,7 @@ from auth_service.throttle import Limits, Outcome, SprayWatch, Throttle, login_k
 from client.auth import AuthClient, ClientError, SessionGone
 from netlab import Lab, metrics, refuses_nobody, wait_for
 from netlab.auth import BIN, AuthServer, admin
-from pushgate_api import auth_pb2, control_pb2
+from pushgate_api import auth_pb2, auth_pb2_grpc, control_pb2
 
 PASSWORD = "correct horse battery staple"
 
@@ -103,11 +103,20 @@ def test_60_concurrent_wrong_guesses_reach_the_hash_only_as_often_as_allowed(aut
     """Today's service checked the throttle before hashing and counted the failure
     after: all 60 concurrent guesses were password-checked. With 3 free failures
     (the fixture) only 4 may be."""
-    stub = auth.stub()
+    # Four connections of 15 calls each: under the server's 32 streams per connection
+    # (more are refused there, before any throttle, as UNAVAILABLE).
+    credentials = grpc.ssl_channel_credentials(root_certificates=auth.ca)
+    stubs = []
+    for _ in range(4):
+        channel = grpc.secure_channel(
+            f"localhost:{auth.port}", credentials, options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        auth.channels.append(channel)
+        stubs.append(auth_pb2_grpc.AuthStub(channel))
     request = auth_pb2.LoginRequest(username="alice", password="wrong")
     with ThreadPoolExecutor(60) as pool:
         codes = list(
-            pool.map(lambda _: _code(lambda: stub.Login(request, timeout=30))[0], range(60))
+            pool.map(lambda n: _code(lambda: stubs[n % 4].Login(request, timeout=30))[0], range(60))
         )
     assert codes.count(grpc.StatusCode.UNAUTHENTICATED) == 4
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 56

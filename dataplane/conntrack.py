@@ -28,7 +28,6 @@ event loop, and counted (pushgate_dataplane_conntrack_cleanups_total{result}).
 """
 
 import asyncio
-import ctypes
 import errno
 import ipaddress
 import logging
@@ -41,6 +40,20 @@ from collections import deque
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from .privileges import (
+    CAP_NET_ADMIN,
+    CAP_SETGID,
+    CAP_SETPCAP,
+    CAP_SETUID,
+    PR_CAP_AMBIENT,
+    PR_CAP_AMBIENT_CLEAR_ALL,
+    PR_SET_KEEPCAPS,
+    PR_SET_NO_NEW_PRIVS,
+    current_capabilities,
+    drop_bounding_set,
+    prctl,
+    set_capabilities,
+)
 from .registry import RegistryObserver
 
 log = logging.getLogger("pushgate.dataplane.conntrack")
@@ -231,59 +244,6 @@ class ConntrackCleaner(RegistryObserver):
 
 # -- the child ---------------------------------------------------------------------------
 
-CAP_NET_ADMIN = 12
-CAP_SETGID = 6
-CAP_SETUID = 7
-CAP_SETPCAP = 8
-_CAPABILITY_VERSION_3 = 0x20080522  # linux/capability.h: two 32-bit words per set
-PR_CAPBSET_DROP = 24
-PR_SET_KEEPCAPS = 8
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = (
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    )
-
-
-# capget/capset/prctl straight from libc (ctypes): the Python wrappers on PyPI
-# (python-prctl) compile against libcap headers CI does not have.
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"{what}: {os.strerror(code)}")
-
-
-def _capabilities() -> tuple[int, int]:
-    """(effective, permitted) of this process as 64-bit masks."""
-    header, data = _CapHeader(_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
-    _check(_libc.capget(ctypes.byref(header), data), "capget")
-    return (
-        data[0].effective | data[1].effective << 32,
-        data[0].permitted | data[1].permitted << 32,
-    )
-
-
-def _set_capabilities(mask: int) -> None:
-    """Effective = permitted = `mask`, inheritable empty."""
-    header, data = _CapHeader(_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
-    for word in (0, 1):
-        bits = (mask >> (32 * word)) & 0xFFFFFFFF
-        data[word].effective = data[word].permitted = bits
-    _check(_libc.capset(ctypes.byref(header), data), "capset")
-
 
 def keep_only_net_admin() -> None:
     """Give up every privilege but CAP_NET_ADMIN, for good.
@@ -292,31 +252,28 @@ def keep_only_net_admin() -> None:
     nobody (where CAP_SETUID and CAP_SETGID allow it), keeping its permitted set across
     the switch (PR_SET_KEEPCAPS) so it can raise CAP_NET_ADMIN again; no ambient or
     inheritable capabilities; and no execve can ever grant more (PR_SET_NO_NEW_PRIVS)."""
-    effective, permitted = _capabilities()
+    held = current_capabilities()
+    effective, permitted = held.effective, held.permitted
     net_admin = 1 << CAP_NET_ADMIN
     if not permitted & net_admin:
         raise PermissionError("started without CAP_NET_ADMIN")
     if effective & (1 << CAP_SETPCAP):
-        with open("/proc/sys/kernel/cap_last_cap") as handle:
-            last = int(handle.read())
-        for capability in range(last + 1):
-            if capability != CAP_NET_ADMIN:
-                _check(_libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0), "PR_CAPBSET_DROP")
+        drop_bounding_set(keep=net_admin)
     switch = (1 << CAP_SETUID) | (1 << CAP_SETGID)
     if 0 in os.getresuid() and effective & switch == switch:
         nobody = pwd.getpwnam("nobody")
-        _check(_libc.prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0), "PR_SET_KEEPCAPS")
+        prctl(PR_SET_KEEPCAPS, 1)
         os.setgroups([])
         os.setresgid(nobody.pw_gid, nobody.pw_gid, nobody.pw_gid)
         os.setresuid(nobody.pw_uid, nobody.pw_uid, nobody.pw_uid)
-        _check(_libc.prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0), "PR_SET_KEEPCAPS")
+        prctl(PR_SET_KEEPCAPS, 0)
     elif 0 in os.getresuid():
         # (e.g. a unit whose bounding set holds CAP_NET_ADMIN alone): no capability
         # but CAP_NET_ADMIN all the same, yet root's own files stay readable: say so
         print("conntrack cleaner: no CAP_SETUID/CAP_SETGID; it stays uid 0", file=sys.stderr)
-    _set_capabilities(net_admin)
-    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "PR_CAP_AMBIENT")
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
+    set_capabilities(net_admin)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
 class ConntrackTable:

@@ -24,10 +24,11 @@ import pwd
 from dataclasses import dataclass
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522  # two 32-bit words per set
+PR_SET_KEEPCAPS = 8
 PR_CAPBSET_READ, PR_CAPBSET_DROP = 23, 24
 PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
-CAP_SETPCAP = 8
+CAP_SETGID, CAP_SETUID, CAP_SETPCAP, CAP_NET_ADMIN = 6, 7, 8, 12
 
 
 class _Header(ctypes.Structure):
@@ -52,7 +53,7 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def _prctl(option: int, arg: int = 0) -> int:
+def prctl(option: int, arg: int = 0) -> int:
     args = (ctypes.c_ulong(option), ctypes.c_ulong(arg), ctypes.c_ulong(0))
     return _check(_libc.prctl(*args, ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl({option})")
 
@@ -77,17 +78,21 @@ def current_capabilities() -> CapabilitySets:
     return CapabilitySets(mask("effective"), mask("permitted"), mask("inheritable"))
 
 
-def _clear_capabilities() -> None:
-    header = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
-    _check(_libc.capset(ctypes.byref(header), (_Data * 2)()), "capset")
+def set_capabilities(mask: int) -> None:
+    """The calling thread's effective and permitted sets become `mask`, inheritable empty."""
+    header, data = _Header(_LINUX_CAPABILITY_VERSION_3, 0), (_Data * 2)()
+    for word in (0, 1):
+        data[word].effective = data[word].permitted = (mask >> (32 * word)) & 0xFFFFFFFF
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
 
 
-def _drop_bounding_set() -> None:
+def drop_bounding_set(keep: int = 0) -> None:
+    """Every capability not in the mask `keep` leaves the bounding set (needs CAP_SETPCAP)."""
     with open("/proc/sys/kernel/cap_last_cap") as handle:
         last = int(handle.read())
     for capability in range(last + 1):
-        if _prctl(PR_CAPBSET_READ, capability) == 1:
-            _prctl(PR_CAPBSET_DROP, capability)
+        if not keep >> capability & 1 and prctl(PR_CAPBSET_READ, capability) == 1:
+            prctl(PR_CAPBSET_DROP, capability)
 
 
 def _thread_count() -> int:
@@ -115,17 +120,17 @@ def drop_privileges(user: str | None) -> None:
                 f"pushgate-dataplane: [dataplane] user {user!r}: started as uid "
                 f"{os.geteuid()}, which can neither be it nor switch to it (start as root)"
             )
-    _prctl(PR_SET_NO_NEW_PRIVS, 1)
-    _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     if current_capabilities().effective & (1 << CAP_SETPCAP):
         # Only with CAP_SETPCAP; without it (a systemd unit's own user) the unit's
         # CapabilityBoundingSet limits it, and no_new_privs keeps execve from using it.
-        _drop_bounding_set()
+        drop_bounding_set()
     if account is not None and os.geteuid() != account.pw_uid:
         os.initgroups(account.pw_name, account.pw_gid)
         os.setresgid(account.pw_gid, account.pw_gid, account.pw_gid)
         os.setresuid(account.pw_uid, account.pw_uid, account.pw_uid)
-    _clear_capabilities()
+    set_capabilities(0)
     left = current_capabilities()
     if left != CapabilitySets(0, 0, 0):
         raise SystemExit(f"pushgate-dataplane: capabilities left after dropping them: {left}")

@@ -6,7 +6,6 @@ exponential backoff and jitter, and undoes everything on the way out.
 """
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -84,6 +83,7 @@ class Connection:
         self.undo: UndoSteps | None = None  # how to undo the network configuration
         self.last_error = ""
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()  # the datapath has news for the next tick (a rekey request)
         self._backoff = Backoff()
         self._rekey_at = 0.0
         self._rekey_retry_at = 0.0  # after a failed rekey, not before (whatever asks for one)
@@ -127,9 +127,15 @@ class Connection:
             self._write_status()
             await self.auth.close()
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), seconds)
+    async def _sleep(self, seconds: float, *, wakeable: bool = False) -> None:
+        """Wait `seconds`, less if stopped or, if `wakeable`, woken by the datapath."""
+        waits = [asyncio.ensure_future(self._stop.wait())]
+        if wakeable:
+            waits.append(asyncio.ensure_future(self._wake.wait()))
+        _, pending = await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        for wait in pending:
+            wait.cancel()
+        self._wake.clear()
 
     async def _step(self) -> None:
         state = self.machine.state
@@ -138,7 +144,7 @@ class Connection:
         elif state in (ClientState.CONNECTING, ClientState.RECONNECTING):
             await self._await_server()
         else:
-            await self._sleep(TICK_SECONDS)
+            await self._sleep(TICK_SECONDS, wakeable=True)
             await self._tick()
 
     async def _login(self) -> None:
@@ -169,7 +175,12 @@ class Connection:
         self.undo = self.host.configure(self.tun, info)
         self.session_info = info
         self.datapath = Datapath(
-            asyncio.get_running_loop(), session, self.tun, info.endpoint, self.clock
+            asyncio.get_running_loop(),
+            session,
+            self.tun,
+            info.endpoint,
+            self.clock,
+            on_rekey_requested=self._wake.set,  # rekey at once, not at the next tick
         )
         self.datapath.start()
         self._rekey_at = now + info.key_lifetime_seconds

@@ -34,8 +34,11 @@ class Datapath:
         tun: TunDevice,
         server: tuple[str, int],
         clock,
+        on_rekey_requested=lambda: None,
     ) -> None:
         self._loop = loop
+        # told at once when the dataplane asks for new keys (REKEY_REQUIRED)
+        self._on_rekey_requested = on_rekey_requested
         self.session = session
         self._tun = tun
         self._server = server
@@ -158,8 +161,10 @@ class Datapath:
                 # a GRO receive is a run of one session: opened in one call
                 for result in session.open_many(well_formed, headers, now):
                     if type(result) is bytes:
-                        if result:  # empty: a keepalive
+                        if result:
                             packets.append(result)
+                        elif session.rekey_requested:  # empty: a keepalive, or this
+                            self._on_rekey_requested()
                     else:
                         drops[result] += 1
         finally:

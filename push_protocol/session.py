@@ -149,9 +149,12 @@ class TunnelSession:
     def needs_rekey(self, now: float) -> bool:
         """True when current keys are due for replacement, or the dataplane asked
         for new ones, and none are pending."""
-        return self.next is None and (
-            self._rekey_requested_epoch == self.current.epoch or self.current.needs_rekey(now)
-        )
+        return self.rekey_requested or (self.next is None and self.current.needs_rekey(now))
+
+    @property
+    def rekey_requested(self) -> bool:
+        """(Client) The dataplane asked for new keys and none are pending yet."""
+        return self.next is None and self._rekey_requested_epoch == self.current.epoch
 
     def rekey_request(self, epoch: int, source: object, now: float) -> bytes | None:
         """(Dataplane) The REKEY_REQUIRED datagram answering a packet from `source`

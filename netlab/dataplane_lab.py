@@ -8,6 +8,7 @@ push client built on the shared TunnelSession in the client namespace, and an
 dataplane writes to its TUN. Used by the dataplane tests and `make bench`.
 """
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -80,6 +81,22 @@ class PushClient:
             payload = self.session.open(datagram, time.time(), parse_header(datagram, True))
             if payload:
                 return payload
+
+
+@contextlib.contextmanager
+def dataplane_gateway(prefix: str, workdir: str):
+    """A `Gateway` in a `Lab` of its own: everything it started is stopped and
+    removed on the way out, even after a failure."""
+    with Lab(prefix) as lab:
+        gateway = Gateway(lab, workdir)
+        try:
+            yield gateway
+        finally:
+            gateway.feed.stop()
+            if gateway.observer is not None:
+                gateway.observer.close()
+            lab.close()
+            gateway.log.close()
 
 
 class Gateway:

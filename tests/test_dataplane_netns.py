@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from dataplane.metrics import snmp_section
-from netlab import Lab, metrics, socket_in, wait_for
+from netlab import metrics, socket_in, wait_for
 from netlab.dataplane_lab import (
     CLIENT_UNDERLAY,
     GW_TUNNEL,
@@ -22,6 +22,7 @@ from netlab.dataplane_lab import (
     OBSERVER_PORT,
     PORT,
     Gateway,
+    dataplane_gateway,
 )
 from netlab.feed import FeedServer, key_epoch, session
 from netlab.packets import ipv4_udp, udp_payload
@@ -33,16 +34,8 @@ from tundev import TUN_QUEUE_PACKETS
 
 @pytest.fixture
 def gateway(tmp_path):
-    with Lab("pgdp") as lab:
-        gw = Gateway(lab, str(tmp_path))
-        try:
-            yield gw
-        finally:
-            gw.feed.stop()
-            if gw.observer is not None:
-                gw.observer.close()
-            lab.close()
-            gw.log.close()
+    with dataplane_gateway("pgdp", str(tmp_path)) as gw:
+        yield gw
 
 
 def serve_one(gateway: Gateway, session_id: int):

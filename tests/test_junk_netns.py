@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from netlab import Lab, metrics, socket_in, wait_for
-from netlab.dataplane_lab import CLIENT_UNDERLAY, GW_UNDERLAY, PORT, Gateway
+from netlab import metrics, socket_in, wait_for
+from netlab.dataplane_lab import CLIENT_UNDERLAY, GW_UNDERLAY, PORT, Gateway, dataplane_gateway
 from netlab.feed import session
 from push_protocol.constants import MIN_DATAGRAM_LEN
 
@@ -20,16 +20,8 @@ ATTACKER = "198.18.10.3"  # a second address in the client's namespace
 
 @pytest.fixture
 def gateway(tmp_path):
-    with Lab("pgjk") as lab:
-        gw = Gateway(lab, str(tmp_path))
-        try:
-            yield gw
-        finally:
-            gw.feed.stop()
-            if gw.observer is not None:
-                gw.observer.close()
-            lab.close()
-            gw.log.close()
+    with dataplane_gateway("pgjk", str(tmp_path)) as gw:
+        yield gw
 
 
 def inbound_drops(samples, reason: str) -> float:

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from netlab import Lab, directories_opened, metrics, socket_in
-from netlab.dataplane_lab import GW_UNDERLAY, PORT, Gateway
+from netlab.dataplane_lab import GW_UNDERLAY, PORT, Gateway, dataplane_gateway
 from netlab.feed import session
 
 NOBODY = 65534
@@ -21,16 +21,8 @@ NOBODY = 65534
 
 @pytest.fixture
 def gateway(tmp_path):
-    with Lab("pgpriv") as lab:
-        gw = Gateway(lab, str(tmp_path))
-        try:
-            yield gw
-        finally:
-            gw.feed.stop()
-            if gw.observer is not None:
-                gw.observer.close()
-            lab.close()
-            gw.log.close()
+    with dataplane_gateway("pgpriv", str(tmp_path)) as gw:
+        yield gw
 
 
 def task_status(pid: int) -> list[dict[str, str]]:

@@ -241,6 +241,13 @@ class DataplaneCollector:
             family.add_metric([], value)
             return family
 
+        def counters_by(label, name, doc, values):
+            """One counter family, a sample per (label value, count) of `values`."""
+            family = CounterMetricFamily(prefix + name, doc, labels=[label])
+            for key, value in values:
+                family.add_metric([key], value)
+            return family
+
         filtered = self._filter_drops() if self._filter_drops is not None else {}
         yield counter(
             "datagrams_received",
@@ -273,25 +280,21 @@ class DataplaneCollector:
             int(self._filter_drops is not None),
         )
         if filtered:
-            in_kernel = CounterMetricFamily(
-                prefix + "kernel_filter_drops",
+            yield counters_by(
+                "reason",
+                "kernel_filter_drops",
                 "Inbound drops made by the eBPF socket filter, by reason "
                 "(already included in drops_total)",
-                labels=["reason"],
+                ((reason.value, value) for reason, value in filtered.items()),
             )
-            for reason, value in filtered.items():
-                in_kernel.add_metric([reason.value], value)
-            yield in_kernel
         if self._kernel_drops is not None:
-            kernel = CounterMetricFamily(
-                prefix + "kernel_drops",
+            yield counters_by(
+                "where",
+                "kernel_drops",
                 "Packets the kernel dropped before the dataplane could read them: "
                 "push datagrams over the socket's receive buffer, packets over the TUN's queue",
-                labels=["where"],
+                self._kernel_drops().items(),
             )
-            for where, value in self._kernel_drops().items():
-                kernel.add_metric([where], value)
-            yield kernel
         if self._kernel_send_errors is not None:
             yield counter(
                 "kernel_udp_sndbuf_errors",
@@ -312,21 +315,14 @@ class DataplaneCollector:
         volume.add_metric(["rx"], c.rx_bytes)
         volume.add_metric(["tx"], c.tx_bytes)
         yield volume
-        errors = CounterMetricFamily(
-            prefix + "io_errors", "Socket and TUN errors by kind", labels=["kind"]
-        )
-        for kind, value in c.io_errors.items():
-            errors.add_metric([kind], value)
-        yield errors
-        reports = CounterMetricFamily(
-            prefix + "udp_error_reports",
+        yield counters_by("kind", "io_errors", "Socket and TUN errors by kind", c.io_errors.items())
+        yield counters_by(
+            "error",
+            "udp_error_reports",
             "Error reports read off the push socket's error queue, by errno name: ICMP "
             "errors about datagrams sent to clients (ECONNREFUSED: nothing listens there)",
-            labels=["error"],
+            c.udp_error_reports.items(),
         )
-        for name, value in c.udp_error_reports.items():
-            reports.add_metric([name], value)
-        yield reports
         yield counter(
             "icmp_too_big_sent",
             "ICMP fragmentation-needed / packet-too-big sent",
@@ -351,15 +347,13 @@ class DataplaneCollector:
         yield gauge(
             "control_connected", "1 while the session feed is being watched", c.control_connected
         )
-        refused = CounterMetricFamily(
-            prefix + "control_peers_refused",
+        yield counters_by(
+            "socket",
+            "control_peers_refused",
             "Local connections refused because the peer's uid is not allowed: clients of "
             "the stats socket, or a session feed served by another user",
-            labels=["socket"],
+            c.control_peers_refused.items(),
         )
-        for name, value in c.control_peers_refused.items():
-            refused.add_metric([name], value)
-        yield refused
         yield gauge(
             "stalled_sessions",
             "Sessions receiving but not sending, or the reverse, "

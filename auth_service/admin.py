@@ -137,7 +137,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                     else ""
                 ),
                 deny_networks=_quoted(args.deny_network or []),
-                offered_services=_quoted(_offered(gateway, args.dns or [])),
+                offered_services=_quoted(_offered(gateway, args.dns or []) + (args.offer or [])),
             )
         )
     gateway_config.load(config_path, auth=True)  # what we wrote must load
@@ -272,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--deny-network",
         action="append",
         help="a network clients may not reach, e.g. a management network (repeatable)",
+    )
+    init.add_argument(
+        "--offer",
+        action="append",
+        metavar="SERVICE",
+        help='a service of this host clients may reach: "ping ADDRESS", "tcp ADDRESS:PORT" '
+        'or "udp ADDRESS:PORT" (repeatable; ping to the gateway address is always offered)',
     )
     init.add_argument(
         "--ca-key-out",

@@ -31,7 +31,8 @@ up)
     --dataplane-endpoint "$VPNB_UNDERLAY_SERVER:51820" \
     --dataplane-listen "$VPNB_UNDERLAY_SERVER:51820" \
     --tunnel-network "198.19.0.0/$VPNB_OVERLAY_PREFIX" \
-    --gateway-address "$VPNB_OVERLAY_SERVER" --route "198.19.0.0/$VPNB_OVERLAY_PREFIX" >/dev/null
+    --gateway-address "$VPNB_OVERLAY_SERVER" --route "198.19.0.0/$VPNB_OVERLAY_PREFIX" \
+    --offer "tcp $VPNB_OVERLAY_SERVER:5201" --offer "udp $VPNB_OVERLAY_SERVER:5201" >/dev/null
   echo "bench password" >"$wd/password"
   "$bin/pushgate-admin" user add bench --config "$wd/gw/pushgate.toml" \
     --password-file "$wd/password" >/dev/null

@@ -213,7 +213,7 @@ def test_config_errors_name_the_key_and_entry(tmp_path, line, message):
         load(tmp_path, line + "\n")
 
 
-def test_init_writes_the_lists_and_offers_dns_on_the_gateway(tmp_path):
+def test_init_writes_the_lists_and_offers_dns_and_what_it_is_told_to(tmp_path):
     from auth_service import admin
 
     common = ["init", "--dataplane-endpoint", "198.18.0.1:51820", "--server-name", "198.18.0.1"]
@@ -230,3 +230,11 @@ def test_init_writes_the_lists_and_offers_dns_on_the_gateway(tmp_path):
         config.OfferedService("tcp", GATEWAY, 53),
     )
     assert dns.deny_networks == (ipaddress.ip_network("198.18.128.0/24"),)
+    offers = ["--offer", "tcp 198.19.0.1:5201", "--offer", "udp 198.19.0.1:5201"]
+    assert admin.main([*common, "--dir", str(tmp_path / "offers"), *offers]) == 0
+    offered = config.load(str(tmp_path / "offers" / "pushgate.toml")).dataplane
+    assert offered.offered_services == (
+        config.OfferedService("ping", GATEWAY, None),
+        config.OfferedService("tcp", GATEWAY, 5201),
+        config.OfferedService("udp", GATEWAY, 5201),
+    )

@@ -43,28 +43,13 @@ _PORTS = (6, 17)
 _ICMP = (1, 58)
 
 
-def service_key(service: OfferedService) -> tuple[bytes, int, int]:
-    """(address, protocol, port or ICMP type): what `DestinationPolicy` reads from a packet."""
+def service_key(service: OfferedService) -> tuple[bytes, int]:
+    """(address, protocol << 16 | port or ICMP type): what `DestinationPolicy` reads
+    from a packet."""
     if service.protocol == "ping":
-        return (service.address.packed, *PING[service.address.version])
-    return service.address.packed, PROTOCOL_NUMBERS[service.protocol], service.port
-
-
-def _packet_key(packet: bytes, destination: bytes) -> tuple[bytes, int, int] | None:
-    """The (destination, protocol, port or ICMP type) of an inner packet; None when it
-    has none to read (another protocol, a later fragment, a truncated header)."""
-    if len(destination) == 4:
-        header = (packet[0] & 0x0F) * 4
-        if packet[6] & 0x1F or packet[7]:  # a later fragment: no port in it
-            return None
-        protocol = packet[9]
-    else:  # IPv6: only a transport header right after the fixed one
-        header, protocol = 40, packet[6]
-    if protocol in _PORTS and len(packet) >= header + 4:
-        return destination, protocol, int.from_bytes(packet[header + 2 : header + 4], "big")
-    if protocol in _ICMP and len(packet) > header:
-        return destination, protocol, packet[header]
-    return None
+        protocol, icmp_type = PING[service.address.version]
+        return service.address.packed, protocol << 16 | icmp_type
+    return service.address.packed, PROTOCOL_NUMBERS[service.protocol] << 16 | service.port
 
 
 class DestinationPolicy:
@@ -79,7 +64,10 @@ class DestinationPolicy:
         # the tunnel address is the host's even before the first read of its addresses
         self._gateway = gateway_address
         self.host_addresses: frozenset[bytes] = frozenset({gateway_address.packed})
-        self._offered = frozenset(service_key(service) for service in offered)
+        self._offered: dict[bytes, frozenset[int]] = {}  # by address: what is offered there
+        for service in offered:
+            address, key = service_key(service)
+            self._offered[address] = self._offered.get(address, frozenset()) | {key}
         self.denied = (*ALWAYS_DENIED, *deny_networks)
         # by first byte of the destination: ((network, mask), ...) for IPv4 and for IPv6
         tables: dict[int, list[list]] = {4: [[] for _ in range(256)], 6: [[] for _ in range(256)]}
@@ -110,7 +98,23 @@ class DestinationPolicy:
                     break
             else:
                 return False
-        return _packet_key(packet, destination) not in self._offered
+        offered = self._offered.get(destination)
+        if offered is None:
+            return True
+        # protocol << 16 | port or ICMP type, as plain integers: this runs for every
+        # packet to the gateway's own services
+        if len(destination) == 4:
+            header = (packet[0] & 0x0F) * 4
+            if packet[6] & 0x1F or packet[7]:  # a later fragment: no port in it
+                return True
+            protocol = packet[9]
+        else:  # IPv6: only a transport header right after the fixed one
+            header, protocol = 40, packet[6]
+        if protocol in _PORTS and len(packet) >= header + 4:
+            return (protocol << 16 | packet[header + 2] << 8 | packet[header + 3]) not in offered
+        if protocol in _ICMP and len(packet) > header:
+            return (protocol << 16 | packet[header]) not in offered
+        return True
 
 
 def parse_ip_addresses(text: str) -> set:

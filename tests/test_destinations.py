@@ -85,16 +85,16 @@ def test_offered_services_by_protocol_and_port():
 
 def test_denied_networks_and_services_offered_inside_them():
     management = ipaddress.ip_network("198.18.128.0/24")
-    wide = ipaddress.ip_network("10.0.0.0/7")  # shorter than /8: two first bytes
+    wide = ipaddress.ip_network("240.0.0.0/7")  # shorter than /8: two first bytes
     everything_v6 = ipaddress.ip_network("::/0")
     offered = [config.OfferedService("tcp", ipaddress.ip_address("198.18.128.53"), 53)]
     policy = DestinationPolicy(GATEWAY, [management, wide, everything_v6], offered)
     assert refuses(policy, ipv4_udp(CLIENT, "198.18.128.9", 4000, 9090, b"x"))
     assert not refuses(policy, ipv4_udp(CLIENT, "198.18.129.9", 4000, 9090, b"x"))
     assert not refuses(policy, ipv4_tcp_syn(CLIENT, "198.18.128.53", 4000, 53, 1460))
-    assert refuses(policy, ipv4_udp(CLIENT, "10.1.2.3", 4000, 80, b"x"))
-    assert refuses(policy, ipv4_udp(CLIENT, "11.1.2.3", 4000, 80, b"x"))
-    assert not refuses(policy, ipv4_udp(CLIENT, "12.1.2.3", 4000, 80, b"x"))
+    assert refuses(policy, ipv4_udp(CLIENT, "240.1.2.3", 4000, 80, b"x"))
+    assert refuses(policy, ipv4_udp(CLIENT, "241.1.2.3", 4000, 80, b"x"))
+    assert not refuses(policy, ipv4_udp(CLIENT, "242.1.2.3", 4000, 80, b"x"))
     assert refuses(policy, ipv6_udp("2001:db8::2", "2001:db8::53", 53))
 
 

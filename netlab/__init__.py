@@ -191,15 +191,21 @@ def refuses_nobody(path: str) -> bool:
         "try:\n s.connect(sys.argv[1]); print('connected')\n"
         "except PermissionError: print('refused')\n"
     )
+    return run_as_nobody(probe, path).stdout.strip() == "refused"
+
+
+def run_as_nobody(script: str, path: str) -> subprocess.CompletedProcess:
+    """Run the Python `script` as user `nobody` with `path` as its argument, the
+    directories above `path` opened for it meanwhile (so only `path`'s own
+    permissions decide what it may do there)."""
     with directories_opened(os.path.dirname(path)):
-        result = subprocess.run(
-            [*AS_NOBODY, NOBODY_PYTHON, "-c", probe, path],
+        return subprocess.run(
+            [*AS_NOBODY, NOBODY_PYTHON, "-c", script, path],
             cwd="/",
             capture_output=True,
             text=True,
             timeout=30,
         )
-    return result.stdout.strip() == "refused"
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Read Prometheus text exposition into {(name, labels): value} for tests and the demo."""
 
 import re
+import time
 import urllib.request
 
 _LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
@@ -29,3 +30,16 @@ def total(samples, name: str, **labels: str) -> float:
 def scrape(url: str, timeout: float = 5.0) -> dict[tuple[str, frozenset], float]:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return parse(response.read().decode())
+
+
+def settled(scrape, name: str, interval: float = 0.3) -> dict[tuple[str, frozenset], float]:
+    """A scrape taken once the counter `name` stopped moving between two scrapes
+    (e.g. the dataplane has read everything queued for it)."""
+    last = None
+    while True:
+        samples = scrape()
+        value = total(samples, name)
+        if value == last:
+            return samples
+        last = value
+        time.sleep(interval)

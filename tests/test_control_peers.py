@@ -20,7 +20,7 @@ from dataplane.cli import serve_stats
 from dataplane.metrics import Counters
 from dataplane.registry import Registry
 from dataplane.sync import SessionSync
-from netlab import AS_NOBODY, NOBODY_PYTHON, NOBODY_UID, directories_opened
+from netlab import AS_NOBODY, NOBODY_PYTHON, NOBODY_UID, directories_opened, run_as_nobody
 from netlab.auth import BIN, AuthServer
 from pushgate_api import control_pb2, control_pb2_grpc
 
@@ -68,14 +68,7 @@ def stranger_client(path: str) -> int:
     mode = stat.S_IMODE(os.stat(path).st_mode)
     os.chmod(path, 0o666)  # as if the mode were wrong: the peer check must still refuse
     try:
-        with directories_opened(os.path.dirname(path)):
-            result = subprocess.run(
-                [*AS_NOBODY, NOBODY_PYTHON, "-c", STRANGER_CLIENT, path],
-                cwd="/",
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
+        result = run_as_nobody(STRANGER_CLIENT, path)
     finally:
         os.chmod(path, mode)
     assert result.returncode == 0, result.stderr

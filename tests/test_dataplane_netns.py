@@ -425,14 +425,7 @@ def moved(after, before, name: str, **labels) -> int:
 
 def settled(gateway: Gateway):
     """A scrape taken once the dataplane has read everything its TUN held."""
-    last = None
-    while True:
-        samples = gateway.scrape()
-        read = metrics.total(samples, "pushgate_dataplane_tun_packets_read_total")
-        if read == last:
-            return samples
-        last = read
-        time.sleep(0.3)
+    return metrics.settled(gateway.scrape, "pushgate_dataplane_tun_packets_read_total")
 
 
 SO_RCVBUFFORCE = 33  # asm-generic/socket.h (root may pass rmem_max); not in Python 3.11

@@ -111,14 +111,7 @@ class Hostile:
 
     def settled(self) -> dict:
         """A scrape taken once the dataplane has read everything queued for it."""
-        last = None
-        while True:
-            samples = self.dp()
-            received = metrics.total(samples, "pushgate_dataplane_datagrams_received_total")
-            if received == last:
-                return samples
-            last = received
-            time.sleep(0.3)
+        return metrics.settled(self.dp, "pushgate_dataplane_datagrams_received_total")
 
     def feed_sessions(self) -> dict[int, control_pb2.Session]:
         """What the auth service's session feed lists (its control socket, as root)."""

@@ -26,6 +26,9 @@ log = logging.getLogger("pushgate.client")
 
 TICK_SECONDS = 0.5
 HANDSHAKE_TIMEOUT_SECONDS = 5.0
+# While waiting for the dataplane, a keepalive this often: an answer soon after the
+# path heals.
+PROBE_INTERVAL_SECONDS = 1.0
 BACKOFF_FIRST_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 30.0
 # A failed rekey is retried after this long (WireGuard's REKEY_TIMEOUT), or sooner
@@ -202,18 +205,9 @@ class Connection:
         if self.datapath is None:
             self._event(ClientEvent.RELOGIN)
             return
-        session = self.datapath.session
-        start = self.clock()
-        session.handle_timer(start)  # keys renewed while reconnecting take over (below)
-        self.datapath.send_keepalive()
-        while self.clock() - start < HANDSHAKE_TIMEOUT_SECONDS and not self._stop.is_set():
-            await self._sleep(0.1)
-            if (session.last_received_at or 0) > start:
-                self._backoff.reset()
-                self._since = self.clock()
-                self._event(ClientEvent.TUNNEL_UP)
-                return
-        if self._stop.is_set():
+        if await self._probe_until(self.clock() + HANDSHAKE_TIMEOUT_SECONDS):
+            return
+        if self._stop.is_set() or self.datapath is None:
             return
         if self.machine.state is ClientState.CONNECTING:
             self.last_error = "no answer from the dataplane"
@@ -228,16 +222,38 @@ class Connection:
         if not alive:
             await self._log_in_again()
             return
-        if self.clock() >= self._rekey_at:
-            # The UDP path is down, but the auth service may answer: fresh keys keep
-            # the session alive through an outage longer than the keys' lifetime.
-            try:
-                await self._renew_keys(self.clock())
-            except SessionGone:
-                await self._log_in_again()
-                return
         self.datapath.rebind()
-        await self._sleep(self._backoff.next_delay())
+        await self._probe_until(self.clock() + self._backoff.next_delay())
+
+    async def _probe_until(self, deadline: float) -> bool:
+        """Send a keepalive every PROBE_INTERVAL_SECONDS until the dataplane answers
+        (True: the tunnel is up) or `deadline`. Keys are renewed when due all the
+        while: the UDP path may be down while the auth service answers, and fresh
+        keys keep the session alive through an outage of any length."""
+        datapath = self.datapath
+        session = datapath.session
+        start = next_probe = self.clock()
+        while not self._stop.is_set():
+            now = self.clock()
+            if session.last_received_at is not None and session.last_received_at > start:
+                self._backoff.reset()
+                self._since = now
+                self._event(ClientEvent.TUNNEL_UP)
+                return True
+            if now >= deadline:
+                return False
+            if now >= self._rekey_at:
+                try:
+                    await self._renew_keys(now)
+                except SessionGone:
+                    await self._log_in_again()
+                    return False
+            if now >= next_probe:
+                session.handle_timer(now)  # keys renewed while waiting take over
+                datapath.send_keepalive()
+                next_probe = now + PROBE_INTERVAL_SECONDS
+            await self._sleep(min(0.1, max(0.0, deadline - now)))
+        return False
 
     async def _tick(self) -> None:
         datapath = self.datapath

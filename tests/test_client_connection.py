@@ -5,7 +5,8 @@ import asyncio
 
 from client.auth import SessionGone
 from client.connection import Connection, ConnectOptions
-from client.state import ClientEvent, ClientState
+from client.state import ClientEvent
+from client.state import ClientState as S
 from push_protocol.keys import KeyMaterial
 
 KEY_LIFETIME, KEY_EXPIRY = 3.0, 8.0  # as in the hostile suite: expiry < handshake wait + lifetime
@@ -114,12 +115,9 @@ def reconnecting(tmp_path, clock: VirtualClock) -> Connection:
     return conn
 
 
-def run_until(conn: Connection, clock: VirtualClock, until: float, done) -> None:
-    async def steps() -> None:
-        while clock.now < until and not done():
-            await conn._step()
-
-    asyncio.run(steps())
+async def run_until(conn: Connection, clock: VirtualClock, until: float, done) -> None:
+    while clock.now < until and not done():
+        await conn._step()
 
 
 def test_a_long_udp_outage_keeps_the_session_and_recovers_within_a_probe(tmp_path):
@@ -127,15 +125,20 @@ def test_a_long_udp_outage_keeps_the_session_and_recovers_within_a_probe(tmp_pat
     keeps renewing keys (the session never expires, no new login), and once the path
     heals it is up again within about one probe interval."""
     clock = VirtualClock()
-    conn = reconnecting(tmp_path, clock)
-    outage_ends = clock.now + 60
-    run_until(conn, clock, outage_ends, lambda: conn.state is not ClientState.RECONNECTING)
-    assert conn.state is ClientState.RECONNECTING
-    assert conn.auth.expired_at is None
-    gaps = [b - a for a, b in zip(conn.auth.rekeys, conn.auth.rekeys[1:], strict=False)]
-    assert gaps and max(gaps) <= KEY_LIFETIME + 0.2
-    healed_at = clock.now
-    conn.datapath.healed = True
-    run_until(conn, clock, healed_at + 60, lambda: conn.state is ClientState.UP)
-    assert conn.state is ClientState.UP
+
+    async def scenario() -> tuple[Connection, float]:
+        conn = reconnecting(tmp_path, clock)  # in the loop: the gRPC channel needs one
+        outage_ends = clock.now + 60
+        await run_until(conn, clock, outage_ends, lambda: conn.state is not S.RECONNECTING)
+        assert conn.state is S.RECONNECTING
+        assert conn.auth.expired_at is None
+        gaps = [b - a for a, b in zip(conn.auth.rekeys, conn.auth.rekeys[1:], strict=False)]
+        assert gaps and max(gaps) <= KEY_LIFETIME + 0.2
+        healed_at = clock.now
+        conn.datapath.healed = True
+        await run_until(conn, clock, healed_at + 60, lambda: conn.state is S.UP)
+        return conn, healed_at
+
+    conn, healed_at = asyncio.run(scenario())
+    assert conn.state is S.UP
     assert clock.now - healed_at <= 1.2

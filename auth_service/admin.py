@@ -4,7 +4,9 @@ import argparse
 import datetime
 import getpass
 import ipaddress
+import json
 import os
+import re
 import sys
 import time
 
@@ -15,6 +17,7 @@ import gateway_config
 from .passwords import hash_password
 from .pki import load_ca, make_ca, make_server_cert, server_names, verification_problem
 from .store import NoSuchUser, Store, UserExists
+from .user_names import user_name_problem
 
 PASSWORD_ENV = "PUSHGATE_PASSWORD"
 
@@ -24,20 +27,20 @@ CONFIG_TEMPLATE = """\
 # secret (those are tls/ and the database, owner-only files of the auth service).
 
 [gateway]
-tunnel_network = "{tunnel_network}"   # clients get addresses from here
-gateway_address = "{gateway_address}"     # the dataplane TUN's address
+tunnel_network = {tunnel_network}   # clients get addresses from here
+gateway_address = {gateway_address}     # the dataplane TUN's address
 mtu = 1420
 keepalive_seconds = 10
 cipher = "aes-256-gcm"                 # or "chacha20-poly1305"
 control_socket = "run/control.sock"    # session feed, Unix socket, mode 0600
 {control_group}
 [auth]
-listen = "{auth_listen}"               # client API, gRPC over TLS
+listen = {auth_listen}               # client API, gRPC over TLS
 tls_cert = "tls/server.crt"
 tls_key = "tls/server.key"
 ca_cert = "tls/ca.crt"                 # give this file to clients
 database = "pushgate.db"
-dataplane_endpoint = "{dataplane_endpoint}"   # UDP endpoint handed to clients
+dataplane_endpoint = {dataplane_endpoint}   # UDP endpoint handed to clients
 routes = [{routes}]                    # "0.0.0.0/0" = full tunnel
 dns = [{dns}]
 metrics_listen = "127.0.0.1:9101"
@@ -58,12 +61,14 @@ spray_alert_sources = 10               # an account failing from this many sourc
 address_quarantine_seconds = 180       # a freed tunnel address goes to another user only
                                        # after this (outlasts UDP/ICMP conntrack timeouts);
                                        # a user gets their own previous address back
+hash_workers = 2                       # threads hashing passwords (Argon2id) ...
+max_pending_hashes = 64                # ... and logins waiting for one; more are refused
 max_sessions_per_user = 3              # a further login ends the user's oldest session
 max_connections = 10000                # client API connections (at most the fd limit allows)
 reflection = false                     # gRPC server reflection on the client API port
 
 [dataplane]
-listen = "{dataplane_listen}"
+listen = {dataplane_listen}
 tun_name = "pg0"
 stats_socket = "run/dataplane.sock"
 metrics_listen = "127.0.0.1:9102"
@@ -77,17 +82,108 @@ offered_services = [{offered_services}]
 """
 
 
+def _toml_string(value: str) -> str:
+    """`value` as a TOML basic string: JSON's escapes are TOML's, so no value given to
+    `init` can end its string and add a line of its own."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 def _quoted(items: list[str]) -> str:
-    return ", ".join(f'"{item}"' for item in items)
+    return ", ".join(_toml_string(item) for item in items)
 
 
 def _offered(gateway: str, dns: list[str]) -> list[str]:
     """Ping to the gateway's tunnel address, and DNS if a pushed server is that address."""
     offered = [f"ping {gateway}"]
-    if ipaddress.ip_address(gateway) in {ipaddress.ip_address(server) for server in dns}:
+    if gateway in dns or _same_address(gateway, dns):
         where = f"[{gateway}]:53" if ":" in gateway else f"{gateway}:53"
         offered += [f"udp {where}", f"tcp {where}"]
     return offered
+
+
+def _same_address(address: str, others: list[str]) -> bool:
+    try:
+        return ipaddress.ip_address(address) in {ipaddress.ip_address(item) for item in others}
+    except ValueError:  # not addresses: the config check names the flag
+        return False
+
+
+# The flag each config value `init` writes comes from, so its errors name the flag.
+INIT_FLAGS = {
+    "[gateway] tunnel_network": "--tunnel-network",
+    "[gateway] gateway_address": "--gateway-address",
+    "[gateway] control_group": "--control-group",
+    "[auth] listen": "--auth-listen",
+    "[auth] dataplane_endpoint": "--dataplane-endpoint",
+    "[auth] routes": "--route",
+    "[auth] dns": "--dns",
+    "[dataplane] listen": "--dataplane-listen",
+    "[dataplane] user": "--dataplane-user",
+    "[dataplane] deny_networks": "--deny-network",
+    "[dataplane] offered_services": "--offer",
+}
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+class InitRefused(Exception):
+    """A value given to `init` is wrong; nothing has been written."""
+
+
+def _server_name_problem(name: str) -> str | None:
+    """Why `name` cannot be in the server certificate: an IP address or a DNS name."""
+    try:
+        ipaddress.ip_address(name)
+        return None
+    except ValueError:
+        pass
+    labels = name.removesuffix(".").split(".")
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in labels):
+        return f"{name!r} is neither an IP address nor a DNS name"
+    return None
+
+
+def _init_config(args: argparse.Namespace, config_path: str) -> str:
+    """The config `init` writes, checked as pushgate-auth will read it: a wrong value
+    is refused, naming its flag, before anything is written."""
+    for name in args.server_name or []:
+        if problem := _server_name_problem(name):
+            raise InitRefused(f"--server-name: {problem}")
+    if args.ca_key_out and not os.path.isdir(os.path.dirname(os.path.abspath(args.ca_key_out))):
+        raise InitRefused(f"--ca-key-out: no directory for {args.ca_key_out}")
+    gateway = args.gateway_address
+    if gateway is None:
+        try:
+            gateway = str(next(ipaddress.ip_network(args.tunnel_network).hosts()))
+        except (ValueError, StopIteration):
+            gateway = ""  # the config check refuses the network first
+    text = CONFIG_TEMPLATE.format(
+        tunnel_network=_toml_string(args.tunnel_network),
+        gateway_address=_toml_string(gateway),
+        auth_listen=_toml_string(args.auth_listen),
+        dataplane_endpoint=_toml_string(args.dataplane_endpoint),
+        dataplane_listen=_toml_string(args.dataplane_listen),
+        routes=_quoted(args.route or ["0.0.0.0/0"]),
+        dns=_quoted(args.dns or []),
+        control_group=(
+            f"control_group = {_toml_string(args.control_group)}  # members may use the sockets\n"
+            if args.control_group
+            else ""
+        ),
+        dataplane_user=(
+            f"user = {_toml_string(args.dataplane_user)}  # started as root, it becomes this user\n"
+            if args.dataplane_user
+            else ""
+        ),
+        deny_networks=_quoted(args.deny_network or []),
+        offered_services=_quoted(_offered(gateway, args.dns or []) + (args.offer or [])),
+    )
+    try:
+        gateway_config.parse(text, config_path, auth=True)
+    except gateway_config.ConfigError as error:
+        if error.key in INIT_FLAGS:
+            raise InitRefused(f"{INIT_FLAGS[error.key]}: {error.problem}") from None
+        raise InitRefused(f"the config it would write is wrong: {error}") from None
+    return text
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -96,8 +192,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     if os.path.exists(config_path) and not args.force:
         print(f"pushgate-admin: {config_path} exists; use --force to replace it", file=sys.stderr)
         return 1
-    network = ipaddress.ip_network(args.tunnel_network)
-    gateway = args.gateway_address or str(next(network.hosts()))
+    try:
+        config_text = _init_config(args, config_path)
+    except InitRefused as error:
+        print(f"pushgate-admin init: {error} (nothing written)", file=sys.stderr)
+        return 2
     os.makedirs(os.path.join(directory, "tls"), mode=0o700, exist_ok=True)
     os.makedirs(os.path.join(directory, "run"), mode=0o700, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
@@ -117,30 +216,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.fchmod(fd, 0o644)
     with os.fdopen(fd, "w") as handle:
-        handle.write(
-            CONFIG_TEMPLATE.format(
-                tunnel_network=network,
-                gateway_address=gateway,
-                auth_listen=args.auth_listen,
-                dataplane_endpoint=args.dataplane_endpoint,
-                dataplane_listen=args.dataplane_listen,
-                routes=_quoted(args.route or ["0.0.0.0/0"]),
-                dns=_quoted(args.dns or []),
-                control_group=(
-                    f'control_group = "{args.control_group}"  # members may use the sockets\n'
-                    if args.control_group
-                    else ""
-                ),
-                dataplane_user=(
-                    f'user = "{args.dataplane_user}"  # started as root, it becomes this user\n'
-                    if args.dataplane_user
-                    else ""
-                ),
-                deny_networks=_quoted(args.deny_network or []),
-                offered_services=_quoted(_offered(gateway, args.dns or []) + (args.offer or [])),
-            )
-        )
-    gateway_config.load(config_path, auth=True)  # what we wrote must load
+        handle.write(config_text)
     print(
         f"gateway initialised in {directory}:\n"
         f"  config      {config_path}\n"
@@ -215,6 +291,11 @@ def _new_password(args: argparse.Namespace) -> str:
 
 
 def cmd_user(args: argparse.Namespace) -> int:
+    if args.action == "add" and (problem := user_name_problem(args.name)):
+        print(
+            f"pushgate-admin: user {args.name!r}: {problem} (Login refuses others)", file=sys.stderr
+        )
+        return 2
     store = _store(args)
     try:
         if args.action == "add":

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import resource
 import signal
+import socket
 import sqlite3
 import sys
 import time
@@ -87,11 +88,25 @@ async def housekeeping(sessions, servicer, metrics, self_check, probe) -> None:
             )
 
 
+def probe_listen(endpoint: tuple[str, int], key: str) -> None:
+    """Bind `endpoint` as gRPC will (SO_REUSEADDR, no SO_REUSEPORT) and let go: gRPC's own
+    bind error says neither which address nor why, and logs lines of its own."""
+    family = socket.AF_INET6 if ":" in endpoint[0] else socket.AF_INET
+    with gateway_config.listening(key, endpoint, "the client API"), socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(endpoint)
+
+
 async def run(cfg: gateway_config.GatewayConfig) -> None:
     gw, auth = cfg.gateway, cfg.auth
+    registry = CollectorRegistry()
+    # Ports first: one that is taken is the whole message, before anything else is done.
+    with gateway_config.listening("[auth] metrics_listen", auth.metrics_listen, "metrics"):
+        start_http_server(auth.metrics_listen[1], addr=auth.metrics_listen[0], registry=registry)
+    listen = gateway_config.parse_host_port(auth.listen, "[auth] listen")
+    probe_listen(listen, "[auth] listen")
     plan = raise_fd_limit(auth.max_connections)
     store = Store(auth.database)
-    registry = CollectorRegistry()
     ProcessCollector(registry=registry)  # process_open_fds against process_max_fds
     metrics = AuthMetrics(registry)
     metrics.connections_limit.set(plan.connections)
@@ -149,7 +164,12 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     if auth.reflection:
         reflection.enable_server_reflection((*service_names, reflection.SERVICE_NAME), public)
     credentials = grpc.ssl_server_credentials([(_read(auth.tls_key), _read(auth.tls_cert))])
-    public.add_secure_port(auth.listen, credentials)
+    try:
+        public.add_secure_port(auth.listen, credentials)
+    except RuntimeError:  # taken since the probe
+        raise gateway_config.ListenError(
+            f"cannot listen on {auth.listen} for the client API ([auth] listen)"
+        ) from None
     self_check = health.SelfCheck(health_servicer, ("", service_names[0]))
     metrics.self_check_age.set_function(self_check.age)
     probe = health.DatabaseProbe(auth.database)
@@ -166,7 +186,6 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         PeerPolicy.for_service(gw.control_group),
         on_refused=metrics.control_peers_refused.inc,
     )
-    start_http_server(auth.metrics_listen[1], addr=auth.metrics_listen[0], registry=registry)
     log.info(
         "auth service up: clients %s (TLS), session feed unix:%s, metrics %s:%d, "
         "%d sessions, revision %d",
@@ -241,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return _check(cfg, args.timeout)
     try:
         asyncio.run(run(cfg))
-    except ControlSocketError as error:
+    except (ControlSocketError, gateway_config.ListenError) as error:
         print(f"pushgate-auth: {error}", file=sys.stderr)
         return 2
     return 0

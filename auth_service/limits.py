@@ -58,4 +58,6 @@ def server_options(limits: Limits) -> list[tuple[str, int]]:
         ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
         ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
         ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+        # A second pushgate-auth on the same port must fail, not share it with us.
+        ("grpc.so_reuseport", 0),
     ]

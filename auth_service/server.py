@@ -19,10 +19,10 @@ from .sessions import (
     SessionManager,
 )
 from .throttle import Outcome, SprayWatch, Throttle, Verdict, login_keys
+from .user_names import user_name_problem
 
 log = logging.getLogger("pushgate.auth")
 
-MAX_USERNAME_BYTES = 256
 MAX_PASSWORD_BYTES = 1024
 GENERIC_LOGIN_ERROR = "invalid user name or password"
 LOGIN_RESULTS = ("success", "bad_credentials", "throttled", "invalid", "pool_exhausted", "busy")
@@ -241,13 +241,8 @@ class AuthServicer:
                 context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, "malformed request"
             )
         name, password = request.username, request.password
-        if not name or len(name.encode()) > MAX_USERNAME_BYTES or not name.isprintable():
-            await self._refuse(
-                context,
-                "invalid",
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"user name must be 1-{MAX_USERNAME_BYTES} printable bytes",
-            )
+        if problem := user_name_problem(name):
+            await self._refuse(context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, problem)
         if not password or len(password.encode()) > MAX_PASSWORD_BYTES:
             await self._refuse(
                 context,

@@ -106,13 +106,18 @@ async def serve_stats(
 
 async def run(cfg: gateway_config.GatewayConfig) -> None:
     loop = asyncio.get_running_loop()
-    # First, while the process still has CAP_NET_ADMIN to hand on to it.
+    # Ports first: one that is taken is the whole message, before anything else is done.
+    with gateway_config.listening("[dataplane] listen", cfg.dataplane.listen, "push packets"):
+        sock = open_udp(cfg.dataplane.listen)
+    prometheus = CollectorRegistry()
+    metrics_listen = cfg.dataplane.metrics_listen
+    with gateway_config.listening("[dataplane] metrics_listen", metrics_listen, "metrics"):
+        metrics_server = MetricsServer(metrics_listen, prometheus)
+    # Then the cleaner, while the process still has CAP_NET_ADMIN to hand on to it.
     cleaner = ConntrackCleaner.spawn(cfg.gateway.tunnel_network, cfg.gateway.gateway_address, loop)
     tun = open_tun(cfg)
-    sock = open_udp(cfg.dataplane.listen)
     registry, counters = Registry(), Counters()
     registry.observe(cleaner)  # an ended session's NAT state goes with it
-    prometheus = CollectorRegistry()
     prometheus.register(cleaner)
     destinations = DestinationPolicy(
         cfg.gateway.gateway_address,
@@ -158,7 +163,6 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         kernel_send_errors=KernelSendErrors(),
     )
     device.start(loop)
-    metrics_server = MetricsServer(cfg.dataplane.metrics_listen, prometheus)
     metrics_server.start()
     refresh_task = asyncio.create_task(refresh_host_addresses(destinations))
     peers = PeerPolicy.for_service(cfg.gateway.control_group)
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(cfg, dataplane=dataclasses.replace(cfg.dataplane, **overrides))
     try:
         asyncio.run(run(cfg))
-    except ControlSocketError as error:
+    except (ControlSocketError, gateway_config.ListenError) as error:
         print(f"pushgate-dataplane: {error}", file=sys.stderr)
         return 2
     return 0

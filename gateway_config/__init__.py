@@ -1,12 +1,19 @@
 """The gateway config file (TOML), read by pushgate-auth and pushgate-dataplane.
 
 One file, three sections: [gateway] (shared), [auth], [dataplane]. Paths are
-relative to the file's directory. Every error names the section and key.
-`pushgate-admin init` writes a complete file; docs are in the README.
+relative to the file's directory. Every error names the file, the line and the
+key ("pushgate.toml:12: [auth] metric_listen: unknown key; did you mean
+metrics_listen?"). A section's keys are its dataclass's fields, so a key the code
+does not read is refused, never ignored. `pushgate-admin init` writes a complete
+file (checked with `parse` before anything is written); docs are in the README.
 """
 
+import contextlib
+import dataclasses
+import difflib
 import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 
@@ -27,7 +34,15 @@ DEFAULT_ADDRESS_QUARANTINE_SECONDS = 180.0
 
 
 class ConfigError(Exception):
-    """The config file is missing, unreadable or wrong; the message names the key."""
+    """The config file is missing, unreadable or wrong; the message names the file,
+    the line and the key. `key` ("[auth] routes") and `problem` (the message without
+    the place) let a caller that wrote the value name its own source instead, as
+    `pushgate-admin init` names its flags."""
+
+    def __init__(self, message: str, *, key: str | None = None, problem: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.problem = problem if problem is not None else message
 
 
 @dataclass(frozen=True)
@@ -79,22 +94,23 @@ class OfferedService:
     port: int | None  # None for ping
 
     @classmethod
-    def parse(cls, text: str, key: str) -> "OfferedService":
-        """From "ping ADDRESS", "tcp ADDRESS:PORT" or "udp ADDRESS:PORT" ([v6]:PORT)."""
+    def parse(cls, text: str) -> "OfferedService":
+        """From "ping ADDRESS", "tcp ADDRESS:PORT" or "udp ADDRESS:PORT" ([v6]:PORT);
+        ValueError says what is wrong with `text`."""
         protocol, _, where = text.strip().partition(" ")
         where = where.strip()
         try:
             if protocol == "ping":
                 return cls(protocol, ipaddress.ip_address(where), None)
             if protocol in ("tcp", "udp"):
-                host, port = parse_host_port(where, key)
+                host, port = host_port(where)
                 if not where.rpartition(":")[0]:
                     raise ValueError("an address is required")
                 return cls(protocol, ipaddress.ip_address(host), port)
         except ValueError as error:
-            raise ConfigError(f"{key}: {text!r}: {error}") from None
-        raise ConfigError(
-            f'{key}: {text!r}: expected "ping ADDRESS", "tcp ADDRESS:PORT" or "udp ADDRESS:PORT"'
+            raise ValueError(f"{text!r}: {error}") from None
+        raise ValueError(
+            f'{text!r}: expected "ping ADDRESS", "tcp ADDRESS:PORT" or "udp ADDRESS:PORT"'
         )
 
 
@@ -120,26 +136,242 @@ class GatewayConfig:
     dataplane: DataplaneSection
 
 
-def parse_host_port(value: str, key: str) -> tuple[str, int]:
+SECTIONS = {"gateway": GatewaySection, "auth": AuthSection, "dataplane": DataplaneSection}
+
+# A tunnel network must leave this many addresses for clients (its hosts but the
+# gateway's): fewer is almost surely a mistyped prefix (/30 for /24), and with one
+# address a second user is refused while the first is logged in.
+MIN_CLIENT_ADDRESSES = 2
+
+
+def _keys(section: str) -> list[str]:
+    """The keys a section may hold: its dataclass's fields (one list for code and check)."""
+    return [field.name for field in dataclasses.fields(SECTIONS[section])]
+
+
+def host_port(value: str) -> tuple[str, int]:
+    """("HOST", PORT) from "HOST:PORT" or "[v6]:PORT" (no host: 0.0.0.0); ValueError if not."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}")
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+class ListenError(Exception):
+    """A configured address cannot be listened on (in use, not this host's, privileged):
+    one line for the operator, exit status 2, no traceback."""
+
+
+@contextlib.contextmanager
+def listening(key: str, endpoint: tuple[str, int], what: str):
+    """Binding `endpoint` inside: an OSError becomes a ListenError naming `key`."""
+    try:
+        yield
+    except OSError as error:
+        host, port = endpoint
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason = (error.strerror or str(error)).lower()
+        raise ListenError(f"cannot listen on {where} for {what} ({key}): {reason}") from None
+
+
+def parse_host_port(value: str, key: str) -> tuple[str, int]:
+    """`host_port` for a value from elsewhere (a flag): the error names `key`."""
+    try:
+        return host_port(value)
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}", key=key, problem=str(error)) from None
+
+
+# -- where things are in the text ---------------------------------------------------
+# tomllib keeps no positions, and no maintained TOML library exposes them (tomlkit's
+# items carry none), so the lines are found by scanning the text, which tomllib has
+# already accepted: only statement starts are read, never the inside of a string, an
+# array or an inline table, so a value that looks like `key = 1` is not taken for one.
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def definition_lines(text: str) -> dict[tuple[str, ...], int]:
+    """The line (1-based) where each table and key of a valid TOML document is first
+    named, by its path: {("auth",): 12, ("auth", "listen"): 13, ...}."""
+    lines: dict[tuple[str, ...], int] = {}
+    table: tuple[str, ...] = ()
+    i, line = 0, 1
+    while i < len(text):
+        char = text[i]
+        if char == "\n":
+            line += 1
+            i += 1
+        elif char in " \t\r":
+            i += 1
+        elif char == "#":
+            i = _line_end(text, i)
+        elif char == "[":
+            array = text.startswith("[[", i)
+            table, i = _key_path(text, i + (2 if array else 1))
+            i = text.index("]", i) + (2 if array else 1)
+            _record(lines, table, line)
+        else:
+            path, i = _key_path(text, i)
+            _record(lines, table + path, line)
+            i, line = _skip_value(text, text.index("=", i) + 1, line)
+    return lines
+
+
+def _record(lines: dict, path: tuple[str, ...], line: int) -> None:
+    for end in range(1, len(path) + 1):
+        lines.setdefault(path[:end], line)
+
+
+def _line_end(text: str, i: int) -> int:
+    end = text.find("\n", i)
+    return len(text) if end < 0 else end
+
+
+def _key_path(text: str, i: int) -> tuple[tuple[str, ...], int]:
+    """A dotted key (bare, "basic" or 'literal' parts) starting at or after `i`."""
+    parts = []
+    while True:
+        while text[i] in " \t":
+            i += 1
+        if text[i] in "\"'":
+            end = _string_end(text, i)
+            parts.append(tomllib.loads(f"k = {text[i:end]}")["k"])  # its escapes decoded
+            i = end
+        else:
+            match = _BARE_KEY.match(text, i)
+            parts.append(match.group())
+            i = match.end()
+        while text[i] in " \t":
+            i += 1
+        if text[i] != ".":
+            return tuple(parts), i
+        i += 1
+
+
+def _string_end(text: str, i: int) -> int:
+    """The index just past the string that starts at `i` (any of TOML's four kinds)."""
+    quote = text[i]
+    delimiter = quote * 3 if text.startswith(quote * 3, i) else quote
+    j = i + len(delimiter)
+    while True:
+        if quote == '"' and text[j] == "\\":
+            j += 2
+        elif text.startswith(delimiter, j):
+            j += len(delimiter)
+            if len(delimiter) == 3:  # a multi-line string may end in one or two more quotes
+                for _ in range(2):
+                    if j < len(text) and text[j] == quote:
+                        j += 1
+            return j
+        else:
+            j += 1
+
+
+def _skip_value(text: str, i: int, line: int) -> tuple[int, int]:
+    """Past a value (arrays may span lines) to the end of its line; newlines counted."""
+    depth = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\n":
+            if depth == 0:
+                return i, line
+            line += 1
+            i += 1
+        elif char in "\"'":
+            end = _string_end(text, i)
+            line += text.count("\n", i, end)
+            i = end
+        elif char == "#":
+            i = _line_end(text, i)
+        else:
+            depth += (char in "[{") - (char in "]}")
+            i += 1
+    return i, line
+
+
+class _Source:
+    """The file's path and where its tables and keys are, for errors that name both."""
+
+    def __init__(self, path: str, text: str) -> None:
+        self.path = path
+        self.lines = definition_lines(text)
+
+    def where(self, *path: str) -> str:
+        line = self.lines.get(path) or self.lines.get(path[:1])
+        return f"{self.path}:{line}" if line else self.path
+
+    def error(self, section: str, key: str | None, problem: str) -> ConfigError:
+        place = f"[{section}] {key}" if key else f"[{section}]"
+        where = self.where(section, key) if key else self.where(section)
+        return ConfigError(f"{where}: {place}: {problem}", key=place, problem=problem)
+
+
+def _suggestion(word: str, choices: list[str], form: str) -> str:
+    match = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean {form.format(match[0])}?" if match else ""
+
+
+def _check_names(table: dict, source: _Source) -> None:
+    """Every section and key is one the code reads: a typo is refused, not ignored."""
+    unknown = []  # (line, section, key or None)
+    for name, value in table.items():
+        if name not in SECTIONS:
+            unknown.append((source.lines.get((name,), 0), name, None))
+        elif isinstance(value, dict):
+            known = _keys(name)
+            for key in value:
+                if key not in known:
+                    unknown.append((source.lines.get((name, key), 0), name, key))
+    if not unknown:
+        return
+    _, name, key = min(unknown, key=lambda entry: entry[0])
+    if key is None:
+        owners = [section for section in SECTIONS if name in _keys(section)]
+        if not isinstance(table[name], dict):  # a key above every section header
+            place, problem = name, "a key outside every [section]"
+            if owners:
+                problem += f"; it belongs under [{owners[0]}]"
+        else:
+            place, problem = (
+                f"[{name}]",
+                "unknown section"
+                + (
+                    _suggestion(name, list(SECTIONS), "[{}]")
+                    or "; the sections are " + ", ".join(f"[{section}]" for section in SECTIONS)
+                ),
+            )
+        raise ConfigError(f"{source.where(name)}: {place}: {problem}", key=place, problem=problem)
+    hint = _suggestion(key, _keys(name), "{}")
+    if not hint:
+        owners = [section for section in SECTIONS if key in _keys(section)]
+        hint = f"; it belongs in [{owners[0]}]" if owners else ""
+    raise source.error(name, key, f"unknown key{hint}")
+
+
+# -- reading sections -------------------------------------------------------------
+
+
 class _Section:
-    def __init__(self, table: dict, name: str, base: str) -> None:
+    def __init__(self, source: _Source, table: dict, name: str, base: str) -> None:
         value = table.get(name, {})
         if not isinstance(value, dict):
-            raise ConfigError(f"[{name}] must be a table")
-        self.values, self.name, self.base = value, name, base
+            raise source.error(name, None, "must be a table")
+        self.source, self.values, self.name, self.base = source, value, name, base
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return self.source.error(self.name, key, problem)
 
     def get(self, key: str, kind: type, default=None):
         value = self.values.get(key, default)
         if value is None:
-            raise ConfigError(f"[{self.name}] {key} is required")
+            raise ConfigError(
+                f"{self.source.where(self.name)}: [{self.name}] {key} is required",
+                key=f"[{self.name}] {key}",
+                problem="is required",
+            )
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise ConfigError(f"[{self.name}] {key}: expected {kind.__name__}, got {value!r}")
+            raise self.error(key, f"expected {kind.__name__}, got {value!r}")
         return value
 
     def optional(self, key: str, kind: type):
@@ -148,41 +380,91 @@ class _Section:
     def number(self, key: str, default: float, low: float, high: float) -> float:
         value = self.values.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"[{self.name}] {key}: expected a number, got {value!r}")
+            raise self.error(key, f"expected a number, got {value!r}")
         if not low <= value <= high:
-            raise ConfigError(f"[{self.name}] {key}: {value} is out of range {low}..{high}")
+            raise self.error(key, f"{value} is out of range {low}..{high}")
         return value
 
     def path(self, key: str, default: str | None = None) -> str:
         return os.path.join(self.base, self.get(key, str, default))
 
     def endpoint(self, key: str, default: str | None = None) -> tuple[str, int]:
-        return parse_host_port(self.get(key, str, default), f"[{self.name}] {key}")
+        try:
+            return host_port(self.get(key, str, default))
+        except ValueError as error:
+            raise self.error(key, str(error)) from None
 
     def strings(self, key: str, default: list[str]) -> tuple[str, ...]:
         value = self.get(key, list, default)
         if not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"[{self.name}] {key}: expected a list of strings")
+            raise self.error(key, "expected a list of strings")
         return tuple(value)
 
+    def each(self, key: str, default: list[str], parse) -> tuple:
+        """`parse` applied to each string of a list; its ValueError names the entry."""
+        try:
+            return tuple(parse(item) for item in self.strings(key, default))
+        except ValueError as error:
+            raise self.error(key, str(error)) from None
 
-def _gateway(section: _Section) -> GatewaySection:
+
+def _checked(parse):
+    """`parse` as a check: the text itself is kept."""
+
+    def check(text: str) -> str:
+        parse(text)
+        return text
+
+    return check
+
+
+def _tunnel_network(section: _Section) -> ipaddress.IPv4Network:
     try:
         network = ipaddress.ip_network(section.get("tunnel_network", str))
     except ValueError as error:
-        raise ConfigError(f"[gateway] tunnel_network: {error}") from None
+        raise section.error("tunnel_network", str(error)) from None
+    if network.version != 4:
+        raise section.error(
+            "tunnel_network",
+            f"{network} is IPv6; tunnel networks are IPv4 only for now "
+            "(the client and the dataplane tunnel IPv4 only)",
+        )
+    hosts = network.num_addresses - (2 if network.prefixlen <= 30 else 0)
+    if hosts - 1 < MIN_CLIENT_ADDRESSES:
+        raise section.error(
+            "tunnel_network",
+            f"{network} leaves {max(hosts - 1, 0)} address(es) for clients (its hosts but "
+            f"the gateway's); at least {MIN_CLIENT_ADDRESSES} are needed: use a /29 or larger",
+        )
+    return network
+
+
+def _gateway_address(section: _Section, network: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
     try:
         gateway = ipaddress.ip_address(section.get("gateway_address", str))
     except ValueError as error:
-        raise ConfigError(f"[gateway] gateway_address: {error}") from None
+        raise section.error("gateway_address", str(error)) from None
     if gateway not in network:
-        raise ConfigError(f"[gateway] gateway_address {gateway} is not in {network}")
+        raise section.error("gateway_address", f"{gateway} is not in {network}")
+    special = {network.network_address: "network", network.broadcast_address: "broadcast"}
+    if gateway in special and network.prefixlen <= 30:  # /31: both are hosts (RFC 3021)
+        raise section.error(
+            "gateway_address",
+            f"{gateway} is the {special[gateway]} address of {network}; use a host address "
+            f"such as {next(network.hosts())}",
+        )
+    return gateway
+
+
+def _gateway(section: _Section) -> GatewaySection:
+    network = _tunnel_network(section)
+    gateway = _gateway_address(section, network)
     cipher_name = section.get("cipher", str, CipherSuite.AES_256_GCM.value)
     try:
         cipher = CipherSuite(cipher_name)
     except ValueError:
         choices = ", ".join(c.value for c in CipherSuite)
-        raise ConfigError(f"[gateway] cipher: {cipher_name!r} is not one of {choices}") from None
+        raise section.error("cipher", f"{cipher_name!r} is not one of {choices}") from None
     return GatewaySection(
         tunnel_network=network,
         gateway_address=gateway,
@@ -197,31 +479,21 @@ def _gateway(section: _Section) -> GatewaySection:
 
 
 def _auth(section: _Section) -> AuthSection:
-    routes = section.strings("routes", ["0.0.0.0/0"])
-    for route in routes:
-        try:
-            ipaddress.ip_network(route)
-        except ValueError as error:
-            raise ConfigError(f"[auth] routes: {error}") from None
-    dns = section.strings("dns", [])
-    for server in dns:
-        try:
-            ipaddress.ip_address(server)
-        except ValueError as error:
-            raise ConfigError(f"[auth] dns: {error}") from None
-    listen = section.get("listen", str, "0.0.0.0:7443")
-    parse_host_port(listen, "[auth] listen")
+    routes = section.each("routes", ["0.0.0.0/0"], _checked(ipaddress.ip_network))
+    dns = section.each("dns", [], _checked(ipaddress.ip_address))
+    section.endpoint("listen", "0.0.0.0:7443")  # checked; gRPC takes the text itself
     key_expiry = float(
         section.number("key_expiry_seconds", REJECT_AFTER_SECONDS, 2, REJECT_AFTER_SECONDS)
     )
     key_lifetime = float(section.number("key_lifetime_seconds", REKEY_AFTER_SECONDS, 1, 86400))
     if key_lifetime >= key_expiry:
-        raise ConfigError(
-            f"[auth] key_lifetime_seconds ({key_lifetime:g}) must be below "
-            f"key_expiry_seconds ({key_expiry:g}): clients must rekey before keys expire"
+        raise section.error(
+            "key_lifetime_seconds",
+            f"{key_lifetime:g} must be below key_expiry_seconds ({key_expiry:g}): clients "
+            "must rekey before keys expire",
         )
     return AuthSection(
-        listen=listen,
+        listen=section.get("listen", str, "0.0.0.0:7443"),
         tls_cert=section.path("tls_cert", "tls/server.crt"),
         tls_key=section.path("tls_key", "tls/server.key"),
         ca_cert=section.path("ca_cert", "tls/ca.crt"),
@@ -264,40 +536,46 @@ def _auth(section: _Section) -> AuthSection:
 def _dataplane(section: _Section, gateway: GatewaySection) -> DataplaneSection:
     tun_name = section.get("tun_name", str, "pg0")
     if not 0 < len(tun_name) < 16:
-        raise ConfigError(f"[dataplane] tun_name: {tun_name!r} must be 1-15 characters")
-    deny_networks = []
-    for network in section.strings("deny_networks", []):
-        try:
-            deny_networks.append(ipaddress.ip_network(network))
-        except ValueError as error:
-            raise ConfigError(f"[dataplane] deny_networks: {error}") from None
-    key = "[dataplane] offered_services"
-    offered = section.strings("offered_services", [f"ping {gateway.gateway_address}"])
+        raise section.error("tun_name", f"{tun_name!r} must be 1-15 characters")
     return DataplaneSection(
         listen=section.endpoint("listen", "0.0.0.0:51820"),
         tun_name=tun_name,
         stats_socket=section.path("stats_socket", "run/dataplane.sock"),
         metrics_listen=section.endpoint("metrics_listen", "127.0.0.1:9102"),
         user=section.optional("user", str),
-        deny_networks=tuple(deny_networks),
-        offered_services=tuple(OfferedService.parse(text, key) for text in offered),
+        deny_networks=section.each("deny_networks", [], ipaddress.ip_network),
+        offered_services=section.each(
+            "offered_services", [f"ping {gateway.gateway_address}"], OfferedService.parse
+        ),
+    )
+
+
+def parse(text: str, path: str, *, auth: bool = False) -> GatewayConfig:
+    """Check the config `text` as if read from `path` (relative paths in it are relative
+    to `path`'s directory); the [auth] section's values are checked only if `auth`."""
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    source = _Source(path, text)
+    _check_names(table, source)
+    base = os.path.dirname(os.path.abspath(path))
+    gateway = _gateway(_Section(source, table, "gateway", base))
+    return GatewayConfig(
+        path=os.path.abspath(path),
+        gateway=gateway,
+        auth=_auth(_Section(source, table, "auth", base)) if auth else None,
+        dataplane=_dataplane(_Section(source, table, "dataplane", base), gateway),
     )
 
 
 def load(path: str, *, auth: bool = False) -> GatewayConfig:
-    """Read and check the file; the [auth] section is checked only if `auth`."""
+    """Read and check the file; the [auth] section's values are checked only if `auth`."""
     try:
         with open(path, "rb") as handle:
-            table = tomllib.load(handle)
+            text = handle.read().decode()
     except OSError as error:
         raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path} is not valid TOML: {error}") from None
-    base = os.path.dirname(os.path.abspath(path))
-    gateway = _gateway(_Section(table, "gateway", base))
-    return GatewayConfig(
-        path=os.path.abspath(path),
-        gateway=gateway,
-        auth=_auth(_Section(table, "auth", base)) if auth else None,
-        dataplane=_dataplane(_Section(table, "dataplane", base), gateway),
-    )
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: not UTF-8 ({error.reason})") from None
+    return parse(text, path, auth=auth)

@@ -201,7 +201,7 @@ def test_config_defaults_and_lists(tmp_path):
     [
         ('deny_networks = ["198.18.128.1/24"]', r"deny_networks: .*has host bits set"),
         ('deny_networks = "198.18.128.0/24"', "deny_networks: expected list"),
-        ('offered_services = ["udp 198.19.0.1"]', "offered_services: expected HOST:PORT"),
+        ('offered_services = ["udp 198.19.0.1"]', "services: 'udp 198.19.0.1': expected HOST:PORT"),
         ('offered_services = ["udp :53"]', "'udp :53': an address is required"),
         ('offered_services = ["ping gateway"]', "'ping gateway': .*does not appear to be"),
         ('offered_services = ["sctp 198.19.0.1:53"]', 'expected "ping ADDRESS"'),

@@ -87,12 +87,20 @@ class MemoryNetwork:
         self.lost = 0  # datagrams to nobody, or over a full receive queue
         self._next_port = 40000
 
-    def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_DGRAM, *, host: str):
+    def socket(
+        self,
+        family: int = socket.AF_INET,
+        kind: int = socket.SOCK_DGRAM,
+        *,
+        host: str,
+        offloads: bool = True,
+    ):
         """A UDP socket on `host`: the signature of socket.socket, `host` aside
-        (functools.partial(network.socket, host=...) is a socket factory)."""
+        (functools.partial(network.socket, host=...) is a socket factory).
+        `offloads=False`: a system without UDP GSO and GRO (older Linux, Windows)."""
         if kind != socket.SOCK_DGRAM:
             raise ValueError("a memory network carries datagrams only")
-        return MemoryUdp(self, family, host)
+        return MemoryUdp(self, family, host, offloads)
 
     def _bind(self, sock: "MemoryUdp", address: tuple[str, int]) -> tuple[str, int]:
         host, port = address[0], address[1]
@@ -121,8 +129,9 @@ class MemoryNetwork:
 class MemoryUdp:
     """A non-blocking UDP socket on a `MemoryNetwork` (the calls our code makes)."""
 
-    def __init__(self, network: MemoryNetwork, family: int, host: str) -> None:
+    def __init__(self, network: MemoryNetwork, family: int, host: str, offloads: bool) -> None:
         self.network = network
+        self.offloads = offloads
         self.family = family
         self.type = socket.SOCK_DGRAM
         self.host = host
@@ -162,11 +171,15 @@ class MemoryUdp:
             raise ValueError("memory sockets are non-blocking")
 
     def setsockopt(self, level: int, option: int, value) -> None:
+        if level == SOL_UDP and not self.offloads:
+            raise OSError(errno.ENOPROTOOPT, "no UDP offloads here")
         self.options[(level, option)] = value
         if (level, option) == (SOL_UDP, UDP_GRO):
             self.gro = bool(value)
 
     def getsockopt(self, level: int, option: int) -> int:
+        if level == SOL_UDP and not self.offloads:
+            raise OSError(errno.ENOPROTOOPT, "no UDP offloads here")
         if (level, option) == (SOL_UDP, UDP_SEGMENT):
             return 0  # GSO is there, no default segment size
         return self.options.get((level, option), 0)

@@ -35,14 +35,14 @@ class Datapath:
         # told at once when the dataplane asks for new keys (REKEY_REQUIRED)
         self._on_rekey_requested = on_rekey_requested
         self.session = session
+        self.drops: Counter[DropReason] = Counter()
+        self.error_reports: dict[str, int] = {}  # ICMP errors about what we sent, by errno
         self._tun = tun
         self._server = server
         self._clock = clock
         # (family, type) -> a socket: socket.socket, or pushgate_io.memory's in tests
         self._socket_factory = socket_factory
         self._udp: BatchSocket | None = None
-        self.drops: Counter[DropReason] = Counter()
-        self.error_reports: dict[str, int] = {}  # ICMP errors about what we sent, by errno
 
     def start(self) -> None:
         self._loop.add_reader(self._tun.fileno(), self.on_tun_readable)

@@ -41,6 +41,15 @@ QUEUE_CAPACITY = 4096  # packets per output queue
 LAG_INTERVAL = 0.1
 HOUSEKEEPING_INTERVAL = 1.0
 KEEPALIVE_REPLY_AFTER = 1.0  # answer a keepalive if we sent nothing for this long
+# What is logged of a packet refused for its inner address: which one (0 source,
+# 1 destination) and the line.
+REFUSED_ADDRESS = {
+    DropReason.SPOOFED_SOURCE: (0, "session %#010x sent a packet from %s, which it does not own"),
+    DropReason.FORBIDDEN_DESTINATION: (
+        1,
+        "session %#010x sent a packet to %s, which clients may not reach",
+    ),
+}
 
 
 class Device:
@@ -251,19 +260,13 @@ class Device:
         record.last_drop_reason = decision.reason
         if action is Action.TOO_BIG:
             self._reply_too_big(record, payload, now)
-        elif decision.reason is DropReason.SPOOFED_SOURCE:
+        elif decision.reason in REFUSED_ADDRESS:
+            which, message = REFUSED_ADDRESS[decision.reason]
             self._bad_input_log.warning(
-                "spoof",
-                "session %#010x sent a packet from %s, which it does not own",
+                decision.reason.value,
+                message,
                 record.session_id,
-                ipaddress.ip_address(inner.addresses(payload)[0]),
-            )
-        elif decision.reason is DropReason.FORBIDDEN_DESTINATION:
-            self._bad_input_log.warning(
-                "forbidden",
-                "session %#010x sent a packet to %s, which clients may not reach",
-                record.session_id,
-                ipaddress.ip_address(inner.addresses(payload)[1]),
+                ipaddress.ip_address(inner.addresses(payload)[which]),
             )
         return decision.reason
 

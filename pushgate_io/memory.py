@@ -47,7 +47,7 @@ class _Readiness:
             end.setblocking(False)
         self._loop_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         self._readable = False
-        self._blocked = False
+        self.blocked = False  # writes would fail now (EAGAIN)
 
     def fileno(self) -> int:
         return self._loop_end.fileno()
@@ -60,8 +60,8 @@ class _Readiness:
         self._readable = flag
 
     def writable(self, flag: bool) -> None:
-        self._blocked = not flag
-        if self._blocked:
+        self.blocked = not flag
+        if self.blocked:
             try:
                 while True:
                     self._loop_end.send(_FILL)
@@ -144,17 +144,14 @@ class MemoryUdp:
         self.send_calls = 0  # calls that handed datagrams to the network
         self._queue: deque[tuple[bytes, int, tuple]] = deque()
         self._send_errors: deque[int] = deque()
-        self._sends_blocked = False
         self._readiness = _Readiness()
 
     # -- what tests do -----------------------------------------------------------
 
     def block_sends(self) -> None:
-        self._sends_blocked = True
         self._readiness.writable(False)
 
     def unblock_sends(self) -> None:
-        self._sends_blocked = False
         self._readiness.writable(True)
 
     def fail_sends(self, *errnos: int) -> None:
@@ -252,7 +249,7 @@ class MemoryUdp:
         if self._send_errors:
             number = self._send_errors.popleft()
             raise OSError(number, f"scripted: {errno.errorcode.get(number, number)}")
-        if self._sends_blocked:
+        if self._readiness.blocked:
             raise BlockingIOError(errno.EAGAIN, "send buffer full")
         destination = address if address is not None else self.peer
         if destination is None:
@@ -275,7 +272,6 @@ class MemoryTun:
         self.written: list[bytes] = []
         self.writes = 0
         self._waiting: deque[bytes] = deque()
-        self._writes_blocked = False
         self._readiness = _Readiness()
 
     def inject(self, *packets: bytes) -> None:
@@ -285,11 +281,9 @@ class MemoryTun:
             self._readiness.readable(True)
 
     def block_writes(self) -> None:
-        self._writes_blocked = True
         self._readiness.writable(False)
 
     def unblock_writes(self) -> None:
-        self._writes_blocked = False
         self._readiness.writable(True)
 
     def fileno(self) -> int:
@@ -308,7 +302,7 @@ class MemoryTun:
         return [([packet], 1) for packet in packets]
 
     def write_buffers(self, buffers: list) -> bool:
-        if self._writes_blocked:
+        if self._readiness.blocked:
             return False
         self.writes += 1
         if not self.offload:

@@ -124,6 +124,14 @@ class Client:
             packets.append(self.session.open(datagram, self.gateway.clock.now))
 
 
+async def connected(gateway: Gateway) -> Client:
+    """A client whose first packet gave the session its endpoint."""
+    client = gateway.client()
+    client.send(*client.seal(*to_lan(1)))
+    await until(lambda: gateway.record.endpoint is not None)
+    return client
+
+
 def to_lan(n: int, size: int = 100) -> list[bytes]:
     return [ipv4_udp(CLIENT, LAN_HOST, 4000, 9, bytes([i % 256]) * size) for i in range(n)]
 
@@ -206,9 +214,7 @@ async def test_the_endpoint_follows_the_newest_authentic_packet_only(gateway):
 
 @running
 async def test_a_full_socket_queues_in_order_and_drains_when_writable(gateway):
-    client = gateway.client()
-    client.send(*client.seal(*to_lan(1)))
-    await until(lambda: gateway.record.endpoint is not None)
+    client = await connected(gateway)
     gateway.sock.block_sends()
     gateway.tun.inject(*from_lan(100))
     await until(lambda: gateway.counters.tun_packets_read == 100)
@@ -222,9 +228,7 @@ async def test_a_full_socket_queues_in_order_and_drains_when_writable(gateway):
 
 @running
 async def test_a_full_queue_is_a_counted_drop(gateway):
-    client = gateway.client()
-    client.send(*client.seal(*to_lan(1)))
-    await until(lambda: gateway.record.endpoint is not None)
+    client = await connected(gateway)
     gateway.sock.block_sends()
     extra = 10
     gateway.tun.inject(*from_lan(QUEUE_CAPACITY + extra, size=20))
@@ -266,9 +270,7 @@ async def test_tcp_syns_are_clamped_to_the_tunnel_mtu_both_ways(gateway):
 
 @running
 async def test_gso_runs_reach_the_client_and_a_device_without_gso_falls_back(gateway):
-    client = gateway.client()
-    client.send(*client.seal(*to_lan(1)))
-    await until(lambda: gateway.record.endpoint is not None)
+    client = await connected(gateway)
     gateway.tun.inject(*from_lan(10))
     await until(lambda: gateway.counters.outbound_delivered == 10)
     assert gateway.sock.send_calls == 1  # one GSO send
@@ -281,15 +283,13 @@ async def test_gso_runs_reach_the_client_and_a_device_without_gso_falls_back(gat
 
 @running
 async def test_a_send_the_kernel_refuses_is_a_drop_and_an_io_error(gateway):
-    client = gateway.client()
-    client.send(*client.seal(*to_lan(1)))
-    await until(lambda: gateway.record.endpoint is not None)
+    client = await connected(gateway)
     gateway.sock.fail_sends(errno.ENOBUFS)
     gateway.tun.inject(*from_lan(4))
     await until(lambda: gateway.counters.tun_packets_read == 4)
     assert gateway.counters.outbound_drops[DropReason.NO_BUFFER_SPACE] == 4
     assert gateway.counters.io_errors["udp_send"] == 1
-    assert gateway.outbound_balanced()
+    assert gateway.outbound_balanced() and client.received() == []
 
 
 def test_housekeeping_flags_one_way_sessions_and_expires_them():

@@ -7,6 +7,7 @@ milliseconds, without root. The kernel's part is played by the memory network
 import asyncio
 import errno
 import functools
+import inspect
 import ipaddress
 import os
 import struct
@@ -14,6 +15,7 @@ import struct
 import pytest
 
 from client.datapath import Datapath
+from client.wintun import WintunTun
 from dataplane.device import QUEUE_CAPACITY, Device
 from dataplane.metrics import Counters
 from dataplane.registry import Registry, SessionRecord, packed_address
@@ -23,6 +25,8 @@ from push_protocol.drops import DropReason
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.session import TunnelSession
 from pushgate_io.memory import MemoryNetwork, MemoryTun
+from pushgate_io.tun import TunDevice
+from pushgate_io.tun_linux import LinuxTun
 
 GATEWAY = ("198.18.0.1", 5555)
 CLIENT_HOST, OTHER_HOST = "198.18.0.2", "198.18.0.3"
@@ -395,3 +399,13 @@ def test_the_client_counts_what_its_socket_cannot_take():
             datapath.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", [LinuxTun, WintunTun, MemoryTun])
+def test_every_tun_backend_has_the_interface_the_loops_call(backend):
+    """Linux, WinTun and memory backends take the calls of pushgate_io.tun.TunDevice
+    with the same parameters (the loops never know which one they have)."""
+    for name, member in vars(TunDevice).items():
+        if callable(member) and not name.startswith("_"):
+            ours = inspect.signature(getattr(backend, name))
+            assert list(ours.parameters) == list(inspect.signature(member).parameters), name

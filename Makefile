@@ -18,7 +18,7 @@ SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps prometheus 
 # The one-file client executable and the signed WinTun DLL it bundles.
 CLIENT_EXE := dist/pushgate-client
 WINTUN_DLL := build/wintun/amd64/wintun.dll
-CLIENT_SOURCES := $(wildcard client/*.py push_protocol/*.py tundev/*.py) \
+CLIENT_SOURCES := $(wildcard client/*.py push_protocol/*.py pushgate_io/*.py) \
                   release/pushgate-client.spec release/client_main.py
 
 .PHONY: test demo bench bench-vpn soak fuzz lint proto venv system-deps deploy-check clean \

@@ -1,24 +1,22 @@
 """Python cost per datagram of the dataplane's receive path, system calls aside.
 
-Feeds `Device._on_udp_readable` GRO batches of 44 sealed datagrams (as one
-`recvmsg` of a bulk TCP stream brings them) from a stand-in socket, and
-writes to a stand-in TUN that only merges (tundev/gro.py) and counts. What is
-timed is everything the loop does in Python per datagram: header, session,
-replay window, AEAD open, routing, MSS check and the GRO merge for the TUN
-write. Two payloads: TCP segments of a bulk stream (1420-byte packets, merged)
-and 64-byte UDP datagrams (merged where the kernel has USO). Best and median of
-7 runs; the kernels' own work (recvmsg, writev) is in dataplane_bench.py and
-the side-by-side VPN table.
+Feeds `Device.on_udp_readable` GRO batches of 44 sealed datagrams (as one
+`recvmsg` of a bulk TCP stream brings them) from an in-memory socket
+(pushgate_io/memory.py), and writes to an in-memory TUN that only merges
+(pushgate_io/gro.py) and counts. What is timed is everything the loop does in
+Python per datagram: header, session, replay window, AEAD open, routing, MSS
+check and the GRO merge for the TUN write. Two payloads: TCP segments of a bulk
+stream (1420-byte packets, merged) and 64-byte UDP datagrams (merged where the
+kernel has USO). Best and median of 7 runs; the kernels' own work (recvmsg,
+writev) is in dataplane_bench.py and the side-by-side VPN table.
 """
 
 import ipaddress
 import os
-import socket
 import struct
 import sys
 import time
 
-import udpio
 from dataplane.device import Device
 from dataplane.metrics import Counters
 from dataplane.registry import Registry, SessionRecord
@@ -26,41 +24,14 @@ from netlab.packets import ipv4_udp
 from push_protocol.aead import CipherSuite
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.session import TunnelSession
-from tundev import gro
+from pushgate_io import udp
+from pushgate_io.memory import MemoryNetwork, MemoryTun
 
 BATCH = 44  # datagrams per GRO receive of a bulk TCP stream at MTU 1420
 ROUNDS = 2000
 REPEATS = 7
 CLIENT, LAN_HOST, SOURCE = "198.19.0.2", "198.18.2.2", ("198.18.0.2", 40000)
-
-
-class MergingTun:
-    """The TUN's merge step, without the write."""
-
-    def fileno(self) -> int:
-        return -1
-
-    def coalesce(self, packets: list[bytes]) -> list[tuple[list, int]]:
-        return gro.coalesce(packets)
-
-    def write_buffers(self, buffers: list) -> bool:
-        return True
-
-
-class BatchSocket:
-    """`recvmsg` hands out queued GRO batches, then EAGAIN."""
-
-    def __init__(self) -> None:
-        self.batches: list[tuple[bytes, int]] = []
-
-    def recvfrom(self, size: int):  # the loop's path without GRO: not taken here
-        raise BlockingIOError
-
-    def recvmsg(self, size: int, ancillary: int):
-        if not self.batches:
-            raise BlockingIOError
-        data, segment = self.batches.pop()
-        return data, [(udpio.SOL_UDP, udpio.UDP_GRO, struct.pack("=i", segment))], 0, SOURCE
+GATEWAY = ("198.18.0.1", 5555)
 
 
 class NoHistogram:
@@ -77,7 +48,7 @@ def tcp_segment(seq: int, payload: int = 1368) -> bytes:
     return ip + tcp + bytes(payload)
 
 
-def batches(kind: str, keys: KeyMaterial, now: float) -> list[tuple[bytes, int]]:
+def batches(kind: str, keys: KeyMaterial, now: float) -> list[list[bytes]]:
     client = TunnelSession(7, CipherSuite.AES_256_GCM, Role.CLIENT, keys)
     out, seq = [], 1
     for _ in range(ROUNDS):
@@ -87,7 +58,7 @@ def batches(kind: str, keys: KeyMaterial, now: float) -> list[tuple[bytes, int]]
         else:
             packets = [ipv4_udp(CLIENT, LAN_HOST, 4000, 9, bytes(36)) for _ in range(BATCH)]
         datagrams, _ = client.seal_many(packets, now)
-        out.append((b"".join(datagrams), len(datagrams[0])))
+        out.append(datagrams)
     return out
 
 
@@ -95,25 +66,28 @@ def run(kind: str, keys: KeyMaterial, sealed: list, now: float) -> float:
     server = TunnelSession(7, CipherSuite.AES_256_GCM, Role.SERVER, keys)
     registry = Registry()
     registry.add(SessionRecord(server, (ipaddress.IPv4Address(CLIENT).packed,), 0.0))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as placeholder:
-        device = Device(
-            registry=registry,
-            counters=Counters(),
-            sock=placeholder,
-            tun=MergingTun(),
-            mtu=1420,
-            tunnel_network=ipaddress.ip_network("198.19.0.0/24"),
-            gateway_address=ipaddress.ip_address("198.19.0.1"),
-            loop_lag_histogram=NoHistogram(),
-            clock=lambda: now,
-        )
-    feed = BatchSocket()
-    device.sock, device._gro = feed, True
-    start = time.perf_counter()
-    for batch in sealed:  # one at a time, in the order sealed
-        feed.batches.append(batch)
-        device._on_udp_readable()
-    elapsed = time.perf_counter() - start
+    network = MemoryNetwork()
+    gateway = network.socket(host=GATEWAY[0])
+    gateway.bind(GATEWAY)
+    client = network.socket(host=SOURCE[0])
+    client.bind(SOURCE)
+    device = Device(
+        registry=registry,
+        counters=Counters(),
+        sock=gateway,
+        tun=MemoryTun(offload=True),
+        mtu=1420,
+        tunnel_network=ipaddress.ip_network("198.19.0.0/24"),
+        gateway_address=ipaddress.ip_address("198.19.0.1"),
+        loop_lag_histogram=NoHistogram(),
+        clock=lambda: now,
+    )
+    elapsed = 0.0
+    for batch in sealed:  # one GSO send, one GRO receive, in the order sealed
+        udp.send_run(client, batch, GATEWAY)
+        start = time.perf_counter()
+        device.on_udp_readable()
+        elapsed += time.perf_counter() - start
     delivered = device.counters.datagrams_delivered
     if delivered != ROUNDS * BATCH:
         sys.exit(f"{kind}: {delivered} of {ROUNDS * BATCH} delivered: {device.counters}")

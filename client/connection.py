@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 from push_protocol.keys import Role
 from push_protocol.session import TunnelSession
+from pushgate_io.tun import TunDevice
 
 from .auth import AuthClient, ClientError, ClientSession, SessionGone
 from .datapath import Datapath
 from .host import ClientHost, UndoSteps, current_host
 from .state import ClientEvent, ClientState, ClientStateMachine
 from .status import ClientStatus, write_status
-from .tun import TunDevice
 
 log = logging.getLogger("pushgate.client")
 

@@ -13,8 +13,9 @@ import sys
 from collections.abc import Callable
 from typing import Protocol
 
+from pushgate_io.tun import TunDevice
+
 from .auth import ClientSession
-from .tun import TunDevice
 
 UndoSteps = list[list[str]]  # kept in the status file to clean up after a crash
 

@@ -7,7 +7,7 @@ import shutil
 import signal
 import subprocess
 
-from tundev.linux import LinuxTun
+from pushgate_io.tun_linux import LinuxTun
 
 from .auth import ClientError, ClientSession
 from .netplan import parse_route_get, plan_network

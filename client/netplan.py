@@ -14,7 +14,7 @@ Split tunnel: just the pushed routes on the tunnel device.
 import ipaddress
 from dataclasses import dataclass
 
-from tundev import TUN_QUEUE_PACKETS
+from pushgate_io.tun import TUN_QUEUE_PACKETS
 
 FULL_TUNNEL_HALVES = ("0.0.0.0/1", "128.0.0.0/1")
 

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 import gateway_config
 from control_socket import ControlSocketError, PeerPolicy, PrivateServer, serve_private
 from pushgate_api import control_pb2_grpc
-from tundev import TUN_QUEUE_PACKETS
-from tundev.linux import LinuxTun
+from pushgate_io.tun import TUN_QUEUE_PACKETS
+from pushgate_io.tun_linux import LinuxTun
 
 from .conntrack import ConntrackCleaner
 from .destinations import DestinationPolicy, parse_ip_addresses

@@ -14,58 +14,42 @@ what we sent are read off its error queue and counted.
 """
 
 import asyncio
-import errno
 import ipaddress
 import logging
 import os
 import socket
 import time
 
-import udpio
 from push_protocol.codec import Header, read_header
 from push_protocol.constants import MIN_DATAGRAM_LEN, PROTOCOL_VERSION
 from push_protocol.drops import DropReason, PacketRejected
-from tundev.linux import LinuxTun
+from pushgate_io.tun import TunDevice
+from pushgate_io.udp import DATAGRAM_BUDGET, BatchSocket, ErrorReport
 
-from . import inner
+from . import inner, stall
+from .log_limit import RateLimitedLog
 from .metrics import BoundedQueue, Counters
+from .mss import MssClamp
 from .registry import Registry, SessionRecord
 from .routing import TO_TUN, Action, Router
 from .source_budget import SourceBudget, source_key
 
 log = logging.getLogger("pushgate.dataplane")
 
-BATCH = 64  # receive calls (UDP) or packets (TUN) per readiness callback
-# Datagrams per UDP readiness callback: with GRO one receive call brings up to ~45,
-# and every packet of a callback waits for its end (the TUN write is batched), as
-# does the other direction; bounding the batch in datagrams bounds that wait.
-DATAGRAM_BUDGET = 64
-RECV_SIZE = 65536
+BATCH = 64  # packets read from the TUN per readiness callback
 QUEUE_CAPACITY = 4096  # packets per output queue
-ERROR_REPORTS_PER_READ = 256  # bounds one read of the error queue (it refills by ICMP)
 LAG_INTERVAL = 0.1
 HOUSEKEEPING_INTERVAL = 1.0
 KEEPALIVE_REPLY_AFTER = 1.0  # answer a keepalive if we sent nothing for this long
-MSS_OVERHEAD = {4: 40, 6: 60}  # IP + TCP headers without options
-
-
-class RateLimitedLog:
-    """At most one line per key per interval; counts what it swallowed."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def warning(self, key: str, message: str, *args) -> None:
-        now = time.monotonic()
-        last, suppressed = self._last.get(key, (0.0, 0))
-        if now - last < self.interval:
-            self._last[key] = (last, suppressed + 1)
-            return
-        if suppressed:
-            message += f" ({suppressed} similar suppressed)"
-        log.warning(message, *args)
-        self._last[key] = (now, 0)
+# What is logged of a packet refused for its inner address: which one (0 source,
+# 1 destination) and the line.
+REFUSED_ADDRESS = {
+    DropReason.SPOOFED_SOURCE: (0, "session %#010x sent a packet from %s, which it does not own"),
+    DropReason.FORBIDDEN_DESTINATION: (
+        1,
+        "session %#010x sent a packet to %s, which clients may not reach",
+    ),
+}
 
 
 class Device:
@@ -75,7 +59,7 @@ class Device:
         registry: Registry,
         counters: Counters,
         sock: socket.socket,
-        tun: LinuxTun,
+        tun: TunDevice,
         mtu: int,
         tunnel_network,
         gateway_address,
@@ -85,7 +69,6 @@ class Device:
     ) -> None:
         self.registry = registry
         self.counters = counters
-        self.sock = sock
         self.tun = tun
         self.mtu = mtu
         self.router = Router(registry, tunnel_network, gateway_address, mtu, destinations)
@@ -95,16 +78,20 @@ class Device:
         self.tun_queue = BoundedQueue("tun_write", QUEUE_CAPACITY)
         self._loop_lag = loop_lag_histogram
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._bad_input_log = RateLimitedLog()
+        self._bad_input_log = RateLimitedLog(log)
         self._udp_writer = self._tun_writer = False
         self._lag_due = 0.0
         self._tun_pending: list[bytes] = []  # decrypted packets for the TUN, this callback
         self.source_budget = SourceBudget()  # forged tags per source (source_budget.py)
-        # batched UDP (udpio): several datagrams per recvmsg / sendmsg where the kernel can
-        self._gro = udpio.enable_gro(sock)
-        self._gso = udpio.gso_capable(sock)
-        # refused sends fail loudly (ENOBUFS), not silently; ICMP errors queue up
-        self._send_errors = udpio.enable_send_errors(sock)
+        self._clamp = MssClamp(mtu, counters).clamp
+        # several datagrams per receive / send call where the kernel can (GRO, GSO)
+        self.udp = BatchSocket(
+            sock,
+            on_error=self._udp_error,
+            on_reports=self._log_error_reports,
+            screen=self._drop_noise_batch,
+            error_reports=counters.udp_error_reports,
+        )
 
     @property
     def queues(self) -> list[BoundedQueue]:
@@ -112,58 +99,29 @@ class Device:
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self.sock.fileno(), self._on_udp_readable)
-        loop.add_reader(self.tun.fileno(), self._on_tun_readable)
+        loop.add_reader(self.udp.fileno(), self.on_udp_readable)
+        loop.add_reader(self.tun.fileno(), self.on_tun_readable)
         self._lag_due = loop.time() + LAG_INTERVAL
         loop.call_at(self._lag_due, self._measure_lag)
-        loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
+        loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping_timer)
 
     def stop(self) -> None:
         loop = self._loop
-        for fd in (self.sock.fileno(), self.tun.fileno()):
+        for fd in (self.udp.fileno(), self.tun.fileno()):
             loop.remove_reader(fd)
             loop.remove_writer(fd)
 
     # -- inbound: UDP -> TUN or another session -------------------------------
 
-    def _on_udp_readable(self) -> None:
+    def on_udp_readable(self) -> None:
+        """Take what waits on the UDP socket (the event loop calls this)."""
         counters = self.counters
         drops = counters.inbound_drops
-        recvfrom = self.sock.recvfrom
-        recvmsg = self.sock.recvmsg if self._gro else None
         inbound = self._inbound
         now = self.clock()
         bad_headers = 0
-        budget = DATAGRAM_BUDGET
         try:
-            for call in range(BATCH):
-                if budget <= 0:
-                    return  # the loop calls back at once if more is waiting
-                try:
-                    if recvmsg is None:
-                        data, source = recvfrom(RECV_SIZE)
-                        datagrams = None
-                    else:  # with GRO one call may bring several datagrams of a flow
-                        data, ancdata, _, source = recvmsg(RECV_SIZE, udpio.GRO_CMSG_SPACE)
-                        datagrams = None
-                        if ancdata:
-                            size = udpio.segment_size(data, ancdata)
-                            if self._drop_noise_batch(data, size, source):
-                                continue
-                            datagrams = udpio.segments(data, size)
-                except BlockingIOError:
-                    if call == 0 and self._send_errors:  # woken for the error queue
-                        self._read_error_reports()
-                    return
-                except OSError as error:
-                    if error.errno in udpio.REPORTED_ERRNOS:  # an ICMP error, not ours
-                        self._read_error_reports()
-                        continue
-                    counters.io_errors["udp_recv"] += 1
-                    self._bad_input_log.warning("udp_recv", "UDP receive error: %s", error)
-                    continue
-                datagrams = datagrams or (data,)
-                budget -= len(datagrams)
+            for datagrams, source in self.udp.receive(DATAGRAM_BUDGET):
                 counters.datagrams_received += len(datagrams)
                 # runs of well-formed datagrams of one session (with GRO, usually all)
                 run, headers, run_session = [], [], None
@@ -302,19 +260,13 @@ class Device:
         record.last_drop_reason = decision.reason
         if action is Action.TOO_BIG:
             self._reply_too_big(record, payload, now)
-        elif decision.reason is DropReason.SPOOFED_SOURCE:
+        elif decision.reason in REFUSED_ADDRESS:
+            which, message = REFUSED_ADDRESS[decision.reason]
             self._bad_input_log.warning(
-                "spoof",
-                "session %#010x sent a packet from %s, which it does not own",
+                decision.reason.value,
+                message,
                 record.session_id,
-                ipaddress.ip_address(inner.addresses(payload)[0]),
-            )
-        elif decision.reason is DropReason.FORBIDDEN_DESTINATION:
-            self._bad_input_log.warning(
-                "forbidden",
-                "session %#010x sent a packet to %s, which clients may not reach",
-                record.session_id,
-                ipaddress.ip_address(inner.addresses(payload)[1]),
+                ipaddress.ip_address(inner.addresses(payload)[which]),
             )
         return decision.reason
 
@@ -330,18 +282,9 @@ class Device:
         if reply is not None and self._send_to(record, reply, now) is None:
             self.counters.icmp_too_big_sent += 1
 
-    def _clamp(self, packet: bytes) -> bytes:
-        if packet[0] == 0x45 and (packet[9] != 6 or len(packet) < 40 or not packet[33] & 0x02):
-            return packet  # IPv4 without options, and not a TCP SYN: nothing to clamp
-        max_mss = self.mtu - MSS_OVERHEAD.get(packet[0] >> 4, 40)
-        clamped = inner.clamp_mss(packet, max_mss)
-        if clamped is not packet:
-            self.counters.mss_clamped += 1
-        return clamped
-
     def _flush_tun(self) -> None:
         """Write this callback's packets for the TUN, consecutive TCP segments of a
-        flow as one write (tundev/gro.py), and count each packet where it ended."""
+        flow as one write (pushgate_io/gro.py), and count each packet where it ended."""
         pending, self._tun_pending = self._tun_pending, []
         counters = self.counters
         drops = counters.inbound_drops
@@ -366,7 +309,8 @@ class Device:
 
     # -- outbound: TUN -> a session --------------------------------------------
 
-    def _on_tun_readable(self) -> None:
+    def on_tun_readable(self) -> None:
+        """Take what waits on the TUN (the event loop calls this)."""
         counters = self.counters
         drops = counters.outbound_drops
         now = self.clock()
@@ -403,29 +347,18 @@ class Device:
 
     def _send_run(self, datagrams: list, endpoint) -> None:
         """Send datagrams to one endpoint, with UDP GSO in as few calls as it
-        allows; what the socket refuses goes datagram by datagram (queued or counted)."""
+        allows; what the socket cannot take now is queued, each fate counted."""
         counters = self.counters
-        drops = counters.outbound_drops
-        for run in udpio.runs(datagrams) if self._gso else [datagrams]:
-            if len(run) > 1 and self._gso and not self.udp_queue:
-                try:
-                    self._send(run, endpoint)
-                    counters.outbound_delivered += len(run)
-                    continue
-                except BlockingIOError:
-                    pass
-                except OSError as error:
-                    if error.errno == errno.ENOBUFS:  # the kernel dropped the run as one
-                        drops[self._send_failed(error, endpoint)] += len(run)
-                        continue
-                    if error.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP):
-                        self._gso = False  # cannot segment here: one by one from now on
-            for datagram in run:
-                reason = self._send_datagram(datagram, endpoint)
-                if reason is None:
-                    counters.outbound_delivered += 1
-                else:
-                    drops[reason] += 1
+        if self.udp_queue:  # keep order: once queued, everything queues
+            sent = done = 0
+        else:
+            sent, done = self.udp.send(datagrams, endpoint, counters.outbound_drops)
+        counters.outbound_delivered += sent
+        for datagram in datagrams[done:] if done < len(datagrams) else ():
+            if self._queue(self.udp_queue, (datagram, endpoint)):
+                counters.outbound_delivered += 1
+            else:
+                counters.outbound_drops[DropReason.QUEUE_FULL] += 1
 
     def _seal_for(self, record: SessionRecord, packet: bytes, now: float):
         """(datagram, endpoint) carrying `packet` to `record`, or the drop reason."""
@@ -456,58 +389,32 @@ class Device:
         self._send_datagram(datagram, record.endpoint)
 
     def _send_datagram(self, datagram: bytes, endpoint) -> DropReason | None:
-        if self.udp_queue:
-            ok = self._queue(self.udp_queue, (datagram, endpoint))
-            return None if ok else DropReason.QUEUE_FULL
-        try:
-            self._send([datagram], endpoint)
-        except BlockingIOError:
-            ok = self._queue(self.udp_queue, (datagram, endpoint))
-            return None if ok else DropReason.QUEUE_FULL
-        except OSError as error:
-            return self._send_failed(error, endpoint)
-        return None
+        if not self.udp_queue:
+            reason = self.udp.send_datagram(datagram, endpoint)
+            if reason is not DropReason.QUEUE_FULL:
+                return reason
+        return None if self._queue(self.udp_queue, (datagram, endpoint)) else DropReason.QUEUE_FULL
 
-    def _send(self, run: list, endpoint) -> None:
-        """One send call (a GSO one if `run` has several datagrams), raising as it
-        does; except that an error which only passed on an ICMP report about an
-        earlier datagram (the socket's pending error) did not stop this one: the
-        reports are read and the call made once more."""
-        try:
-            udpio.send_run(self.sock, run, endpoint)
-        except OSError as error:
-            if error.errno not in udpio.REPORTED_ERRNOS:
-                raise
-            self._read_error_reports()
-            udpio.send_run(self.sock, run, endpoint)
+    def _udp_error(self, kind: str, error: OSError, endpoint) -> None:
+        """Count a UDP call the kernel refused (BatchSocket counts its datagrams)."""
+        self.counters.io_errors[kind] += 1
+        if kind == "udp_recv":
+            self._bad_input_log.warning(kind, "UDP receive error: %s", error)
+        else:
+            self._bad_input_log.warning(kind, "UDP send to %s failed: %s", endpoint, error)
 
-    def _send_failed(self, error: OSError, endpoint) -> DropReason:
-        """Count a send call the kernel refused; the drop reason of its datagrams."""
-        self.counters.io_errors["udp_send"] += 1
-        self._bad_input_log.warning("udp_send", "UDP send to %s failed: %s", endpoint, error)
-        return (
-            DropReason.NO_BUFFER_SPACE if error.errno == errno.ENOBUFS else DropReason.SOCKET_ERROR
+    def _log_error_reports(self, reports: list[ErrorReport]) -> None:
+        """ICMP errors about datagrams we sent (BatchSocket counts them by errno):
+        a client that went away answers "port unreachable"."""
+        last = reports[-1]
+        self._bad_input_log.warning(
+            "udp_error_report",
+            "%d UDP error reports, the last about a datagram to %s: %s (%s)",
+            len(reports),
+            last.destination[0],
+            os.strerror(last.errno),
+            last.origin,
         )
-
-    def _read_error_reports(self) -> None:
-        """Empty the socket's error queue and count its reports (ICMP errors about
-        datagrams we sent: a client that went away answers "port unreachable").
-        Left there they would hold receive-buffer memory and wake the loop again."""
-        reports = udpio.read_error_queue(self.sock, ERROR_REPORTS_PER_READ)
-        counts = self.counters.udp_error_reports
-        for report in reports:
-            name = errno.errorcode.get(report.errno, "other")
-            counts[name] = counts.get(name, 0) + 1
-        if reports:
-            last = reports[-1]
-            self._bad_input_log.warning(
-                "udp_error_report",
-                "%d UDP error reports, the last about a datagram to %s: %s (%s)",
-                len(reports),
-                last.destination[0],
-                os.strerror(last.errno),
-                last.origin,
-            )
 
     # -- bounded output queues --------------------------------------------------
 
@@ -515,7 +422,7 @@ class Device:
         if not queue.put(item):
             return False
         if queue is self.udp_queue and not self._udp_writer:
-            self._loop.add_writer(self.sock.fileno(), self._drain_udp)
+            self._loop.add_writer(self.udp.fileno(), self._drain_udp)
             self._udp_writer = True
         elif queue is self.tun_queue and not self._tun_writer:
             self._loop.add_writer(self.tun.fileno(), self._drain_tun)
@@ -526,14 +433,10 @@ class Device:
         queue = self.udp_queue
         while queue:
             datagram, endpoint = queue.peek()
-            try:
-                self._send([datagram], endpoint)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.counters.io_errors["udp_send"] += 1
+            if self.udp.send_datagram(datagram, endpoint) is DropReason.QUEUE_FULL:
+                return  # a refused one is counted in io_errors (it was delivered to the queue)
             queue.pop()
-        self._loop.remove_writer(self.sock.fileno())
+        self._loop.remove_writer(self.udp.fileno())
         self._udp_writer = False
 
     def _drain_tun(self) -> None:
@@ -557,8 +460,13 @@ class Device:
         self._lag_due = now + LAG_INTERVAL
         loop.call_at(self._lag_due, self._measure_lag)
 
-    def _housekeeping(self) -> None:
-        self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping)
+    def _housekeeping_timer(self) -> None:
+        self._loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping_timer)
+        self.housekeeping()
+
+    def housekeeping(self) -> None:
+        """Once a second (the event loop's timer calls this): expire sessions, run
+        their timers, flag stalled ones."""
         now = self.clock()
         expired = []
         stalled = 0
@@ -583,22 +491,20 @@ class Device:
     def _check_stalled(self, record: SessionRecord, now: float) -> int:
         """Flag a session that only receives, or only sends, for over two keepalives."""
         tunnel = record.tunnel
-        received = tunnel.last_received_at or record.installed_at
-        sent = tunnel.last_sent_at or record.installed_at
-        limit = tunnel.keepalive_interval * 2
-        stalled = (tunnel.last_received_at is not None or tunnel.last_sent_at is not None) and (
-            abs(received - sent) > limit and now - min(received, sent) > limit
+        one_way = stall.one_way(
+            tunnel.last_received_at,
+            tunnel.last_sent_at,
+            record.installed_at,
+            tunnel.keepalive_interval,
+            now,
         )
-        if stalled and not record.stalled:
-            one_way = (
-                "receives but sends nothing" if received > sent else "sends but receives nothing"
-            )
+        if one_way is not None and not record.stalled:
             log.warning(
                 "session %#010x is stalled: it %s for %.0f s (last drop reason: %s)",
                 record.session_id,
-                one_way,
-                abs(received - sent),
+                one_way.description,
+                one_way.seconds,
                 record.last_drop_reason.value if record.last_drop_reason else "none",
             )
-        record.stalled = stalled
-        return int(stalled)
+        record.stalled = one_way is not None
+        return int(record.stalled)

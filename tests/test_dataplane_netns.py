@@ -29,7 +29,7 @@ from netlab.packets import ipv4_udp, udp_payload
 from push_protocol.codec import PacketType, parse_header
 from push_protocol.keys import KeyMaterial
 from pushgate_api import control_pb2, control_pb2_grpc
-from tundev import TUN_QUEUE_PACKETS
+from pushgate_io.tun import TUN_QUEUE_PACKETS
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
-"""TUN receive offload (tundev/gro.py): what is merged, and that merging is exact."""
+"""TUN receive offload (pushgate_io/gro.py): what is merged, and that merging is exact."""
 
 import struct
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tundev.gro import (
+from pushgate_io.gro import (
     F_NEEDS_CSUM,
     GSO_TCPV4,
     GSO_UDP_L4,

@@ -16,7 +16,6 @@ from collections import Counter
 
 import pytest
 
-import udpio
 from dataplane.metrics import KernelDrops
 from dataplane.registry import Registry, SessionRecord
 from dataplane.socket_filter import SESSION_MAP_ENTRIES, FilterUnavailable, attach
@@ -26,6 +25,7 @@ from push_protocol.constants import MIN_DATAGRAM_LEN
 from push_protocol.drops import DropReason
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.session import TunnelSession
+from pushgate_io import udp
 
 LIVE = (0x01020304, 0xFFFFFFFF, 7)  # session ids the registry holds in most tests
 
@@ -51,7 +51,7 @@ def filtered(registry):
     receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     receiver.bind(("127.0.0.1", 0))
-    assert udpio.enable_gro(receiver)
+    assert udp.enable_gro(receiver)
     try:
         socket_filter = attach(receiver)
     except FilterUnavailable as why:
@@ -90,15 +90,15 @@ def _received(receiver: socket.socket) -> list[bytes]:
     datagrams = []
     while True:
         try:
-            data, ancdata, _, _ = receiver.recvmsg(65536, udpio.GRO_CMSG_SPACE)
+            data, ancdata, _, _ = receiver.recvmsg(65536, udp.GRO_CMSG_SPACE)
         except BlockingIOError:
             return datagrams
-        datagrams.extend(udpio.split(data, ancdata))
+        datagrams.extend(udp.split(data, ancdata))
 
 
 def _send_batch(sender: socket.socket, datagrams: list[bytes]) -> None:
     """One GSO send: the receiving socket sees one buffer of all of them."""
-    udpio.send_run(sender, datagrams)
+    udp.send_run(sender, datagrams)
 
 
 def test_single_datagrams_are_judged_as_the_dataplane_judges_them(filtered):

@@ -1,4 +1,4 @@
-"""The kernel takes our merged TUN writes (tundev/gro.py) and gives back exactly
+"""The kernel takes our merged TUN writes (pushgate_io/gro.py) and gives back exactly
 the packets we merged: a real TUN with IFF_VNET_HDR in a namespace of its own,
 a real UDP socket and TCP connection behind it."""
 
@@ -12,7 +12,7 @@ from netlab import Lab
 CHECK_UDP = """
 import json, socket, subprocess, sys
 from netlab.packets import ipv4_udp
-from tundev.linux import LinuxTun
+from pushgate_io.tun_linux import LinuxTun
 
 tun = LinuxTun("pgoff0", offload=True)
 subprocess.run(["ip", "addr", "add", "198.18.77.1/24", "dev", "pgoff0"], check=True)
@@ -58,13 +58,13 @@ def test_merged_udp_writes_reach_a_socket_as_the_same_datagrams():
 # loopback, opens each run in one call and writes its packets merged.
 CHECK_CLIENT = """
 import asyncio, json, os, socket, subprocess, time
-import udpio
+from pushgate_io import udp
 from client.datapath import Datapath
 from netlab.packets import ipv4_udp
 from push_protocol.aead import CipherSuite
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.session import TunnelSession
-from tundev.linux import LinuxTun
+from pushgate_io.tun_linux import LinuxTun
 
 subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 tun = LinuxTun("pgcli0", offload=True)
@@ -93,10 +93,10 @@ async def run():
     try:
         datapath.send_keepalive()
         _, address = gateway.recvfrom(2048)
-        udpio.send_run(gateway, sealed[:40], address)  # one GSO run: one GRO receive
+        udp.send_run(gateway, sealed[:40], address)  # one GSO run: one GRO receive
         for odd in (b"\\x00" * 40, b"\\x01", sealed[0], server.seal_keepalive(time.time())):
             gateway.sendto(odd, address)
-        udpio.send_run(gateway, sealed[40:], address)
+        udp.send_run(gateway, sealed[40:], address)
         received = []
         deadline = time.monotonic() + 5
         while len(received) < 99 and time.monotonic() < deadline:

@@ -3,7 +3,7 @@
 With `offload=True` the device is opened with IFF_VNET_HDR: every read and
 write carries a 10-byte virtio-net header, which lets `write_buffers` hand the
 kernel consecutive TCP segments (and UDP datagrams, where the kernel has USO)
-of a flow as one GSO super-packet (tundev/gro.py). Reads stay plain IP
+of a flow as one GSO super-packet (pushgate_io/gro.py). Reads stay plain IP
 packets (the TUN's offload flags stay off, so the kernel never sends us GSO
 packets); `read_packets` strips the header and `coalesce` adds it, so a caller
 sees the same packets either way.

@@ -1,19 +1,27 @@
-"""The TUN backend interface the client core runs on.
+"""The TUN interface the client and the dataplane run on.
 
 As wireguard-go's tun.Device: one interface, one implementation per OS
-(`tundev.linux.LinuxTun`, `client.wintun.WintunTun`), chosen by the host
-(`client.host.current_host`). The client core never knows which one it has.
+(`pushgate_io.tun_linux.LinuxTun`, `client.wintun.WintunTun`) and one in memory
+(`pushgate_io.memory.MemoryTun`). Nothing that uses a TUN knows which one it has.
 Backends deliver plain IP packets, one per item.
 """
 
 from typing import Protocol
+
+# Packets the kernel queues on a Linux TUN for its reader (Linux default 500).
+# The reader drains the queue as fast as its CPU allows, so it only fills while
+# the reader waits to be scheduled; then a short queue drops packets (TCP
+# retransmits, measured in docs/performance.md). Where the network is the
+# bottleneck the queue stays empty, so a longer one adds no latency there.
+TUN_QUEUE_PACKETS = 2000
 
 
 class TunDevice(Protocol):
     name: str
 
     def fileno(self) -> int:
-        """A descriptor that becomes readable when packets are waiting."""
+        """A descriptor that becomes readable when packets are waiting, and
+        writable when a write that returned False may succeed."""
 
     def read_packets(self, limit: int) -> list[bytes]:
         """Up to `limit` waiting IP packets; an empty list when none wait."""

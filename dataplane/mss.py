@@ -1,0 +1,31 @@
+"""MSS clamping on the dataplane's path: a TCP SYN through the tunnel asks for
+no larger segments than the tunnel MTU carries (the rewrite itself is
+inner.clamp_mss).
+
+Called for every packet, so the common case is decided first from three bytes:
+an IPv4 packet without options that is not a TCP SYN is returned as it is.
+"""
+
+from . import inner
+
+MSS_OVERHEAD = {4: 40, 6: 60}  # IP + TCP headers without options
+
+
+class MssClamp:
+    """Clamps to one MTU and counts the SYNs it lowered in `counters.mss_clamped`."""
+
+    __slots__ = ("counters", "mtu")
+
+    def __init__(self, mtu: int, counters) -> None:
+        self.mtu = mtu
+        self.counters = counters
+
+    def clamp(self, packet: bytes) -> bytes:
+        """`packet`, or a copy whose MSS option is lowered (and checksum fixed)."""
+        if packet[0] == 0x45 and (packet[9] != 6 or len(packet) < 40 or not packet[33] & 0x02):
+            return packet  # IPv4 without options, and not a TCP SYN: nothing to clamp
+        max_mss = self.mtu - MSS_OVERHEAD.get(packet[0] >> 4, 40)
+        clamped = inner.clamp_mss(packet, max_mss)
+        if clamped is not packet:
+            self.counters.mss_clamped += 1
+        return clamped

@@ -1,0 +1,411 @@
+"""The dataplane's `Device` and the client's `Datapath`, unchanged, on the
+in-memory UDP network and TUN (pushgate_io/memory.py) under a real asyncio
+loop: replay, roaming, backpressure, accounting, MSS and GSO cases in
+milliseconds, without root. The kernel's part is played by the memory network
+(its limits are in its docstring); the namespace suites cover the real one."""
+
+import asyncio
+import errno
+import functools
+import inspect
+import ipaddress
+import os
+import struct
+
+import pytest
+
+from client.datapath import Datapath
+from client.wintun import WintunTun
+from dataplane.device import QUEUE_CAPACITY, Device
+from dataplane.metrics import Counters
+from dataplane.registry import Registry, SessionRecord, packed_address
+from netlab.packets import ipv4_tcp_syn, ipv4_udp
+from push_protocol.aead import CipherSuite
+from push_protocol.drops import DropReason
+from push_protocol.keys import KeyMaterial, Role
+from push_protocol.session import TunnelSession
+from pushgate_io.memory import MemoryNetwork, MemoryTun
+from pushgate_io.tun import TunDevice
+from pushgate_io.tun_linux import LinuxTun
+
+GATEWAY = ("198.18.0.1", 5555)
+CLIENT_HOST, OTHER_HOST = "198.18.0.2", "198.18.0.3"
+CLIENT, LAN_HOST = "198.19.0.2", "198.18.2.2"
+MTU = 1420
+SESSION_ID = 0x01020304
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class NoHistogram:
+    def observe(self, value: float) -> None:
+        pass
+
+
+async def until(condition) -> None:
+    """Let the loop run until `condition()` holds: readiness of the memory
+    stand-ins is immediate, so a few turns suffice; the bound only stops a bug
+    from spinning."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the loop went idle before the condition held")
+
+
+class Gateway:
+    """A Device on the memory network, with one session for CLIENT."""
+
+    def __init__(self, *, offloads: bool = True, expires_at: float = 0.0) -> None:
+        self.clock = Clock()
+        self.network = MemoryNetwork()
+        self.keys = KeyMaterial(0, os.urandom(32), os.urandom(32), self.clock.now)
+        self.sock = self.network.socket(host=GATEWAY[0], offloads=offloads)
+        self.sock.bind(GATEWAY)
+        self.tun = MemoryTun("pgmem0")
+        self.registry = Registry()
+        self.record = SessionRecord(
+            TunnelSession(SESSION_ID, CipherSuite.AES_256_GCM, Role.SERVER, self.keys),
+            (packed_address(CLIENT),),
+            expires_at,
+            installed_at=self.clock.now,
+        )
+        self.registry.add(self.record)
+        self.counters = Counters()
+        self.device = Device(
+            registry=self.registry,
+            counters=self.counters,
+            sock=self.sock,
+            tun=self.tun,
+            mtu=MTU,
+            tunnel_network=ipaddress.ip_network("198.19.0.0/24"),
+            gateway_address=ipaddress.ip_address("198.19.0.1"),
+            loop_lag_histogram=NoHistogram(),
+            clock=self.clock,
+        )
+
+    def client(self, host: str = CLIENT_HOST) -> "Client":
+        return Client(self, host)
+
+    def inbound_balanced(self) -> bool:
+        c = self.counters
+        return c.datagrams_received == c.datagrams_delivered + sum(c.inbound_drops.values())
+
+    def outbound_balanced(self) -> bool:
+        c = self.counters
+        return c.tun_packets_read == c.outbound_delivered + sum(c.outbound_drops.values())
+
+
+class Client:
+    """The client's end of the session, by hand: seal, send, receive, open."""
+
+    def __init__(self, gateway: Gateway, host: str) -> None:
+        self.gateway = gateway
+        self.session = TunnelSession(SESSION_ID, CipherSuite.AES_256_GCM, Role.CLIENT, gateway.keys)
+        self.sock = gateway.network.socket(host=host)
+        self.sock.bind((host, 0))
+
+    def seal(self, *packets: bytes) -> list[bytes]:
+        return [self.session.seal(packet, self.gateway.clock.now) for packet in packets]
+
+    def send(self, *datagrams: bytes, sock=None) -> None:
+        for datagram in datagrams:
+            (sock or self.sock).sendto(datagram, GATEWAY)
+
+    def received(self) -> list[bytes]:
+        packets = []
+        while True:
+            try:
+                datagram = self.sock.recv(65536)
+            except BlockingIOError:
+                return packets
+            packets.append(self.session.open(datagram, self.gateway.clock.now))
+
+
+async def connected(gateway: Gateway) -> Client:
+    """A client whose first packet gave the session its endpoint."""
+    client = gateway.client()
+    client.send(*client.seal(*to_lan(1)))
+    await until(lambda: gateway.record.endpoint is not None)
+    return client
+
+
+def to_lan(n: int, size: int = 100) -> list[bytes]:
+    return [ipv4_udp(CLIENT, LAN_HOST, 4000, 9, bytes([i % 256]) * size) for i in range(n)]
+
+
+def from_lan(n: int, size: int = 100) -> list[bytes]:
+    return [ipv4_udp(LAN_HOST, CLIENT, 9, 4000, bytes([i % 256]) * size) for i in range(n)]
+
+
+def running(test):
+    """Run an async test with the gateway's device started on the loop."""
+
+    def wrapper():
+        async def main():
+            gateway = Gateway()
+            gateway.device.start(asyncio.get_running_loop())
+            try:
+                await test(gateway)
+            finally:
+                gateway.device.stop()
+
+        asyncio.run(main())
+
+    wrapper.__name__ = test.__name__  # pytest collects it by name, with no fixtures
+    return wrapper
+
+
+@running
+async def test_packets_flow_both_ways_and_every_datagram_is_accounted(gateway):
+    client = gateway.client()
+    packets = to_lan(5)
+    client.send(*client.seal(*packets), b"\x00" * 40, b"junk")
+    await until(lambda: len(gateway.tun.written) == 5)
+    assert gateway.tun.written == packets
+    assert gateway.record.endpoint == client.sock.getsockname()
+    gateway.tun.inject(*from_lan(3))
+    await until(lambda: gateway.counters.outbound_delivered == 3)
+    assert client.received() == from_lan(3)
+    c = gateway.counters
+    assert c.datagrams_received == 7 and c.datagrams_delivered == 5
+    assert c.inbound_drops[DropReason.TOO_SHORT] + c.inbound_drops[DropReason.BAD_VERSION] == 2
+    assert (c.rx_packets, c.tx_packets) == (5, 3)
+    assert gateway.inbound_balanced() and gateway.outbound_balanced()
+
+
+@running
+async def test_a_replayed_datagram_is_dropped_and_moves_nothing(gateway):
+    client = gateway.client()
+    attacker = gateway.network.socket(host=OTHER_HOST)
+    (first,) = client.seal(*to_lan(1))
+    client.send(first)
+    await until(lambda: len(gateway.tun.written) == 1)
+    client.send(first, sock=attacker)
+    await until(lambda: gateway.counters.datagrams_received == 2)
+    assert gateway.record.endpoint == client.sock.getsockname()  # the replay moved nothing
+    client.send(first)
+    await until(lambda: gateway.counters.datagrams_received == 3)
+    assert gateway.counters.inbound_drops[DropReason.REPLAY] == 2
+    assert gateway.tun.written == to_lan(1)
+    assert gateway.inbound_balanced()
+
+
+@running
+async def test_the_endpoint_follows_the_newest_authentic_packet_only(gateway):
+    client = gateway.client()
+    old, delayed, newer = client.seal(*to_lan(3))
+    client.send(old)
+    await until(lambda: gateway.record.endpoint is not None)
+    first_endpoint = gateway.record.endpoint
+    roamed = gateway.network.socket(host=OTHER_HOST)  # a NAT gave the client a new address
+    client.send(newer, sock=roamed)
+    await until(lambda: len(gateway.tun.written) == 2)
+    assert gateway.record.endpoint == roamed.getsockname() != first_endpoint
+    client.send(delayed)  # authentic, in the window, but older: delivered, not followed
+    await until(lambda: len(gateway.tun.written) == 3)
+    assert gateway.record.endpoint == roamed.getsockname()
+    gateway.tun.inject(*from_lan(1))
+    await until(lambda: gateway.counters.outbound_delivered == 1)
+    assert roamed.recv(65536) and client.received() == []
+
+
+@running
+async def test_a_full_socket_queues_in_order_and_drains_when_writable(gateway):
+    client = await connected(gateway)
+    gateway.sock.block_sends()
+    gateway.tun.inject(*from_lan(100))
+    await until(lambda: gateway.counters.tun_packets_read == 100)
+    assert len(gateway.device.udp_queue) == 100 and client.received() == []
+    assert gateway.counters.outbound_delivered == 100  # accepted into the queue
+    gateway.sock.unblock_sends()
+    await until(lambda: not gateway.device.udp_queue)
+    assert client.received() == from_lan(100)
+    assert gateway.outbound_balanced()
+
+
+@running
+async def test_a_full_queue_is_a_counted_drop(gateway):
+    client = await connected(gateway)
+    gateway.sock.block_sends()
+    extra = 10
+    gateway.tun.inject(*from_lan(QUEUE_CAPACITY + extra, size=20))
+    await until(lambda: gateway.counters.tun_packets_read == QUEUE_CAPACITY + extra)
+    assert gateway.counters.outbound_drops[DropReason.QUEUE_FULL] == extra
+    assert len(gateway.device.udp_queue) == QUEUE_CAPACITY
+    assert gateway.outbound_balanced()
+    gateway.sock.unblock_sends()
+    await until(lambda: not gateway.device.udp_queue)
+    assert client.received() == from_lan(QUEUE_CAPACITY, size=20)
+
+
+@running
+async def test_a_tun_that_cannot_take_more_gets_its_packets_later_in_order(gateway):
+    client = gateway.client()
+    gateway.tun.block_writes()
+    client.send(*client.seal(*to_lan(20)))
+    await until(lambda: gateway.counters.datagrams_received == 20)
+    assert gateway.tun.written == [] and len(gateway.device.tun_queue) == 20
+    gateway.tun.unblock_writes()
+    await until(lambda: not gateway.device.tun_queue)
+    assert gateway.tun.written == to_lan(20)
+    assert gateway.inbound_balanced()
+
+
+@running
+async def test_tcp_syns_are_clamped_to_the_tunnel_mtu_both_ways(gateway):
+    client = gateway.client()
+    syn = ipv4_tcp_syn(CLIENT, LAN_HOST, 40000, 80, mss=1460)
+    client.send(*client.seal(syn))
+    await until(lambda: len(gateway.tun.written) == 1)
+    assert struct.unpack_from("!H", gateway.tun.written[0], 42)[0] == MTU - 40
+    gateway.tun.inject(ipv4_tcp_syn(LAN_HOST, CLIENT, 80, 40000, mss=1460))
+    await until(lambda: gateway.counters.outbound_delivered == 1)
+    (answer,) = client.received()
+    assert struct.unpack_from("!H", answer, 42)[0] == MTU - 40
+    assert gateway.counters.mss_clamped == 2
+
+
+@running
+async def test_gso_runs_reach_the_client_and_a_device_without_gso_falls_back(gateway):
+    client = await connected(gateway)
+    gateway.tun.inject(*from_lan(10))
+    await until(lambda: gateway.counters.outbound_delivered == 10)
+    assert gateway.sock.send_calls == 1  # one GSO send
+    gateway.sock.refuse_gso = True
+    gateway.tun.inject(*from_lan(10))
+    await until(lambda: gateway.counters.outbound_delivered == 20)
+    assert not gateway.device.udp.gso and gateway.sock.send_calls == 11
+    assert client.received() == from_lan(10) * 2
+
+
+@running
+async def test_a_send_the_kernel_refuses_is_a_drop_and_an_io_error(gateway):
+    client = await connected(gateway)
+    gateway.sock.fail_sends(errno.ENOBUFS)
+    gateway.tun.inject(*from_lan(4))
+    await until(lambda: gateway.counters.tun_packets_read == 4)
+    assert gateway.counters.outbound_drops[DropReason.NO_BUFFER_SPACE] == 4
+    assert gateway.counters.io_errors["udp_send"] == 1
+    assert gateway.outbound_balanced() and client.received() == []
+
+
+def test_housekeeping_flags_one_way_sessions_and_expires_them():
+    """Driven without a loop: the device's entry points called by hand."""
+    gateway = Gateway(expires_at=2000.0)
+    client = gateway.client()
+    client.send(*client.seal(*to_lan(3)))
+    gateway.device.on_udp_readable()
+    assert gateway.tun.written == to_lan(3)
+    gateway.clock.now += 60  # quiet both ways: not stalled
+    gateway.device.housekeeping()
+    assert gateway.counters.stalled_sessions == 0
+    gateway.tun.inject(*from_lan(1))
+    gateway.device.on_tun_readable()  # we send; the client answers nothing
+    gateway.clock.now += 60
+    gateway.device.housekeeping()
+    assert gateway.record.stalled and gateway.counters.stalled_sessions == 1
+    client.send(*client.seal(*to_lan(1)))  # it answers again, and we to it
+    gateway.device.on_udp_readable()
+    gateway.tun.inject(*from_lan(1))
+    gateway.device.on_tun_readable()
+    gateway.device.housekeeping()
+    assert not gateway.record.stalled and gateway.counters.stalled_sessions == 0
+    gateway.clock.now = 2000.0
+    gateway.device.housekeeping()
+    assert SESSION_ID not in gateway.registry.by_id
+    assert gateway.counters.session_expiries == 1
+
+
+def test_the_client_datapath_and_the_device_talk_in_memory_and_the_client_roams():
+    """Client Datapath <-> memory network <-> Device: packets both ways, a rebind
+    (new source port) followed by the gateway, a replay counted on the client."""
+
+    async def main():
+        gateway = Gateway()
+        loop = asyncio.get_running_loop()
+        gateway.device.start(loop)
+        client_tun = MemoryTun("pgmem1")
+        session = TunnelSession(SESSION_ID, CipherSuite.AES_256_GCM, Role.CLIENT, gateway.keys)
+        datapath = Datapath(
+            loop,
+            session,
+            client_tun,
+            GATEWAY,
+            gateway.clock,
+            socket_factory=functools.partial(gateway.network.socket, host=CLIENT_HOST),
+        )
+        datapath.start()
+        try:
+            client_tun.inject(*to_lan(10))
+            await until(lambda: len(gateway.tun.written) == 10)
+            assert gateway.tun.written == to_lan(10)
+            assert gateway.record.endpoint == (CLIENT_HOST, datapath.local_port)
+            gateway.tun.inject(*from_lan(10))
+            await until(lambda: len(client_tun.written) == 10)
+            assert client_tun.written == from_lan(10)
+            old_port = datapath.local_port
+            datapath.rebind()
+            datapath.send_keepalive()
+            await until(lambda: gateway.record.endpoint[1] != old_port)
+            assert gateway.record.endpoint == (CLIENT_HOST, datapath.local_port)
+            replay = gateway.record.tunnel.seal(from_lan(1)[0], gateway.clock.now)
+            for _ in range(2):
+                gateway.sock.sendto(replay, gateway.record.endpoint)
+            await until(lambda: datapath.drops[DropReason.REPLAY] == 1)
+            assert client_tun.written[10:] == from_lan(1)
+            assert gateway.inbound_balanced() and gateway.outbound_balanced()
+        finally:
+            datapath.stop()
+            gateway.device.stop()
+
+    asyncio.run(main())
+
+
+def test_the_client_counts_what_its_socket_cannot_take():
+    async def main():
+        gateway = Gateway()
+        loop = asyncio.get_running_loop()
+        client_tun = MemoryTun("pgmem1")
+        session = TunnelSession(SESSION_ID, CipherSuite.AES_256_GCM, Role.CLIENT, gateway.keys)
+        sockets = []
+
+        def factory(family, kind):
+            sockets.append(gateway.network.socket(family, kind, host=CLIENT_HOST))
+            return sockets[-1]
+
+        datapath = Datapath(
+            loop, session, client_tun, GATEWAY, gateway.clock, socket_factory=factory
+        )
+        datapath.start()
+        try:
+            sockets[-1].block_sends()
+            client_tun.inject(*to_lan(5))
+            await until(lambda: datapath.drops[DropReason.QUEUE_FULL] == 5)
+            sockets[-1].unblock_sends()
+            sockets[-1].fail_sends(errno.ENOBUFS)
+            client_tun.inject(*to_lan(5))
+            await until(lambda: datapath.drops[DropReason.NO_BUFFER_SPACE] == 5)
+            assert gateway.network.lost == 0
+            with pytest.raises(BlockingIOError):  # nothing reached the gateway
+                gateway.sock.recv(65536)
+        finally:
+            datapath.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", [LinuxTun, WintunTun, MemoryTun])
+def test_every_tun_backend_has_the_interface_the_loops_call(backend):
+    """Linux, WinTun and memory backends take the calls of pushgate_io.tun.TunDevice
+    with the same parameters (the loops never know which one they have)."""
+    for name, member in vars(TunDevice).items():
+        if callable(member) and not name.startswith("_"):
+            ours = inspect.signature(getattr(backend, name))
+            assert list(ours.parameters) == list(inspect.signature(member).parameters), name

@@ -36,11 +36,11 @@ listen = "{auth_listen}"               # client API, gRPC over TLS
 tls_cert = "tls/server.crt"
 tls_key = "tls/server.key"
 ca_cert = "tls/ca.crt"                 # give this file to clients
-database = "pushgate.db"
+database = "{database}"
 dataplane_endpoint = "{dataplane_endpoint}"   # UDP endpoint handed to clients
 routes = [{routes}]                    # "0.0.0.0/0" = full tunnel
 dns = [{dns}]
-metrics_listen = "127.0.0.1:9101"
+metrics_listen = "{auth_metrics_listen}"
 session_lifetime_seconds = 86400       # absolute; 0 = no limit
 key_lifetime_seconds = 600             # clients rekey after this many seconds
 key_expiry_seconds = 900               # keys not replaced by then end the session (max 900)
@@ -66,7 +66,7 @@ reflection = false                     # gRPC server reflection on the client AP
 listen = "{dataplane_listen}"
 tun_name = "pg0"
 stats_socket = "run/dataplane.sock"
-metrics_listen = "127.0.0.1:9102"
+metrics_listen = "{dataplane_metrics_listen}"
 {dataplane_user}# Clients never reach this host's own addresses, link-local (169.254.0.0/16,
 # fe80::/10), loopback, multicast or broadcast; nor these networks (management,
 # containers' networks) ...
@@ -124,6 +124,9 @@ def cmd_init(args: argparse.Namespace) -> int:
                 auth_listen=args.auth_listen,
                 dataplane_endpoint=args.dataplane_endpoint,
                 dataplane_listen=args.dataplane_listen,
+                database=args.database,
+                auth_metrics_listen=args.auth_metrics_listen,
+                dataplane_metrics_listen=args.dataplane_metrics_listen,
                 routes=_quoted(args.route or ["0.0.0.0/0"]),
                 dns=_quoted(args.dns or []),
                 control_group=(
@@ -258,6 +261,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--dataplane-listen", default="0.0.0.0:51820")
     init.add_argument("--tunnel-network", default="198.19.0.0/24")
+    init.add_argument("--database", default="pushgate.db", help="user database, relative to DIR")
+    init.add_argument(
+        "--auth-metrics-listen",
+        default="127.0.0.1:9101",
+        help="HOST:PORT of the auth service's /metrics",
+    )
+    init.add_argument(
+        "--dataplane-metrics-listen",
+        default="127.0.0.1:9102",
+        help="HOST:PORT of the dataplane's /metrics",
+    )
     init.add_argument("--gateway-address", help="default: the network's first host")
     init.add_argument("--route", action="append", help="pushed route (repeatable)")
     init.add_argument("--dns", action="append", help="pushed DNS server (repeatable)")

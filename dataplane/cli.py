@@ -29,7 +29,7 @@ from .metrics import (
     register_collectors,
 )
 from .metrics_http import LOOP_ANSWER_SECONDS, MetricsServer, run_on_loop
-from .privileges import drop_privileges
+from .privileges import drop_privileges, hand_capabilities_to_children
 from .registry import Registry
 from .socket_filter import FilterUnavailable
 from .socket_filter import attach as attach_filter
@@ -106,6 +106,7 @@ async def serve_stats(
 
 async def run(cfg: gateway_config.GatewayConfig) -> None:
     loop = asyncio.get_running_loop()
+    hand_capabilities_to_children()  # the cleaner and `ip` below need CAP_NET_ADMIN
     # First, while the process still has CAP_NET_ADMIN to hand on to it.
     cleaner = ConntrackCleaner.spawn(cfg.gateway.tunnel_network, cfg.gateway.gateway_address, loop)
     tun = open_tun(cfg)

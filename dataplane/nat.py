@@ -11,6 +11,8 @@ import sys
 
 import gateway_config
 
+from .privileges import hand_capabilities_to_children
+
 TABLE = "pushgate_nat"
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
 
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_interface", nargs="?", metavar="OUT_IF")
     parser.add_argument("--remove", action="store_true", help="remove the NAT table instead")
     args = parser.parse_args(argv)
+    hand_capabilities_to_children()  # nft needs CAP_NET_ADMIN
     if args.remove:
         return remove()
     if not args.out_interface:

@@ -265,11 +265,17 @@ def test_compose_mounts_no_secret_into_the_dataplane():
     from ruamel.yaml import YAML
 
     compose = os.path.join(DEPLOY, "docker-compose.yml")
+    required = {  # the operator's settings, which have no default
+        "PUSHGATE_SERVER_NAME": "vpn.example.net",
+        "PUSHGATE_PUBLIC_ENDPOINT": "vpn.example.net:51820",
+        "PUSHGATE_TUNNEL_NETWORK": "198.19.0.0/24",
+    }
     resolved = subprocess.run(
         ["docker-compose", "-f", compose, "config"],
         capture_output=True,
         text=True,
         timeout=120,
+        env={"PATH": os.environ["PATH"], **required},
         check=True,
     ).stdout
     services = YAML(typ="safe").load(resolved)["services"]
@@ -294,5 +300,5 @@ def test_compose_mounts_no_secret_into_the_dataplane():
     assert set(services["dataplane"]["cap_add"]) == {"NET_ADMIN", "BPF"}
     with open(os.path.join(DEPLOY, "entrypoint.sh")) as handle:
         entrypoint = handle.read()
-    assert 'database = "db/pushgate.db"' in entrypoint  # the database in its own volume
+    assert "--database db/pushgate.db" in entrypoint  # the database in its own volume
     assert 'pushgate-nat --config "$CONFIG"' in entrypoint and "--nat" not in entrypoint

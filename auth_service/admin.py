@@ -29,7 +29,7 @@ gateway_address = "{gateway_address}"     # the dataplane TUN's address
 mtu = 1420
 keepalive_seconds = 10
 cipher = "aes-256-gcm"                 # or "chacha20-poly1305"
-control_socket = "run/control.sock"    # session feed, Unix socket, mode 0600
+control_socket = "{run_dir}/control.sock"    # session feed, Unix socket, mode 0600
 {control_group}
 [auth]
 listen = "{auth_listen}"               # client API, gRPC over TLS
@@ -65,7 +65,7 @@ reflection = false                     # gRPC server reflection on the client AP
 [dataplane]
 listen = "{dataplane_listen}"
 tun_name = "pg0"
-stats_socket = "run/dataplane.sock"
+stats_socket = "{run_dir}/dataplane.sock"
 metrics_listen = "{dataplane_metrics_listen}"
 {dataplane_user}# Clients never reach this host's own addresses, link-local (169.254.0.0/16,
 # fe80::/10), loopback, multicast or broadcast; nor these networks (management,
@@ -99,7 +99,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     network = ipaddress.ip_network(args.tunnel_network)
     gateway = args.gateway_address or str(next(network.hosts()))
     os.makedirs(os.path.join(directory, "tls"), mode=0o700, exist_ok=True)
-    os.makedirs(os.path.join(directory, "run"), mode=0o700, exist_ok=True)
+    if not os.path.isabs(args.run_dir):  # (an absolute one is systemd's RuntimeDirectory=)
+        os.makedirs(os.path.join(directory, args.run_dir), mode=0o700, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     names = args.server_name or ["localhost", "127.0.0.1"]
     ca_pem, ca_key_pem, ca_cert, ca_key = make_ca("pushgate gateway CA", now, names)
@@ -125,6 +126,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                 dataplane_endpoint=args.dataplane_endpoint,
                 dataplane_listen=args.dataplane_listen,
                 database=args.database,
+                run_dir=args.run_dir,
                 auth_metrics_listen=args.auth_metrics_listen,
                 dataplane_metrics_listen=args.dataplane_metrics_listen,
                 routes=_quoted(args.route or ["0.0.0.0/0"]),
@@ -262,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--dataplane-listen", default="0.0.0.0:51820")
     init.add_argument("--tunnel-network", default="198.19.0.0/24")
     init.add_argument("--database", default="pushgate.db", help="user database, relative to DIR")
+    init.add_argument(
+        "--run-dir",
+        default="run",
+        help="directory of the two services' sockets, relative to DIR or absolute "
+        "(/run/pushgate under systemd)",
+    )
     init.add_argument(
         "--auth-metrics-listen",
         default="127.0.0.1:9101",

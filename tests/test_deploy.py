@@ -10,6 +10,7 @@ through Prometheus' HTTP API.
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -266,6 +267,70 @@ def test_compose_stack_waits_on_health_rotates_logs_and_puts_node_exporter_on_th
         assert f"org.opencontainers.image.{label}=" in dockerfile
 
 
+# -- the systemd units' sandbox ---------------------------------------------------------
+
+# systemd-analyze's exposure (0 safest .. 10); the issue's bar for the two services.
+EXPOSURE_LIMITS = {"pushgate-auth": 4.0, "pushgate-dataplane": 4.0, "pushgate-nat": 9.0}
+
+
+def exposure(unit: str) -> float:
+    """`systemd-analyze security --offline=true`'s overall exposure of a shipped unit
+    (Debian's systemd package, which `make` installs)."""
+    out = run(
+        "systemd-analyze", "security", "--offline=true", str(DEPLOY / "systemd" / unit)
+    ).stdout
+    [line] = [line for line in out.splitlines() if "Overall exposure level" in line]
+    return float(line.split(":")[1].split()[0])
+
+
+@pytest.mark.parametrize("unit", sorted(EXPOSURE_LIMITS))
+def test_systemd_units_are_sandboxed(unit):
+    # pushgate-nat runs as root with CAP_NET_ADMIN; "UNSAFE" is 9.0 and above
+    assert exposure(f"{unit}.service") <= EXPOSURE_LIMITS[unit]
+
+
+def unit_settings(name: str) -> dict[str, list[str]]:
+    """A shipped unit's settings, a repeated key's values joined."""
+    values: dict[str, list[str]] = {}
+    for line in (DEPLOY / "systemd" / name).read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.startswith("#"):
+            values.setdefault(key, []).extend(value.split())
+    return values
+
+
+def syscall_group(name: str) -> set[str]:
+    """The system calls of a systemd syscall filter group (its subgroups expanded)."""
+    out = run("systemd-analyze", "syscall-filter", name).stdout
+    members = [line.strip() for line in out.splitlines()[1:] if line.startswith(" ")]
+    calls = set()
+    for member in members:
+        if member.startswith("@"):
+            calls |= syscall_group(member)
+        elif member and not member.startswith("#"):
+            calls.add(member)
+    return calls
+
+
+def allowed_syscalls(unit: str) -> set[str]:
+    """What the unit's SystemCallFilter= (an allow list, here) lets through."""
+    allowed = set()
+    for entry in unit_settings(unit)["SystemCallFilter"]:
+        assert not entry.startswith("~"), "an allow list is expected"
+        allowed |= syscall_group(entry) if entry.startswith("@") else {entry}
+    return allowed
+
+
+def traced_syscalls(trace: Path) -> set[str]:
+    """System calls in an `strace -f -o` file (every thread and child)."""
+    calls = set()
+    for line in trace.read_text().splitlines():
+        match = re.match(r"\d+\s+([a-z0-9_]+)\(", line)
+        if match:
+            calls.add(match.group(1))
+    return calls
+
+
 def setpriv(uid: int, bounding: list[str], ambient: list[str] = ()) -> list[str]:
     """A command prefix: run as `uid` (its own group, no other) with the bounding set
     `bounding` and the ambient (and inheritable) set `ambient` (capability names
@@ -342,11 +407,7 @@ def opened(installed: SimpleNamespace):
 
 def unit_capabilities(name: str) -> tuple[list[str], list[str]]:
     """(bounding set, ambient set) a shipped systemd unit grants, as setpriv names them."""
-    values = {}
-    for line in (DEPLOY / "systemd" / name).read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and not key.startswith("#"):
-            values[key] = value.split()
+    values = unit_settings(name)
 
     def names(key: str) -> list[str]:
         return [cap.removeprefix("CAP_").lower() for cap in values.get(key, [])]
@@ -482,34 +543,54 @@ def test_the_wheel_from_the_build_context_runs_the_compose_stack_through_the_ent
         gateway.connect_and_ping("alice")
 
 
-def test_the_units_capabilities_load_the_kernel_filter_for_an_unprivileged_dataplane(
-    installed,
-):
+def test_the_units_capabilities_and_syscall_filters_suffice_for_the_services(installed):
     """As the systemd units run the host install (the wheel in a virtualenv): the
     dataplane as an unprivileged user holding exactly what its unit grants
-    (ambient and bounding sets), pushgate-nat with its unit's bounding set."""
+    (ambient and bounding sets) loads the kernel filter and passes traffic;
+    pushgate-nat with its unit's bounding set. Every system call the three make
+    here (strace) is one their unit's SystemCallFilter= allows. (Not run: a real
+    systemd, which this machine does not boot.)"""
     bounding, ambient = unit_capabilities("pushgate-dataplane.service")
     assert ambient, "the unit grants the dataplane no capability"
     nat_bounding, _ = unit_capabilities("pushgate-nat.service")
+    traces = {name: installed.work / f"{name}.strace" for name in ("auth", "dataplane", "nat")}
+    for name in ("auth", "dataplane"):  # written by strace as the services' user
+        traces[name].touch()
+        os.chown(traces[name], IMAGE_UID, IMAGE_UID)
+
+    def traced(name: str) -> list[str]:
+        return ["strace", "-f", "-qq", "-o", str(traces[name]), "--"]
+
     with Lab("pgunit") as lab, opened(installed):
         gateway = Gateway(lab, installed)
         admin = [*setpriv(IMAGE_UID, []), gateway.tool("pushgate-admin"), "init"]
         admin += ["--dir", str(gateway.state), "--server-name", IMG_GATEWAY]
         admin += ["--dataplane-endpoint", f"{IMG_GATEWAY}:51820"]
         admin += ["--tunnel-network", TUNNEL_NETWORK]
+        runtime = installed.work / "runtime"  # RuntimeDirectory=pushgate, as systemd makes it
+        runtime.mkdir()
+        os.chown(runtime, IMAGE_UID, IMAGE_UID)
+        os.chmod(runtime, 0o1770)
+        admin += ["--run-dir", str(runtime)]
         result = lab.exec(gateway.gw, admin, env=gateway.env("plain"), check=False)
         assert result.returncode == 0, result.stderr
-        auth = [*setpriv(IMAGE_UID, []), gateway.tool("pushgate-auth"), "--config", gateway.config]
-        gateway.start("auth", auth, gateway.env("plain"))
+        auth = [*setpriv(IMAGE_UID, []), *traced("auth"), gateway.tool("pushgate-auth")]
+        gateway.start("auth", [*auth, "--config", gateway.config], gateway.env("plain"))
         gateway.wait_healthy()
         gateway.add_user("alice")
         nat = ["setpriv", f"--bounding-set=-all{''.join(f',+{c}' for c in nat_bounding)}"]
-        nat += [gateway.tool("pushgate-nat"), "--config", gateway.config, "eth0"]
+        nat += [*traced("nat"), gateway.tool("pushgate-nat"), "--config", gateway.config, "eth0"]
         lab.exec(gateway.gw, nat, env=gateway.env("plain"))
-        dataplane = [*setpriv(IMAGE_UID, bounding, ambient), gateway.tool("pushgate-dataplane")]
-        dataplane += ["--config", gateway.config]
+        dataplane = [*setpriv(IMAGE_UID, bounding, ambient), *traced("dataplane")]
+        dataplane += [gateway.tool("pushgate-dataplane"), "--config", gateway.config]
         gateway.start("dataplane", with_open_tun(installed.tun, dataplane), gateway.env("plain"))
         samples = gateway.dataplane_metrics()
         assert metrics.total(samples, "pushgate_dataplane_kernel_filter") == 1
         assert "dropped and counted in the kernel (eBPF filter)" in gateway.log("dataplane")
         gateway.connect_and_ping("alice")
+    for name, trace in traces.items():
+        made = traced_syscalls(trace) - {"execve"}  # (strace's own start of the service)
+        assert made, name
+        assert name != "dataplane" or "bpf" in made  # the trace covers the filter's loading
+        refused = made - allowed_syscalls(f"pushgate-{name}.service")
+        assert not refused, f"pushgate-{name} makes system calls its unit refuses: {refused}"

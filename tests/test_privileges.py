@@ -251,8 +251,10 @@ def test_systemd_units_keep_secrets_and_capabilities_from_the_dataplane():
         assert set(dataplane[name].split()) == {"CAP_NET_ADMIN", "CAP_BPF"}
     assert dataplane["NoNewPrivileges"] == auth["NoNewPrivileges"] == "yes"
     hidden = dataplane["InaccessiblePaths"].split()
-    assert {"-/etc/pushgate/tls", "-/etc/pushgate/pushgate.db"} <= set(hidden)
-    assert dataplane["ReadWritePaths"] == "/etc/pushgate/run"
+    assert {"-/var/lib/pushgate/tls", "-/var/lib/pushgate/pushgate.db"} <= set(hidden)
+    assert dataplane["ReadWritePaths"] == "/run/pushgate"  # the sockets only
+    assert "StateDirectory" not in dataplane  # (systemd would give it the auth's files)
+    assert auth["StateDirectory"] == auth["RuntimeDirectory"] == "pushgate"
     for service in (auth, dataplane):  # key times come from the wall clock
         assert "time-sync.target" in service["After"].split()
         assert "time-sync.target" in service["Wants"].split()

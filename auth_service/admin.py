@@ -11,6 +11,7 @@ import time
 from cryptography import x509
 
 import gateway_config
+from push_protocol.version import add_version_argument
 
 from .passwords import hash_password
 from .pki import load_ca, make_ca, make_server_cert, server_names, verification_problem
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pushgate-admin", description="gateway administration (init, cert, users)"
     )
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     init = commands.add_parser("init", help="create a CA, a server certificate and a config")
     init.add_argument("--dir", required=True, help="directory for the gateway's files")

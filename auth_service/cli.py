@@ -18,6 +18,7 @@ from prometheus_client.process_collector import ProcessCollector
 import gateway_config
 from control_socket import ControlSocketError, PeerPolicy, serve_private
 from push_protocol.aead import CipherSuite
+from push_protocol.version import add_version_argument, register_build_info
 from pushgate_api import auth_pb2, control_pb2_grpc
 
 from . import health, limits
@@ -92,6 +93,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     plan = raise_fd_limit(auth.max_connections)
     store = Store(auth.database)
     registry = CollectorRegistry()
+    register_build_info(registry)
     ProcessCollector(registry=registry)  # process_open_fds against process_max_fds
     metrics = AuthMetrics(registry)
     metrics.connections_limit.set(plan.connections)
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="pushgate-auth",
         description="the gRPC auth service (client API over TLS, session feed on a Unix socket)",
     )
+    add_version_argument(parser)
     parser.add_argument("--config", required=True, help="gateway config (TOML)")
     parser.add_argument(
         "--check",

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 import gateway_config
 from control_socket import ControlSocketError, PeerPolicy, PrivateServer, serve_private
+from push_protocol.version import add_version_argument, register_build_info
 from pushgate_api import control_pb2_grpc
 from tundev import TUN_QUEUE_PACKETS
 from tundev.linux import LinuxTun
@@ -114,6 +115,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     registry, counters = Registry(), Counters()
     registry.observe(cleaner)  # an ended session's NAT state goes with it
     prometheus = CollectorRegistry()
+    register_build_info(prometheus)
     prometheus.register(cleaner)
     destinations = DestinationPolicy(
         cfg.gateway.gateway_address,
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="pushgate-dataplane",
         description="the UDP push dataplane (one receive loop, server TUN, /metrics)",
     )
+    add_version_argument(parser)
     parser.add_argument("--config", required=True, help="gateway config (TOML)")
     parser.add_argument("--listen", help="override [dataplane] listen, HOST:PORT")
     parser.add_argument("--tun-name", help="override [dataplane] tun_name")

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import gateway_config
+from push_protocol.version import add_version_argument
 
 from .privileges import hand_capabilities_to_children
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="pushgate-nat",
         description="enable forwarding and masquerade the tunnel network out of OUT_IF, then exit",
     )
+    add_version_argument(parser)
     parser.add_argument("--config", required=True, help="gateway config (TOML)")
     parser.add_argument("out_interface", nargs="?", metavar="OUT_IF")
     parser.add_argument("--remove", action="store_true", help="remove the NAT table instead")

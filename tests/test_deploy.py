@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.parse
 from pathlib import Path
 from types import SimpleNamespace
@@ -267,6 +268,15 @@ def test_compose_stack_waits_on_health_rotates_logs_and_puts_node_exporter_on_th
         assert f"org.opencontainers.image.{label}=" in dockerfile
 
 
+def test_the_image_workflow_builds_both_targets_with_docker():
+    workflow = ROOT / ".github" / "workflows" / "image.yml"
+    checker = Path(sys.executable).parent / "check-jsonschema"
+    run(str(checker), "--builtin-schema", "vendor.github-workflows", str(workflow))
+    text = workflow.read_text()
+    assert 'docker build -f deploy/Dockerfile --target "$target"' in text
+    assert "for target in auth dataplane; do" in text
+
+
 # -- the systemd units' sandbox ---------------------------------------------------------
 
 # systemd-analyze's exposure (0 safest .. 10); the issue's bar for the two services.
@@ -405,6 +415,17 @@ def opened(installed: SimpleNamespace):
         yield
 
 
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def test_every_command_of_the_wheel_says_its_version(installed):
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"pushgate-auth", "pushgate-admin", "pushgate-dataplane", "pushgate-nat"} <= set(scripts)
+    for name in scripts:
+        out = run(str(installed.venvs["plain"] / "bin" / name), "--version").stdout
+        assert out == f"{name} {VERSION}\n"
+
+
 def unit_capabilities(name: str) -> tuple[list[str], list[str]]:
     """(bounding set, ambient set) a shipped systemd unit grants, as setpriv names them."""
     values = unit_settings(name)
@@ -538,6 +559,9 @@ def test_the_wheel_from_the_build_context_runs_the_compose_stack_through_the_ent
         gateway.start("dataplane", dataplane, env)
         samples = gateway.dataplane_metrics()
         assert metrics.total(samples, "pushgate_dataplane_kernel_filter") == 1
+        auth_samples = metrics.parse(http_get(gateway.gw, 9101, "/metrics").decode())
+        for scraped in (samples, auth_samples):  # which pushgate each service is
+            assert metrics.total(scraped, "pushgate_build_info", version=VERSION) == 1
         nat = lab.exec(gateway.gw, ["nft", "list", "table", "ip", "pushgate_nat"]).stdout
         assert f'ip saddr {TUNNEL_NETWORK} oifname "eth0" masquerade' in nat
         gateway.connect_and_ping("alice")

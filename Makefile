@@ -10,13 +10,13 @@ PROTOS := protos/auth.proto protos/control.proto
 
 # Debian packages the tests and the demo use (network namespaces, ping, NAT, iperf3;
 # gcc builds the fake wintun.dll, binutils' objdump is PyInstaller's; setcap, setpriv,
-# unshare, Debian's python3 with venv and systemd-analyze for tests/test_deploy.py's
-# image and unit checks).
+# unshare, strace, Debian's python3 with venv and systemd-analyze for
+# tests/test_deploy.py's image and unit checks).
 SYSTEM_TOOLS := ip ping nft iperf3 curl promtool prometheus prometheus-node-exporter docker-compose \
-                gcc objdump setcap setpriv unshare systemd-analyze
+                gcc objdump setcap setpriv unshare strace systemd-analyze
 SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps prometheus \
                    prometheus-node-exporter docker-compose gcc libc6-dev binutils \
-                   libcap2-bin util-linux python3-venv systemd
+                   libcap2-bin util-linux strace python3-venv systemd
 
 # The one-file client executable and the signed WinTun DLL it bundles.
 CLIENT_EXE := dist/pushgate-client

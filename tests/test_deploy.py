@@ -502,6 +502,26 @@ class Gateway:
 
         return wait_for(scrape, 30, what="the dataplane's /metrics")
 
+    def assert_dataplane_holds_no_capability(self) -> None:
+        """Once serving, every thread of the dataplane holds no capability (but the
+        bounding set, which it may not change without CAP_SETPCAP) and no_new_privs."""
+        pids = self.lab.exec(self.gw, ["ip", "netns", "pids", self.gw]).stdout.split()
+        found = []
+        for pid in pids:
+            with contextlib.suppress(FileNotFoundError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+                if argv[0].endswith("python3") and argv[1].endswith("/pushgate-dataplane"):
+                    found.append(pid)
+        [pid] = found
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            status = dict(
+                line.split(":\t", 1) for line in (task / "status").read_text().splitlines()
+            )
+            for held in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+                assert int(status[held], 16) == 0, (status["Name"], held, status[held])
+            assert status["NoNewPrivs"] == "1"
+            assert status["Uid"].split()[0] == str(IMAGE_UID)
+
     def connect_and_ping(self, user: str) -> None:
         """A client (the wheel's) logs in and pings the gateway through the tunnel."""
         client = [self.tool("pushgate-client"), "--tun", "pgimg0"]
@@ -565,6 +585,7 @@ def test_the_wheel_from_the_build_context_runs_the_compose_stack_through_the_ent
         nat = lab.exec(gateway.gw, ["nft", "list", "table", "ip", "pushgate_nat"]).stdout
         assert f'ip saddr {TUNNEL_NETWORK} oifname "eth0" masquerade' in nat
         gateway.connect_and_ping("alice")
+        gateway.assert_dataplane_holds_no_capability()
 
 
 def test_the_units_capabilities_and_syscall_filters_suffice_for_the_services(installed):
@@ -612,6 +633,7 @@ def test_the_units_capabilities_and_syscall_filters_suffice_for_the_services(ins
         assert metrics.total(samples, "pushgate_dataplane_kernel_filter") == 1
         assert "dropped and counted in the kernel (eBPF filter)" in gateway.log("dataplane")
         gateway.connect_and_ping("alice")
+        gateway.assert_dataplane_holds_no_capability()
     for name, trace in traces.items():
         made = traced_syscalls(trace) - {"execve"}  # (strace's own start of the service)
         assert made, name

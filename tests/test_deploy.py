@@ -331,6 +331,11 @@ def allowed_syscalls(unit: str) -> set[str]:
     return allowed
 
 
+def traced_socket_families(trace: Path) -> set[str]:
+    """Address families of the sockets in an `strace -f -o` file."""
+    return set(re.findall(r"\bsocket\((AF_[A-Z0-9]+),", trace.read_text()))
+
+
 def traced_syscalls(trace: Path) -> set[str]:
     """System calls in an `strace -f -o` file (every thread and child)."""
     calls = set()
@@ -593,7 +598,8 @@ def test_the_units_capabilities_and_syscall_filters_suffice_for_the_services(ins
     dataplane as an unprivileged user holding exactly what its unit grants
     (ambient and bounding sets) loads the kernel filter and passes traffic;
     pushgate-nat with its unit's bounding set. Every system call the three make
-    here (strace) is one their unit's SystemCallFilter= allows. (Not run: a real
+    here (strace) is one their unit's SystemCallFilter= allows, and every socket
+    one of its RestrictAddressFamilies=. (Not run: a real
     systemd, which this machine does not boot.)"""
     bounding, ambient = unit_capabilities("pushgate-dataplane.service")
     assert ambient, "the unit grants the dataplane no capability"
@@ -640,3 +646,5 @@ def test_the_units_capabilities_and_syscall_filters_suffice_for_the_services(ins
         assert name != "dataplane" or "bpf" in made  # the trace covers the filter's loading
         refused = made - allowed_syscalls(f"pushgate-{name}.service")
         assert not refused, f"pushgate-{name} makes system calls its unit refuses: {refused}"
+        families = set(unit_settings(f"pushgate-{name}.service")["RestrictAddressFamilies"])
+        assert traced_socket_families(trace) <= families, name

@@ -555,7 +555,8 @@ def test_the_wheel_from_the_build_context_runs_the_compose_stack_through_the_ent
     with the compose file's environment, through the entry point; the dataplane
     with the compose file's capabilities as its bounding set and the image's file
     capabilities on its interpreter, nothing else."""
-    services = compose_services(**REQUIRED_SETTINGS)
+    routes = f"{TUNNEL_NETWORK} 198.18.40.0/24"  # a split tunnel, passed through
+    services = compose_services(**REQUIRED_SETTINGS, PUSHGATE_ROUTES=routes)
     entrypoint = ["sh", str(installed.context / "deploy/entrypoint.sh")]
     with Lab("pgimg") as lab, opened(installed):
         gateway = Gateway(lab, installed)
@@ -570,7 +571,7 @@ def test_the_wheel_from_the_build_context_runs_the_compose_stack_through_the_ent
         text = Path(gateway.config).read_text()
         for line in (
             f'tunnel_network = "{TUNNEL_NETWORK}"',
-            'routes = ["0.0.0.0/0"]',
+            f'routes = ["{TUNNEL_NETWORK}", "198.18.40.0/24"]',
             'database = "db/pushgate.db"',
             'metrics_listen = "0.0.0.0:9101"',
             'metrics_listen = "0.0.0.0:9102"',

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -361,13 +360,15 @@ def setpriv(uid: int, bounding: list[str], ambient: list[str] = ()) -> list[str]
     ]
 
 
-def with_open_tun(tun_node: Path, argv: list[str]) -> list[str]:
+def with_open_tun(argv: list[str]) -> list[str]:
     """`argv` in a mount namespace of its own where /dev/net/tun is a node of mode
     0666, as on a Debian host (udev's default; this machine's is 0600) and in a
-    container given the host's device."""
+    container given the host's device (a tmpfs over /dev/net there, so nothing of
+    the host's changes)."""
     return [
         *("unshare", "--mount", "--propagation", "private", "sh", "-c"),
-        f'mount --bind {tun_node} /dev/net/tun && exec "$@"',
+        "mount -t tmpfs -o mode=0755 pushgate-test /dev/net"
+        ' && mknod -m 0666 /dev/net/tun c 10 200 && exec "$@"',
         "sh",
         *argv,
     ]
@@ -409,10 +410,7 @@ def image_build(tmp_path_factory):
         )
     for python in venvs["dataplane"].glob("bin/python*"):
         run("setcap", "cap_net_admin,cap_bpf+ep", str(python))
-    tun = work / "tun"
-    os.mknod(tun, 0o666 | stat.S_IFCHR, os.makedev(10, 200))
-    os.chmod(tun, 0o666)
-    return SimpleNamespace(context=context, venvs=venvs, tun=tun, build=work)
+    return SimpleNamespace(context=context, venvs=venvs, build=work)
 
 
 @contextlib.contextmanager
@@ -580,9 +578,7 @@ def test_the_wheel_from_the_build_context_runs_the_compose_stack_through_the_ent
             assert line in text, line
         gateway.add_user("alice")
         caps = [cap.lower() for cap in services["dataplane"]["cap_add"]]
-        dataplane = with_open_tun(
-            installed.tun, [*setpriv(IMAGE_UID, caps), *entrypoint, "dataplane"]
-        )
+        dataplane = with_open_tun([*setpriv(IMAGE_UID, caps), *entrypoint, "dataplane"])
         env = gateway.env("dataplane", **services["dataplane"]["environment"])
         gateway.start("dataplane", dataplane, env)
         samples = gateway.dataplane_metrics()
@@ -637,7 +633,7 @@ def test_the_units_capabilities_and_syscall_filters_suffice_for_the_services(ins
         lab.exec(gateway.gw, nat, env=gateway.env("plain"))
         dataplane = [*setpriv(IMAGE_UID, bounding, ambient), *traced("dataplane")]
         dataplane += [gateway.tool("pushgate-dataplane"), "--config", gateway.config]
-        gateway.start("dataplane", with_open_tun(installed.tun, dataplane), gateway.env("plain"))
+        gateway.start("dataplane", with_open_tun(dataplane), gateway.env("plain"))
         samples = gateway.dataplane_metrics()
         assert metrics.total(samples, "pushgate_dataplane_kernel_filter") == 1
         assert "dropped and counted in the kernel (eBPF filter)" in gateway.log("dataplane")

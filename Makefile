@@ -9,11 +9,14 @@ GENERATED := pushgate_api/auth_pb2.py pushgate_api/auth_pb2_grpc.py \
 PROTOS := protos/auth.proto protos/control.proto
 
 # Debian packages the tests and the demo use (network namespaces, ping, NAT, iperf3;
-# gcc builds the fake wintun.dll, binutils' objdump is PyInstaller's).
+# gcc builds the fake wintun.dll, binutils' objdump is PyInstaller's; setcap, setpriv,
+# unshare, strace, Debian's python3 with venv and systemd-analyze for
+# tests/test_deploy.py's image and unit checks).
 SYSTEM_TOOLS := ip ping nft iperf3 curl promtool prometheus prometheus-node-exporter docker-compose \
-                gcc objdump
+                gcc objdump setcap setpriv unshare strace systemd-analyze
 SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps prometheus \
-                   prometheus-node-exporter docker-compose gcc libc6-dev binutils
+                   prometheus-node-exporter docker-compose gcc libc6-dev binutils \
+                   libcap2-bin util-linux strace python3-venv systemd
 
 # The one-file client executable and the signed WinTun DLL it bundles.
 CLIENT_EXE := dist/pushgate-client
@@ -56,6 +59,7 @@ demo: system-deps $(INSTALLED) $(GENERATED)
 # Installs only what is missing (needs root, as CI and the demo do anyway).
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
+	/usr/bin/python3 -c 'import ensurepip' 2>/dev/null || missing=1; \
 	if [ -n "$$missing" ]; then \
 	    echo "installing $(SYSTEM_PACKAGES)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \

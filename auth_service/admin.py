@@ -13,6 +13,7 @@ import time
 from cryptography import x509
 
 import gateway_config
+from push_protocol.version import add_version_argument
 
 from .passwords import hash_password
 from .pki import load_ca, make_ca, make_server_cert, server_names, verification_problem
@@ -32,18 +33,18 @@ gateway_address = {gateway_address}     # the dataplane TUN's address
 mtu = 1420
 keepalive_seconds = 10
 cipher = "aes-256-gcm"                 # or "chacha20-poly1305"
-control_socket = "run/control.sock"    # session feed, Unix socket, mode 0600
+control_socket = {control_socket}    # session feed, Unix socket, mode 0600
 {control_group}
 [auth]
 listen = {auth_listen}               # client API, gRPC over TLS
 tls_cert = "tls/server.crt"
 tls_key = "tls/server.key"
 ca_cert = "tls/ca.crt"                 # give this file to clients
-database = "pushgate.db"
+database = {database}
 dataplane_endpoint = {dataplane_endpoint}   # UDP endpoint handed to clients
 routes = [{routes}]                    # "0.0.0.0/0" = full tunnel
 dns = [{dns}]
-metrics_listen = "127.0.0.1:9101"
+metrics_listen = {auth_metrics_listen}
 session_lifetime_seconds = 86400       # absolute; 0 = no limit
 key_lifetime_seconds = 600             # clients rekey after this many seconds
 key_expiry_seconds = 900               # keys not replaced by then end the session (max 900)
@@ -70,8 +71,8 @@ reflection = false                     # gRPC server reflection on the client AP
 [dataplane]
 listen = {dataplane_listen}
 tun_name = "pg0"
-stats_socket = "run/dataplane.sock"
-metrics_listen = "127.0.0.1:9102"
+stats_socket = {stats_socket}
+metrics_listen = {dataplane_metrics_listen}
 {dataplane_user}# Clients never reach this host's own addresses, link-local (169.254.0.0/16,
 # fe80::/10), loopback, multicast or broadcast; nor these networks (management,
 # containers' networks) ...
@@ -117,6 +118,11 @@ INIT_FLAGS = {
     "[auth] dataplane_endpoint": "--dataplane-endpoint",
     "[auth] routes": "--route",
     "[auth] dns": "--dns",
+    "[auth] database": "--database",
+    "[auth] metrics_listen": "--auth-metrics-listen",
+    "[gateway] control_socket": "--run-dir",
+    "[dataplane] stats_socket": "--run-dir",
+    "[dataplane] metrics_listen": "--dataplane-metrics-listen",
     "[dataplane] listen": "--dataplane-listen",
     "[dataplane] user": "--dataplane-user",
     "[dataplane] deny_networks": "--deny-network",
@@ -162,6 +168,11 @@ def _init_config(args: argparse.Namespace, config_path: str) -> str:
         auth_listen=_toml_string(args.auth_listen),
         dataplane_endpoint=_toml_string(args.dataplane_endpoint),
         dataplane_listen=_toml_string(args.dataplane_listen),
+        database=_toml_string(args.database),
+        control_socket=_toml_string(f"{args.run_dir}/control.sock"),
+        stats_socket=_toml_string(f"{args.run_dir}/dataplane.sock"),
+        auth_metrics_listen=_toml_string(args.auth_metrics_listen),
+        dataplane_metrics_listen=_toml_string(args.dataplane_metrics_listen),
         routes=_quoted(args.route or ["0.0.0.0/0"]),
         dns=_quoted(args.dns or []),
         control_group=(
@@ -198,7 +209,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"pushgate-admin init: {error} (nothing written)", file=sys.stderr)
         return 2
     os.makedirs(os.path.join(directory, "tls"), mode=0o700, exist_ok=True)
-    os.makedirs(os.path.join(directory, "run"), mode=0o700, exist_ok=True)
+    if not os.path.isabs(args.run_dir):  # (an absolute one is systemd's RuntimeDirectory=)
+        os.makedirs(os.path.join(directory, args.run_dir), mode=0o700, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     names = args.server_name or ["localhost", "127.0.0.1"]
     ca_pem, ca_key_pem, ca_cert, ca_key = make_ca("pushgate gateway CA", now, names)
@@ -323,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pushgate-admin", description="gateway administration (init, cert, users)"
     )
+    add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     init = commands.add_parser("init", help="create a CA, a server certificate and a config")
     init.add_argument("--dir", required=True, help="directory for the gateway's files")
@@ -339,6 +352,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--dataplane-listen", default="0.0.0.0:51820")
     init.add_argument("--tunnel-network", default="198.19.0.0/24")
+    init.add_argument("--database", default="pushgate.db", help="user database, relative to DIR")
+    init.add_argument(
+        "--run-dir",
+        default="run",
+        help="directory of the two services' sockets, relative to DIR or absolute "
+        "(/run/pushgate under systemd)",
+    )
+    init.add_argument(
+        "--auth-metrics-listen",
+        default="127.0.0.1:9101",
+        help="HOST:PORT of the auth service's /metrics",
+    )
+    init.add_argument(
+        "--dataplane-metrics-listen",
+        default="127.0.0.1:9102",
+        help="HOST:PORT of the dataplane's /metrics",
+    )
     init.add_argument("--gateway-address", help="default: the network's first host")
     init.add_argument("--route", action="append", help="pushed route (repeatable)")
     init.add_argument("--dns", action="append", help="pushed DNS server (repeatable)")

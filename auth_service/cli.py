@@ -19,6 +19,7 @@ from prometheus_client.process_collector import ProcessCollector
 import gateway_config
 from control_socket import ControlSocketError, PeerPolicy, serve_private
 from push_protocol.aead import CipherSuite
+from push_protocol.version import add_version_argument, register_build_info
 from pushgate_api import auth_pb2, control_pb2_grpc
 
 from . import health, limits
@@ -100,6 +101,7 @@ def probe_listen(endpoint: tuple[str, int], key: str) -> None:
 async def run(cfg: gateway_config.GatewayConfig) -> None:
     gw, auth = cfg.gateway, cfg.auth
     registry = CollectorRegistry()
+    register_build_info(registry)
     # Ports first: one that is taken is the whole message, before anything else is done.
     with gateway_config.listening("[auth] metrics_listen", auth.metrics_listen, "metrics"):
         start_http_server(auth.metrics_listen[1], addr=auth.metrics_listen[0], registry=registry)
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="pushgate-auth",
         description="the gRPC auth service (client API over TLS, session feed on a Unix socket)",
     )
+    add_version_argument(parser)
     parser.add_argument("--config", required=True, help="gateway config (TOML)")
     parser.add_argument(
         "--check",

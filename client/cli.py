@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from push_protocol.version import add_version_argument
+
 from .auth import ClientError
 from .connection import Connection, ConnectOptions
 from .host import ClientHost, current_host
@@ -120,6 +122,7 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pushgate-client", description="the pushgate VPN client")
+    add_version_argument(parser)
     parser.add_argument(
         "--tun", default="pgc0", help="TUN device (WinTun adapter) name (default pgc0)"
     )

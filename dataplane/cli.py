@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 import gateway_config
 from control_socket import ControlSocketError, PeerPolicy, PrivateServer, serve_private
+from push_protocol.version import add_version_argument, register_build_info
 from pushgate_api import control_pb2_grpc
 from pushgate_io.tun import TUN_QUEUE_PACKETS
 from pushgate_io.tun_linux import LinuxTun
@@ -29,7 +30,7 @@ from .metrics import (
     register_collectors,
 )
 from .metrics_http import LOOP_ANSWER_SECONDS, MetricsServer, run_on_loop
-from .privileges import drop_privileges
+from .privileges import drop_privileges, hand_capabilities_to_children
 from .registry import Registry
 from .socket_filter import FilterUnavailable
 from .socket_filter import attach as attach_filter
@@ -106,10 +107,12 @@ async def serve_stats(
 
 async def run(cfg: gateway_config.GatewayConfig) -> None:
     loop = asyncio.get_running_loop()
+    hand_capabilities_to_children()  # the cleaner and `ip` below need CAP_NET_ADMIN
     # Ports first: one that is taken is the whole message, before anything else is done.
     with gateway_config.listening("[dataplane] listen", cfg.dataplane.listen, "push packets"):
         sock = open_udp(cfg.dataplane.listen)
     prometheus = CollectorRegistry()
+    register_build_info(prometheus)
     metrics_listen = cfg.dataplane.metrics_listen
     with gateway_config.listening("[dataplane] metrics_listen", metrics_listen, "metrics"):
         metrics_server = MetricsServer(metrics_listen, prometheus)
@@ -199,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="pushgate-dataplane",
         description="the UDP push dataplane (one receive loop, server TUN, /metrics)",
     )
+    add_version_argument(parser)
     parser.add_argument("--config", required=True, help="gateway config (TOML)")
     parser.add_argument("--listen", help="override [dataplane] listen, HOST:PORT")
     parser.add_argument("--tun-name", help="override [dataplane] tun_name")

@@ -10,6 +10,9 @@ import subprocess
 import sys
 
 import gateway_config
+from push_protocol.version import add_version_argument
+
+from .privileges import hand_capabilities_to_children
 
 TABLE = "pushgate_nat"
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
@@ -53,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="pushgate-nat",
         description="enable forwarding and masquerade the tunnel network out of OUT_IF, then exit",
     )
+    add_version_argument(parser)
     parser.add_argument("--config", required=True, help="gateway config (TOML)")
     parser.add_argument("out_interface", nargs="?", metavar="OUT_IF")
     parser.add_argument("--remove", action="store_true", help="remove the NAT table instead")
     args = parser.parse_args(argv)
+    hand_capabilities_to_children()  # nft needs CAP_NET_ADMIN
     if args.remove:
         return remove()
     if not args.out_interface:

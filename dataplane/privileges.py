@@ -27,7 +27,7 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522  # two 32-bit words per set
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_READ, PR_CAPBSET_DROP = 23, 24
 PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, PR_CAP_AMBIENT_CLEAR_ALL = 47, 2, 4
 CAP_SETGID, CAP_SETUID, CAP_SETPCAP, CAP_NET_ADMIN = 6, 7, 8, 12
 
 
@@ -53,8 +53,8 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def prctl(option: int, arg: int = 0) -> int:
-    args = (ctypes.c_ulong(option), ctypes.c_ulong(arg), ctypes.c_ulong(0))
+def prctl(option: int, arg: int = 0, arg3: int = 0) -> int:
+    args = (ctypes.c_ulong(option), ctypes.c_ulong(arg), ctypes.c_ulong(arg3))
     return _check(_libc.prctl(*args, ctypes.c_ulong(0), ctypes.c_ulong(0)), f"prctl({option})")
 
 
@@ -78,12 +78,35 @@ def current_capabilities() -> CapabilitySets:
     return CapabilitySets(mask("effective"), mask("permitted"), mask("inheritable"))
 
 
-def set_capabilities(mask: int) -> None:
-    """The calling thread's effective and permitted sets become `mask`, inheritable empty."""
+def set_capabilities(mask: int, inheritable: int = 0) -> None:
+    """The calling thread's effective and permitted sets become `mask`, its
+    inheritable set `inheritable`."""
     header, data = _Header(_LINUX_CAPABILITY_VERSION_3, 0), (_Data * 2)()
     for word in (0, 1):
         data[word].effective = data[word].permitted = (mask >> (32 * word)) & 0xFFFFFFFF
+        data[word].inheritable = (inheritable >> (32 * word)) & 0xFFFFFFFF
     _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def hand_capabilities_to_children() -> None:
+    """The programs a non-root process runs during set-up (`ip`, `nft`) get the
+    capabilities it holds (ambient), as under systemd's AmbientCapabilities.
+
+    Needed where they come from file capabilities on the interpreter (the container
+    image's unprivileged user): an exec'd program gets none of them otherwise, and
+    file capabilities on `ip` itself do not help, since iproute2 drops every
+    capability at start unless CAP_NET_ADMIN is inheritable. `drop_privileges`
+    clears them again. Root needs nothing: its children are root.
+    """
+    if os.geteuid() == 0:
+        return
+    held = current_capabilities().permitted
+    if not held:
+        return
+    set_capabilities(held, inheritable=held)  # ambient ones must be inheritable too
+    for capability in range(held.bit_length()):
+        if held >> capability & 1:
+            prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, capability)
 
 
 def drop_bounding_set(keep: int = 0) -> None:

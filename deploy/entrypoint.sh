@@ -1,38 +1,46 @@
 #!/bin/sh
 # Container entry point. The first start of the auth container initialises the
-# gateway (CA, server certificate, config, first admin user) in /var/lib/pushgate.
+# gateway (CA, server certificate, config) in $PUSHGATE_DIR (/var/lib/pushgate,
+# the volumes of docker-compose.yml) from the environment that docker-compose.yml
+# passes; it creates no VPN account (it prints the command that does).
 set -eu
-DIR=/var/lib/pushgate
+DIR=${PUSHGATE_DIR:-/var/lib/pushgate}
 CONFIG="$DIR/pushgate.toml"
 
 case "$1" in
 auth)
     if [ ! -f "$CONFIG" ]; then
-        deny=""
-        for network in ${PUSHGATE_DENY_NETWORKS:-}; do deny="$deny --deny-network $network"; done
-        # shellcheck disable=SC2086 # $deny is a list of arguments
-        pushgate-admin init --dir "$DIR" $deny \
-            --server-name "${PUSHGATE_SERVER_NAME:-localhost}" \
+        : "${PUSHGATE_SERVER_NAME:?set PUSHGATE_SERVER_NAME: the name clients use for the auth service}"
+        : "${PUSHGATE_PUBLIC_ENDPOINT:?set PUSHGATE_PUBLIC_ENDPOINT: the HOST:PORT clients send push packets to}"
+        : "${PUSHGATE_TUNNEL_NETWORK:?set PUSHGATE_TUNNEL_NETWORK: the network clients get addresses from}"
+        set --
+        for network in ${PUSHGATE_DENY_NETWORKS:-}; do set -- "$@" --deny-network "$network"; done
+        for route in ${PUSHGATE_ROUTES:-}; do set -- "$@" --route "$route"; done
+        for server in ${PUSHGATE_DNS:-}; do set -- "$@" --dns "$server"; done
+        # Metrics on every address of the container, for Prometheus' (the tunnel
+        # cannot reach them: the dataplane refuses clients' packets to this stack's
+        # network); the database in its own volume, mounted here only (like tls/).
+        pushgate-admin init --dir "$DIR" "$@" \
+            --server-name "$PUSHGATE_SERVER_NAME" \
             --auth-listen 0.0.0.0:7443 \
-            --dataplane-endpoint "${PUSHGATE_PUBLIC_ENDPOINT:-localhost:51820}" \
+            --dataplane-endpoint "$PUSHGATE_PUBLIC_ENDPOINT" \
             --dataplane-listen 0.0.0.0:51820 \
-            --tunnel-network "${PUSHGATE_TUNNEL_NETWORK:-198.19.0.0/24}"
-        # Metrics must be reachable from the Prometheus container (and are not from
-        # the tunnel: the dataplane refuses clients' packets to this stack's network).
-        sed -i 's/^metrics_listen = "127.0.0.1:9101"/metrics_listen = "0.0.0.0:9101"/' "$CONFIG"
-        sed -i 's/^metrics_listen = "127.0.0.1:9102"/metrics_listen = "0.0.0.0:9102"/' "$CONFIG"
-        # The database in its own volume, mounted in this container only (like tls/).
-        sed -i 's|^database = "pushgate.db"|database = "db/pushgate.db"|' "$CONFIG"
-        if [ -z "${PUSHGATE_ADMIN_PASSWORD:-}" ]; then
-            PUSHGATE_ADMIN_PASSWORD=$(python -c 'import secrets; print(secrets.token_urlsafe(18))')
-            echo "first start: user 'admin' created with password $PUSHGATE_ADMIN_PASSWORD"
-        fi
-        PUSHGATE_PASSWORD="$PUSHGATE_ADMIN_PASSWORD" pushgate-admin user add admin --config "$CONFIG"
+            --tunnel-network "$PUSHGATE_TUNNEL_NETWORK" \
+            --database db/pushgate.db \
+            --auth-metrics-listen 0.0.0.0:9101 \
+            --dataplane-metrics-listen 0.0.0.0:9102
+        echo "first start: no VPN user yet; add one (it asks for the password) with"
+        echo "  docker-compose -f deploy/docker-compose.yml exec auth pushgate-admin user add NAME --config $CONFIG"
     fi
     exec pushgate-auth --config "$CONFIG"
     ;;
 dataplane)
-    while [ ! -f "$CONFIG" ]; do echo "waiting for the auth container to initialise $CONFIG"; sleep 1; done
+    # docker-compose.yml starts the dataplane once the auth service is healthy,
+    # which it is only after the first start wrote the config.
+    if [ ! -f "$CONFIG" ]; then
+        echo "pushgate-entrypoint: $CONFIG does not exist: the auth container writes it at its first start" >&2
+        exit 2
+    fi
     if [ -n "${PUSHGATE_NAT_INTERFACE:-}" ]; then
         pushgate-nat --config "$CONFIG" "$PUSHGATE_NAT_INTERFACE"  # one shot, before the dataplane
     fi

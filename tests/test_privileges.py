@@ -251,8 +251,10 @@ def test_systemd_units_keep_secrets_and_capabilities_from_the_dataplane():
         assert set(dataplane[name].split()) == {"CAP_NET_ADMIN", "CAP_BPF"}
     assert dataplane["NoNewPrivileges"] == auth["NoNewPrivileges"] == "yes"
     hidden = dataplane["InaccessiblePaths"].split()
-    assert {"-/etc/pushgate/tls", "-/etc/pushgate/pushgate.db"} <= set(hidden)
-    assert dataplane["ReadWritePaths"] == "/etc/pushgate/run"
+    assert {"-/var/lib/pushgate/tls", "-/var/lib/pushgate/pushgate.db"} <= set(hidden)
+    assert dataplane["ReadWritePaths"] == "/run/pushgate"  # the sockets only
+    assert "StateDirectory" not in dataplane  # (systemd would give it the auth's files)
+    assert auth["StateDirectory"] == auth["RuntimeDirectory"] == "pushgate"
     for service in (auth, dataplane):  # key times come from the wall clock
         assert "time-sync.target" in service["After"].split()
         assert "time-sync.target" in service["Wants"].split()
@@ -265,11 +267,17 @@ def test_compose_mounts_no_secret_into_the_dataplane():
     from ruamel.yaml import YAML
 
     compose = os.path.join(DEPLOY, "docker-compose.yml")
+    required = {  # the operator's settings, which have no default
+        "PUSHGATE_SERVER_NAME": "vpn.example.net",
+        "PUSHGATE_PUBLIC_ENDPOINT": "vpn.example.net:51820",
+        "PUSHGATE_TUNNEL_NETWORK": "198.19.0.0/24",
+    }
     resolved = subprocess.run(
         ["docker-compose", "-f", compose, "config"],
         capture_output=True,
         text=True,
         timeout=120,
+        env={"PATH": os.environ["PATH"], **required},
         check=True,
     ).stdout
     services = YAML(typ="safe").load(resolved)["services"]
@@ -294,5 +302,5 @@ def test_compose_mounts_no_secret_into_the_dataplane():
     assert set(services["dataplane"]["cap_add"]) == {"NET_ADMIN", "BPF"}
     with open(os.path.join(DEPLOY, "entrypoint.sh")) as handle:
         entrypoint = handle.read()
-    assert 'database = "db/pushgate.db"' in entrypoint  # the database in its own volume
+    assert "--database db/pushgate.db" in entrypoint  # the database in its own volume
     assert 'pushgate-nat --config "$CONFIG"' in entrypoint and "--nat" not in entrypoint

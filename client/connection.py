@@ -146,7 +146,7 @@ class Connection:
                 else:
                     self._feed_datapath(now)
                     core.handle_timer(now)
-                await self._execute(core.actions())
+                self._execute(core.actions())
                 self._write_status()
                 if self._crash is not None:
                     raise self._crash
@@ -160,7 +160,7 @@ class Connection:
                 task.cancel()
             if core.state is not ClientState.DISCONNECTED:
                 core.stop(self.clock())
-            await self._execute(core.actions())
+            self._execute(core.actions())
             self._teardown()  # also what a bring-up cancelled half-way left
             if self._logouts:
                 await asyncio.wait(self._logouts)
@@ -206,7 +206,7 @@ class Connection:
 
     # -- executing the core's actions ------------------------------------------------
 
-    async def _execute(self, actions) -> None:
+    def _execute(self, actions) -> None:
         core = self.core
         for action in actions:
             match action:
@@ -243,6 +243,7 @@ class Connection:
             except ClientError as error:
                 result = error
             deliver(self.clock(), result)
+            self._execute(self.core.actions())  # at once: new keys before the next check
             self._wake.set()
 
         task = asyncio.ensure_future(run())

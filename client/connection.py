@@ -1,14 +1,19 @@
-"""The client's connection manager: drives the state machine (client/state.py).
+"""The client's connection: executes what client/core.py decides, on asyncio.
 
-Logs in, brings up the TUN device and the network plan, runs the datapath,
-rekeys before the key lifetime ends, notices a dead server and reconnects with
-exponential backoff and jitter, and undoes everything on the way out.
+Thin on purpose: `ClientCore` decides (dead path, rekey, backoff, relogin,
+probing, session checks, giving up); this layer runs its actions (auth calls
+and name lookups as tasks whose results go back to the core as events; the TUN,
+the network configuration and the datapath at once), feeds it what the datapath
+saw, and sleeps until the core's next timer, the session's next timer or news
+(a result, a first answer from the dataplane, a rekey request, a signal).
 """
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
 import os
-import random
+import socket
 import time
 from dataclasses import dataclass
 
@@ -16,25 +21,33 @@ from push_protocol.keys import Role
 from push_protocol.session import TunnelSession
 from pushgate_io.tun import TunDevice
 
-from .auth import AuthClient, ClientError, ClientSession, SessionGone
+from .auth import AuthClient, ClientError, ClientSession
+from .core import (
+    BringUp,
+    CheckSession,
+    ClientCore,
+    InstallKeys,
+    Login,
+    Logout,
+    Rebind,
+    Rekey,
+    Resolve,
+    SendKeepalive,
+    TearDown,
+    is_address,
+)
 from .datapath import Datapath
 from .host import ClientHost, UndoSteps, current_host
-from .state import ClientEvent, ClientState, ClientStateMachine
+from .state import ClientState
 from .status import ClientStatus, write_status
 
 log = logging.getLogger("pushgate.client")
 
-TICK_SECONDS = 0.5
-HANDSHAKE_TIMEOUT_SECONDS = 5.0
-# While waiting for the dataplane, a keepalive this often: an answer soon after the
-# path heals.
-PROBE_INTERVAL_SECONDS = 1.0
-BACKOFF_FIRST_SECONDS = 1.0
-BACKOFF_MAX_SECONDS = 30.0
-# A failed rekey is retried after this long (WireGuard's REKEY_TIMEOUT), or sooner
-# when the session would expire first: four tries fit before the keys' hard limit.
-REKEY_RETRY_SECONDS = 5.0
-REKEY_RETRY_MIN_SECONDS = 0.25
+LOGOUT_TIMEOUT_SECONDS = 3.0
+RESOLVE_TIMEOUT_SECONDS = 5.0
+# The status file's counters are rewritten this often while nothing else happens
+# (`pushgate-client status --watch`); decisions never wait for it.
+STATUS_INTERVAL_SECONDS = 1.0
 
 
 @dataclass
@@ -49,26 +62,31 @@ class ConnectOptions:
     dead_after_seconds: float | None = None  # default: 2 keepalives + 5 s
 
 
-class Backoff:
-    """Exponential backoff with full jitter, reset on success."""
-
-    def __init__(self, first: float = BACKOFF_FIRST_SECONDS, cap: float = BACKOFF_MAX_SECONDS):
-        self.first, self.cap, self.attempt = first, cap, 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap, self.first * 2**self.attempt)
-        self.attempt += 1
-        return random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
+def split_host_port(target: str) -> tuple[str, int]:
+    """ "host:port" or "[v6 address]:port"."""
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClientError(f"not host:port: {target!r}", retryable=False)
+    return host.removeprefix("[").removesuffix("]"), int(port)
 
 
-def rekey_retry_delay(now: float, expires_at: float) -> float:
-    """How long to wait before trying a failed rekey again (times in seconds)."""
-    if expires_at <= 0:  # the auth service did not say when the session ends
-        return REKEY_RETRY_SECONDS
-    return min(REKEY_RETRY_SECONDS, max(REKEY_RETRY_MIN_SECONDS, (expires_at - now) / 4))
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def resolve(host: str) -> str:
+    """The address to use for `host` now (an address is itself); ClientError if none."""
+    if is_address(host):
+        return host
+    loop = asyncio.get_running_loop()
+    try:
+        found = await asyncio.wait_for(
+            loop.getaddrinfo(host, None, type=socket.SOCK_DGRAM), RESOLVE_TIMEOUT_SECONDS
+        )
+    except (OSError, TimeoutError) as error:
+        reason = str(error) or "timed out"
+        raise ClientError(f"cannot resolve {host}: {reason}", retryable=True) from None
+    return found[0][4][0]
 
 
 class Connection:
@@ -78,31 +96,35 @@ class Connection:
         self.options = options
         self.clock = clock
         self.host = host or current_host()  # the OS: TUN backend and network config
-        self.machine = ClientStateMachine()
-        self.auth = AuthClient(options.server, options.ca_path, options.server_name)
-        self.session_info: ClientSession | None = None
+        self.core = ClientCore(dead_after_seconds=options.dead_after_seconds)
+        self.auth: AuthClient | None = None  # opened by the first login
+        self._auth_target = ""
+        self.session_info: ClientSession | None = None  # as brought up (resolved endpoint)
         self.datapath: Datapath | None = None
         self.tun: TunDevice | None = None
         self.undo: UndoSteps | None = None  # how to undo the network configuration
-        self.last_error = ""
         self._stop = asyncio.Event()
-        self._wake = asyncio.Event()  # the datapath has news for the next tick (a rekey request)
-        self._backoff = Backoff()
-        self._rekey_at = 0.0
-        self._rekey_retry_at = 0.0  # after a failed rekey, not before (whatever asks for one)
-        self._expires_at = 0.0  # when the session ends unless rekeyed (unix seconds)
-        self._since = 0.0  # when we last (re)started waiting for the server
+        self._wake = asyncio.Event()  # news for the core: a result, an answer, a signal
+        self._tasks: set[asyncio.Task] = set()  # auth calls and lookups in flight
+        self._logouts: set[asyncio.Task] = set()
+        self._crash: BaseException | None = None  # a bug in a task: ends the run
 
     @property
     def state(self) -> ClientState:
-        return self.machine.state
+        return self.core.state
+
+    @property
+    def last_error(self) -> str:
+        return self.core.last_error
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def request_rekey(self) -> None:
-        """Rekey at the next tick instead of waiting for the key lifetime (SIGUSR2)."""
-        self._rekey_at = self._rekey_retry_at = 0.0
+        """Rekey now instead of waiting for the key lifetime (SIGUSR2)."""
+        self.core.request_rekey()
+        self._wake.set()
 
     def request_rebind(self) -> None:
         """Move to a new UDP source port at once, as after a NAT change (SIGUSR1)."""
@@ -110,84 +132,174 @@ class Connection:
             self.datapath.rebind()
             self.datapath.send_keepalive()
             log.info("moved to UDP source port %d", self.datapath.local_port)
-
-    def _event(self, event: ClientEvent) -> None:
-        before = self.machine.state
-        after = self.machine.handle(event)
-        log.info("state %s -> %s (%s)", before.value, after.value, event.value)
+            self._wake.set()  # the status file shows the new port
 
     async def run(self) -> None:
         """Run until stopped; raises ClientError for failures retrying can't fix."""
-        self._event(ClientEvent.START)
+        core = self.core
+        core.start(self.clock())
         try:
-            while not self._stop.is_set():
-                await self._step()
+            while True:
+                now = self.clock()
+                if self._stop.is_set():
+                    core.stop(now)
+                else:
+                    self._feed_datapath(now)
+                    core.handle_timer(now)
+                self._execute(core.actions())
                 self._write_status()
+                if self._crash is not None:
+                    raise self._crash
+                if core.failure is not None:
+                    raise core.failure
+                if core.state is ClientState.DISCONNECTED:
+                    return
+                await self._sleep()
         finally:
-            await self._teardown(logout=True)
-            if self.machine.state is not ClientState.DISCONNECTED:
-                self._event(ClientEvent.STOP)
+            for task in self._tasks:
+                task.cancel()
+            if core.state is not ClientState.DISCONNECTED:
+                core.stop(self.clock())
+            self._execute(core.actions())
+            self._teardown()  # also what a bring-up cancelled half-way left
+            if self._logouts:
+                await asyncio.wait(self._logouts)
             self._write_status()
-            await self.auth.close()
+            if self.auth is not None:
+                await self.auth.close()
 
-    async def _sleep(self, seconds: float, *, wakeable: bool = False) -> None:
-        """Wait `seconds`, less if stopped or, if `wakeable`, woken by the datapath."""
-        waits = [asyncio.ensure_future(self._stop.wait())]
-        if wakeable:
-            waits.append(asyncio.ensure_future(self._wake.wait()))
-        _, pending = await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        for wait in pending:
-            wait.cancel()
+    # -- waiting -------------------------------------------------------------------
+
+    def _next_wake(self) -> float | None:
+        deadlines = [self.core.get_timer()]
+        if self.datapath is not None:
+            session = self.datapath.session
+            deadlines.append(session.get_timer())  # new keys take over, old ones go
+            if session.last_sent_at is not None:
+                deadlines.append(session.last_sent_at + session.keepalive_interval)
+        if self.options.status_path:
+            deadlines.append(self.clock() + STATUS_INTERVAL_SECONDS)
+        return min((d for d in deadlines if d is not None), default=None)
+
+    async def _sleep(self) -> None:
+        deadline = self._next_wake()
+        if not self._wake.is_set():
+            timeout = None if deadline is None else max(0.0, deadline - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
         self._wake.clear()
 
-    async def _step(self) -> None:
-        state = self.machine.state
-        if state is ClientState.LOGGING_IN:
-            await self._login()
-        elif state in (ClientState.CONNECTING, ClientState.RECONNECTING):
-            await self._await_server()
-        else:
-            await self._sleep(TICK_SECONDS, wakeable=True)
-            await self._tick()
-
-    async def _login(self) -> None:
-        try:
-            info = await self.auth.login(self.options.username, self.options.password)
-            await self._bring_up(info)
-        except ClientError as error:
-            self.last_error = str(error)
-            if not error.retryable:
-                raise
-            log.warning("%s", error)
-            self._event(ClientEvent.LOGIN_FAILED)
-            await self._sleep(self._backoff.next_delay())
+    def _feed_datapath(self, now: float) -> None:
+        datapath = self.datapath
+        if datapath is None:
             return
-        self._event(ClientEvent.LOGGED_IN)
+        datapath.tick()  # the session's timers; a keepalive when one is due
+        session = datapath.session
+        self.core.handle_received(now, session.last_received_at)
+        if session.needs_rekey(now):  # the keys' limits, or the dataplane asked
+            self.core.handle_rekey_wanted(now)
 
-    async def _bring_up(self, info: ClientSession) -> None:
-        await self._teardown(logout=False)
-        now = self.clock()
-        session = TunnelSession(
-            info.session_id,
-            info.cipher,
-            Role.CLIENT,
-            info.keys,
-            keepalive_interval=info.keepalive_seconds,
-        )
-        self.tun = self.host.open_tun(self.options.tun_name)
-        self.undo = self.host.configure(self.tun, info)
+    def _on_received(self) -> None:
+        """The datapath authenticated a packet: news only while waiting for an answer."""
+        if self.core.awaiting_answer:
+            self._wake.set()
+
+    # -- executing the core's actions ------------------------------------------------
+
+    def _execute(self, actions) -> None:
+        core = self.core
+        for action in actions:
+            match action:
+                case Login():
+                    self._spawn(self._login(), core.handle_login_result)
+                case BringUp(session=session):
+                    self._spawn(self._bring_up(session), core.handle_bring_up_result)
+                case TearDown():
+                    self._teardown()
+                case Logout(token=token):
+                    self._logout(token)
+                case Rekey(token=token):
+                    self._spawn(self.auth.rekey(token), core.handle_rekey_result)
+                case InstallKeys(keys=keys):
+                    self.datapath.session.install_next(keys, self.clock())
+                    log.info("rekeyed: key epoch %d", keys.epoch)
+                case CheckSession(token=token):
+                    self._spawn(self.auth.session_alive(token), core.handle_session_check)
+                case Resolve(host=host):
+                    self._spawn(resolve(host), core.handle_resolved)
+                case Rebind():
+                    self.datapath.rebind()
+                    log.info("trying UDP source port %d", self.datapath.local_port)
+                case SendKeepalive():
+                    self.datapath.session.handle_timer(self.clock())  # renewed keys take over
+                    self.datapath.send_keepalive()
+
+    def _spawn(self, work, deliver) -> None:
+        """Run `work`; its result, or its ClientError, goes to `deliver(now, result)`."""
+
+        async def run() -> None:
+            try:
+                result = await work
+            except ClientError as error:
+                result = error
+            deliver(self.clock(), result)
+            self._execute(self.core.actions())  # at once: new keys before the next check
+            self._wake.set()
+
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._crash = self._crash or task.exception()
+            self._wake.set()
+
+    async def _login(self) -> ClientSession:
+        """One connection attempt's login: the auth service's host resolved now."""
+        host, port = split_host_port(self.options.server)
+        target = join_host_port(await resolve(host), port)
+        if target != self._auth_target:
+            if self.auth is not None:
+                await self.auth.close()
+            # TLS still checks the name given (or --server-name), not the address.
+            server_name = self.options.server_name or (None if is_address(host) else host)
+            self.auth = AuthClient(target, self.options.ca_path, server_name)
+            self._auth_target = target
+        return await self.auth.login(self.options.username, self.options.password)
+
+    async def _bring_up(self, info: ClientSession) -> str:
+        """TUN, network and datapath for `info`, the dataplane's host resolved now;
+        returns the address used. On failure undoes what it did."""
+        self._teardown()
+        host, port = info.endpoint
+        address = await resolve(host)
+        info = dataclasses.replace(info, endpoint=(address, port))
+        try:
+            self.tun = self.host.open_tun(self.options.tun_name)
+            self.undo = self.host.configure(self.tun, info)
+            session = TunnelSession(
+                info.session_id,
+                info.cipher,
+                Role.CLIENT,
+                info.keys,
+                keepalive_interval=info.keepalive_seconds,
+            )
+            self.datapath = Datapath(
+                asyncio.get_running_loop(),
+                session,
+                self.tun,
+                info.endpoint,
+                self.clock,
+                on_rekey_requested=self._wake.set,  # rekey at once, not at the next timer
+                on_received=self._on_received,
+            )
+            self.datapath.start()
+        except BaseException:
+            self._teardown()
+            raise
         self.session_info = info
-        self.datapath = Datapath(
-            asyncio.get_running_loop(),
-            session,
-            self.tun,
-            info.endpoint,
-            self.clock,
-            on_rekey_requested=self._wake.set,  # rekey at once, not at the next tick
-        )
-        self.datapath.start()
-        self._rekey_at = now + info.key_lifetime_seconds
-        self._expires_at = info.expires_at
         log.info(
             "tunnel %s up with %s, session %#010x, dataplane %s:%d",
             self.tun.name,
@@ -195,125 +307,9 @@ class Connection:
             info.session_id,
             *info.endpoint,
         )
+        return address
 
-    def _dead_after(self) -> float:
-        if self.options.dead_after_seconds is not None:
-            return self.options.dead_after_seconds
-        return 2 * self.session_info.keepalive_seconds + 5
-
-    async def _await_server(self) -> None:
-        if self.datapath is None:
-            self._event(ClientEvent.RELOGIN)
-            return
-        if await self._probe_until(self.clock() + HANDSHAKE_TIMEOUT_SECONDS):
-            return
-        if self._stop.is_set() or self.datapath is None:
-            return
-        if self.machine.state is ClientState.CONNECTING:
-            self.last_error = "no answer from the dataplane"
-            self._event(ClientEvent.SERVER_LOST)
-            return
-        # Reconnecting: is the session still there? Then try a new source port.
-        try:
-            alive = await self.auth.session_alive(self.session_info.token)
-        except ClientError as error:
-            alive = True  # auth service down: the dataplane may still know us
-            log.info("%s", error)
-        if not alive:
-            await self._log_in_again()
-            return
-        self.datapath.rebind()
-        await self._probe_until(self.clock() + self._backoff.next_delay())
-
-    async def _probe_until(self, deadline: float) -> bool:
-        """Send a keepalive every PROBE_INTERVAL_SECONDS until the dataplane answers
-        (True: the tunnel is up) or `deadline`. Keys are renewed when due all the
-        while: the UDP path may be down while the auth service answers, and fresh
-        keys keep the session alive through an outage of any length."""
-        datapath = self.datapath
-        session = datapath.session
-        start = next_probe = self.clock()
-        while not self._stop.is_set():
-            now = self.clock()
-            if session.last_received_at is not None and session.last_received_at > start:
-                self._backoff.reset()
-                self._since = now
-                self._event(ClientEvent.TUNNEL_UP)
-                return True
-            if now >= deadline:
-                return False
-            if now >= self._rekey_at:
-                try:
-                    await self._renew_keys(now)
-                except SessionGone:
-                    await self._log_in_again()
-                    return False
-            if now >= next_probe:
-                session.handle_timer(now)  # keys renewed while waiting take over
-                datapath.send_keepalive()
-                next_probe = now + PROBE_INTERVAL_SECONDS
-            await self._sleep(min(0.1, max(0.0, deadline - now)))
-        return False
-
-    async def _tick(self) -> None:
-        datapath = self.datapath
-        session = datapath.session
-        datapath.tick()
-        now = self.clock()
-        last = max(session.last_received_at or 0.0, self._since)
-        if now - last > self._dead_after():
-            self.last_error = f"no packet from the dataplane for {now - last:.0f} s"
-            log.warning("server lost: %s", self.last_error)
-            self._event(ClientEvent.SERVER_LOST)
-            return
-        # needs_rekey: the keys' limits, or the dataplane asked (REKEY_REQUIRED)
-        if (
-            self.machine.state is ClientState.UP
-            and (now >= self._rekey_at or session.needs_rekey(now))
-            and now >= self._rekey_retry_at
-        ):
-            await self._rekey(now)
-
-    async def _rekey(self, now: float) -> None:
-        self._event(ClientEvent.REKEY_STARTED)
-        try:
-            renewed = await self._renew_keys(now)
-        except SessionGone:
-            # Retrying the rekey cannot help, and the dataplane has dropped the
-            # session too: log in now rather than after the dead-peer timeout.
-            await self._log_in_again()
-            return
-        self._event(ClientEvent.REKEY_DONE if renewed else ClientEvent.REKEY_FAILED)
-
-    async def _log_in_again(self) -> None:
-        self.last_error = (
-            f"the gateway no longer knows session {self.session_info.session_id:#010x};"
-            " logging in again"
-        )
-        log.warning("%s", self.last_error)
-        await self._teardown(logout=False)
-        self._event(ClientEvent.RELOGIN)
-
-    async def _renew_keys(self, now: float) -> bool:
-        """New keys from the auth service, installed; if that fails, when to retry.
-        Raises SessionGone if the auth service no longer knows the session."""
-        try:
-            keys, expires_at = await self.auth.rekey(self.session_info.token)
-            self.datapath.session.install_next(keys, self.clock())
-        except SessionGone:
-            raise
-        except ClientError as error:
-            self.last_error = f"rekey failed: {error}"
-            log.warning("%s", self.last_error)
-            self._rekey_at = self._rekey_retry_at = now + rekey_retry_delay(now, self._expires_at)
-            return False
-        self._expires_at = expires_at
-        self._rekey_retry_at = 0.0
-        self._rekey_at = keys.created_at + self.session_info.key_lifetime_seconds
-        log.info("rekeyed: key epoch %d", keys.epoch)
-        return True
-
-    async def _teardown(self, *, logout: bool) -> None:
+    def _teardown(self) -> None:
         if self.datapath is not None:
             self.datapath.stop()
             self.datapath = None
@@ -323,26 +319,33 @@ class Connection:
         if self.tun is not None:
             self.tun.close()  # the OS removes the device, its address and routes
             self.tun = None
-        if logout and self.session_info is not None:
+        self.session_info = None
+
+    def _logout(self, token: str) -> None:
+        async def logout() -> None:
             try:
-                await asyncio.wait_for(self.auth.logout(self.session_info.token), 3.0)
+                await asyncio.wait_for(self.auth.logout(token), LOGOUT_TIMEOUT_SECONDS)
             except (ClientError, TimeoutError) as error:
                 log.info("logout not confirmed: %s", error)
-        if logout:
-            self.session_info = None
+
+        task = asyncio.ensure_future(logout())
+        self._logouts.add(task)
+        task.add_done_callback(self._logouts.discard)
+
+    # -- status ----------------------------------------------------------------------
 
     def snapshot(self) -> ClientStatus:
         status = ClientStatus(
             pid=os.getpid(),
-            state=self.machine.state.value,
+            state=self.core.state.value,
             tun_name=self.options.tun_name,
             server=self.options.server,
-            last_error=self.last_error,
+            last_error=self.core.last_error,
         )
         info, datapath = self.session_info, self.datapath
         if info is not None:
             status.tunnel_address = info.tunnel_address
-            status.endpoint = f"{info.endpoint[0]}:{info.endpoint[1]}"
+            status.endpoint = join_host_port(*info.endpoint)
             status.session_id = info.session_id
         if datapath is not None:
             session = datapath.session

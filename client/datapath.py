@@ -29,11 +29,14 @@ class Datapath:
         server: tuple[str, int],
         clock,
         on_rekey_requested=lambda: None,
+        on_received=lambda: None,
         socket_factory=socket.socket,
     ) -> None:
         self._loop = loop
         # told at once when the dataplane asks for new keys (REKEY_REQUIRED)
         self._on_rekey_requested = on_rekey_requested
+        # told after a read that authenticated a packet (the connection waits for one)
+        self._on_received = on_received
         self.session = session
         self.drops: Counter[DropReason] = Counter()
         self.error_reports: dict[str, int] = {}  # ICMP errors about what we sent, by errno
@@ -112,6 +115,7 @@ class Datapath:
         now = self._clock()
         drops = self.drops
         session = self.session
+        received_before = session.last_received_at
         packets: list[bytes] = []  # for the TUN, written together at the end
         try:
             for datagrams, _ in self._udp.receive(DATAGRAM_BUDGET):
@@ -135,6 +139,8 @@ class Datapath:
         finally:
             if packets:
                 self._write_tun(packets)
+            if session.last_received_at != received_before:
+                self._on_received()
 
     def _write_tun(self, packets: list[bytes]) -> None:
         """Hand `packets` to the TUN in as few writes as it allows (segments of a

@@ -5,11 +5,17 @@ UP --rekey_started--> REKEYING --rekey_done | rekey_failed--> UP
 CONNECTING | UP | REKEYING --server_lost--> RECONNECTING
 RECONNECTING --tunnel_up--> UP            (same session, new UDP socket)
 RECONNECTING --relogin--> LOGGING_IN      (the session is gone)
+CONNECTING | UP | REKEYING --relogin--> LOGGING_IN (a rekey found it gone)
 LOGGING_IN --login_failed--> RECONNECTING (retryable: unreachable, throttled)
 any --stop--> DISCONNECTED
+
+client/core.py decides which event happens when; an event not in the table
+raises IllegalTransition (push_protocol/transitions.py).
 """
 
 from enum import StrEnum
+
+from push_protocol.transitions import StateMachine
 
 
 class ClientState(StrEnum):
@@ -44,7 +50,10 @@ TRANSITIONS: dict[tuple[ClientState, ClientEvent], ClientState] = {
     (S.UP, E.REKEY_STARTED): S.REKEYING,
     (S.REKEYING, E.REKEY_DONE): S.UP,
     (S.REKEYING, E.REKEY_FAILED): S.UP,
-    (S.REKEYING, E.RELOGIN): S.LOGGING_IN,  # the rekey found the session gone
+    # a rekey found the session gone (one started while waiting may answer in any state)
+    (S.REKEYING, E.RELOGIN): S.LOGGING_IN,
+    (S.CONNECTING, E.RELOGIN): S.LOGGING_IN,
+    (S.UP, E.RELOGIN): S.LOGGING_IN,
     (S.CONNECTING, E.SERVER_LOST): S.RECONNECTING,
     (S.UP, E.SERVER_LOST): S.RECONNECTING,
     (S.REKEYING, E.SERVER_LOST): S.RECONNECTING,
@@ -56,21 +65,10 @@ TRANSITIONS: dict[tuple[ClientState, ClientEvent], ClientState] = {
 del S, E
 
 
-class IllegalClientTransition(Exception):
-    """A bug in the client: an event that cannot happen in the current state."""
-
-
-class ClientStateMachine:
-    __slots__ = ("state",)
+class ClientStateMachine(StateMachine):
+    __slots__ = ()
+    transitions = TRANSITIONS
+    subject = "the client"
 
     def __init__(self) -> None:
-        self.state = ClientState.DISCONNECTED
-
-    def handle(self, event: ClientEvent) -> ClientState:
-        try:
-            self.state = TRANSITIONS[(self.state, event)]
-        except KeyError:
-            raise IllegalClientTransition(
-                f"cannot handle {event.value} in state {self.state.value}"
-            ) from None
-        return self.state
+        super().__init__(ClientState.DISCONNECTED)

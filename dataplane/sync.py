@@ -15,7 +15,6 @@ send-counter range, leased from the auth service (docs/protocol.md, "Restarts").
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 
@@ -23,6 +22,7 @@ import grpc
 
 from control_socket import PeerPolicy, checked_target
 from push_protocol.aead import CipherSuite
+from push_protocol.backoff import Backoff
 from push_protocol.drops import UsageError
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.session import TunnelSession
@@ -120,7 +120,7 @@ class SessionSync:
             await self._run(target)
 
     async def _run(self, target: str) -> None:
-        delay = RETRY_FIRST_SECONDS
+        backoff = Backoff(RETRY_FIRST_SECONDS, RETRY_MAX_SECONDS)
         while True:
             try:
                 async with grpc.aio.insecure_channel(target) as channel:
@@ -128,7 +128,7 @@ class SessionSync:
                     listing = await stub.ListSessions(control_pb2.ListSessionsRequest(), timeout=30)
                     self.counter_ranges.add(listing.counter_ranges)
                     self.reconcile(listing)
-                    delay = RETRY_FIRST_SECONDS
+                    backoff.reset()
                     self.counters.control_connected = 1
                     watch = stub.WatchSessions(
                         control_pb2.WatchSessionsRequest(after_revision=self.revision)
@@ -147,6 +147,7 @@ class SessionSync:
                     log.warning("session feed ended; listing again")
             except grpc.aio.AioRpcError as error:
                 self.counters.control_connected = 0
+                delay = backoff.next_delay()
                 log.warning(
                     "session feed %s: %s %s; retrying in %.1f s",
                     self.socket_path,
@@ -154,9 +155,10 @@ class SessionSync:
                     error.details(),
                     delay,
                 )
+            else:
+                delay = backoff.next_delay()
             self.counters.control_connected = 0
-            await asyncio.sleep(random.uniform(delay / 2, delay))
-            delay = min(RETRY_MAX_SECONDS, delay * 2)
+            await asyncio.sleep(delay)
 
     # -- applying what the auth service says (loop thread) -----------------------
 

@@ -9,6 +9,7 @@ process group) when the lab closes, even after a failure. Addresses come from
 import contextlib
 import ipaddress
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -45,6 +46,16 @@ class Lab:
         self.namespaces.append(full)
         self.exec(full, ["ip", "link", "set", "lo", "up"])
         return full
+
+    def hosts(self, ns: str, names: dict[str, str]) -> None:
+        """Name -> address entries for `ns`: `ip netns exec` bind-mounts
+        /etc/netns/NS/hosts over /etc/hosts for what runs inside."""
+        for address in names.values():
+            _check_address(address)
+        os.makedirs(f"/etc/netns/{ns}", exist_ok=True)
+        with open(f"/etc/netns/{ns}/hosts", "w") as handle:
+            handle.write("127.0.0.1 localhost\n")
+            handle.writelines(f"{address} {name}\n" for name, address in names.items())
 
     def link(self, ns_a: str, addr_a: str, ns_b: str, addr_b: str) -> tuple[str, str]:
         """A veth pair between two namespaces; returns the two device names."""
@@ -119,6 +130,7 @@ class Lab:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
         self.namespaces.clear()
 
 

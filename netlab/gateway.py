@@ -40,8 +40,12 @@ class GatewayLab:
         keepalive_seconds: int = 10,
         offered_services: tuple[str, ...] = (),
         metrics_host: str = "127.0.0.1",
+        host_name: str | None = None,
     ) -> None:
         self.lab = lab
+        # Clients reach auth service and dataplane by this name (each client namespace
+        # needs it in its hosts file: Lab.hosts), else by the address.
+        self.server_host = host_name or GATEWAY
         self.metrics_host = metrics_host
         self.workdir = workdir
         self.gw = lab.namespace("gw")
@@ -67,12 +71,13 @@ class GatewayLab:
             "init",
             "--dir",
             workdir,
+            *(("--server-name", host_name) if host_name else ()),
             "--server-name",
             GATEWAY,
             "--auth-listen",
             f"{GATEWAY}:{AUTH_PORT}",
             "--dataplane-endpoint",
-            f"{GATEWAY}:{DATAPLANE_PORT}",
+            f"{self.server_host}:{DATAPLANE_PORT}",
             "--dataplane-listen",
             f"{GATEWAY}:{DATAPLANE_PORT}",
         ]
@@ -159,7 +164,7 @@ class GatewayLab:
                 *self.client_command(index),
                 "connect",
                 "--server",
-                f"{GATEWAY}:{AUTH_PORT}",
+                f"{self.server_host}:{AUTH_PORT}",
                 "--ca",
                 self.ca,
                 "--user",

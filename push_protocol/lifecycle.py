@@ -11,7 +11,7 @@ raises `IllegalTransition` naming the state and the event.
 
 from enum import StrEnum
 
-from .drops import IllegalTransition
+from .transitions import StateMachine
 
 
 class SessionState(StrEnum):
@@ -50,22 +50,15 @@ LIVE_STATES = frozenset({S.ACTIVE, S.REKEYING})
 del S, E
 
 
-class Lifecycle:
-    __slots__ = ("state",)
+class Lifecycle(StateMachine):
+    __slots__ = ()
+    transitions = TRANSITIONS
+    subject = "a session"
 
     def __init__(self) -> None:
-        self.state = SessionState.ACTIVE
+        super().__init__(SessionState.ACTIVE)
 
     @property
     def is_live(self) -> bool:
         """True while the session accepts and sends packets."""
         return self.state in LIVE_STATES
-
-    def handle(self, event: SessionEvent) -> SessionState:
-        try:
-            self.state = TRANSITIONS[(self.state, event)]
-        except KeyError:
-            raise IllegalTransition(
-                f"cannot {event.value} a session in state {self.state.value}"
-            ) from None
-        return self.state

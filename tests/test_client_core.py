@@ -1,19 +1,21 @@
 """Pure parts of the client: state machine, network plan, backoff, status."""
 
 import itertools
+import random
 
 import pytest
 
-from client.connection import REKEY_RETRY_SECONDS, Backoff, rekey_retry_delay
+from client.core import REKEY_RETRY_SECONDS, rekey_retry_delay
 from client.netplan import UnderlayRoute, parse_route_get, plan_network
 from client.state import (
     TRANSITIONS,
     ClientEvent,
     ClientState,
     ClientStateMachine,
-    IllegalClientTransition,
 )
 from client.status import ClientStatus, format_status, read_status, write_status
+from push_protocol.backoff import Backoff
+from push_protocol.drops import IllegalTransition
 
 
 def test_happy_path_through_the_states():
@@ -38,7 +40,7 @@ def test_happy_path_through_the_states():
 def test_illegal_client_transitions_raise(state, event):
     machine = ClientStateMachine()
     machine.state = state
-    with pytest.raises(IllegalClientTransition, match=state.value):
+    with pytest.raises(IllegalTransition, match=state.value):
         machine.handle(event)
 
 
@@ -108,7 +110,7 @@ def test_route_get_parsing():
 
 
 def test_backoff_grows_with_jitter_and_resets():
-    backoff = Backoff(first=1.0, cap=8.0)
+    backoff = Backoff(first=1.0, cap=8.0, rng=random.Random(0))
     delays = [backoff.next_delay() for _ in range(6)]
     for delay, ceiling in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
         assert ceiling / 2 <= delay <= ceiling

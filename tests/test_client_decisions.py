@@ -1,0 +1,411 @@
+"""The client's decision core (client/core.py) in a simulated world on a virtual clock.
+
+`World` plays the auth service (sessions that expire KEY_EXPIRY s after their last
+rekey, as the real one does), the network setup and the UDP path (a keepalive is
+answered while the path is up), and executes the core's actions with a latency.
+Hypothesis drives it through random outages, refusals and requests and checks
+the invariants after every step. No sockets: a fake of everything the core talks
+to, because the core talks to nothing (the asyncio layer does; the end-to-end and
+hostile suites run that with real parts).
+"""
+
+import random
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client.auth import ClientError, ClientSession, SessionGone
+from client.core import (
+    BACKOFF_MAX_SECONDS,
+    PROBE_INTERVAL_SECONDS,
+    BringUp,
+    CheckSession,
+    ClientCore,
+    InstallKeys,
+    Login,
+    Logout,
+    Rebind,
+    Rekey,
+    Resolve,
+    SendKeepalive,
+    TearDown,
+)
+from client.state import ClientState as S
+from push_protocol.aead import CipherSuite
+from push_protocol.keys import KeyMaterial
+
+KEY_LIFETIME, KEY_EXPIRY = 3.0, 8.0  # as in the hostile suite: expiry < handshake wait + lifetime
+KEEPALIVE = 2.0
+START = 1_000_000.0
+DATAPLANE = "198.18.1.1"
+
+
+def keys(epoch: int, now: float) -> KeyMaterial:
+    return KeyMaterial(epoch, b"c" * 32, b"s" * 32, now)
+
+
+class World:
+    def __init__(self, rng: random.Random, *, max_latency: float = 0.0, endpoint=DATAPLANE):
+        self.rng = rng
+        self.max_latency = max_latency
+        self.endpoint_host = endpoint
+        self.now = START
+        self.core = ClientCore(rng=random.Random(rng.random()))
+        self.auth_up = self.path_up = True
+        self.login_error: ClientError | None = None  # what the next logins get
+        self.rekey_error: ClientError | None = None
+        self.setup_error: ClientError | None = None  # what the next bring-ups get
+        self.resolves_to = DATAPLANE
+        self.sessions: dict[str, float] = {}  # live at the auth service: token -> expiry
+        self.expired_while_held: list[str] = []
+        self.pending: list[tuple[float, int, str, object]] = []  # (ready, seq, kind, arg)
+        self.in_flight: Counter[str] = Counter()
+        self.tunnel: str | None = None  # token of the session the tunnel is up for
+        self.logins = 0
+        self.rekeys: list[float] = []
+        self.logged_out: list[str] = []
+        self.fatal_delivered = False
+        self._seq = 0
+        self._stalled = 0
+        self.core.start(self.now)
+        self.execute()
+
+    # -- the auth service, the host, the path -----------------------------------------
+
+    def _later(self, kind: str, arg: object = None, latency: float | None = None) -> None:
+        if latency is None:
+            latency = self.rng.uniform(0, self.max_latency)
+        self._seq += 1
+        self.pending.append((self.now + latency, self._seq, kind, arg))
+
+    def _expire(self) -> None:
+        for token, expires_at in list(self.sessions.items()):
+            if self.now >= expires_at:
+                del self.sessions[token]
+                held = self.core.session
+                if held is not None and held.token == token:
+                    self.expired_while_held.append(token)
+
+    def execute(self) -> None:
+        core = self.core
+        for action in core.actions():
+            if core.failure is not None:
+                # after a non-retryable error only clean-up
+                assert isinstance(action, TearDown | Logout), action
+            match action:
+                case Login():
+                    self.in_flight["login"] += 1
+                    self._later("login")
+                case BringUp(session=session):
+                    assert self.tunnel is None, "a second tunnel"
+                    self.in_flight["bring_up"] += 1
+                    self._later("bring_up", session.token)
+                case TearDown():
+                    assert self.tunnel is not None
+                    self.tunnel = None
+                case Logout(token=token):
+                    self.sessions.pop(token, None)
+                    self.logged_out.append(token)
+                case Rekey(token=token):
+                    self.in_flight["rekey"] += 1
+                    self._later("rekey", token)
+                case InstallKeys():
+                    assert self.tunnel is not None
+                case CheckSession(token=token):
+                    self.in_flight["check"] += 1
+                    self._later("check", token)
+                case Resolve():
+                    self.in_flight["resolve"] += 1
+                    self._later("resolve")
+                case Rebind():
+                    assert self.tunnel is not None
+                case SendKeepalive():
+                    assert self.tunnel is not None
+                    # answered by the dataplane where the name points now
+                    if self.path_up and core.endpoint_address == self.resolves_to:
+                        self._later("answer", self.tunnel, latency=0.01)
+        for kind in ("login", "rekey", "check", "resolve", "bring_up"):
+            assert self.in_flight[kind] <= 1, f"two {kind}s in flight"
+        # one session at the auth service at most: none is left behind
+        assert len(self.sessions) <= 1, self.sessions
+
+    def _complete(self, kind: str, arg) -> None:
+        core, now = self.core, self.now
+        if kind == "answer":
+            if self.tunnel == arg and self.path_up:
+                core.handle_received(now, now)
+            return
+        self.in_flight[kind] -= 1
+        live = core.state is not S.DISCONNECTED  # a result after a stop changes nothing
+        if kind == "login":
+            if not self.auth_up:
+                result = ClientError("auth service unreachable", retryable=True)
+            elif self.login_error is not None:
+                result = self.login_error
+            else:
+                self.logins += 1
+                token = f"token{self.logins}"
+                self.sessions[token] = now + KEY_EXPIRY
+                result = ClientSession(
+                    session_id=self.logins,
+                    token=token,
+                    cipher=CipherSuite.AES_256_GCM,
+                    keys=keys(0, now),
+                    tunnel_address="198.19.0.2/24",
+                    gateway_tunnel_address="198.19.0.1",
+                    routes=["0.0.0.0/0"],
+                    dns_servers=[],
+                    mtu=1420,
+                    keepalive_seconds=KEEPALIVE,
+                    key_lifetime_seconds=KEY_LIFETIME,
+                    endpoint=(self.endpoint_host, 51820),
+                    expires_at=now + KEY_EXPIRY,
+                )
+            self.fatal_delivered |= (
+                live and isinstance(result, ClientError) and not result.retryable
+            )
+            core.handle_login_result(now, result)
+        elif kind == "bring_up":
+            if self.setup_error is not None:
+                self.fatal_delivered |= live and not self.setup_error.retryable
+                core.handle_bring_up_result(now, self.setup_error)
+            else:
+                self.tunnel = arg
+                core.handle_bring_up_result(now, self.resolves_to)
+        elif kind == "rekey":
+            if not self.auth_up:
+                result = ClientError("auth service unreachable", retryable=True)
+            elif arg not in self.sessions:
+                result = SessionGone()
+            elif self.rekey_error is not None:
+                result = self.rekey_error
+                self.fatal_delivered |= live and not result.retryable
+            else:
+                self.rekeys.append(now)
+                self.sessions[arg] = now + KEY_EXPIRY
+                result = (keys(len(self.rekeys), now), now + KEY_EXPIRY)
+            core.handle_rekey_result(now, result)
+        elif kind == "check":
+            if not self.auth_up:
+                core.handle_session_check(now, ClientError("unreachable", retryable=True))
+            else:
+                core.handle_session_check(now, arg in self.sessions)
+        elif kind == "resolve":
+            core.handle_resolved(now, self.resolves_to)
+
+    # -- driving ----------------------------------------------------------------------
+
+    def step(self, until: float) -> None:
+        """Advance to the next thing that happens (an answer, a timer) or `until`."""
+        core = self.core
+        timer = core.get_timer()
+        if timer is not None:
+            # nothing waits longer than the longest backoff, key lifetime or dead timer
+            assert timer - self.now <= max(BACKOFF_MAX_SECONDS, KEY_LIFETIME, 2 * KEEPALIVE + 5)
+        ready = min(self.pending, default=None)
+        self._stalled = self._stalled + 1 if timer is not None and timer <= self.now else 0
+        assert self._stalled < 100, "handle_timer does not move the timer on"
+        candidates = [until] + [t for t in (timer, ready and ready[0]) if t is not None]
+        self.now = max(self.now, min(candidates))
+        self._expire()
+        if ready is not None and ready[0] <= self.now:
+            self.pending.remove(ready)
+            self._complete(ready[2], ready[3])
+        elif timer is not None and timer <= self.now:
+            core.handle_timer(self.now)
+        self.execute()
+
+    def run_until(self, end: float, done=lambda: False) -> None:
+        while self.now < end and not done():
+            self.step(end)
+
+
+# -- random event sequences ----------------------------------------------------------------
+
+RETRYABLE = ClientError("throttled", retryable=True)
+REFUSED = ClientError("login refused: wrong user name or password", retryable=False)
+SETUP_FAILED = ClientError("network setup failed: ip route: boom", retryable=False)
+NO_ROUTE = ClientError("no route to the gateway", retryable=True)
+
+disturbances = st.sampled_from(
+    [
+        "path_down",
+        "path_up",
+        "auth_down",
+        "auth_up",
+        "rekey_wanted",
+        "rekey_requested",
+        "setup_fails",
+        "setup_fails_for_good",
+        "setup_ok",
+        "login_throttled",
+        "login_refused",
+        "login_ok",
+        "rekey_refused",
+        "moved",
+        "stop",
+    ]
+)
+timeline = st.lists(st.tuples(st.floats(0.0, 40.0), disturbances), max_size=25)
+
+
+def disturb(world: World, what: str) -> None:
+    core = world.core
+    match what:
+        case "path_down" | "path_up":
+            world.path_up = what == "path_up"
+        case "auth_down" | "auth_up":
+            world.auth_up = what == "auth_up"
+        case "rekey_wanted":
+            core.handle_rekey_wanted(world.now)
+        case "rekey_requested":
+            core.request_rekey()
+        case "setup_fails":
+            world.setup_error = NO_ROUTE
+        case "setup_fails_for_good":
+            world.setup_error = SETUP_FAILED
+        case "setup_ok":
+            world.setup_error = None
+        case "login_throttled":
+            world.login_error = RETRYABLE
+        case "login_refused":
+            world.login_error = REFUSED
+        case "login_ok":
+            world.login_error = None
+        case "rekey_refused":
+            world.rekey_error = ClientError("access revoked", retryable=False)
+        case "moved":
+            world.resolves_to = "198.18.1.2"
+        case "stop":
+            core.stop(world.now)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.randoms(use_true_random=False), st.floats(0.0, 3.0), timeline)
+def test_random_event_sequences_keep_the_invariants(rng, max_latency, events):
+    """Whatever happens: one login, rekey, session check at a time; at most one
+    session held at the auth service (a failed setup, a moved dataplane, a stop log
+    out at once); timers bounded; a non-retryable error ends the run."""
+    world = World(rng, max_latency=max_latency, endpoint="vpn.example.test")
+    for at, what in sorted(events, key=lambda event: event[0]):
+        world.run_until(START + at)
+        disturb(world, what)
+        world.execute()
+    world.run_until(world.now + 120)
+    core = world.core
+    if world.fatal_delivered:
+        assert core.failure is not None and core.state is S.DISCONNECTED
+    if core.failure is not None or core.state is S.DISCONNECTED:
+        assert core.get_timer() is None and world.tunnel is None
+        assert not world.sessions  # logged out
+        return
+    core.stop(world.now)
+    world.execute()
+    assert world.tunnel is None and not world.sessions
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.randoms(use_true_random=False),
+    st.floats(0.0, 1.0),
+    st.lists(st.floats(0.0, 30.0), max_size=12),
+)
+def test_keys_are_renewed_before_expiry_while_the_auth_service_answers(rng, latency, flips):
+    """The UDP path goes down and up at random times (outages of any length) while
+    the auth service answers within a second: the session never expires, the client
+    never logs in again, and it is up soon after the path is."""
+    world = World(rng, max_latency=latency)
+    t = START
+    for gap in flips:
+        t += gap
+        world.run_until(t)
+        world.path_up = not world.path_up
+    world.path_up = True
+    healed = world.now
+    world.run_until(healed + 120, done=lambda: world.core.state is S.UP)
+    assert world.expired_while_held == []
+    assert world.logins == 1
+    assert world.core.state is S.UP
+    world.run_until(world.now + 60)  # and stays up, rekeying
+    assert world.core.state in (S.UP, S.REKEYING) and world.logins == 1
+    assert world.expired_while_held == []
+
+
+def test_a_long_udp_outage_keeps_the_session_and_recovers_within_a_probe():
+    """(From the asyncio-level test this replaces.) The UDP path goes down when a
+    rekey is just due and stays down for a minute while the auth service answers:
+    the client keeps renewing keys (the session never expires, no new login), and
+    once the path heals it is up again within about one probe interval."""
+    world = World(random.Random(1))
+    world.run_until(START + 30, done=lambda: world.core.state is S.UP)
+    assert world.core.state is S.UP
+    up_at = world.now
+    world.run_until(up_at + KEY_LIFETIME - 0.01)  # the worst moment: a rekey is just due
+    world.path_up = False
+    world.run_until(world.now + 60)
+    assert world.core.state is S.RECONNECTING
+    assert world.expired_while_held == []
+    gaps = [b - a for a, b in zip(world.rekeys, world.rekeys[1:], strict=False)]
+    assert gaps and max(gaps) <= KEY_LIFETIME + 0.2
+    world.path_up = True
+    healed = world.now
+    world.run_until(healed + 60, done=lambda: world.core.state is S.UP)
+    assert world.core.state is S.UP
+    assert world.now - healed <= PROBE_INTERVAL_SECONDS + 0.2
+    assert world.logins == 1
+
+
+def test_a_login_whose_setup_fails_is_logged_out_at_once():
+    world = World(random.Random(2))
+    world.setup_error = NO_ROUTE
+    world.run_until(START + 60)
+    assert world.logins >= 3  # it kept trying, with backoff ...
+    assert world.logged_out == [f"token{n}" for n in range(1, world.logins + 1)]  # ... cleanly
+    assert world.core.state is S.RECONNECTING and world.core.failure is None
+    world.setup_error = None
+    world.run_until(world.now + 60, done=lambda: world.core.state is S.UP)
+    assert world.core.state is S.UP and list(world.sessions) == [f"token{world.logins}"]
+
+
+def test_a_non_retryable_setup_failure_logs_out_and_ends_the_run():
+    world = World(random.Random(3))
+    world.setup_error = SETUP_FAILED
+    world.run_until(START + 10)
+    assert world.core.failure is SETUP_FAILED and world.core.state is S.DISCONNECTED
+    assert world.logged_out == ["token1"] and not world.sessions
+
+
+def test_a_revoked_session_ends_the_run_at_the_next_rekey():
+    world = World(random.Random(4))
+    world.run_until(START + 30, done=lambda: world.core.state is S.UP)
+    world.rekey_error = revoked = ClientError("access revoked", retryable=False)
+    world.run_until(world.now + KEY_LIFETIME + 1)
+    assert world.core.failure is revoked and world.core.state is S.DISCONNECTED
+    assert world.tunnel is None and world.core.last_error == "access revoked"
+
+
+def test_a_dead_path_resolves_the_dataplane_again_and_follows_a_move():
+    """After a dead path the dataplane's host name is looked up again (WireGuard's
+    reresolve-dns); same address: a new source port; a new address: the old session
+    is logged out and a new attempt sets up route and datapath for the new one."""
+    world = World(random.Random(5), endpoint="vpn.example.test")
+    world.run_until(START + 30, done=lambda: world.core.state is S.UP)
+    world.path_up = False
+    world.run_until(world.now + 30)
+    assert world.core.state is S.RECONNECTING and world.logins == 1
+    world.resolves_to = "198.18.1.2"
+    world.path_up = True
+    world.run_until(world.now + 60, done=lambda: world.logins == 2 and world.core.state is S.UP)
+    assert world.logged_out == ["token1"]
+    assert world.core.endpoint_address == "198.18.1.2"
+
+
+def test_the_dataplane_asking_for_new_keys_rekeys_at_once():
+    world = World(random.Random(6))
+    world.run_until(START + 30, done=lambda: world.core.state is S.UP)
+    world.run_until(world.now + 0.5)
+    asked = world.now
+    world.core.handle_rekey_wanted(asked)
+    world.run_until(asked + 1, done=lambda: bool(world.rekeys))
+    assert world.rekeys == [asked]

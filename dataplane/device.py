@@ -25,6 +25,7 @@ import udpio
 from push_protocol.codec import Header, read_header
 from push_protocol.constants import MIN_DATAGRAM_LEN, PROTOCOL_VERSION
 from push_protocol.drops import DropReason, PacketRejected
+from push_protocol.lifecycle import SessionEnd
 from tundev.linux import LinuxTun
 
 from . import inner
@@ -573,9 +574,7 @@ class Device:
             stalled += self._check_stalled(record, now)
         self.counters.stalled_sessions = stalled
         for record in expired:
-            if record.tunnel.lifecycle.is_live:
-                record.tunnel.expire()
-            self.registry.remove(record.session_id)
+            self.registry.remove(record.session_id, SessionEnd.EXPIRED)
             self.counters.session_expiries += 1
             self.counters.session_removals += 1
             log.info("session %#010x expired", record.session_id)

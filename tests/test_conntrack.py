@@ -23,6 +23,7 @@ from dataplane.registry import Registry, RegistryObserver, packed_address
 from dataplane.sync import SessionSync
 from netlab import Lab, wait_for
 from netlab.feed import session
+from push_protocol.lifecycle import SessionEnd
 from pushgate_api import control_pb2
 
 NETWORK = ipaddress.ip_network("198.19.0.0/24")
@@ -90,7 +91,7 @@ def test_the_registry_reports_every_address_a_session_stops_owning():
     event(removed=control_pb2.SessionRemoval(session_id=1))  # logout or expiry
     event(installed=session(2, "198.19.0.4"))  # the auth service readdressed it
     event(installed=session(3, "198.19.0.4"))  # a newer session takes an address over
-    registry.remove(3)  # as the dataplane's own expiry does
+    registry.remove(3, SessionEnd.EXPIRED)  # as the dataplane's own expiry does
     gone = ("198.19.0.2", "198.19.0.3", "198.19.0.4", "198.19.0.4")
     assert released == [packed_address(address) for address in gone]
 

@@ -15,9 +15,9 @@ from dataplane.registry import Registry, SessionRecord, packed_address
 from dataplane.routing import TO_TUN, Action, Router
 from netlab.packets import ipv4_tcp_syn, ipv4_udp
 from push_protocol.aead import CipherSuite
-from push_protocol.drops import DropReason
+from push_protocol.drops import DropReason, UsageError
 from push_protocol.keys import KeyMaterial, Role
-from push_protocol.lifecycle import SessionState
+from push_protocol.lifecycle import SessionEnd, SessionState
 from push_protocol.session import TunnelSession
 
 
@@ -74,12 +74,12 @@ def test_registry_indexes_by_id_and_address_and_removes_cleanly():
     registry.add(a)
     registry.add(b)
     assert registry.by_address[packed_address("198.19.0.3")] is b
-    with pytest.raises(KeyError):
+    with pytest.raises(UsageError, match="already installed"):
         registry.add(SessionRecord(_tunnel(1), (), 0.0))
-    assert registry.remove(1) is a
+    assert registry.remove(1, SessionEnd.CLOSED) is a
     assert a.tunnel.state is SessionState.REMOVED
     assert packed_address("198.19.0.2") not in registry.by_address
-    assert registry.remove(1) is None
+    assert registry.remove(1, SessionEnd.CLOSED) is None
     assert registry.count_by_state()[SessionState.ACTIVE] == 1
 
 

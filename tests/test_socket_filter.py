@@ -25,6 +25,7 @@ from push_protocol.codec import Header, read_header
 from push_protocol.constants import MIN_DATAGRAM_LEN
 from push_protocol.drops import DropReason
 from push_protocol.keys import KeyMaterial, Role
+from push_protocol.lifecycle import SessionEnd
 from push_protocol.session import TunnelSession
 
 LIVE = (0x01020304, 0xFFFFFFFF, 7)  # session ids the registry holds in most tests
@@ -194,8 +195,8 @@ def test_the_live_ids_follow_the_registry(filtered, registry):
     sender.send(welcome[0])
     _send_batch(sender, welcome[1:])
     assert _received(receiver) == welcome
-    registry.remove(newcomer)
-    registry.remove(LIVE[0])
+    registry.remove(newcomer, SessionEnd.CLOSED)
+    registry.remove(LIVE[0], SessionEnd.CLOSED)
     sender.send(_packet(1, newcomer, 100))
     _send_batch(sender, [_packet(2, LIVE[0], MIN_DATAGRAM_LEN) for _ in range(5)])
     still_live = _packet(1, LIVE[1], 100)
@@ -246,7 +247,7 @@ def test_a_full_session_map_hands_session_ids_to_user_space(filtered, registry, 
         DropReason.UNKNOWN_SESSION: 1,
         DropReason.BAD_VERSION: 1,
     }
-    registry.remove(0x0F00)  # and nothing breaks after
+    registry.remove(0x0F00, SessionEnd.CLOSED)  # and nothing breaks after
 
 
 def test_kernel_drops_do_not_count_the_filters_drops_twice(filtered):

@@ -9,6 +9,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from push_protocol.aead import CipherSuite
 from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
 
 from .passwords import verify_password
@@ -26,7 +27,6 @@ MAX_USERNAME_BYTES = 256
 MAX_PASSWORD_BYTES = 1024
 GENERIC_LOGIN_ERROR = "invalid user name or password"
 LOGIN_RESULTS = ("success", "bad_credentials", "throttled", "invalid", "pool_exhausted", "busy")
-CIPHERS = {auth_pb2.CIPHER_SUITE_AES_256_GCM, auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305}
 FAILURE_LOG_SECONDS = 10.0  # at most one "login failed" line per user name this often
 FAILURE_LOG_NAMES = 1024  # names remembered for that; beyond, one line for all the rest
 
@@ -256,7 +256,7 @@ class AuthServicer:
                 f"password must be 1-{MAX_PASSWORD_BYTES} bytes",
             )
         cipher = request.preferred_cipher
-        if cipher and cipher not in CIPHERS:
+        if cipher and CipherSuite.from_api_code(cipher) is None:
             await self._refuse(
                 context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, "unknown cipher"
             )

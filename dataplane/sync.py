@@ -45,11 +45,6 @@ COUNTER_RANGES_PER_LEASE = 4096
 # would outlive its age limit (REJECT_AFTER_SECONDS) by as much.
 MAX_KEY_CLOCK_AHEAD_SECONDS = 5.0
 
-CIPHERS = {
-    auth_pb2.CIPHER_SUITE_AES_256_GCM: CipherSuite.AES_256_GCM,
-    auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305: CipherSuite.CHACHA20_POLY1305,
-}
-
 
 def key_material(keys: auth_pb2.SessionKeys) -> KeyMaterial:
     return KeyMaterial(
@@ -229,7 +224,7 @@ class SessionSync:
 
     def _install(self, session: control_pb2.Session, *, relearned: bool) -> None:
         now = self.clock()
-        cipher = CIPHERS.get(session.cipher)
+        cipher = CipherSuite.from_api_code(session.cipher)
         if cipher is None:
             log.error(
                 "session %#010x: unknown cipher %d; not installed",

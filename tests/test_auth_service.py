@@ -726,3 +726,12 @@ def test_health_follows_a_self_check_so_a_locked_database_or_wedged_loop_is_unhe
         locker.close()
         notify.close()
         server.stop()
+
+
+def test_a_preferred_cipher_is_honoured_and_an_unknown_one_refused(auth):
+    stub = auth.stub()
+    chacha = auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305
+    request = auth_pb2.LoginRequest(username="alice", password=PASSWORD, preferred_cipher=chacha)
+    assert stub.Login(request, timeout=30).cipher == chacha
+    unknown = auth_pb2.LoginRequest(username="alice", password=PASSWORD, preferred_cipher=99)
+    assert _code(lambda: stub.Login(unknown, timeout=10))[0] is grpc.StatusCode.INVALID_ARGUMENT

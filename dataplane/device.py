@@ -26,6 +26,7 @@ from push_protocol.codec import Header, read_header
 from push_protocol.constants import MIN_DATAGRAM_LEN, PROTOCOL_VERSION
 from push_protocol.drops import DropReason, PacketRejected
 from push_protocol.lifecycle import SessionEnd
+from pushgate_log import RateLimitedLog
 from tundev.linux import LinuxTun
 
 from . import inner
@@ -48,25 +49,6 @@ LAG_INTERVAL = 0.1
 HOUSEKEEPING_INTERVAL = 1.0
 KEEPALIVE_REPLY_AFTER = 1.0  # answer a keepalive if we sent nothing for this long
 MSS_OVERHEAD = {4: 40, 6: 60}  # IP + TCP headers without options
-
-
-class RateLimitedLog:
-    """At most one line per key per interval; counts what it swallowed."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._last: dict[str, tuple[float, int]] = {}
-
-    def warning(self, key: str, message: str, *args) -> None:
-        now = time.monotonic()
-        last, suppressed = self._last.get(key, (0.0, 0))
-        if now - last < self.interval:
-            self._last[key] = (last, suppressed + 1)
-            return
-        if suppressed:
-            message += f" ({suppressed} similar suppressed)"
-        log.warning(message, *args)
-        self._last[key] = (now, 0)
 
 
 class Device:
@@ -96,7 +78,7 @@ class Device:
         self.tun_queue = BoundedQueue("tun_write", QUEUE_CAPACITY)
         self._loop_lag = loop_lag_histogram
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._bad_input_log = RateLimitedLog()
+        self._bad_input_log = RateLimitedLog(log)
         self._udp_writer = self._tun_writer = False
         self._lag_due = 0.0
         self._tun_pending: list[bytes] = []  # decrypted packets for the TUN, this callback

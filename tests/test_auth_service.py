@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
@@ -21,12 +22,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from auth_service.pki import make_ca, make_server_cert
-from auth_service.server import FailureLog
 from auth_service.throttle import Limits, Outcome, SprayWatch, Throttle, login_keys
 from client.auth import AuthClient, ClientError, SessionGone
 from netlab import Lab, metrics, refuses_nobody, wait_for
 from netlab.auth import BIN, AuthServer, admin
 from pushgate_api import auth_pb2, auth_pb2_grpc, control_pb2
+from pushgate_log import RateLimitedLog
 
 PASSWORD = "correct horse battery staple"
 
@@ -279,7 +280,8 @@ def test_concurrent_guesses_reach_the_hash_at_most_free_plus_one_times():
 def test_throttle_spray_watch_and_failure_log_stay_bounded():
     throttle = Throttle(Limits(), base_delay=1.0, max_delay=300.0, max_records=1000)
     watch = SprayWatch(sources=3, window=900.0)
-    failure_log = FailureLog(interval=10.0, max_names=50)
+    now = 0.0
+    failure_log = RateLimitedLog(logging.getLogger("test"), 10.0, max_keys=50, clock=lambda: now)
     held = login_keys("mallory", "198.18.0.9")
     assert throttle.begin(held, 0.0).go  # in flight: never evicted
     for n in range(20000):  # distinct names and sources, as fast as can be
@@ -287,13 +289,14 @@ def test_throttle_spray_watch_and_failure_log_stay_bounded():
         address = f"198.{18 + n % 2}.{n // 256 % 256}.{n % 256}"
         _failed(throttle, login_keys(f"u{n}", address), now)
         watch.failed("alice", address, now)
-        failure_log.warning(f"u{n}", now, "login failed user=%r", f"u{n}")
+        failure_log.warning(f"u{n}", "login failed user=%r", f"u{n}")
         assert len(throttle) <= 1000 and len(failure_log) <= 50
     assert throttle.evicted > 0
     throttle.finish(held, 20.0, Outcome.FAILED)
     assert len(watch) == 1 and watch.targeted(20.0) == 1
     throttle.prune(20.0 + 301)
-    failure_log.prune(20.0 + 10)
+    now = 20.0 + 10
+    failure_log.prune()
     assert len(throttle) == len(failure_log) == 0
     assert watch.targeted(20.0 + 901) == 0 and len(watch) == 0
 

@@ -102,6 +102,7 @@ def _send_batch(sender: socket.socket, datagrams: list[bytes]) -> None:
     udpio.send_run(sender, datagrams)
 
 
+@pytest.mark.netns
 def test_single_datagrams_are_judged_as_the_dataplane_judges_them(filtered):
     receiver, socket_filter, sender = filtered
     rng = random.Random(7)
@@ -134,6 +135,7 @@ def test_single_datagrams_are_judged_as_the_dataplane_judges_them(filtered):
     assert expected[DropReason.UNKNOWN_SESSION] > 0 and expected[DropReason.BAD_LENGTH] > 0
 
 
+@pytest.mark.netns
 def test_a_batch_of_noise_is_dropped_and_each_datagram_counted(filtered):
     receiver, socket_filter, sender = filtered
     noise = [b"\x07" + os.urandom(99) for _ in range(64)]  # none has our version byte
@@ -171,6 +173,7 @@ def test_a_batch_of_noise_is_dropped_and_each_datagram_counted(filtered):
     assert len(expected) == 5  # too_short, bad_version, unknown_type, bad_length, unknown_session
 
 
+@pytest.mark.netns
 def test_a_batch_with_one_push_packet_of_a_live_session_reaches_user_space_whole(filtered):
     receiver, socket_filter, sender = filtered
     for known_type, session_id in ((1, LIVE[0]), (2, LIVE[1])):
@@ -184,6 +187,7 @@ def test_a_batch_with_one_push_packet_of_a_live_session_reaches_user_space_whole
     assert sum(socket_filter.drops().values()) == 0
 
 
+@pytest.mark.netns
 def test_the_live_ids_follow_the_registry(filtered, registry):
     receiver, socket_filter, sender = filtered
     newcomer = 0x0BADCAFE
@@ -205,6 +209,7 @@ def test_the_live_ids_follow_the_registry(filtered, registry):
     assert socket_filter.drops()[DropReason.UNKNOWN_SESSION] == 1 + 1 + 5
 
 
+@pytest.mark.netns
 def test_a_filter_attached_late_learns_the_ids_already_installed():
     registry = Registry()
     registry.add(_record(LIVE[0]))
@@ -226,6 +231,7 @@ def test_a_filter_attached_late_learns_the_ids_already_installed():
         receiver.close()
 
 
+@pytest.mark.netns
 def test_a_full_session_map_hands_session_ids_to_user_space(filtered, registry, caplog):
     """When the kernel map refuses an id, that session's packets must still reach
     user space: the filter stops looking at ids, and keeps its counts."""
@@ -250,6 +256,7 @@ def test_a_full_session_map_hands_session_ids_to_user_space(filtered, registry, 
     registry.remove(0x0F00, SessionEnd.CLOSED)  # and nothing breaks after
 
 
+@pytest.mark.netns
 def test_kernel_drops_do_not_count_the_filters_drops_twice(filtered):
     """The socket's own drop counter (/proc/net/udp) includes what the filter
     dropped; the exported receive-buffer drops must not."""

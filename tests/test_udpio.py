@@ -33,6 +33,7 @@ def test_split_without_a_gro_message_is_the_datagram_itself():
     assert udpio.split(b"abc", []) == [b"abc"]
 
 
+@pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
 def test_a_gso_send_arrives_as_the_same_datagrams_whether_gro_glues_them_or_not():
     with Lab("pgudp") as lab:
@@ -61,6 +62,7 @@ def test_a_gso_send_arrives_as_the_same_datagrams_whether_gro_glues_them_or_not(
             assert calls < len(datagrams)  # the kernel handed the batch over glued
 
 
+@pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
 @pytest.mark.parametrize(
     ("family", "address", "origin"),

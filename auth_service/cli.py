@@ -18,7 +18,6 @@ from prometheus_client.process_collector import ProcessCollector
 
 import gateway_config
 from control_socket import ControlSocketError, PeerPolicy, serve_private
-from push_protocol.aead import CipherSuite
 from push_protocol.version import add_version_argument, register_build_info
 from pushgate_api import auth_pb2, control_pb2_grpc
 
@@ -33,10 +32,6 @@ log = logging.getLogger("pushgate.auth")
 MAX_REQUEST_BYTES = 64 * 1024
 SWEEP_SECONDS = 1.0  # expiry sweep and self-check
 SPRAY_WINDOW_SECONDS = 900.0  # pushgate_auth_accounts_targeted looks this far back
-CIPHER_CODES = {
-    CipherSuite.AES_256_GCM: auth_pb2.CIPHER_SUITE_AES_256_GCM,
-    CipherSuite.CHACHA20_POLY1305: auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305,
-}
 
 
 def _read(path: str) -> bytes:
@@ -138,7 +133,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         spray_watch=SprayWatch(auth.spray_alert_sources, SPRAY_WINDOW_SECONDS),
         hash_workers=auth.hash_workers,
         max_pending_hashes=auth.max_pending_hashes,
-        default_cipher=CIPHER_CODES[gw.cipher],
+        default_cipher=gw.cipher.api_code,
         response_template={
             "prefix": gw.tunnel_network.prefixlen,
             "gateway": str(gw.gateway_address),

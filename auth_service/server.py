@@ -9,7 +9,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from push_protocol.aead import CipherSuite
 from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
+from pushgate_log import RateLimitedLog
 
 from .passwords import verify_password
 from .sessions import (
@@ -26,7 +28,6 @@ log = logging.getLogger("pushgate.auth")
 MAX_PASSWORD_BYTES = 1024
 GENERIC_LOGIN_ERROR = "invalid user name or password"
 LOGIN_RESULTS = ("success", "bad_credentials", "throttled", "invalid", "pool_exhausted", "busy")
-CIPHERS = {auth_pb2.CIPHER_SUITE_AES_256_GCM, auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305}
 FAILURE_LOG_SECONDS = 10.0  # at most one "login failed" line per user name this often
 FAILURE_LOG_NAMES = 1024  # names remembered for that; beyond, one line for all the rest
 
@@ -119,41 +120,6 @@ class AuthMetrics:
         )
 
 
-class FailureLog:
-    """One warning per user name per `interval`, for at most `max_names` names at
-    once (pruned by the sweep); past that, one line per interval for all the rest,
-    so distinct names cannot grow memory or flood the log."""
-
-    def __init__(self, interval: float, max_names: int) -> None:
-        self.interval = interval
-        self.max_names = max_names
-        self._last: dict[str, float] = {}
-        self._overflow_last = float("-inf")
-        self._overflow_suppressed = 0
-
-    def warning(self, name: str, now: float, message: str, *args) -> None:
-        last = self._last.get(name)
-        if last is not None and now - last < self.interval:
-            return
-        if last is None and len(self._last) >= self.max_names:
-            if now - self._overflow_last < self.interval:
-                self._overflow_suppressed += 1
-                return
-            suppressed, self._overflow_suppressed = self._overflow_suppressed, 0
-            self._overflow_last = now
-            log.warning(message + " (and %d more for other names)", *args, suppressed)
-            return
-        self._last[name] = now
-        log.warning(message, *args)
-
-    def prune(self, now: float) -> None:
-        for name in [n for n, last in self._last.items() if now - last >= self.interval]:
-            del self._last[name]
-
-    def __len__(self) -> int:
-        return len(self._last)
-
-
 def peer_ip(context) -> str:
     peer = context.peer() or ""
     kind, _, rest = peer.partition(":")
@@ -191,7 +157,7 @@ class AuthServicer:
         self._max_pending = max_pending_hashes
         self.default_cipher = default_cipher
         self.template = response_template
-        self._failure_log = FailureLog(FAILURE_LOG_SECONDS, FAILURE_LOG_NAMES)
+        self._failure_log = RateLimitedLog(log, FAILURE_LOG_SECONDS, FAILURE_LOG_NAMES)
         self._evictions_seen = 0
 
     def update_gauges(self) -> None:
@@ -207,7 +173,7 @@ class AuthServicer:
         """Forget what the throttle, spray watch and failure log no longer need
         (`now` is time.monotonic(), their clock); called every second."""
         self.throttle.prune(now)
-        self._failure_log.prune(now)
+        self._failure_log.prune()
         self.metrics.accounts_targeted.set(self.spray_watch.targeted(now))
         self._throttle_gauges()
 
@@ -251,7 +217,7 @@ class AuthServicer:
                 f"password must be 1-{MAX_PASSWORD_BYTES} bytes",
             )
         cipher = request.preferred_cipher
-        if cipher and cipher not in CIPHERS:
+        if cipher and CipherSuite.from_api_code(cipher) is None:
             await self._refuse(
                 context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, "unknown cipher"
             )
@@ -294,7 +260,7 @@ class AuthServicer:
             now = time.monotonic()
             if user is not None:
                 self.spray_watch.failed(name, source, now)
-            self._failure_log.warning(name, now, "login failed user=%r peer=%s", name, source)
+            self._failure_log.warning(name, "login failed user=%r peer=%s", name, source)
             await self._refuse(
                 context, "bad_credentials", grpc.StatusCode.UNAUTHENTICATED, GENERIC_LOGIN_ERROR
             )

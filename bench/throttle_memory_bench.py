@@ -14,8 +14,9 @@ import logging
 import resource
 import sys
 
-from auth_service.server import FAILURE_LOG_NAMES, FAILURE_LOG_SECONDS, FailureLog
+from auth_service.server import FAILURE_LOG_NAMES, FAILURE_LOG_SECONDS, log
 from auth_service.throttle import Limits, Outcome, SprayWatch, Throttle, login_keys
+from pushgate_log import RateLimitedLog
 
 FAILURES = 100_000
 DEFAULT_MAX_RECORDS = 100_000  # gateway_config's default for max_throttle_records
@@ -32,9 +33,11 @@ def rss_mib() -> float:
 def run(per_second: int, rounds: int) -> list[tuple[int, float, int]]:
     throttle = Throttle(Limits(), 1.0, 300.0, DEFAULT_MAX_RECORDS)
     watch = SprayWatch(10, 900.0)
-    failures = FailureLog(FAILURE_LOG_SECONDS, FAILURE_LOG_NAMES)
-    figures = [(0, rss_mib(), 0)]
     n = 0
+    failures = RateLimitedLog(
+        log, FAILURE_LOG_SECONDS, FAILURE_LOG_NAMES, clock=lambda: n / per_second
+    )
+    figures = [(0, rss_mib(), 0)]
     for _ in range(rounds):
         for _ in range(FAILURES):
             now = n / per_second
@@ -44,11 +47,11 @@ def run(per_second: int, rounds: int) -> list[tuple[int, float, int]]:
             if throttle.begin(keys, now).go:
                 throttle.finish(keys, now, Outcome.FAILED)
             watch.failed("alice", address, now)
-            failures.warning(name, now, "login failed user=%r peer=%s", name, address)
+            failures.warning(name, "login failed user=%r peer=%s", name, address)
             n += 1
             if n % per_second == 0:
                 throttle.prune(now)
-                failures.prune(now)
+                failures.prune()
                 watch.targeted(now)
         figures.append((n, rss_mib(), len(throttle)))
     return figures

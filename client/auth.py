@@ -16,11 +16,6 @@ from pushgate_api import auth_pb2, auth_pb2_grpc
 RPC_TIMEOUT_SECONDS = 10.0
 RECONNECT_BACKOFF_MAX_MS = 5000
 
-_CIPHERS = {
-    auth_pb2.CIPHER_SUITE_AES_256_GCM: CipherSuite.AES_256_GCM,
-    auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305: CipherSuite.CHACHA20_POLY1305,
-}
-
 
 class ClientError(Exception):
     def __init__(self, message: str, *, retryable: bool) -> None:
@@ -131,7 +126,7 @@ class AuthClient:
             self._stub.Login,
             auth_pb2.LoginRequest(username=username, password=password, client_version="0.1"),
         )
-        cipher = _CIPHERS.get(response.cipher)
+        cipher = CipherSuite.from_api_code(response.cipher)
         if cipher is None:
             raise ClientError(f"server chose an unknown cipher {response.cipher}", retryable=False)
         endpoint = response.dataplane_endpoint

@@ -23,11 +23,12 @@ import time
 from push_protocol.codec import Header, read_header
 from push_protocol.constants import MIN_DATAGRAM_LEN, PROTOCOL_VERSION
 from push_protocol.drops import DropReason, PacketRejected
+from push_protocol.lifecycle import SessionEnd
 from pushgate_io.tun import TunDevice
 from pushgate_io.udp import DATAGRAM_BUDGET, BatchSocket, ErrorReport
+from pushgate_log import RateLimitedLog
 
 from . import inner, stall
-from .log_limit import RateLimitedLog
 from .metrics import BoundedQueue, Counters
 from .mss import MssClamp
 from .registry import Registry, SessionRecord
@@ -481,9 +482,7 @@ class Device:
             stalled += self._check_stalled(record, now)
         self.counters.stalled_sessions = stalled
         for record in expired:
-            if record.tunnel.lifecycle.is_live:
-                record.tunnel.expire()
-            self.registry.remove(record.session_id)
+            self.registry.remove(record.session_id, SessionEnd.EXPIRED)
             self.counters.session_expiries += 1
             self.counters.session_removals += 1
             log.info("session %#010x expired", record.session_id)

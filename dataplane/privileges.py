@@ -23,6 +23,8 @@ import os
 import pwd
 from dataclasses import dataclass
 
+from push_protocol.drops import UsageError
+
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522  # two 32-bit words per set
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_READ, PR_CAPBSET_DROP = 23, 24
@@ -129,7 +131,7 @@ def drop_privileges(user: str | None) -> None:
     unknown user, or a user asked for without root to switch to it).
     """
     if _thread_count() != 1:
-        raise RuntimeError("drop_privileges must run before any other thread starts")
+        raise UsageError("drop_privileges must run before any other thread starts")
     account = None
     if user is not None:
         try:

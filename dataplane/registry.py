@@ -10,8 +10,8 @@ they stay in step with the one registry.
 
 import ipaddress
 
-from push_protocol.drops import DropReason
-from push_protocol.lifecycle import SessionState
+from push_protocol.drops import DropReason, UsageError
+from push_protocol.lifecycle import SessionEnd, SessionState
 from push_protocol.session import TunnelSession
 
 
@@ -91,7 +91,7 @@ class Registry:
     def add(self, record: SessionRecord) -> None:
         """Add a new session; an address already owned moves to the new session."""
         if record.session_id in self.by_id:
-            raise KeyError(f"session {record.session_id:#010x} is already installed")
+            raise UsageError(f"session {record.session_id:#010x} is already installed")
         self.by_id[record.session_id] = record
         for address in record.addresses:
             previous = self.by_address.get(address)
@@ -117,7 +117,8 @@ class Registry:
                 self._released(address)
             self.by_address[address] = record
 
-    def remove(self, session_id: int) -> SessionRecord | None:
+    def remove(self, session_id: int, why: SessionEnd) -> SessionRecord | None:
+        """Forget a session that ended for `why` (None if it is not installed)."""
         record = self.by_id.pop(session_id, None)
         if record is None:
             return None
@@ -127,11 +128,7 @@ class Registry:
             if self.by_address.get(address) is record:
                 del self.by_address[address]
                 self._released(address)
-        tunnel = record.tunnel
-        if tunnel.state is not SessionState.REMOVED:
-            if tunnel.lifecycle.is_live:
-                tunnel.close()
-            tunnel.remove()
+        record.tunnel.end(why)
         return record
 
     def count_by_state(self) -> dict[SessionState, int]:

@@ -13,6 +13,8 @@ are never held back, so an attacker elsewhere cannot stop a client's traffic.
 
 import ipaddress
 
+from push_protocol.drops import UsageError
+
 # The numbers, and why (the one place they are set):
 # A client's own packets fail authentication only when corrupted on the way,
 # which UDP's checksum makes rare; 100 a second per source is far above that,
@@ -49,7 +51,7 @@ class SourceBudget:
         capacity: int = MAX_SOURCES,
     ) -> None:
         if rate <= 0 or burst < 1 or capacity < 1:
-            raise ValueError(f"no budget with rate {rate}, burst {burst}, capacity {capacity}")
+            raise UsageError(f"no budget with rate {rate}, burst {burst}, capacity {capacity}")
         self.rate = rate
         self.burst = burst
         self.capacity = capacity

@@ -21,10 +21,11 @@ from collections import deque
 import grpc
 
 from control_socket import PeerPolicy, checked_target
-from push_protocol.aead import CipherSuite
+from push_protocol.aead import CipherSuite, check_key
 from push_protocol.backoff import Backoff
 from push_protocol.drops import UsageError
 from push_protocol.keys import KeyMaterial, Role
+from push_protocol.lifecycle import SessionEnd
 from push_protocol.session import TunnelSession
 from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
 
@@ -44,11 +45,6 @@ COUNTER_RANGES_PER_LEASE = 4096
 # would outlive its age limit (REJECT_AFTER_SECONDS) by as much.
 MAX_KEY_CLOCK_AHEAD_SECONDS = 5.0
 
-CIPHERS = {
-    auth_pb2.CIPHER_SUITE_AES_256_GCM: CipherSuite.AES_256_GCM,
-    auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305: CipherSuite.CHACHA20_POLY1305,
-}
-
 
 def key_material(keys: auth_pb2.SessionKeys) -> KeyMaterial:
     return KeyMaterial(
@@ -59,7 +55,12 @@ def key_material(keys: auth_pb2.SessionKeys) -> KeyMaterial:
     )
 
 
-class KeysFromTheFuture(UsageError):
+class FeedRefused(Exception):
+    """What the auth service sent cannot be installed (bad input, not our bug): the
+    session or rotation is logged and skipped, the feed goes on."""
+
+
+class KeysFromTheFuture(FeedRefused):
     """The auth service's clock is ahead of ours: its keys would outlive their limit."""
 
 
@@ -77,7 +78,7 @@ class CounterRangePool:
 
     def take(self) -> int:
         if not self._leases:
-            raise UsageError("no send-counter range left: the auth service leased none")
+            raise FeedRefused("no send-counter range left: the auth service leased none")
         lease = self._leases[0]
         counter_range = lease[0]
         lease[0] += 1
@@ -166,7 +167,7 @@ class SessionSync:
         listed = {session.session_id: session for session in listing.sessions}
         for session_id in list(self.registry.by_id):
             if session_id not in listed:
-                self._remove(session_id, "gone from the auth service")
+                self._remove(session_id, "gone from the auth service", SessionEnd.CLOSED)
         for session in listing.sessions:
             record = self.registry.by_id.get(session.session_id)
             if record is None:
@@ -193,13 +194,27 @@ class SessionSync:
                     record.expires_at = event.rotated.expires_at_unix_ms / 1000
                 self._rotate(record, event.rotated.keys, relearned=False)
         elif change == "removed":
+            reason = event.removed.reason
             self._remove(
-                event.removed.session_id, control_pb2.RemovalReason.Name(event.removed.reason)
+                event.removed.session_id,
+                control_pb2.RemovalReason.Name(reason),
+                SessionEnd.EXPIRED
+                if reason == control_pb2.REMOVAL_REASON_EXPIRED
+                else SessionEnd.CLOSED,
             )
         self.revision = event.revision
 
-    def _key_material(self, keys: auth_pb2.SessionKeys, now: float) -> KeyMaterial:
-        material = key_material(keys)
+    def _key_material(
+        self, keys: auth_pb2.SessionKeys, suite: CipherSuite, now: float
+    ) -> KeyMaterial:
+        """The keys the feed sent, checked as input: what the protocol core would
+        refuse as a bug (a UsageError) is the auth service's error here."""
+        try:
+            material = key_material(keys)
+            check_key(suite, material.client_to_server)
+            check_key(suite, material.server_to_client)
+        except UsageError as error:
+            raise FeedRefused(f"key epoch {keys.key_epoch}: {error}") from None
         ahead = material.created_at - now
         if ahead > MAX_KEY_CLOCK_AHEAD_SECONDS:
             self.counters.keys_refused += 1
@@ -211,7 +226,7 @@ class SessionSync:
 
     def _install(self, session: control_pb2.Session, *, relearned: bool) -> None:
         now = self.clock()
-        cipher = CIPHERS.get(session.cipher)
+        cipher = CipherSuite.from_api_code(session.cipher)
         if cipher is None:
             log.error(
                 "session %#010x: unknown cipher %d; not installed",
@@ -224,20 +239,22 @@ class SessionSync:
                 session.session_id,
                 cipher,
                 Role.SERVER,
-                self._key_material(session.current_keys, now),
+                self._key_material(session.current_keys, cipher, now),
                 keepalive_interval=float(session.keepalive_seconds or 10),
                 counter_range=self.counter_ranges.take(),
                 relearned=relearned,
             )
             previous_until = session.previous_keys_until_unix_ms / 1000
             if session.HasField("previous_keys") and previous_until > now:
+                if session.previous_keys.key_epoch == session.current_keys.key_epoch:
+                    raise FeedRefused(f"previous keys of the current epoch {tunnel.current.epoch}")
                 tunnel.restore_previous(
-                    self._key_material(session.previous_keys, now),
+                    self._key_material(session.previous_keys, cipher, now),
                     previous_until,  # the grace the rekey gave, not a new one
                     counter_range=self.counter_ranges.take(),
                 )
             addresses = tuple(packed_address(a) for a in session.tunnel_addresses)
-        except (UsageError, ValueError) as error:
+        except (FeedRefused, ValueError) as error:  # ValueError: an address that isn't one
             log.error("session %#010x not installed: %s", session.session_id, error)
             return
         self.registry.add(
@@ -283,18 +300,18 @@ class SessionSync:
         now = self.clock()
         try:
             tunnel.install_next(
-                self._key_material(keys, now),
+                self._key_material(keys, tunnel.suite, now),
                 now,
                 counter_range=self.counter_ranges.take(),
                 relearned=relearned,
             )
-        except UsageError as error:
+        except FeedRefused as error:
             log.error("session %#010x: rotation refused: %s", record.session_id, error)
             return
         self.counters.session_rekeys += 1
         log.info("session %#010x: key epoch %d installed", record.session_id, keys.key_epoch)
 
-    def _remove(self, session_id: int, why: str) -> None:
-        if self.registry.remove(session_id) is not None:
+    def _remove(self, session_id: int, why: str, end: SessionEnd) -> None:
+        if self.registry.remove(session_id, end) is not None:
             self.counters.session_removals += 1
             log.info("session %#010x removed (%s)", session_id, why)

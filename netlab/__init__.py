@@ -19,6 +19,22 @@ import time
 from collections.abc import Sequence
 
 ALLOWED = ipaddress.ip_network("198.18.0.0/15")
+# Set by `make test-fast`, which leaves out the tests marked netns or processes
+# (pyproject.toml): a test that builds a lab or starts a pushgate-auth there was
+# not marked, and fails saying so.
+FAST_TIER_ENV = "PUSHGATE_FAST_TIER"
+
+
+class TestNotMarked(RuntimeError):
+    """The fast tier ran a test that needs a marker (netns or processes)."""
+
+
+def refuse_in_fast_tier(what: str, marker: str) -> None:
+    if os.environ.get(FAST_TIER_ENV):
+        raise TestNotMarked(
+            f"this test {what}: mark it {marker} (`pytestmark = pytest.mark.{marker}` "
+            "for a module) so that `make test` runs it and `make test-fast` leaves it out"
+        )
 
 
 def _check_address(interface: str) -> None:
@@ -29,6 +45,7 @@ def _check_address(interface: str) -> None:
 
 class Lab:
     def __init__(self, prefix: str = "pglab") -> None:
+        refuse_in_fast_tier("builds network namespaces (netlab.Lab)", "netns")
         self.prefix = f"{prefix}-{os.getpid()}"
         self.namespaces: list[str] = []
         self.processes: list[subprocess.Popen] = []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from netlab import Lab, http_get
+from netlab import Lab, http_get, refuse_in_fast_tier
 from pushgate_api import auth_pb2, auth_pb2_grpc, control_pb2_grpc
 
 BIN = os.path.dirname(sys.executable)
@@ -52,6 +52,7 @@ class AuthServer:
         server_names: tuple[str, ...] = ("localhost",),
         init_args: tuple[str, ...] = (),
     ) -> None:
+        refuse_in_fast_tier("starts a pushgate-auth (netlab.auth.AuthServer)", "processes")
         self.directory = directory
         self.lab, self.namespace = lab, namespace
         self.port = free_port()

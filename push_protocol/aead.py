@@ -10,6 +10,8 @@ from enum import StrEnum
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from pushgate_api import auth_pb2
+
 from .constants import KEY_LEN
 from .drops import UsageError
 
@@ -17,6 +19,24 @@ from .drops import UsageError
 class CipherSuite(StrEnum):
     AES_256_GCM = "aes-256-gcm"  # default: ~3x faster per packet than ChaCha20 here (AES-NI)
     CHACHA20_POLY1305 = "chacha20-poly1305"
+
+    @property
+    def api_code(self) -> int:
+        """Its number in the auth and control APIs (protos/auth.proto, CipherSuite)."""
+        return _API_CODES[self]
+
+    @classmethod
+    def from_api_code(cls, code: int) -> "CipherSuite | None":
+        """The suite an API message names; None for UNSPECIFIED or a number we don't know."""
+        return _SUITES_BY_API_CODE.get(code)
+
+
+# The one mapping between the suites and the APIs' enum.
+_API_CODES = {
+    CipherSuite.AES_256_GCM: auth_pb2.CIPHER_SUITE_AES_256_GCM,
+    CipherSuite.CHACHA20_POLY1305: auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305,
+}
+_SUITES_BY_API_CODE = {code: suite for suite, code in _API_CODES.items()}
 
 
 DEFAULT_CIPHER_SUITE = CipherSuite.AES_256_GCM

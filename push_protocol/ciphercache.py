@@ -21,6 +21,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from .aead import AEAD
+from .drops import UsageError
 
 if TYPE_CHECKING:
     from .keys import Keypair
@@ -34,7 +35,7 @@ class CipherCache:
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         if capacity < 1:
-            raise ValueError("a cipher cache holds at least one keypair")
+            raise UsageError("a cipher cache holds at least one keypair")
         self.capacity = capacity
         # keypair -> its sent + received count when it was (re)queued, plus one at a build
         self._entries: OrderedDict[Keypair, int] = OrderedDict()

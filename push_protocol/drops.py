@@ -5,7 +5,11 @@ and its metrics: its values are the bounded `reason` label of the drop counter.
 
 Errors come in two kinds (as in h11): `PacketRejected` means the peer or the
 network sent something wrong; the caller counts it and carries on. `UsageError`
-means our own code or configuration is wrong; it is raised to the caller.
+means our own code is wrong (a bug: an API called with arguments or in a state it
+does not take); it is raised to the caller and never caught to carry on. Every
+programming error in push_protocol and dataplane is a `UsageError`. Bad input
+(packets, configuration, what the auth service sends) is never one: it is a
+counted drop or an error of its own, converted at the boundary that reads it.
 """
 
 from enum import StrEnum
@@ -135,7 +139,7 @@ class RekeyRequired(PacketRejected):
 
 
 class UsageError(Exception):
-    """Our own code or configuration used the protocol core wrongly."""
+    """Our own code used an API wrongly: a bug, not bad input."""
 
 
 class IllegalTransition(UsageError):

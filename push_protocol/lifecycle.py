@@ -7,6 +7,10 @@
 
 Only ACTIVE and REKEYING sessions accept packets. Anything not in the table
 raises `IllegalTransition` naming the state and the event.
+
+Every event is fired by push_protocol/session.py (h11's rule: what changes state
+lives in one place); its owners say what happened through `TunnelSession`'s
+methods (`install_next`, `end`), never through `Lifecycle.handle`.
 """
 
 from enum import StrEnum
@@ -20,6 +24,13 @@ class SessionState(StrEnum):
     EXPIRED = "expired"
     CLOSED = "closed"
     REMOVED = "removed"
+
+
+class SessionEnd(StrEnum):
+    """Why a session ended, as its owner tells `TunnelSession.end`."""
+
+    EXPIRED = "expired"  # its lifetime ran out
+    CLOSED = "closed"  # logged out, replaced, ended by an admin, gone from the auth service
 
 
 class SessionEvent(StrEnum):

@@ -24,7 +24,7 @@ from .constants import (
 )
 from .drops import PacketRejected, SessionExpired, UnknownKey, UnknownSession, UsageError
 from .keys import KeyMaterial, Keypair, Role
-from .lifecycle import LIVE_STATES, Lifecycle, SessionEvent, SessionState
+from .lifecycle import LIVE_STATES, Lifecycle, SessionEnd, SessionEvent, SessionState
 
 
 class TunnelSession:
@@ -46,7 +46,7 @@ class TunnelSession:
         self.suite = suite
         self.role = role
         self.keepalive_interval = keepalive_interval
-        self.lifecycle = Lifecycle()
+        self._lifecycle = Lifecycle()
         self.cipher_cache = cipher_cache
         self.current = self._keypair(keys, counter_range, relearned)
         self.previous: Keypair | None = None
@@ -71,7 +71,12 @@ class TunnelSession:
 
     @property
     def state(self) -> SessionState:
-        return self.lifecycle.state
+        return self._lifecycle.state
+
+    @property
+    def is_live(self) -> bool:
+        """True while the session accepts and sends packets."""
+        return self._lifecycle.is_live
 
     def install_next(
         self, keys: KeyMaterial, now: float, *, counter_range: int = 0, relearned: bool = False
@@ -80,7 +85,7 @@ class TunnelSession:
         once if the peer asked for them (it refuses the current keys anyway)."""
         if keys.epoch == self.current.epoch:
             raise UsageError(f"key epoch {keys.epoch} is already current")
-        self.lifecycle.handle(SessionEvent.ROTATE)
+        self._lifecycle.handle(SessionEvent.ROTATE)
         if self.next is not None:
             self.next.release()
         self.next = self._keypair(keys, counter_range, relearned)
@@ -108,14 +113,14 @@ class TunnelSession:
             relearned=relearned,
         )
 
-    def expire(self) -> None:
-        self.lifecycle.handle(SessionEvent.EXPIRE)
-
-    def close(self) -> None:
-        self.lifecycle.handle(SessionEvent.CLOSE)
-
-    def remove(self) -> None:
-        self.lifecycle.handle(SessionEvent.REMOVE)
+    def end(self, why: SessionEnd) -> None:
+        """The session is over (its lifetime ran out, or it was closed): it refuses
+        every packet from now on and its keys are released. A session ends once;
+        ending it again raises IllegalTransition."""
+        if self._lifecycle.is_live:
+            event = SessionEvent.EXPIRE if why is SessionEnd.EXPIRED else SessionEvent.CLOSE
+            self._lifecycle.handle(event)
+        self._lifecycle.handle(SessionEvent.REMOVE)
         for keypair in (self.previous, self.current, self.next):
             if keypair is not None:
                 keypair.release()
@@ -126,7 +131,7 @@ class TunnelSession:
             self.previous.release()
         self.previous, self.current, self.next = self.current, self.next, None
         self._previous_until = now + PREVIOUS_KEY_GRACE_SECONDS
-        self.lifecycle.handle(SessionEvent.REKEY_DONE)
+        self._lifecycle.handle(SessionEvent.REKEY_DONE)
 
     # -- timers ------------------------------------------------------------
 
@@ -198,7 +203,7 @@ class TunnelSession:
         if not payloads:
             return [], []
         if (
-            self.lifecycle.state in LIVE_STATES
+            self._lifecycle.state in LIVE_STATES
             and (self.next is None or now < self._promote_next_at)
             and current.may_seal(len(payloads), now)
         ):
@@ -219,7 +224,7 @@ class TunnelSession:
         return self._seal(PacketType.KEEPALIVE, b"", now)
 
     def _seal(self, packet_type: PacketType, payload: bytes, now: float) -> bytes:
-        if not self.lifecycle.is_live:
+        if not self._lifecycle.is_live:
             raise SessionExpired(f"session {self.session_id} is {self.state.value}")
         if self.next is not None and now >= self._promote_next_at:
             self._promote_next(now)
@@ -241,7 +246,7 @@ class TunnelSession:
         self.advanced = False
         if session_id != self.session_id:
             raise UnknownSession(f"session {session_id} is not {self.session_id}")
-        if self.lifecycle.state not in LIVE_STATES:
+        if self._lifecycle.state not in LIVE_STATES:
             raise SessionExpired(f"session {self.session_id} is {self.state.value}")
         current = self.current
         if epoch == current.epoch:  # nearly always
@@ -274,7 +279,7 @@ class TunnelSession:
         """
         current = self.current
         if (
-            self.lifecycle.state not in LIVE_STATES
+            self._lifecycle.state not in LIVE_STATES
             or current.relearned
             or not current.may_open(len(datagrams), now)
         ):

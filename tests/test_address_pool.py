@@ -191,6 +191,7 @@ def test_the_quarantine_is_configured_in_the_auth_section(tmp_path):
 # -- a real auth service ---------------------------------------------------------------
 
 
+@pytest.mark.processes
 def test_logins_get_sticky_addresses_and_quarantine_from_a_real_auth_service(tmp_path):
     server = AuthServer(str(tmp_path / "gw"), network=str(NETWORK))
     written = gateway_config.load(server.config, auth=True).auth  # as `init` wrote it

@@ -17,6 +17,8 @@ import pytest
 from netlab import Lab, http_get, metrics, wait_for
 from netlab.gateway import LAN_HOST, GatewayLab
 
+pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
+
 FLOW_PORT = 5003
 ADDRESS = "198.19.0.2"  # the one client address of 198.19.0.0/30
 

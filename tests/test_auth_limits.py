@@ -103,6 +103,7 @@ def real_client(setup) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.netns
 def test_a_real_client_logs_in_and_rekeys_through_idle_connections_and_a_stream_flood(gateway):
     setup, lab = gateway, gateway.lab
     assert real_client(setup)["key_epoch"] == 1  # baseline, and warms the service up

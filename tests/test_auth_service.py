@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
@@ -21,12 +22,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from auth_service.pki import make_ca, make_server_cert
-from auth_service.server import FailureLog
 from auth_service.throttle import Limits, Outcome, SprayWatch, Throttle, login_keys
 from client.auth import AuthClient, ClientError, SessionGone
 from netlab import Lab, metrics, refuses_nobody, wait_for
 from netlab.auth import BIN, AuthServer, admin
 from pushgate_api import auth_pb2, auth_pb2_grpc, control_pb2
+from pushgate_log import RateLimitedLog
 
 PASSWORD = "correct horse battery staple"
 
@@ -54,6 +55,7 @@ def _code(call) -> tuple[grpc.StatusCode, str]:
     return caught.value.code(), caught.value.details()
 
 
+@pytest.mark.processes
 def test_good_login_returns_a_complete_session(auth):
     response = auth.login("alice", PASSWORD)
     assert response.session_id != 0
@@ -77,6 +79,7 @@ def test_good_login_returns_a_complete_session(auth):
     assert PASSWORD not in Path(auth.directory, "auth.log").read_text()
 
 
+@pytest.mark.processes
 def test_wrong_password_unknown_and_disabled_users_get_the_same_answer(auth):
     auth.add_user("bob", PASSWORD)
     assert admin("user", "disable", "bob", "--config", auth.config).returncode == 0
@@ -89,6 +92,7 @@ def test_wrong_password_unknown_and_disabled_users_get_the_same_answer(auth):
     assert auth.login("bob", PASSWORD).session_id
 
 
+@pytest.mark.processes
 def test_throttling_kicks_in_and_lifts(auth):
     for _ in range(3):
         assert _code(lambda: auth.login("alice", "wrong"))[0] is grpc.StatusCode.UNAUTHENTICATED
@@ -99,6 +103,7 @@ def test_throttling_kicks_in_and_lifts(auth):
     assert auth.login("alice", PASSWORD).session_id
 
 
+@pytest.mark.processes
 def test_60_concurrent_wrong_guesses_reach_the_hash_only_as_often_as_allowed(auth):
     """Today's service checked the throttle before hashing and counted the failure
     after: all 60 concurrent guesses were password-checked. With 3 free failures
@@ -125,6 +130,7 @@ def test_60_concurrent_wrong_guesses_reach_the_hash_only_as_often_as_allowed(aut
     assert metrics.total(samples, "pushgate_auth_logins_total", result="throttled") == 56
 
 
+@pytest.mark.netns
 def test_guessing_and_spraying_from_elsewhere_lock_nobody_out(tmp_path):
     """From mallory's namespace: guesses at alice from four addresses and a spray over
     30 user names from a fifth. Each is slowed where it comes from; alice, from her
@@ -279,7 +285,8 @@ def test_concurrent_guesses_reach_the_hash_at_most_free_plus_one_times():
 def test_throttle_spray_watch_and_failure_log_stay_bounded():
     throttle = Throttle(Limits(), base_delay=1.0, max_delay=300.0, max_records=1000)
     watch = SprayWatch(sources=3, window=900.0)
-    failure_log = FailureLog(interval=10.0, max_names=50)
+    now = 0.0
+    failure_log = RateLimitedLog(logging.getLogger("test"), 10.0, max_keys=50, clock=lambda: now)
     held = login_keys("mallory", "198.18.0.9")
     assert throttle.begin(held, 0.0).go  # in flight: never evicted
     for n in range(20000):  # distinct names and sources, as fast as can be
@@ -287,13 +294,14 @@ def test_throttle_spray_watch_and_failure_log_stay_bounded():
         address = f"198.{18 + n % 2}.{n // 256 % 256}.{n % 256}"
         _failed(throttle, login_keys(f"u{n}", address), now)
         watch.failed("alice", address, now)
-        failure_log.warning(f"u{n}", now, "login failed user=%r", f"u{n}")
+        failure_log.warning(f"u{n}", "login failed user=%r", f"u{n}")
         assert len(throttle) <= 1000 and len(failure_log) <= 50
     assert throttle.evicted > 0
     throttle.finish(held, 20.0, Outcome.FAILED)
     assert len(watch) == 1 and watch.targeted(20.0) == 1
     throttle.prune(20.0 + 301)
-    failure_log.prune(20.0 + 10)
+    now = 20.0 + 10
+    failure_log.prune()
     assert len(throttle) == len(failure_log) == 0
     assert watch.targeted(20.0 + 901) == 0 and len(watch) == 0
 
@@ -308,6 +316,7 @@ def test_spray_watch_counts_accounts_failing_from_many_sources():
     assert watch.targeted(901.0) == 0  # the first two fell out of the window
 
 
+@pytest.mark.processes
 def test_malformed_requests_get_invalid_argument(auth):
     stub = auth.stub()
     for request in (
@@ -332,6 +341,7 @@ def test_malformed_requests_get_invalid_argument(auth):
     assert auth.login("alice", PASSWORD).session_id  # and the service is fine
 
 
+@pytest.mark.processes
 def test_100_concurrent_logins_get_100_distinct_addresses(auth):
     with ThreadPoolExecutor(20) as pool:
         responses = list(pool.map(lambda _: auth.login("alice", PASSWORD), range(100)))
@@ -341,6 +351,7 @@ def test_100_concurrent_logins_get_100_distinct_addresses(auth):
     assert len({r.session_id for r in responses}) == 100
 
 
+@pytest.mark.processes
 def test_pool_exhaustion_is_a_clear_error(tmp_path):
     server = AuthServer(
         str(tmp_path / "small"), network="198.19.0.0/29", settings={"max_sessions_per_user": "10"}
@@ -358,6 +369,7 @@ def test_pool_exhaustion_is_a_clear_error(tmp_path):
         server.stop()
 
 
+@pytest.mark.processes
 def test_rekey_then_logout(auth):
     stub = auth.stub()
     login = auth.login("alice", PASSWORD)
@@ -380,6 +392,7 @@ def test_rekey_then_logout(auth):
         )[0] is (grpc.StatusCode.UNAUTHENTICATED)
 
 
+@pytest.mark.processes
 def test_the_client_reads_a_refused_session_call_as_session_gone(auth):
     """For a login, UNAUTHENTICATED means bad credentials; for a call with a
     session token it means the session is gone, which only a new login mends
@@ -403,6 +416,7 @@ def test_the_client_reads_a_refused_session_call_as_session_gone(auth):
     asyncio.run(scenario())
 
 
+@pytest.mark.processes
 def test_feed_lists_then_streams_every_change(auth):
     first = auth.login("alice", PASSWORD)
     feed = auth.feed()
@@ -447,6 +461,7 @@ def test_feed_lists_then_streams_every_change(auth):
     assert _code(lambda: next(bad))[0] is grpc.StatusCode.OUT_OF_RANGE
 
 
+@pytest.mark.processes
 def test_restart_keeps_sessions_and_asks_old_watchers_to_list_again(auth):
     login = auth.login("alice", PASSWORD)
     before = auth.feed().ListSessions(control_pb2.ListSessionsRequest(), timeout=10)
@@ -466,6 +481,7 @@ def test_restart_keeps_sessions_and_asks_old_watchers_to_list_again(auth):
     assert auth.login("alice", PASSWORD).tunnel_address == "198.19.0.3/24"  # .2 is still taken
 
 
+@pytest.mark.processes
 def test_wrong_ca_and_plaintext_are_refused(auth):
     import datetime
 
@@ -502,6 +518,7 @@ def auth_pb2_grpc_stub(channel):
     return auth_pb2_grpc.AuthStub(channel)
 
 
+@pytest.mark.netns
 def test_control_socket_is_private(auth):
     mode = stat.S_IMODE(os.stat(auth.control_socket).st_mode)
     assert mode == 0o600
@@ -518,6 +535,7 @@ def _reflected_services(channel) -> set[str]:
     return {s.name for r in responses for s in r.list_services_response.service}
 
 
+@pytest.mark.processes
 def test_health_and_reflection_only_when_switched_on(auth, tmp_path):
     channel = auth.channel()
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
@@ -533,6 +551,7 @@ def test_health_and_reflection_only_when_switched_on(auth, tmp_path):
         server.stop()
 
 
+@pytest.mark.processes
 def test_metrics_count_logins_by_result(auth):
     auth.login("alice", PASSWORD)
     _code(lambda: auth.login("alice", "wrong"))
@@ -549,6 +568,7 @@ def test_metrics_count_logins_by_result(auth):
     assert 'pushgate_auth_pool_addresses{state="free"} 252.0' in text
 
 
+@pytest.mark.processes
 def test_admin_user_commands(tmp_path):
     server = AuthServer(str(tmp_path / "gw"))
     server.add_user("carol", PASSWORD)
@@ -568,6 +588,7 @@ def test_admin_user_commands(tmp_path):
     assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
 
 
+@pytest.mark.processes
 def test_sessions_expire_on_schedule_and_the_feed_says_so(tmp_path):
     server = AuthServer(str(tmp_path / "gw"), settings={"session_lifetime_seconds": "2"})
     server.add_user("alice", PASSWORD)
@@ -603,6 +624,7 @@ def _feed_events(feed, after: int, count: int) -> list:
     return events
 
 
+@pytest.mark.processes
 def test_a_login_beyond_the_cap_ends_the_users_oldest_session_and_tells_the_dataplane(tmp_path):
     """max_sessions_per_user (default 3): a further login ends the oldest session, in
     the store and, through a removal event (reason REPLACED) before the install, in
@@ -672,6 +694,7 @@ def _notifications(sock, seconds: float) -> list[str]:
     return received
 
 
+@pytest.mark.processes
 def test_health_follows_a_self_check_so_a_locked_database_or_wedged_loop_is_unhealthy(
     tmp_path, monkeypatch
 ):
@@ -726,3 +749,13 @@ def test_health_follows_a_self_check_so_a_locked_database_or_wedged_loop_is_unhe
         locker.close()
         notify.close()
         server.stop()
+
+
+@pytest.mark.processes
+def test_a_preferred_cipher_is_honoured_and_an_unknown_one_refused(auth):
+    stub = auth.stub()
+    chacha = auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305
+    request = auth_pb2.LoginRequest(username="alice", password=PASSWORD, preferred_cipher=chacha)
+    assert stub.Login(request, timeout=30).cipher == chacha
+    unknown = auth_pb2.LoginRequest(username="alice", password=PASSWORD, preferred_cipher=99)
+    assert _code(lambda: stub.Login(unknown, timeout=10))[0] is grpc.StatusCode.INVALID_ARGUMENT

@@ -8,6 +8,7 @@ from push_protocol.aead import CipherSuite
 from push_protocol.ciphercache import SECOND_CHANCE_SCAN, CipherCache
 from push_protocol.drops import UsageError
 from push_protocol.keys import KeyMaterial, Role
+from push_protocol.lifecycle import SessionEnd
 from push_protocol.replay import ReplayWindow
 from push_protocol.session import TunnelSession
 
@@ -88,8 +89,7 @@ def test_removed_sessions_and_replaced_keys_release_their_contexts():
     assert server.previous is None and old not in cache
     server.seal(b"z", 100.0)
     assert server.current in cache
-    server.close()
-    server.remove()
+    server.end(SessionEnd.CLOSED)
     assert len(cache) == 0
 
 

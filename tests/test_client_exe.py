@@ -17,6 +17,8 @@ from client.status import ClientStatus, write_status
 from netlab import Lab
 from netlab.gateway import LAN_HOST, GatewayLab
 
+pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
+
 ROOT = Path(__file__).resolve().parent.parent
 EXE = ROOT / "dist" / ("pushgate-client.exe" if sys.platform == "win32" else "pushgate-client")
 

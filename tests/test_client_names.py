@@ -16,6 +16,8 @@ import pytest
 from netlab import Lab, wait_for
 from netlab.gateway import AUTH_PORT, GATEWAY, LAN_HOST, GatewayLab
 
+pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
+
 NAME = "vpn.pushgate.test"
 NOWHERE = "198.18.250.1"  # no route to it from the client namespaces
 

@@ -17,6 +17,7 @@ from push_protocol.drops import (
     UnknownType,
     UsageError,
 )
+from pushgate_api import auth_pb2
 
 KEY = bytes(range(32))
 
@@ -113,3 +114,17 @@ def test_seal_refuses_misuse():
         codec.seal(aead, PacketType.DATA, 0, 1, 2**64, b"x")
     with pytest.raises(UsageError):
         new_aead(CipherSuite.AES_256_GCM, bytes(16))
+
+
+def test_every_suite_has_one_api_code_and_back():
+    """The one mapping between CipherSuite and the APIs' enum covers both sides."""
+    named = {
+        number
+        for name, number in auth_pb2.CipherSuite.items()
+        if name != "CIPHER_SUITE_UNSPECIFIED"
+    }
+    assert {suite.api_code for suite in CipherSuite} == named
+    for suite in CipherSuite:
+        assert CipherSuite.from_api_code(suite.api_code) is suite
+    assert CipherSuite.from_api_code(auth_pb2.CIPHER_SUITE_UNSPECIFIED) is None
+    assert CipherSuite.from_api_code(99) is None

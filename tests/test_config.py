@@ -298,6 +298,7 @@ def held(kind: int, port: int = 0) -> socket.socket:
     return sock
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(("key", "what"), [("listen", "the client API"), ("metrics", "metrics")])
 def test_auth_port_in_use_is_one_line_and_status_2(tmp_path, key, what):
     with held(socket.SOCK_STREAM) as taken, held(socket.SOCK_STREAM) as other:
@@ -317,6 +318,7 @@ def test_auth_port_in_use_is_one_line_and_status_2(tmp_path, key, what):
     )
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("key", ["listen", "metrics_listen"])
 def test_dataplane_port_in_use_is_one_line_and_status_2(tmp_path, key):
     """In a namespace of its own: were the port not refused, it would go on to make a TUN."""

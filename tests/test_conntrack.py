@@ -23,6 +23,7 @@ from dataplane.registry import Registry, RegistryObserver, packed_address
 from dataplane.sync import SessionSync
 from netlab import Lab, wait_for
 from netlab.feed import session
+from push_protocol.lifecycle import SessionEnd
 from pushgate_api import control_pb2
 
 NETWORK = ipaddress.ip_network("198.19.0.0/24")
@@ -90,7 +91,7 @@ def test_the_registry_reports_every_address_a_session_stops_owning():
     event(removed=control_pb2.SessionRemoval(session_id=1))  # logout or expiry
     event(installed=session(2, "198.19.0.4"))  # the auth service readdressed it
     event(installed=session(3, "198.19.0.4"))  # a newer session takes an address over
-    registry.remove(3)  # as the dataplane's own expiry does
+    registry.remove(3, SessionEnd.EXPIRED)  # as the dataplane's own expiry does
     gone = ("198.19.0.2", "198.19.0.3", "198.19.0.4", "198.19.0.4")
     assert released == [packed_address(address) for address in gone]
 
@@ -138,6 +139,7 @@ def status(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in handle)
 
 
+@pytest.mark.netns
 def test_an_ended_sessions_entries_are_deleted_by_a_child_holding_net_admin_only(ns):
     lab, gw = ns
     lab.exec(gw, [sys.executable, "-c", FLOWS])
@@ -174,6 +176,7 @@ def test_an_ended_sessions_entries_are_deleted_by_a_child_holding_net_admin_only
         loop.close()
 
 
+@pytest.mark.netns
 def test_a_root_child_that_may_not_change_user_still_keeps_net_admin_alone(ns):
     """Started as root with CAP_NET_ADMIN as its only capability (a unit's bounding
     set): it stays uid 0, says so, and works."""
@@ -192,6 +195,7 @@ def test_a_root_child_that_may_not_change_user_still_keeps_net_admin_alone(ns):
     assert process.wait(10) == 0
 
 
+@pytest.mark.netns
 def test_the_child_refuses_what_is_not_a_tunnel_host(ns):
     lab, gw = ns
     lab.exec(gw, [sys.executable, "-c", FLOWS])
@@ -208,6 +212,7 @@ def test_the_child_refuses_what_is_not_a_tunnel_host(ns):
     assert entries(lab, gw) == made  # nothing deleted
 
 
+@pytest.mark.netns
 def test_forget_never_waits_on_the_child_and_counts_what_it_could_not_queue(ns):
     lab, gw = ns
     loop = asyncio.new_event_loop()
@@ -246,6 +251,7 @@ def test_forget_never_waits_on_the_child_and_counts_what_it_could_not_queue(ns):
         loop.close()
 
 
+@pytest.mark.netns
 def test_a_child_started_without_net_admin_says_so_and_every_cleanup_counts_as_failed(ns):
     """What happens when the dataplane dropped its capabilities before starting it."""
     lab, gw = ns

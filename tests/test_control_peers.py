@@ -98,6 +98,7 @@ def _auth_metric(server: AuthServer, name: str) -> str:
     return lines[0].split()[1] if lines else ""
 
 
+@pytest.mark.netns
 def test_the_session_feed_refuses_another_uid_counted_and_logged(tmp_path):
     auth = AuthServer(str(tmp_path / "gw"))
     auth.add_user("alice", PASSWORD)
@@ -114,6 +115,7 @@ def test_the_session_feed_refuses_another_uid_counted_and_logged(tmp_path):
         auth.stop()
 
 
+@pytest.mark.netns
 def test_a_member_of_the_control_group_is_let_through(tmp_path):
     auth = AuthServer(str(tmp_path / "gw"), init_args=("--control-group", "nogroup"))
     auth.start()
@@ -125,6 +127,7 @@ def test_a_member_of_the_control_group_is_let_through(tmp_path):
         auth.stop()
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize(
     ("owner", "mode", "problem"),
     [
@@ -150,6 +153,7 @@ def test_an_unsafe_socket_directory_is_a_start_up_error(tmp_path, owner, mode, p
     assert f"will not serve a control socket in {run}: {problem}" in result.stderr
 
 
+@pytest.mark.netns
 def test_the_dataplane_stats_socket_refuses_another_uid_counted(tmp_path):
     path = str(tmp_path / "run" / "dataplane.sock")
     counters = Counters()
@@ -172,6 +176,7 @@ def test_the_dataplane_stats_socket_refuses_another_uid_counted(tmp_path):
     assert list(listing.sessions) == []  # root (our uid) is served
 
 
+@pytest.mark.netns
 def test_the_dataplane_refuses_a_session_feed_served_by_another_uid(tmp_path, caplog):
     directory = tmp_path / "stranger"
     directory.mkdir()

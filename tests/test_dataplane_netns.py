@@ -31,6 +31,8 @@ from push_protocol.keys import KeyMaterial
 from pushgate_api import control_pb2, control_pb2_grpc
 from pushgate_io.tun import TUN_QUEUE_PACKETS
 
+pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
+
 
 @pytest.fixture
 def gateway(tmp_path):

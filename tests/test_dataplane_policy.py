@@ -1,13 +1,11 @@
 """The dataplane's small pure policies, apart from its I/O: stall detection
-(dataplane/stall.py), the MSS clamp's fast path (dataplane/mss.py) and the
-rate-limited log (dataplane/log_limit.py)."""
+(dataplane/stall.py) and the MSS clamp's fast path (dataplane/mss.py); the
+rate-limited log has its own tests (test_rate_limited_log.py)."""
 
-import logging
 import struct
 
 import pytest
 
-from dataplane.log_limit import RateLimitedLog
 from dataplane.metrics import Counters
 from dataplane.mss import MssClamp
 from dataplane.stall import OneWay, one_way
@@ -65,33 +63,3 @@ def test_the_mss_clamp_looks_past_the_fast_path_at_other_packets():
     packet = bytes(with_options) + bytes(4)
     assert MssClamp(1420, counters).clamp(packet) is packet
     assert counters.mss_clamped == 0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_the_log_says_one_line_per_key_and_interval_and_how_many_it_swallowed(caplog):
-    clock = Clock()
-    limited = RateLimitedLog(logging.getLogger("pushgate.test"), interval=10.0, clock=clock)
-    with caplog.at_level(logging.WARNING, logger="pushgate.test"):
-        limited.warning("a", "first %d", 1)  # at 0.0: the very first line is never held
-        limited.warning("a", "again %d", 2)
-        limited.warning("a", "again %d", 3)
-        limited.warning("b", "other key")
-        clock.now = 9.9
-        limited.warning("a", "held %d", 4)
-        clock.now = 10.0
-        limited.warning("a", "next %d", 5)
-        clock.now = 25.0
-        limited.warning("a", "quiet %d", 6)
-    assert [r.getMessage() for r in caplog.records] == [
-        "first 1",
-        "other key",
-        "next 5 (3 similar suppressed)",
-        "quiet 6",
-    ]

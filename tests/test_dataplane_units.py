@@ -5,19 +5,22 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
 
 import pytest
 
 import gateway_config as config
 from dataplane import inner
 from dataplane.metrics import BoundedQueue, KernelDrops, KernelSendErrors
+from dataplane.privileges import drop_privileges
 from dataplane.registry import Registry, SessionRecord, packed_address
 from dataplane.routing import TO_TUN, Action, Router
 from netlab.packets import ipv4_tcp_syn, ipv4_udp
 from push_protocol.aead import CipherSuite
-from push_protocol.drops import DropReason
+from push_protocol.ciphercache import CipherCache
+from push_protocol.drops import DropReason, UsageError
 from push_protocol.keys import KeyMaterial, Role
-from push_protocol.lifecycle import SessionState
+from push_protocol.lifecycle import SessionEnd, SessionState
 from push_protocol.session import TunnelSession
 
 
@@ -74,12 +77,12 @@ def test_registry_indexes_by_id_and_address_and_removes_cleanly():
     registry.add(a)
     registry.add(b)
     assert registry.by_address[packed_address("198.19.0.3")] is b
-    with pytest.raises(KeyError):
+    with pytest.raises(UsageError, match="already installed"):
         registry.add(SessionRecord(_tunnel(1), (), 0.0))
-    assert registry.remove(1) is a
+    assert registry.remove(1, SessionEnd.CLOSED) is a
     assert a.tunnel.state is SessionState.REMOVED
     assert packed_address("198.19.0.2") not in registry.by_address
-    assert registry.remove(1) is None
+    assert registry.remove(1, SessionEnd.CLOSED) is None
     assert registry.count_by_state()[SessionState.ACTIVE] == 1
 
 
@@ -211,3 +214,19 @@ def test_kernel_send_errors_add_the_ipv4_and_ipv6_counts_and_survive_missing_fil
     )
     assert kernel() == 12
     assert KernelSendErrors(str(tmp_path / "elsewhere"))() == 0
+
+
+def test_misuse_is_a_usage_error():
+    """Programming errors are one family (push_protocol/drops.py)."""
+    with pytest.raises(UsageError, match="at least one keypair"):
+        CipherCache(0)
+    started, release = threading.Event(), threading.Event()
+    other = threading.Thread(target=lambda: (started.set(), release.wait()))
+    other.start()
+    started.wait()
+    try:  # refused before it changes anything
+        with pytest.raises(UsageError, match="before any other thread"):
+            drop_privileges(None)
+    finally:
+        release.set()
+        other.join()

@@ -160,6 +160,7 @@ def _up_targets(ns: str) -> int:
     return int(float(values[0]["value"][1])) if values else 0
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize(
     ("dashboard", "panel", "expr"),
     dashboard_queries(),
@@ -171,6 +172,7 @@ def test_dashboard_query_returns_live_data(live, dashboard, panel, expr):
     assert result["data"]["result"], f"{dashboard} / {panel}: no data for {expr}"
 
 
+@pytest.mark.netns
 def test_rules_load_in_the_live_prometheus(live):
     rules = json.loads(http_get(live.gw, PROMETHEUS_PORT, "/api/v1/rules"))
     names = {rule["name"] for group in rules["data"]["groups"] for rule in group["rules"]}

@@ -20,6 +20,8 @@ from auth_service.pki import make_ca
 from netlab import Lab, metrics, wait_for
 from netlab.gateway import AUTH_PORT, GATEWAY, LAN_HOST, GatewayLab, tool
 
+pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
+
 SEED = 7
 BIG = 100 * 1024 * 1024
 

@@ -12,6 +12,8 @@ import pytest
 from netlab import Lab, metrics
 from netlab.gateway import LAN_GATEWAY, LAN_HOST, METRICS_PORT, GatewayLab
 
+pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
+
 TUNNEL_GATEWAY = "198.19.0.1"
 METADATA = "169.254.169.254"  # link-local: never configured anywhere, only refused
 

@@ -40,6 +40,8 @@ from push_protocol.codec import PacketType, parse_header, seal
 from push_protocol.constants import REPLAY_WINDOW_SIZE
 from pushgate_api import control_pb2, control_pb2_grpc
 
+pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
+
 SOAK_SECONDS = float(os.environ.get("PUSHGATE_SOAK_SECONDS", "0"))
 RESULTS = os.environ.get("PUSHGATE_RESULTS")
 SEED = 11

@@ -175,6 +175,7 @@ def test_without_ip_recverr_a_reported_errno_is_a_socket_error():
     assert errors.calls == [("udp_send", errno.ECONNREFUSED)]
 
 
+@pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
 def test_a_gso_send_arrives_as_the_same_datagrams_whether_gro_glues_them_or_not():
     with Lab("pgudp") as lab:
@@ -203,6 +204,7 @@ def test_a_gso_send_arrives_as_the_same_datagrams_whether_gro_glues_them_or_not(
             assert calls < len(datagrams)  # the kernel handed the batch over glued
 
 
+@pytest.mark.netns
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a network namespace")
 @pytest.mark.parametrize(
     ("family", "address", "origin"),

@@ -15,6 +15,8 @@ from netlab.dataplane_lab import CLIENT_UNDERLAY, GW_UNDERLAY, PORT, Gateway, da
 from netlab.feed import session
 from push_protocol.constants import MIN_DATAGRAM_LEN
 
+pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
+
 ATTACKER = "198.18.10.3"  # a second address in the client's namespace
 
 

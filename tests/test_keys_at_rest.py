@@ -47,6 +47,7 @@ def auth(tmp_path):
     server.stop()
 
 
+@pytest.mark.processes
 def test_no_key_of_an_ended_session_or_a_replaced_key_stays_in_the_database_files(auth):
     stub = auth.stub()
     expiring = auth.login("alice", PASSWORD)  # left alone: expires 3 s after login

@@ -1,4 +1,6 @@
+import ast
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +48,37 @@ def test_every_transition_not_in_the_table_raises_naming_the_state(state, event)
 
 def test_removed_is_terminal():
     assert not any(state is SessionState.REMOVED for state, _ in TRANSITIONS)
+
+
+PRODUCT_PACKAGES = ("push_protocol", "dataplane", "client", "auth_service", "control_socket")
+# The module that fires lifecycle events, and the one that defines them.
+FIRES_EVENTS = {"push_protocol/session.py", "push_protocol/lifecycle.py"}
+LIFECYCLE_NAMES = {"SessionEvent", "Lifecycle", "lifecycle", "_lifecycle"}
+
+
+def test_only_the_session_fires_lifecycle_events():
+    """h11's rule 1: what changes a session's state lives in one place. Everyone
+    else says what happened through TunnelSession (install_next, end) and reads
+    `state` / `is_live`; no other module names the events or the state machine."""
+    root = Path(__file__).resolve().parent.parent
+    elsewhere = []
+    for package in PRODUCT_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            relative = path.relative_to(root).as_posix()
+            if relative in FIRES_EVENTS:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), relative)):
+                if isinstance(node, ast.Name):
+                    named = node.id
+                elif isinstance(node, ast.Attribute):
+                    named = node.attr
+                    if ast.unparse(node.value).endswith("_pb2"):
+                        continue  # control_pb2.SessionEvent: the feed's message
+                elif isinstance(node, ast.alias):
+                    named = node.name
+                else:
+                    continue
+                if named in LIFECYCLE_NAMES:
+                    elsewhere.append(f"{relative}:{getattr(node, 'lineno', '?')} {named}")
+    assert elsewhere == []
+    assert all((root / path).is_file() for path in FIRES_EVENTS)

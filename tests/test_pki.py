@@ -56,6 +56,7 @@ def test_the_ca_vouches_only_for_the_gateways_names(names, outside):
             _verify(ca_pem, rogue_pem, name)
 
 
+@pytest.mark.processes
 def test_init_keeps_the_ca_key_out_and_renewal_keeps_every_clients_ca(tmp_path):
     offline = tmp_path / "offline"
     offline.mkdir(mode=0o700)

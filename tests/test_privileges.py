@@ -68,6 +68,7 @@ def passes_traffic(gateway: Gateway, session_id: int) -> None:
     assert received == delivered + dropped
 
 
+@pytest.mark.netns
 def test_serving_dataplane_holds_no_capability_and_passes_traffic(gateway):
     gateway.start_dataplane()
     statuses = assert_unprivileged(gateway.process.pid)
@@ -75,6 +76,7 @@ def test_serving_dataplane_holds_no_capability_and_passes_traffic(gateway):
     passes_traffic(gateway, 0x7001)
 
 
+@pytest.mark.netns
 def test_dataplane_started_as_root_becomes_the_configured_user(gateway):
     # After the switch it serves its stats socket in a directory of its own, and
     # reaches the session feed (the test's stands in for control_group's 0660).
@@ -99,6 +101,7 @@ def test_dataplane_started_as_root_becomes_the_configured_user(gateway):
     assert os.stat(os.path.join(run_dir, "stats.sock")).st_uid == NOBODY
 
 
+@pytest.mark.netns
 def test_unknown_user_stops_the_dataplane_with_a_precise_message(gateway):
     with open(gateway.config, "a") as handle:
         handle.write('user = "pushgate-no-such-user"\n')
@@ -111,6 +114,7 @@ def test_unknown_user_stops_the_dataplane_with_a_precise_message(gateway):
     assert "[dataplane] user 'pushgate-no-such-user' does not exist" in result.stderr
 
 
+@pytest.mark.netns
 def test_nat_is_a_one_shot_command_of_its_own(tmp_path):
     config = tmp_path / "pushgate.toml"
     config.write_text(
@@ -176,6 +180,7 @@ def access_as(uid: int, gid: int, *paths: str) -> list[str]:
     return result.stdout.split()
 
 
+@pytest.mark.netns
 def test_auth_secrets_are_unreadable_for_the_dataplane_user_in_the_init_layout(tmp_path):
     admin = os.path.join(os.path.dirname(sys.executable), "pushgate-admin")
     directory = tmp_path / "gw"
@@ -202,6 +207,7 @@ def test_auth_secrets_are_unreadable_for_the_dataplane_user_in_the_init_layout(t
     assert 'control_group = "nogroup"' in text
 
 
+@pytest.mark.netns
 def test_control_group_opens_the_local_sockets_to_that_group_only(tmp_path):
     import asyncio
 

@@ -31,6 +31,8 @@ from markdown_it import MarkdownIt
 import gateway_config
 from netlab import Lab, http_get, metrics, wait_for
 
+pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 # -- the one place where the lab differs from the README's world ------------------

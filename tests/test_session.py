@@ -4,9 +4,11 @@ import pytest
 
 from push_protocol import constants
 from push_protocol.aead import CipherSuite
+from push_protocol.ciphercache import CipherCache
 from push_protocol.codec import PacketType, parse_header
 from push_protocol.drops import (
     BadTag,
+    IllegalTransition,
     KeyExpired,
     Replayed,
     SessionExpired,
@@ -15,7 +17,7 @@ from push_protocol.drops import (
     UsageError,
 )
 from push_protocol.keys import KeyMaterial, Role, first_send_counter
-from push_protocol.lifecycle import SessionState
+from push_protocol.lifecycle import SessionEnd, SessionState
 from push_protocol.session import TunnelSession, next_epoch
 
 SID = 0x01020304
@@ -180,19 +182,28 @@ def test_keypairs_in_different_counter_ranges_never_share_a_nonce():
         first_send_counter(constants.SEND_COUNTER_RANGES)
 
 
-def test_closed_or_expired_sessions_refuse_packets():
-    client, server = _pair(_keys())
+@pytest.mark.parametrize("why", list(SessionEnd))
+@pytest.mark.parametrize("rekeying", [False, True])
+def test_an_ended_session_refuses_packets_releases_its_keys_and_ends_once(why, rekeying):
+    keys, cache = _keys(), CipherCache(8)
+    client = TunnelSession(SID, CipherSuite.AES_256_GCM, Role.CLIENT, keys)
+    server = TunnelSession(SID, CipherSuite.AES_256_GCM, Role.SERVER, keys, cipher_cache=cache)
+    if rekeying:
+        server.install_next(_keys(epoch=1), 0.5)
+        assert server.state is SessionState.REKEYING
     datagram = client.seal(b"x", 1.0)
-    server.expire()
+    server.seal(b"y", 0.9)  # builds its send context
+    assert len(cache) >= 1
+    server.end(why)
+    assert server.state is SessionState.REMOVED and not server.is_live
     with pytest.raises(SessionExpired):
         server.open(datagram, 1.0)
     with pytest.raises(SessionExpired):
         server.seal(b"x", 1.0)
-    server.remove()
-    assert server.state is SessionState.REMOVED
-    client.close()
-    with pytest.raises(SessionExpired):
-        client.seal_keepalive(1.0)
+    assert len(cache) == 0
+    with pytest.raises(IllegalTransition, match="removed"):
+        server.end(why)
+    assert issubclass(IllegalTransition, UsageError)  # a programming error, not bad input
 
 
 def test_keys_never_appear_in_repr():

@@ -12,6 +12,7 @@ from push_protocol.codec import PacketType, parse_header
 from push_protocol.constants import REJECT_AFTER_MESSAGES, REPLAY_WINDOW_SIZE
 from push_protocol.drops import DropReason, PacketRejected
 from push_protocol.keys import KeyMaterial, Role
+from push_protocol.lifecycle import SessionEnd
 from push_protocol.session import TunnelSession
 
 SID = 0x0A0B0C0D
@@ -127,7 +128,7 @@ def test_too_old_and_closed_sessions_are_named():
     results = batched.open_many(batch, [parse_header(d) for d in batch], 2.0)
     assert results == _one_by_one(single, batch, 2.0) == [b"x", DropReason.TOO_OLD]
     for twin in (batched, single):
-        twin.close()
+        twin.end(SessionEnd.CLOSED)
     batch = [client.seal(b"y", 1.0)]
     results = batched.open_many(batch, [parse_header(d) for d in batch], 2.0)
     assert results == _one_by_one(single, batch, 2.0) == [DropReason.SESSION_EXPIRED]
@@ -166,7 +167,7 @@ def test_seal_many_is_seal_one_by_one(batches, situation):
         elif situation == "old_key":
             now = 1000.0  # past REJECT_AFTER_SECONDS
         elif situation == "closed":
-            twin.close()
+            twin.end(SessionEnd.CLOSED)
     for payloads in batches:
         assert batched.seal_many(payloads, now) == _seal_one_by_one(single, payloads, now)
         assert _state(batched) == _state(single)

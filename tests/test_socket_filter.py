@@ -24,6 +24,7 @@ from push_protocol.codec import Header, read_header
 from push_protocol.constants import MIN_DATAGRAM_LEN
 from push_protocol.drops import DropReason
 from push_protocol.keys import KeyMaterial, Role
+from push_protocol.lifecycle import SessionEnd
 from push_protocol.session import TunnelSession
 from pushgate_io import udp
 
@@ -101,6 +102,7 @@ def _send_batch(sender: socket.socket, datagrams: list[bytes]) -> None:
     udp.send_run(sender, datagrams)
 
 
+@pytest.mark.netns
 def test_single_datagrams_are_judged_as_the_dataplane_judges_them(filtered):
     receiver, socket_filter, sender = filtered
     rng = random.Random(7)
@@ -133,6 +135,7 @@ def test_single_datagrams_are_judged_as_the_dataplane_judges_them(filtered):
     assert expected[DropReason.UNKNOWN_SESSION] > 0 and expected[DropReason.BAD_LENGTH] > 0
 
 
+@pytest.mark.netns
 def test_a_batch_of_noise_is_dropped_and_each_datagram_counted(filtered):
     receiver, socket_filter, sender = filtered
     noise = [b"\x07" + os.urandom(99) for _ in range(64)]  # none has our version byte
@@ -170,6 +173,7 @@ def test_a_batch_of_noise_is_dropped_and_each_datagram_counted(filtered):
     assert len(expected) == 5  # too_short, bad_version, unknown_type, bad_length, unknown_session
 
 
+@pytest.mark.netns
 def test_a_batch_with_one_push_packet_of_a_live_session_reaches_user_space_whole(filtered):
     receiver, socket_filter, sender = filtered
     for known_type, session_id in ((1, LIVE[0]), (2, LIVE[1])):
@@ -183,6 +187,7 @@ def test_a_batch_with_one_push_packet_of_a_live_session_reaches_user_space_whole
     assert sum(socket_filter.drops().values()) == 0
 
 
+@pytest.mark.netns
 def test_the_live_ids_follow_the_registry(filtered, registry):
     receiver, socket_filter, sender = filtered
     newcomer = 0x0BADCAFE
@@ -194,8 +199,8 @@ def test_the_live_ids_follow_the_registry(filtered, registry):
     sender.send(welcome[0])
     _send_batch(sender, welcome[1:])
     assert _received(receiver) == welcome
-    registry.remove(newcomer)
-    registry.remove(LIVE[0])
+    registry.remove(newcomer, SessionEnd.CLOSED)
+    registry.remove(LIVE[0], SessionEnd.CLOSED)
     sender.send(_packet(1, newcomer, 100))
     _send_batch(sender, [_packet(2, LIVE[0], MIN_DATAGRAM_LEN) for _ in range(5)])
     still_live = _packet(1, LIVE[1], 100)
@@ -204,6 +209,7 @@ def test_the_live_ids_follow_the_registry(filtered, registry):
     assert socket_filter.drops()[DropReason.UNKNOWN_SESSION] == 1 + 1 + 5
 
 
+@pytest.mark.netns
 def test_a_filter_attached_late_learns_the_ids_already_installed():
     registry = Registry()
     registry.add(_record(LIVE[0]))
@@ -225,6 +231,7 @@ def test_a_filter_attached_late_learns_the_ids_already_installed():
         receiver.close()
 
 
+@pytest.mark.netns
 def test_a_full_session_map_hands_session_ids_to_user_space(filtered, registry, caplog):
     """When the kernel map refuses an id, that session's packets must still reach
     user space: the filter stops looking at ids, and keeps its counts."""
@@ -246,9 +253,10 @@ def test_a_full_session_map_hands_session_ids_to_user_space(filtered, registry, 
         DropReason.UNKNOWN_SESSION: 1,
         DropReason.BAD_VERSION: 1,
     }
-    registry.remove(0x0F00)  # and nothing breaks after
+    registry.remove(0x0F00, SessionEnd.CLOSED)  # and nothing breaks after
 
 
+@pytest.mark.netns
 def test_kernel_drops_do_not_count_the_filters_drops_twice(filtered):
     """The socket's own drop counter (/proc/net/udp) includes what the filter
     dropped; the exported receive-buffer drops must not."""

@@ -9,6 +9,7 @@ from dataplane.source_budget import (
     SourceBudget,
     source_key,
 )
+from push_protocol.drops import UsageError
 
 
 def test_a_source_may_fail_its_burst_then_waits_for_the_rate():
@@ -104,5 +105,5 @@ def test_the_defaults_let_a_damaged_batch_through_and_bound_the_cost():
 
 @pytest.mark.parametrize(("rate", "burst", "capacity"), [(0, 5, 5), (1, 0.5, 5), (1, 5, 0)])
 def test_a_budget_that_cannot_work_is_refused(rate, burst, capacity):
-    with pytest.raises(ValueError, match="no budget"):
+    with pytest.raises(UsageError, match="no budget"):
         SourceBudget(rate=rate, burst=burst, capacity=capacity)

@@ -44,7 +44,7 @@ def check_consistent(registry: Registry) -> None:
         assert registry.by_id.get(record.session_id) is record
         assert address in record.addresses
     for record in registry.by_id.values():
-        assert record.tunnel.lifecycle.is_live
+        assert record.tunnel.is_live
         for address in record.addresses:
             assert registry.by_address[address] is record
 
@@ -113,3 +113,63 @@ def test_any_event_sequence_keeps_the_registry_consistent(steps):
                 assert counter_range not in ranges_used
                 ranges_used.add(counter_range)
                 seen.append(pair)
+
+
+def _installed(revision: int, feed_session: control_pb2.Session) -> control_pb2.SessionEvent:
+    return control_pb2.SessionEvent(revision=revision, installed=feed_session)
+
+
+def test_bad_sessions_from_the_feed_are_logged_and_skipped_not_raised(caplog):
+    """What the auth service sends is input: a session the protocol core would
+    refuse as a bug is refused here with its reason, and the feed goes on."""
+    registry = Registry()
+    sync = SessionSync(registry, Counters(), "/nonexistent", clock=lambda: 1000.0)
+    sync.counter_ranges.add(control_pb2.CounterRanges(first=1, count=8))
+    same = os.urandom(32)
+    short = keys(0)
+    short.client_to_server_key = b"short"
+    future = keys(0)
+    future.created_at_unix_ms = 2_000_000  # 1000 s after the sync's clock
+    with_previous = session(5, "198.19.0.6", keys(3))
+    with_previous.previous_keys.CopyFrom(keys(3))
+    with_previous.previous_keys_until_unix_ms = 2_000_000
+    bad = [
+        (session(1, "198.19.0.2", short), "32-byte key"),
+        (session(2, "198.19.0.3", keys(70000)), "does not fit in 16 bits"),
+        (
+            session(
+                3,
+                "198.19.0.4",
+                auth_pb2.SessionKeys(
+                    key_epoch=1, client_to_server_key=same, server_to_client_key=same
+                ),
+            ),
+            "different keys",
+        ),
+        (session(4, "198.19.0.5", future), "after our clock's now"),
+        (with_previous, "previous keys of the current epoch"),
+        (session(6, "not an address", keys(0)), "does not appear to be an IPv4 or IPv6"),
+    ]
+    for revision, (feed_session, why) in enumerate(bad, start=1):
+        caplog.clear()
+        sync.apply(_installed(revision, feed_session))
+        assert feed_session.session_id not in registry.by_id
+        assert why in caplog.text and "not installed" in caplog.text
+    sync.apply(_installed(10, session(7, "198.19.0.8", keys(0))))
+    assert list(registry.by_id) == [7]
+    check_consistent(registry)
+
+
+def test_running_out_of_leased_counter_ranges_refuses_the_install():
+    registry = Registry()
+    sync = SessionSync(registry, Counters(), "/nonexistent", clock=lambda: 1000.0)
+    sync.counter_ranges.add(control_pb2.CounterRanges(first=1, count=1))
+    sync.apply(_installed(1, session(1, "198.19.0.2", keys(0))))
+    sync.apply(_installed(2, session(2, "198.19.0.3", keys(0))))  # no range left for it
+    assert list(registry.by_id) == [1]
+    sync.apply(
+        control_pb2.SessionEvent(
+            revision=3, rotated=control_pb2.KeyRotation(session_id=1, keys=keys(1))
+        )
+    )
+    assert registry.by_id[1].tunnel.next is None  # refused too, the session carries on

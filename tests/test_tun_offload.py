@@ -5,7 +5,11 @@ a real UDP socket and TCP connection behind it."""
 import json
 import sys
 
+import pytest
+
 from netlab import Lab
+
+pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
 
 # Runs inside the namespace: a TUN 198.18.77.1/24, datagrams "from" 198.18.77.2
 # written through it to a socket bound on 198.18.77.1.

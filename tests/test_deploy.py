@@ -425,6 +425,7 @@ def opened(installed: SimpleNamespace):
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 
 
+@pytest.mark.netns  # the image build sets file capabilities; namespaces
 def test_every_command_of_the_wheel_says_its_version(installed):
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert {"pushgate-auth", "pushgate-admin", "pushgate-dataplane", "pushgate-nat"} <= set(scripts)
@@ -548,6 +549,7 @@ class Gateway:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.netns  # the image build sets file capabilities; namespaces
 def test_the_wheel_from_the_build_context_runs_the_compose_stack_through_the_entrypoint(
     installed,
 ):
@@ -594,6 +596,7 @@ def test_the_wheel_from_the_build_context_runs_the_compose_stack_through_the_ent
         gateway.assert_dataplane_holds_no_capability()
 
 
+@pytest.mark.netns  # the image build sets file capabilities; namespaces
 def test_the_units_capabilities_and_syscall_filters_suffice_for_the_services(installed):
     """As the systemd units run the host install (the wheel in a virtualenv): the
     dataplane as an unprivileged user holding exactly what its unit grants

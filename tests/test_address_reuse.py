@@ -1,7 +1,8 @@
 """End to end: an ended session's NAT state does not follow its address to the next user.
 
-A whole gateway in namespaces (netlab.gateway) with a tunnel network of one client
-address (198.19.0.0/30), so bob must get the address alice just freed. Alice holds a
+A whole gateway in namespaces (netlab.gateway) with the smallest tunnel network the
+config takes (198.19.0.0/29: five client addresses), four of them held by other
+sessions, so bob must get the address alice just freed. Alice holds a
 UDP flow through the gateway's masquerade that the lan host keeps sending on; she
 logs out, bob logs in with her address, and not one packet of her flow enters bob's
 tunnel: the dataplane deleted the flow's conntrack entry when her session ended.
@@ -15,12 +16,28 @@ import time
 import pytest
 
 from netlab import Lab, http_get, metrics, wait_for
-from netlab.gateway import LAN_HOST, GatewayLab
+from netlab.gateway import AUTH_PORT, GATEWAY, LAN_HOST, GatewayLab
 
 pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
 
 FLOW_PORT = 5003
-ADDRESS = "198.19.0.2"  # the one client address of 198.19.0.0/30
+ADDRESS = "198.19.0.2"  # alice's; the other four client addresses of the /29 are held
+HELD = 4
+
+# Logs in argv[5] times and keeps the sessions (they hold their addresses till expiry).
+HOLD_ADDRESSES = """
+import sys, grpc
+from pushgate_api import auth_pb2, auth_pb2_grpc
+target, ca, user, password_file, count = sys.argv[1:]
+with open(ca, "rb") as handle:
+    credentials = grpc.ssl_channel_credentials(root_certificates=handle.read())
+with open(password_file) as handle:
+    password = handle.read().strip()
+with grpc.secure_channel(target, credentials) as channel:
+    stub = auth_pb2_grpc.AuthStub(channel)
+    for _ in range(int(count)):
+        stub.Login(auth_pb2.LoginRequest(username=user, password=password), timeout=10)
+"""
 
 # The lan host: after a datagram from a peer, send to that peer every 20 ms (so the
 # flow's conntrack entry stays assured and fresh), for at most a minute.
@@ -68,9 +85,13 @@ def gateway(tmp_path):
         with open(gw.config) as handle:
             text = handle.read()
         with open(gw.config, "w") as handle:
-            handle.write(text.replace('"198.19.0.0/24"', '"198.19.0.0/30"'))
+            text = text.replace('"198.19.0.0/24"', '"198.19.0.0/29"')
+            handle.write(
+                re.sub(r"(?m)^max_sessions_per_user = .*$", f"max_sessions_per_user = {HELD}", text)
+            )
         gw.add_user("alice")
         gw.add_user("bob")
+        gw.add_user("holder")
         gw.start()
         yield gw
 
@@ -85,7 +106,9 @@ def test_a_freed_address_brings_none_of_its_nat_state_to_the_next_user(gateway):
     time.sleep(0.5)  # the sender's socket is bound
 
     gw.connect(0, "alice")
-    assert f"{ADDRESS}/30" in gw.status(0)["tunnel"]
+    assert f"{ADDRESS}/29" in gw.status(0)["tunnel"]
+    hold = [sys.executable, "-c", HOLD_ADDRESSES, f"{GATEWAY}:{AUTH_PORT}", gw.ca, "holder"]
+    gw.lab.exec(bob_ns, [*hold, gw.password_file, str(HELD)])
     gw.lab.start(alice_ns, [sys.executable, "-c", ALICE_OPENS])
     wait_for(
         lambda: counted(gw, alice_ns, "pgflow") >= 20,
@@ -95,7 +118,7 @@ def test_a_freed_address_brings_none_of_its_nat_state_to_the_next_user(gateway):
 
     gw.disconnect(0)  # logout: the session ends in the auth service and the dataplane
     gw.connect(1, "bob")
-    assert f"{ADDRESS}/30" in gw.status(1)["tunnel"]  # alice's address, freed just now
+    assert f"{ADDRESS}/29" in gw.status(1)["tunnel"]  # alice's address, freed just now
     sent_before = counted(gw, gw.gw, "pgflow")
     time.sleep(2)
     assert counted(gw, gw.gw, "pgflow") >= sent_before + 50  # the lan host kept sending ...

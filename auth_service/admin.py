@@ -12,8 +12,8 @@ import time
 
 from cryptography import x509
 
-import gateway_config
 from push_protocol.version import add_version_argument
+from pushgate_io import gateway_config
 
 from .passwords import hash_password
 from .pki import load_ca, make_ca, make_server_cert, server_names, verification_problem

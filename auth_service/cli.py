@@ -16,10 +16,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.process_collector import ProcessCollector
 
-import gateway_config
-from control_socket import ControlSocketError, PeerPolicy, serve_private
 from push_protocol.version import add_version_argument, register_build_info
 from pushgate_api import auth_pb2, control_pb2_grpc
+from pushgate_io import gateway_config
+from pushgate_io.control_socket import ControlSocketError, PeerPolicy, serve_private
 
 from . import health, limits
 from .server import AuthMetrics, AuthServicer, SessionFeedServicer

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from push_protocol.aead import CipherSuite
 from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
-from pushgate_log import RateLimitedLog
+from pushgate_io.rate_limited_log import RateLimitedLog
 
 from .passwords import verify_password
 from .sessions import (

@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from enum import StrEnum
 
-from gateway_config import DEFAULT_ADDRESS_QUARANTINE_SECONDS
 from push_protocol.constants import (
     KEY_LEN,
     PREVIOUS_KEY_GRACE_SECONDS,
@@ -24,6 +23,7 @@ from push_protocol.constants import (
 )
 from push_protocol.session import next_epoch
 from pushgate_api import auth_pb2, control_pb2
+from pushgate_io.gateway_config import DEFAULT_ADDRESS_QUARANTINE_SECONDS
 
 from .store import Release, Store, StoredSession
 

@@ -16,7 +16,7 @@ import sys
 
 from auth_service.server import FAILURE_LOG_NAMES, FAILURE_LOG_SECONDS, log
 from auth_service.throttle import Limits, Outcome, SprayWatch, Throttle, login_keys
-from pushgate_log import RateLimitedLog
+from pushgate_io.rate_limited_log import RateLimitedLog
 
 FAILURES = 100_000
 DEFAULT_MAX_RECORDS = 100_000  # gateway_config's default for max_throttle_records

@@ -12,10 +12,10 @@ import sys
 import grpc
 from prometheus_client import CollectorRegistry
 
-import gateway_config
-from control_socket import ControlSocketError, PeerPolicy, PrivateServer, serve_private
 from push_protocol.version import add_version_argument, register_build_info
 from pushgate_api import control_pb2_grpc
+from pushgate_io import gateway_config
+from pushgate_io.control_socket import ControlSocketError, PeerPolicy, PrivateServer, serve_private
 from pushgate_io.tun import TUN_QUEUE_PACKETS
 from pushgate_io.tun_linux import LinuxTun
 

@@ -17,7 +17,7 @@ import ipaddress
 import json
 from collections.abc import Iterable
 
-from gateway_config import OfferedService
+from pushgate_io.gateway_config import OfferedService
 
 # Never a destination for a client: link-local (cloud metadata, and the gateway's
 # own fe80:: addresses), loopback and "this host", multicast and the limited

@@ -24,9 +24,9 @@ from push_protocol.codec import Header, read_header
 from push_protocol.constants import MIN_DATAGRAM_LEN, PROTOCOL_VERSION
 from push_protocol.drops import DropReason, PacketRejected
 from push_protocol.lifecycle import SessionEnd
+from pushgate_io.rate_limited_log import RateLimitedLog
 from pushgate_io.tun import TunDevice
 from pushgate_io.udp import DATAGRAM_BUDGET, BatchSocket, ErrorReport
-from pushgate_log import RateLimitedLog
 
 from . import inner, stall
 from .metrics import BoundedQueue, Counters

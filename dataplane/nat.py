@@ -9,8 +9,8 @@ import argparse
 import subprocess
 import sys
 
-import gateway_config
 from push_protocol.version import add_version_argument
+from pushgate_io import gateway_config
 
 from .privileges import hand_capabilities_to_children
 

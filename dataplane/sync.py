@@ -20,7 +20,6 @@ from collections import deque
 
 import grpc
 
-from control_socket import PeerPolicy, checked_target
 from push_protocol.aead import CipherSuite, check_key
 from push_protocol.backoff import Backoff
 from push_protocol.drops import UsageError
@@ -28,6 +27,7 @@ from push_protocol.keys import KeyMaterial, Role
 from push_protocol.lifecycle import SessionEnd
 from push_protocol.session import TunnelSession
 from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
+from pushgate_io.control_socket import PeerPolicy, checked_target
 
 from .metrics import Counters
 from .registry import Registry, SessionRecord, packed_address

@@ -10,11 +10,11 @@ import urllib.request
 
 import pytest
 
-import gateway_config
 from auth_service.sessions import AddressPool, AllocationKind, PoolExhausted, SessionManager
 from auth_service.store import MIGRATIONS, Release, Store
 from netlab.auth import AuthServer
 from pushgate_api import auth_pb2, control_pb2
+from pushgate_io import gateway_config
 
 NETWORK = ipaddress.ip_network("198.19.0.0/29")  # hosts .1-.6; .1 is the gateway's
 GATEWAY = ipaddress.ip_address("198.19.0.1")

@@ -27,7 +27,7 @@ from client.auth import AuthClient, ClientError, SessionGone
 from netlab import Lab, metrics, refuses_nobody, wait_for
 from netlab.auth import BIN, AuthServer, admin
 from pushgate_api import auth_pb2, auth_pb2_grpc, control_pb2
-from pushgate_log import RateLimitedLog
+from pushgate_io.rate_limited_log import RateLimitedLog
 
 PASSWORD = "correct horse battery staple"
 

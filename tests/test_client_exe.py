@@ -5,7 +5,6 @@ client does.
 """
 
 import hashlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,18 +15,12 @@ import pytest
 from client.status import ClientStatus, write_status
 from netlab import Lab
 from netlab.gateway import LAN_HOST, GatewayLab
+from release import wintun_dll
 
 pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = ROOT / "dist" / ("pushgate-client.exe" if sys.platform == "win32" else "pushgate-client")
-
-
-def load_release(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "release" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +61,6 @@ def test_the_bundle_carries_the_checked_dll_and_its_licence(exe):
 
     archive = CArchiveReader(str(exe))
     dll = archive.extract("wintun.dll")
-    wintun_dll = load_release("wintun_dll")
     assert hashlib.sha256(dll).hexdigest() == wintun_dll.PINNED_SHA256["amd64"]
     assert wintun_dll.check_dll(dll) == []
     assert b"Prebuilt Binaries License" in archive.extract("wintun-LICENSE.txt")

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-import gateway_config as config
 from auth_service.user_names import user_name_problem
 from netlab import Lab
+from pushgate_io import gateway_config as config
 
 BIN = os.path.dirname(sys.executable)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from control_socket import PeerPolicy, directory_problem
 from dataplane.cli import serve_stats
 from dataplane.metrics import Counters
 from dataplane.registry import Registry
@@ -23,6 +22,7 @@ from dataplane.sync import SessionSync
 from netlab import AS_NOBODY, NOBODY_PYTHON, NOBODY_UID, directories_opened, run_as_nobody
 from netlab.auth import BIN, AuthServer
 from pushgate_api import control_pb2, control_pb2_grpc
+from pushgate_io.control_socket import PeerPolicy, directory_problem
 
 PASSWORD = "correct horse battery staple"
 

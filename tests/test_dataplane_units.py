@@ -9,7 +9,6 @@ import threading
 
 import pytest
 
-import gateway_config as config
 from dataplane import inner
 from dataplane.metrics import BoundedQueue, KernelDrops, KernelSendErrors
 from dataplane.privileges import drop_privileges
@@ -22,6 +21,7 @@ from push_protocol.drops import DropReason, UsageError
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.lifecycle import SessionEnd, SessionState
 from push_protocol.session import TunnelSession
+from pushgate_io import gateway_config as config
 
 
 def _tunnel(session_id: int) -> TunnelSession:

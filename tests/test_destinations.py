@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import gateway_config as config
 from dataplane.destinations import ALWAYS_DENIED, DestinationPolicy, parse_ip_addresses
 from dataplane.registry import Registry, SessionRecord, packed_address
 from dataplane.routing import TO_TUN, Action, Router
@@ -18,6 +17,7 @@ from push_protocol.aead import CipherSuite
 from push_protocol.drops import DropReason
 from push_protocol.keys import Role
 from push_protocol.session import TunnelSession
+from pushgate_io import gateway_config as config
 
 GATEWAY = ipaddress.ip_address("198.19.0.1")
 CLIENT = "198.19.0.2"

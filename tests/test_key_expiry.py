@@ -11,7 +11,6 @@ import ipaddress
 
 import pytest
 
-import gateway_config as config
 from auth_service.sessions import AddressPool, SessionManager
 from auth_service.store import Store
 from dataplane.metrics import Counters
@@ -19,6 +18,7 @@ from dataplane.registry import Registry
 from dataplane.sync import SessionSync
 from netlab.feed import key_epoch, session
 from pushgate_api import auth_pb2, control_pb2
+from pushgate_io import gateway_config as config
 
 
 def test_a_rotation_moves_the_dataplanes_expiry():

@@ -50,7 +50,7 @@ def test_removed_is_terminal():
     assert not any(state is SessionState.REMOVED for state, _ in TRANSITIONS)
 
 
-PRODUCT_PACKAGES = ("push_protocol", "dataplane", "client", "auth_service", "control_socket")
+PRODUCT_PACKAGES = ("push_protocol", "pushgate_io", "dataplane", "client", "auth_service")
 # The module that fires lifecycle events, and the one that defines them.
 FIRES_EVENTS = {"push_protocol/session.py", "push_protocol/lifecycle.py"}
 LIFECYCLE_NAMES = {"SessionEvent", "Lifecycle", "lifecycle", "_lifecycle"}

@@ -213,7 +213,7 @@ def test_control_group_opens_the_local_sockets_to_that_group_only(tmp_path):
 
     import grpc
 
-    from control_socket import PeerPolicy, serve_private
+    from pushgate_io.control_socket import PeerPolicy, serve_private
 
     path = str(tmp_path / "run" / "control.sock")
 

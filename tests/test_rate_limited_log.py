@@ -1,4 +1,4 @@
-"""pushgate_log.RateLimitedLog: the one rate-limited log (dataplane bad input, auth
+"""pushgate_io.rate_limited_log.RateLimitedLog: the one rate-limited log (dataplane bad input, auth
 service failed logins), driven by a stepped clock."""
 
 import logging
@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from push_protocol.drops import UsageError
-from pushgate_log import RateLimitedLog
+from pushgate_io.rate_limited_log import RateLimitedLog
 
 LOGGER = logging.getLogger("pushgate.test.ratelimit")
 

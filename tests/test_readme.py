@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 from markdown_it import MarkdownIt
 
-import gateway_config
 from netlab import Lab, http_get, metrics, wait_for
+from pushgate_io import gateway_config
 
 pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
 

@@ -3,7 +3,6 @@ SHA-256, PE32+ image for amd64, the export table read in pure Python, a
 certificate table. Runs on the real DLL and on copies damaged on purpose.
 """
 
-import importlib.util
 import struct
 import subprocess
 import sys
@@ -11,18 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from release import wintun_dll
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILT_DLL = ROOT / "build" / "wintun" / "amd64" / "wintun.dll"
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "release" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-wintun_dll = load("wintun_dll")
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
+from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
 
+from .audit import AuditLog
 from .passwords import verify_password
 from .sessions import (
     MAX_COUNTER_RANGES_PER_LEASE,
@@ -25,6 +29,8 @@ log = logging.getLogger("pushgate.auth")
 MAX_USERNAME_BYTES = 256
 MAX_PASSWORD_BYTES = 1024
 GENERIC_LOGIN_ERROR = "invalid user name or password"
+REVOKED_MESSAGE = "access revoked by the administrator"
+MAX_CLIENT_VERSION_CHARS = 64  # what the admin listing keeps of LoginRequest.client_version
 LOGIN_RESULTS = ("success", "bad_credentials", "throttled", "invalid", "pool_exhausted", "busy")
 CIPHERS = {auth_pb2.CIPHER_SUITE_AES_256_GCM, auth_pb2.CIPHER_SUITE_CHACHA20_POLY1305}
 FAILURE_LOG_SECONDS = 10.0  # at most one "login failed" line per user name this often
@@ -94,6 +100,12 @@ class AuthMetrics:
             "Connections to the session feed socket refused: the peer's uid is not allowed",
             registry=registry,
         )
+        self.admin_peers_refused = Counter(
+            "pushgate_auth_admin_peers_refused",
+            "Connections to the admin socket refused: the peer is neither root nor this "
+            "service's user",
+            registry=registry,
+        )
         self.replaced = Counter(
             "pushgate_auth_sessions_replaced",
             "Sessions ended because their user logged in beyond max_sessions_per_user",
@@ -154,6 +166,27 @@ class FailureLog:
         return len(self._last)
 
 
+def refusal(
+    code: grpc.StatusCode,
+    message: str,
+    reason: int,
+    *,
+    retry_after: float = 0,
+    revocation: int = 0,
+) -> grpc.Status:
+    """An error status whose google.rpc.Status details hold an auth_pb2.Refusal:
+    clients decide on `reason`, never on `message` (protos/auth.proto)."""
+    detail = any_pb2.Any()
+    detail.Pack(
+        auth_pb2.Refusal(
+            reason=reason, retry_after_seconds=round(retry_after), revocation=revocation
+        )
+    )
+    return rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    )
+
+
 def peer_ip(context) -> str:
     peer = context.peer() or ""
     kind, _, rest = peer.partition(":")
@@ -180,8 +213,10 @@ class AuthServicer:
         max_pending_hashes: int,
         default_cipher: int,
         response_template: dict,
+        audit: AuditLog,
     ) -> None:
         self.sessions = sessions
+        self.audit = audit
         self.metrics = metrics
         self.throttle = throttle
         self.spray_watch = spray_watch
@@ -216,9 +251,21 @@ class AuthServicer:
         self.metrics.throttle_evictions.inc(self.throttle.evicted - self._evictions_seen)
         self._evictions_seen = self.throttle.evicted
 
-    async def _refuse(self, context, result: str, code, message: str):
+    async def _refuse(
+        self,
+        context,
+        attempt: tuple[str, str],
+        result: str,
+        code,
+        message: str,
+        reason: int,
+        **extra,
+    ):
+        """Refuse a login (`attempt` is its user name and source): counted by `result`
+        in the metric and the audit log alike."""
         self.metrics.logins.labels(result).inc()
-        await context.abort(code, message)
+        self.audit.login(result, *attempt, None)
+        await context.abort_with_status(refusal(code, message, reason, **extra))
 
     async def _admit(self, keys) -> Verdict:
         while True:
@@ -236,37 +283,56 @@ class AuthServicer:
             self.metrics.login_seconds.observe(time.perf_counter() - started)
 
     async def _login(self, request, context):
+        source = peer_ip(context)
+        invalid = auth_pb2.REFUSAL_REASON_INVALID_REQUEST
         if request is None:
             await self._refuse(
-                context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, "malformed request"
+                context,
+                ("", source),
+                "invalid",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "malformed request",
+                invalid,
             )
         name, password = request.username, request.password
+        attempt = (name[:MAX_USERNAME_BYTES], source)
         if not name or len(name.encode()) > MAX_USERNAME_BYTES or not name.isprintable():
             await self._refuse(
                 context,
+                attempt,
                 "invalid",
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"user name must be 1-{MAX_USERNAME_BYTES} printable bytes",
+                invalid,
             )
         if not password or len(password.encode()) > MAX_PASSWORD_BYTES:
             await self._refuse(
                 context,
+                attempt,
                 "invalid",
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"password must be 1-{MAX_PASSWORD_BYTES} bytes",
+                invalid,
             )
         cipher = request.preferred_cipher
         if cipher and cipher not in CIPHERS:
             await self._refuse(
-                context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, "unknown cipher"
+                context,
+                attempt,
+                "invalid",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "unknown cipher",
+                invalid,
             )
-        source = peer_ip(context)
         if self._pending >= self._max_pending:
             await self._refuse(
                 context,
+                attempt,
                 "busy",
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "the auth service is busy; try again shortly",
+                auth_pb2.REFUSAL_REASON_BUSY,
+                retry_after=1,
             )
         keys = login_keys(name, source)
         self._pending += 1  # also while waiting for the throttle: waiters are bounded too
@@ -275,9 +341,12 @@ class AuthServicer:
             if not verdict.go:
                 await self._refuse(
                     context,
+                    attempt,
                     "throttled",
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"too many failed logins; try again in {verdict.retry_after:.0f} s",
+                    auth_pb2.REFUSAL_REASON_THROTTLED,
+                    retry_after=verdict.retry_after,
                 )
             outcome = Outcome.ABANDONED
             try:
@@ -301,16 +370,31 @@ class AuthServicer:
                 self.spray_watch.failed(name, source, now)
             self._failure_log.warning(name, now, "login failed user=%r peer=%s", name, source)
             await self._refuse(
-                context, "bad_credentials", grpc.StatusCode.UNAUTHENTICATED, GENERIC_LOGIN_ERROR
+                context,
+                attempt,
+                "bad_credentials",
+                grpc.StatusCode.UNAUTHENTICATED,
+                GENERIC_LOGIN_ERROR,
+                auth_pb2.REFUSAL_REASON_BAD_CREDENTIALS,
             )
         try:
             session, token, replaced = await self.sessions.create(
-                name, cipher or self.default_cipher, time.time()
+                name,
+                cipher or self.default_cipher,
+                time.time(),
+                client_version=request.client_version[:MAX_CLIENT_VERSION_CHARS],
+                login_source=source,
             )
         except PoolExhausted as error:
             await self._refuse(
-                context, "pool_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+                context,
+                attempt,
+                "pool_exhausted",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                str(error),
+                auth_pb2.REFUSAL_REASON_NO_FREE_ADDRESS,
             )
+        self.audit.login("success", name, source, session)
         self.metrics.logins.labels("success").inc()
         self.metrics.replaced.inc(len(replaced))
         self.update_gauges()
@@ -355,12 +439,39 @@ class AuthServicer:
         )
 
     async def _session(self, request, context):
+        """The caller's live session, or the call is refused: SESSION_REVOKED if an
+        administrator ended it (or its user is disabled, removed or has a new
+        password, which ends it now), SESSION_UNKNOWN otherwise."""
         if request is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
+            await context.abort_with_status(
+                refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "malformed request",
+                    auth_pb2.REFUSAL_REASON_INVALID_REQUEST,
+                )
+            )
         session = self.sessions.by_token(request.session_token)
-        if session is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or expired session")
-        return session
+        if session is not None:
+            if await self.sessions.still_allowed(session):
+                return session
+            self.update_gauges()
+        revoked = self.sessions.revocation(request.session_token)
+        if revoked is not None:
+            await context.abort_with_status(
+                refusal(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    REVOKED_MESSAGE,
+                    auth_pb2.REFUSAL_REASON_SESSION_REVOKED,
+                    revocation=revoked.cause,
+                )
+            )
+        await context.abort_with_status(
+            refusal(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "unknown or expired session",
+                auth_pb2.REFUSAL_REASON_SESSION_UNKNOWN,
+            )
+        )
 
     async def Rekey(self, request, context):
         session = await self._rekey(await self._session(request, context))
@@ -379,9 +490,7 @@ class AuthServicer:
 
     async def Logout(self, request, context):
         session = await self._session(request, context)
-        await self.sessions.remove(
-            session.session_id, control_pb2.REMOVAL_REASON_LOGOUT, time.time()
-        )
+        await self.sessions.remove(session, control_pb2.REMOVAL_REASON_LOGOUT, time.time())
         self.metrics.logouts.inc()
         self.update_gauges()
         log.info("logout session=%#010x user=%r", session.session_id, session.username)

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ClientError as error:
         print(f"pushgate-client: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
 
 
 if __name__ == "__main__":

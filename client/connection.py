@@ -217,6 +217,8 @@ class Connection:
         try:
             alive = await self.auth.session_alive(self.session_info.token)
         except ClientError as error:
+            if not error.retryable:  # e.g. AccessRevoked: the client ends
+                raise
             alive = True  # auth service down: the dataplane may still know us
             log.info("%s", error)
         if not alive:
@@ -303,6 +305,8 @@ class Connection:
         except SessionGone:
             raise
         except ClientError as error:
+            if not error.retryable:  # e.g. AccessRevoked: the client ends
+                raise
             self.last_error = f"rekey failed: {error}"
             log.warning("%s", self.last_error)
             self._rekey_at = self._rekey_retry_at = now + rekey_retry_delay(now, self._expires_at)

@@ -22,6 +22,7 @@ import grpc
 from cryptography import x509
 
 import gateway_config
+from client import profile
 from pushgate_api import admin_pb2, admin_pb2_grpc, control_pb2, control_pb2_grpc
 
 from .passwords import hash_password
@@ -291,7 +292,36 @@ def _user_offline(args: argparse.Namespace, store: Store) -> str:
     return f"user {args.name} removed" + later
 
 
+def client_profile(cfg: gateway_config.GatewayConfig, user: str, server: str | None) -> str:
+    """The profile file for `user` (client/profile.py): the auth service's address
+    (`server`, or the server certificate's first name and the listen port), the TLS
+    name to check if that address is not one the certificate names, and the CA."""
+    with open(cfg.auth.tls_cert, "rb") as handle:
+        names = server_names(x509.load_pem_x509_certificate(handle.read()))
+    with open(cfg.auth.ca_cert) as handle:
+        ca_pem = handle.read()
+    if server is None:
+        _, port = gateway_config.parse_host_port(cfg.auth.listen, "[auth] listen")
+        host = names[0]
+        server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    host, _ = gateway_config.parse_host_port(server, "--server")
+    server_name = None if host in names else names[0]
+    return profile.Profile(
+        server=server, user=user, ca_pem=ca_pem, server_name=server_name
+    ).to_toml()
+
+
 def cmd_user(args: argparse.Namespace) -> int:
+    if args.action == "profile":
+        cfg = gateway_config.load(args.config, auth=True)
+        store = Store(cfg.auth.database)
+        try:
+            if store.get_user(args.name) is None:
+                raise NoSuchUser(args.name)
+        finally:
+            store.close()
+        sys.stdout.write(client_profile(cfg, args.name, args.server))
+        return 0
     if args.action in ("passwd", "disable", "enable", "remove"):
         cfg = gateway_config.load(args.config, auth=True)
         try:
@@ -534,10 +564,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cert.set_defaults(func=cmd_cert_renew)
     user = commands.add_parser("user", help="manage users")
-    user.add_argument("action", choices=["add", "passwd", "disable", "enable", "remove", "list"])
+    user.add_argument(
+        "action", choices=["add", "passwd", "disable", "enable", "remove", "list", "profile"]
+    )
     user.add_argument("name", nargs="?")
     user.add_argument("--config", required=True)
     user.add_argument("--password-file")
+    user.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="profile: the auth service's address for clients (default: the server "
+        "certificate's first name and [auth] listen's port)",
+    )
     user.set_defaults(func=cmd_user)
     session = commands.add_parser(
         "session", help="live sessions: list, show one, kick (needs the running auth service)"

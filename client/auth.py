@@ -7,8 +7,10 @@ with if it cannot. What the auth service refused, and why, is read from the
 from its message text.
 """
 
+import sys
 import time
 from dataclasses import dataclass
+from importlib import metadata
 
 import grpc
 from grpc_status import rpc_status
@@ -17,7 +19,20 @@ from push_protocol.aead import CipherSuite
 from push_protocol.keys import KeyMaterial
 from pushgate_api import auth_pb2, auth_pb2_grpc
 
+from . import profile
+
 RPC_TIMEOUT_SECONDS = 10.0
+
+
+def client_version() -> str:
+    """What LoginRequest.client_version says (the admin's session list shows it)."""
+    try:
+        version = metadata.version("pushgate")
+    except metadata.PackageNotFoundError:  # e.g. a one-file build without metadata
+        version = "unknown"
+    return f"{version} {sys.platform}"
+
+
 RECONNECT_BACKOFF_MAX_MS = 5000
 
 _CIPHERS = {
@@ -167,8 +182,12 @@ class AuthClient:
         try:
             with open(ca_path, "rb") as handle:
                 root = handle.read()
+            if b"[profile]" in root:  # a client profile (client/profile.py) holds the CA
+                root = profile.parse(root.decode(), ca_path).ca_pem.encode()
         except OSError as error:
             raise ClientError(f"cannot read CA file {ca_path}: {error}", retryable=False) from None
+        except (UnicodeDecodeError, profile.ProfileError) as error:
+            raise ClientError(str(error), retryable=False) from None
         # gRPC's reconnect backoff grows to 120 s by default: after an outage of the
         # auth service, rekeys would then fail at once for minutes after it is back.
         options = [("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS)]
@@ -198,7 +217,9 @@ class AuthClient:
     async def login(self, username: str, password: str) -> ClientSession:
         response = await self._call(
             self._stub.Login,
-            auth_pb2.LoginRequest(username=username, password=password, client_version="0.1"),
+            auth_pb2.LoginRequest(
+                username=username, password=password, client_version=client_version()
+            ),
         )
         cipher = _CIPHERS.get(response.cipher)
         if cipher is None:

@@ -14,6 +14,7 @@ import pytest
 
 from auth_service.sessions import MAX_SESSION_LIFETIME_SECONDS, session_lifetime
 from client import cli as client_cli
+from client import profile
 from client.auth import (
     EXIT_ACCESS_REVOKED,
     AccessRevoked,
@@ -346,3 +347,33 @@ def test_the_client_exits_with_the_revoked_message_and_its_own_code(monkeypatch,
     assert client_cli.main(["status"]) == EXIT_ACCESS_REVOKED == 3
     assert "access revoked by the administrator: the account is disabled" in capsys.readouterr().err
     assert SessionGone().exit_code == ClientError("x", retryable=False).exit_code == 2
+
+
+def test_a_client_profile_holds_what_a_client_needs_but_the_password(auth, tmp_path):
+    result = admin("user", "profile", "alice", "--config", auth.config)
+    assert result.returncode == 0, result.stderr
+    loaded = profile.parse(result.stdout)
+    assert loaded.server == f"localhost:{auth.port}" and loaded.user == "alice"
+    assert loaded.server_name is None  # the certificate names localhost
+    assert loaded.ca_pem.encode().strip() == auth.ca.strip()
+    assert PASSWORD not in result.stdout and "PRIVATE KEY" not in result.stdout
+    by_address = admin(
+        "user", "profile", "alice", "--server", f"127.0.0.1:{auth.port}", "--config", auth.config
+    )
+    path = tmp_path / "alice.pushgate"
+    path.write_text(by_address.stdout)
+    assert profile.read(str(path)).server_name == "localhost"
+
+    async def log_in_with_it():
+        loaded = profile.read(str(path))
+        client = AuthClient(loaded.server, str(path), loaded.server_name)
+        try:
+            return await client.login(loaded.user, PASSWORD)
+        finally:
+            await client.close()
+
+    assert asyncio.run(log_in_with_it()).session_id
+    missing = admin("user", "profile", "dave", "--config", auth.config)
+    assert missing.returncode == 1 and "no such user dave" in missing.stderr
+    with pytest.raises(profile.ProfileError, match="no PEM certificate"):
+        profile.parse('[profile]\nserver = "a:1"\nuser = "u"\nca = "x"\n')

@@ -115,3 +115,21 @@ def test_audit_log_has_every_end_once(gateway):
         "session_kick",
         "user_remove",
     ]
+
+
+def test_connect_with_a_profile(gateway, tmp_path):
+    gw = gateway
+    result = admin(gw, "user", "profile", "alice")
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "alice.pushgate"
+    path.write_text(result.stdout)
+    command = [*gw.client_command(0), "connect", "--profile", str(path)]
+    gw.client_processes[0] = gw.lab.start(
+        gw.clients[0],
+        [*command, "--password-file", gw.password_file],
+        stdout=open(Path(gw.workdir, "client0.log"), "a"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+    wait_for(lambda: gw.status(0).get("state") == "up", 30, what="the client up from a profile")
+    assert gw.ping(0, LAN_HOST, count=3).returncode == 0
+    gw.disconnect(0)

@@ -6,7 +6,10 @@ import contextlib
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import grpc
@@ -377,3 +380,60 @@ def test_a_client_profile_holds_what_a_client_needs_but_the_password(auth, tmp_p
     assert missing.returncode == 1 and "no such user dave" in missing.stderr
     with pytest.raises(profile.ProfileError, match="no PEM certificate"):
         profile.parse('[profile]\nserver = "a:1"\nuser = "u"\nca = "x"\n')
+
+
+def test_audit_log_over_churn_and_guessing_matches_the_metrics(tmp_path):
+    """Logins by result in the audit log equal pushgate_auth_logins_total; every
+    session created has exactly one end event (logout, replaced, expired, admin)."""
+    server = AuthServer(
+        str(tmp_path / "gw"),
+        settings={"session_lifetime_seconds": "3", "max_failures_before_delay": "3"},
+    )
+    server.add_user("alice", PASSWORD)
+    server.add_user("bob", PASSWORD)
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD + "\n")
+    server.start()
+    try:
+        ca = str(Path(server.directory, "tls", "ca.crt"))
+        target = f"localhost:{server.port}"
+
+        def run(*args) -> subprocess.Popen:
+            return subprocess.Popen(
+                [sys.executable, "-m", "netlab.churn", *args], stdout=subprocess.PIPE, text=True
+            )
+
+        left = [server.login("bob", PASSWORD) for _ in range(2)]  # to expire
+        kicked = server.login("bob", PASSWORD)
+        kick = admin("session", "kick", f"{kicked.session_id:#010x}", "--config", server.config)
+        assert kick.returncode == 0, kick.stderr
+        # 8 at a time against max_sessions_per_user = 3: logins replace sessions
+        churners = [run("churn", target, ca, "alice", str(password_file), "60", "8")]
+        churners.append(run("guess", target, ca, "alice,bob,nobody", "40"))
+        for process in churners:
+            assert process.wait(300) == 0
+        wait_for(
+            lambda: "pushgate_auth_sessions_active 0.0" in server.metrics_text(),
+            30,
+            what="every session ended",
+        )
+        text = server.metrics_text()
+    finally:
+        server.stop()
+    events = [
+        json.loads(line)
+        for line in Path(server.directory, "audit.log").read_text().split("\n")[:-1]
+    ]
+    logins = Counter(e["result"] for e in events if e["event"] == "login")
+    for line in text.splitlines():
+        if line.startswith("pushgate_auth_logins_total{"):
+            result = line.split('"')[1]
+            assert logins[result] == float(line.split()[-1]), (result, logins)
+    assert logins["success"] >= 63 and logins["bad_credentials"] > 0
+    created = [e["session"] for e in events if e["event"] == "login" and e["result"] == "success"]
+    ended = Counter(e["session"] for e in events if e["event"] == "session_end")
+    assert ended == Counter(created)  # each exactly once
+    reasons = {e["reason"] for e in events if e["event"] == "session_end"}
+    assert reasons >= {"logout", "expired", "admin"}, reasons
+    assert {f"{s.session_id:#010x}" for s in left} <= set(ended)
+    assert PASSWORD not in Path(server.directory, "audit.log").read_text()

@@ -171,7 +171,7 @@ class SessionSync:
                 self._install(session, relearned=True)
                 continue
             self._update(record, session, relearned=True)
-        self.revision = listing.revision
+        self.revision = self.counters.feed_revision = listing.revision
         self.counters.control_resyncs += 1
         self.synced.set()
         log.info("session feed synced: %d sessions at revision %d", len(listed), self.revision)
@@ -194,7 +194,7 @@ class SessionSync:
             self._remove(
                 event.removed.session_id, control_pb2.RemovalReason.Name(event.removed.reason)
             )
-        self.revision = event.revision
+        self.revision = self.counters.feed_revision = event.revision
 
     def _key_material(self, keys: auth_pb2.SessionKeys, now: float) -> KeyMaterial:
         material = key_material(keys)

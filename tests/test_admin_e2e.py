@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from client.auth import EXIT_ACCESS_REVOKED
-from netlab import Lab, metrics, wait_for
+from netlab import Lab, http_get, metrics, wait_for
 from netlab.gateway import LAN_HOST, GatewayLab, tool
 
 # The admin command returned (the change is on the feed): no echo reply may come
@@ -133,3 +133,19 @@ def test_connect_with_a_profile(gateway, tmp_path):
     wait_for(lambda: gw.status(0).get("state") == "up", 30, what="the client up from a profile")
     assert gw.ping(0, LAN_HOST, count=3).returncode == 0
     gw.disconnect(0)
+
+
+def test_the_dataplane_exports_the_feed_revision_it_applied(gateway):
+    """Beside the auth service's: the drift alert compares the two
+    (deploy/prometheus/rules.yml, PushgateFeedRevisionDrift)."""
+    gw = gateway
+
+    def revisions() -> tuple[float, float]:
+        auth = metrics.parse(http_get(gw.gw, 9101, "/metrics").decode())
+        return (
+            metrics.total(auth, "pushgate_auth_feed_revision"),
+            metrics.total(gw.scrape(), "pushgate_dataplane_feed_revision"),
+        )
+
+    wait_for(lambda: len(set(revisions())) == 1, 10, what="the dataplane at the auth's revision")
+    assert revisions()[0] > 0

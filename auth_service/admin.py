@@ -25,6 +25,7 @@ import gateway_config
 from client import profile
 from pushgate_api import admin_pb2, admin_pb2_grpc, control_pb2, control_pb2_grpc
 
+from .audit import AuditLog
 from .passwords import hash_password
 from .pki import load_ca, make_ca, make_server_cert, server_names, verification_problem
 from .store import NoSuchUser, Store, UserExists
@@ -206,11 +207,6 @@ def cmd_cert_renew(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace) -> Store:
-    cfg = gateway_config.load(args.config, auth=True)
-    return Store(cfg.auth.database)
-
-
 def _new_password(args: argparse.Namespace) -> str:
     if args.password_file:
         with open(args.password_file) as handle:
@@ -250,7 +246,7 @@ def admin_channel(path: str) -> grpc.Channel:
 
 
 def _api_error(error: grpc.RpcError, path: str) -> Exception:
-    if error.code() is grpc.StatusCode.NOT_FOUND:
+    if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS):
         return LookupError(error.details())
     if error.code() is grpc.StatusCode.UNAVAILABLE:  # the peer check closed the connection
         return PermissionError(f"the auth service refused us on {path}: {error.details()}")
@@ -264,6 +260,12 @@ def _ended(response) -> str:
 
 def _user_via_api(args: argparse.Namespace, channel: grpc.Channel) -> str:
     stub = admin_pb2_grpc.AdminStub(channel)
+    if args.action == "add":
+        request = admin_pb2.AddUserRequest(
+            username=args.name, password_hash=hash_password(_new_password(args))
+        )
+        stub.AddUser(request, timeout=30)
+        return f"user {args.name} added"
     if args.action == "passwd":
         request = admin_pb2.SetPasswordRequest(
             username=args.name, password_hash=hash_password(_new_password(args))
@@ -282,6 +284,9 @@ def _user_via_api(args: argparse.Namespace, channel: grpc.Channel) -> str:
 
 def _user_offline(args: argparse.Namespace, store: Store) -> str:
     later = " (the auth service is not running: its sessions end when it starts)"
+    if args.action == "add":
+        store.add_user(args.name, hash_password(_new_password(args)), time.time())
+        return f"user {args.name} added"
     if args.action == "passwd":
         store.set_password(args.name, hash_password(_new_password(args)), time.time())
         return f"password of {args.name} changed" + later
@@ -311,6 +316,20 @@ def client_profile(cfg: gateway_config.GatewayConfig, user: str, server: str | N
     ).to_toml()
 
 
+CHANGES = ("add", "passwd", "disable", "enable", "remove")
+
+
+def _audit_offline(cfg: gateway_config.GatewayConfig, args: argparse.Namespace) -> None:
+    """What the auth service would have recorded, had it run (to a file only: a
+    stdout audit log belongs to the service's output, not to ours)."""
+    if cfg.auth.audit_log is not None:
+        audit = AuditLog.open(cfg.auth.audit_log)
+        try:
+            audit.admin(f"user_{args.action}", os.getuid(), user=args.name, offline=True)
+        finally:
+            audit.close()
+
+
 def cmd_user(args: argparse.Namespace) -> int:
     if args.action == "profile":
         cfg = gateway_config.load(args.config, auth=True)
@@ -322,8 +341,8 @@ def cmd_user(args: argparse.Namespace) -> int:
             store.close()
         sys.stdout.write(client_profile(cfg, args.name, args.server))
         return 0
-    if args.action in ("passwd", "disable", "enable", "remove"):
-        cfg = gateway_config.load(args.config, auth=True)
+    cfg = gateway_config.load(args.config, auth=True)
+    if args.action in CHANGES:
         try:
             channel = admin_channel(cfg.auth.admin_socket)
         except ServiceDown:
@@ -335,13 +354,11 @@ def cmd_user(args: argparse.Namespace) -> int:
                 except grpc.RpcError as error:
                     raise _api_error(error, cfg.auth.admin_socket) from None
             return 0
-    store = _store(args)
+    store = Store(cfg.auth.database)
     try:
-        if args.action == "add":
-            store.add_user(args.name, hash_password(_new_password(args)), time.time())
-            print(f"user {args.name} added")
-        elif args.action in ("passwd", "disable", "enable", "remove"):
+        if args.action in CHANGES:
             print(_user_offline(args, store))
+            _audit_offline(cfg, args)
         else:
             for user in store.list_users():
                 state = "disabled" if user.disabled else "enabled"

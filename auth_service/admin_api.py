@@ -16,7 +16,7 @@ from pushgate_api import admin_pb2, admin_pb2_grpc, auth_pb2
 
 from .audit import AuditLog
 from .sessions import SessionManager
-from .store import NoSuchUser, StoredSession
+from .store import NoSuchUser, StoredSession, UserExists
 
 log = logging.getLogger("pushgate.auth")
 
@@ -56,6 +56,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             change()
         except NoSuchUser:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no such user {username}")
+        except UserExists:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"user {username} already exists")
         ended = [s.session_id for s in await self.sessions.revoke_stale(username)]
         self.on_change()
         self.audit.admin(
@@ -66,6 +68,23 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         )
         log.info("admin: %s %r; %d sessions ended", action, username, len(ended))
         return ended
+
+    async def _check_hash(self, context, password_hash: str) -> None:
+        if not password_hash.startswith(ARGON2_PREFIX):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "password_hash must be an argon2 hash"
+            )
+
+    async def AddUser(self, request, context):
+        name, password_hash = request.username, request.password_hash
+        await self._check_hash(context, password_hash)
+        await self._user_change(
+            context,
+            "user_add",
+            name,
+            lambda: self.store.add_user(name, password_hash, time.time()),
+        )
+        return admin_pb2.UserChangeResponse()
 
     async def SetUserDisabled(self, request, context):
         name, disabled = request.username, request.disabled
@@ -86,10 +105,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     async def SetPassword(self, request, context):
         name, password_hash = request.username, request.password_hash
-        if not password_hash.startswith(ARGON2_PREFIX):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "password_hash must be an argon2 hash"
-            )
+        await self._check_hash(context, password_hash)
         ended = await self._user_change(
             context,
             "user_passwd",

@@ -205,9 +205,22 @@ def test_admin_changes_end_live_sessions_at_once_and_the_client_is_told(
         )
     }
     changes = [e for e in _audit(auth) if e["event"] == "admin"]
-    assert len(changes) == 1 and changes[0]["caller_uid"] == os.geteuid()
+    offline = [(e["action"], e["user"]) for e in changes if e.get("offline")]
+    assert offline == [("user_add", "alice"), ("user_add", "bob")]  # the fixture, before start
+    live = [e for e in changes if not e.get("offline")]
+    assert len(live) == 1 and live[0]["caller_uid"] == os.geteuid()
     assert PASSWORD not in Path(auth.directory, "audit.log").read_text()
     assert "a new password" not in Path(auth.directory, "audit.log").read_text()
+
+
+def test_user_add_goes_through_the_running_service(auth):
+    added = admin("user", "add", "carol", "--config", auth.config, password="pw for carol")
+    assert added.returncode == 0 and added.stdout == "user carol added\n", added
+    assert auth.login("carol", "pw for carol").session_id
+    again = admin("user", "add", "carol", "--config", auth.config, password="x")
+    assert again.returncode == 1 and "user carol already exists" in again.stderr, again
+    (entry,) = [e for e in _audit(auth) if e["event"] == "admin" and not e.get("offline")]
+    assert entry["action"] == "user_add" and entry["user"] == "carol"
 
 
 def test_enable_ends_nothing_and_a_kicked_user_may_log_in_again(auth):

@@ -109,11 +109,13 @@ def test_audit_log_has_every_end_once(gateway):
     created = [e["session"] for e in events if e["event"] == "login" and e["result"] == "success"]
     ended = [e["session"] for e in events if e["event"] == "session_end"]
     assert len(created) == 3 and sorted(created) == sorted(ended)
-    assert [e["action"] for e in events if e["event"] == "admin"] == [
-        "user_disable",
-        "user_enable",
-        "session_kick",
-        "user_remove",
+    assert [(e["action"], e.get("offline", False)) for e in events if e["event"] == "admin"] == [
+        ("user_add", True),  # before the auth service started
+        ("user_disable", False),
+        ("user_enable", False),
+        ("session_kick", False),
+        ("user_remove", False),
+        ("user_add", False),
     ]
 
 

@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 GENERATED := pushgate_api/auth_pb2.py pushgate_api/auth_pb2_grpc.py \
+             pushgate_api/admin_pb2.py pushgate_api/admin_pb2_grpc.py \
              pushgate_api/control_pb2.py pushgate_api/control_pb2_grpc.py
-PROTOS := protos/auth.proto protos/control.proto
+PROTOS := protos/auth.proto protos/control.proto protos/admin.proto
 
 # Debian packages the tests and the demo use (network namespaces, ping, NAT, iperf3;
 # gcc builds the fake wintun.dll, binutils' objdump is PyInstaller's; setcap, setpriv,

@@ -1,4 +1,12 @@
-"""`pushgate-admin`: set up a gateway (init), renew its server certificate, manage users."""
+"""`pushgate-admin`: set up a gateway (init), renew its server certificate, manage users
+and sessions.
+
+User changes go through the running auth service's admin API ([auth] admin_socket)
+when it runs, so they reach the dataplane at once and are audited with the
+caller's uid; when it does not run, they are written to the database and take
+effect when it starts (it ends the sessions of users disabled, removed or given
+a new password meanwhile). Sessions are listed and kicked through the API only.
+"""
 
 import argparse
 import datetime
@@ -7,14 +15,19 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import sys
 import time
 
+import grpc
 from cryptography import x509
 
+from client import profile
 from push_protocol.version import add_version_argument
+from pushgate_api import admin_pb2, admin_pb2_grpc, control_pb2, control_pb2_grpc
 from pushgate_io import gateway_config
 
+from .audit import AuditLog
 from .passwords import hash_password
 from .pki import load_ca, make_ca, make_server_cert, server_names, verification_problem
 from .store import NoSuchUser, Store, UserExists
@@ -45,7 +58,7 @@ dataplane_endpoint = {dataplane_endpoint}   # UDP endpoint handed to clients
 routes = [{routes}]                    # "0.0.0.0/0" = full tunnel
 dns = [{dns}]
 metrics_listen = {auth_metrics_listen}
-session_lifetime_seconds = 86400       # absolute; 0 = no limit
+session_lifetime_seconds = 86400       # absolute; at most a week (0 = a week)
 key_lifetime_seconds = 600             # clients rekey after this many seconds
 key_expiry_seconds = 900               # keys not replaced by then end the session (max 900)
 # Failed logins are throttled per (user, source), per source and per IPv4 /24
@@ -67,6 +80,9 @@ max_pending_hashes = 64                # ... and logins waiting for one; more ar
 max_sessions_per_user = 3              # a further login ends the user's oldest session
 max_connections = 10000                # client API connections (at most the fd limit allows)
 reflection = false                     # gRPC server reflection on the client API port
+admin_socket = {admin_socket}        # pushgate-admin's API, Unix socket, mode 0600
+audit_log = "audit.log"                # JSON lines: logins, session ends, admin changes
+                                       # ("-": stdout)
 
 [dataplane]
 listen = {dataplane_listen}
@@ -122,6 +138,7 @@ INIT_FLAGS = {
     "[auth] metrics_listen": "--auth-metrics-listen",
     "[gateway] control_socket": "--run-dir",
     "[dataplane] stats_socket": "--run-dir",
+    "[auth] admin_socket": "--run-dir",
     "[dataplane] metrics_listen": "--dataplane-metrics-listen",
     "[dataplane] listen": "--dataplane-listen",
     "[dataplane] user": "--dataplane-user",
@@ -171,6 +188,7 @@ def _init_config(args: argparse.Namespace, config_path: str) -> str:
         database=_toml_string(args.database),
         control_socket=_toml_string(f"{args.run_dir}/control.sock"),
         stats_socket=_toml_string(f"{args.run_dir}/dataplane.sock"),
+        admin_socket=_toml_string(f"{args.run_dir}/admin.sock"),
         auth_metrics_listen=_toml_string(args.auth_metrics_listen),
         dataplane_metrics_listen=_toml_string(args.dataplane_metrics_listen),
         routes=_quoted(args.route or ["0.0.0.0/0"]),
@@ -278,11 +296,6 @@ def cmd_cert_renew(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store(args: argparse.Namespace) -> Store:
-    cfg = gateway_config.load(args.config, auth=True)
-    return Store(cfg.auth.database)
-
-
 def _new_password(args: argparse.Namespace) -> str:
     if args.password_file:
         with open(args.password_file) as handle:
@@ -302,26 +315,144 @@ def _new_password(args: argparse.Namespace) -> str:
     return password
 
 
+class ServiceDown(Exception):
+    """The auth service does not run (nothing listens on its admin socket)."""
+
+
+def admin_channel(path: str) -> grpc.Channel:
+    """A channel to the running auth service's admin API; ServiceDown if it does not
+    run. Permission problems are errors, not a reason to edit the database instead."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise ServiceDown(path) from None
+    except PermissionError:
+        raise PermissionError(f"permission denied on the admin socket {path}") from None
+    finally:
+        probe.close()
+    return grpc.insecure_channel(f"unix:{path}")
+
+
+def _api_error(error: grpc.RpcError, path: str) -> Exception:
+    if error.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS):
+        return LookupError(error.details())
+    if error.code() is grpc.StatusCode.UNAVAILABLE:  # the peer check closed the connection
+        return PermissionError(f"the auth service refused us on {path}: {error.details()}")
+    return ValueError(error.details() or error.code().name)
+
+
+def _ended(response) -> str:
+    count = len(response.ended_session_ids)
+    return f"; {count} live session{'s' if count != 1 else ''} ended" if count else ""
+
+
+def _user_via_api(args: argparse.Namespace, channel: grpc.Channel) -> str:
+    stub = admin_pb2_grpc.AdminStub(channel)
+    if args.action == "add":
+        request = admin_pb2.AddUserRequest(
+            username=args.name, password_hash=hash_password(_new_password(args))
+        )
+        stub.AddUser(request, timeout=30)
+        return f"user {args.name} added"
+    if args.action == "passwd":
+        request = admin_pb2.SetPasswordRequest(
+            username=args.name, password_hash=hash_password(_new_password(args))
+        )
+        return f"password of {args.name} changed" + _ended(stub.SetPassword(request, timeout=30))
+    if args.action in ("disable", "enable"):
+        request = admin_pb2.SetUserDisabledRequest(
+            username=args.name, disabled=args.action == "disable"
+        )
+        return f"user {args.name} {args.action}d" + _ended(
+            stub.SetUserDisabled(request, timeout=30)
+        )
+    response = stub.RemoveUser(admin_pb2.RemoveUserRequest(username=args.name), timeout=30)
+    return f"user {args.name} removed" + _ended(response)
+
+
+def _user_offline(args: argparse.Namespace, store: Store) -> str:
+    later = " (the auth service is not running: its sessions end when it starts)"
+    if args.action == "add":
+        store.add_user(args.name, hash_password(_new_password(args)), time.time())
+        return f"user {args.name} added"
+    if args.action == "passwd":
+        store.set_password(args.name, hash_password(_new_password(args)), time.time())
+        return f"password of {args.name} changed" + later
+    if args.action in ("disable", "enable"):
+        store.set_disabled(args.name, args.action == "disable")
+        return f"user {args.name} {args.action}d" + (later if args.action == "disable" else "")
+    store.remove_user(args.name)
+    return f"user {args.name} removed" + later
+
+
+def client_profile(cfg: gateway_config.GatewayConfig, user: str, server: str | None) -> str:
+    """The profile file for `user` (client/profile.py): the auth service's address
+    (`server`, or the server certificate's first name and the listen port), the TLS
+    name to check if that address is not one the certificate names, and the CA."""
+    with open(cfg.auth.tls_cert, "rb") as handle:
+        names = server_names(x509.load_pem_x509_certificate(handle.read()))
+    with open(cfg.auth.ca_cert) as handle:
+        ca_pem = handle.read()
+    if server is None:
+        _, port = gateway_config.parse_host_port(cfg.auth.listen, "[auth] listen")
+        host = names[0]
+        server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    host, _ = gateway_config.parse_host_port(server, "--server")
+    server_name = None if host in names else names[0]
+    return profile.Profile(
+        server=server, user=user, ca_pem=ca_pem, server_name=server_name
+    ).to_toml()
+
+
+CHANGES = ("add", "passwd", "disable", "enable", "remove")
+
+
+def _audit_offline(cfg: gateway_config.GatewayConfig, args: argparse.Namespace) -> None:
+    """What the auth service would have recorded, had it run (to a file only: a
+    stdout audit log belongs to the service's output, not to ours)."""
+    if cfg.auth.audit_log is not None:
+        audit = AuditLog.open(cfg.auth.audit_log)
+        try:
+            audit.admin(f"user_{args.action}", os.getuid(), user=args.name, offline=True)
+        finally:
+            audit.close()
+
+
 def cmd_user(args: argparse.Namespace) -> int:
+    if args.action == "profile":
+        cfg = gateway_config.load(args.config, auth=True)
+        store = Store(cfg.auth.database)
+        try:
+            if store.get_user(args.name) is None:
+                raise NoSuchUser(args.name)
+        finally:
+            store.close()
+        sys.stdout.write(client_profile(cfg, args.name, args.server))
+        return 0
     if args.action == "add" and (problem := user_name_problem(args.name)):
         print(
             f"pushgate-admin: user {args.name!r}: {problem} (Login refuses others)", file=sys.stderr
         )
         return 2
-    store = _store(args)
+    cfg = gateway_config.load(args.config, auth=True)
+    if args.action in CHANGES:
+        try:
+            channel = admin_channel(cfg.auth.admin_socket)
+        except ServiceDown:
+            channel = None
+        if channel is not None:
+            with channel:
+                try:
+                    print(_user_via_api(args, channel))
+                except grpc.RpcError as error:
+                    raise _api_error(error, cfg.auth.admin_socket) from None
+            return 0
+    store = Store(cfg.auth.database)
     try:
-        if args.action == "add":
-            store.add_user(args.name, hash_password(_new_password(args)), time.time())
-            print(f"user {args.name} added")
-        elif args.action == "passwd":
-            store.set_password(args.name, hash_password(_new_password(args)))
-            print(f"password of {args.name} changed")
-        elif args.action in ("disable", "enable"):
-            store.set_disabled(args.name, args.action == "disable")
-            print(f"user {args.name} {args.action}d")
-        elif args.action == "remove":
-            store.remove_user(args.name)
-            print(f"user {args.name} removed")
+        if args.action in CHANGES:
+            print(_user_offline(args, store))
+            _audit_offline(cfg, args)
         else:
             for user in store.list_users():
                 state = "disabled" if user.disabled else "enabled"
@@ -331,9 +462,159 @@ def cmd_user(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataplane_stats(path: str) -> tuple[dict[int, control_pb2.SessionStats], str | None]:
+    """Per-session statistics from the dataplane's stats socket, or why there are none."""
+    try:
+        with grpc.insecure_channel(f"unix:{path}") as channel:
+            stub = control_pb2_grpc.DataplaneStatsStub(channel)
+            response = stub.ListSessionStats(control_pb2.ListSessionStatsRequest(), timeout=5)
+    except grpc.RpcError as error:
+        return {}, f"dataplane statistics unavailable ({path}: {error.code().name})"
+    return {stats.session_id: stats for stats in response.sessions}, None
+
+
+def session_rows(sessions, stats: dict, now: float) -> list[dict]:
+    """One dict per session: the auth service's record joined with the dataplane's
+    statistics (None where the dataplane does not know the session)."""
+    rows = []
+    for s in sessions:
+        d = stats.get(s.session_id)
+        last = max(d.last_received_unix_ms, d.last_sent_unix_ms) if d else 0
+        rows.append(
+            {
+                "session": f"{s.session_id:#010x}",
+                "user": s.username,
+                "tunnel_address": s.tunnel_address,
+                "endpoint": (d.endpoint or None) if d else None,
+                "client_version": s.client_version,
+                "login_source": s.login_source,
+                "login_time": datetime.datetime.fromtimestamp(
+                    s.created_at_unix_ms / 1000, datetime.UTC
+                ).isoformat(timespec="seconds"),
+                "expires_time": datetime.datetime.fromtimestamp(
+                    s.expires_at_unix_ms / 1000, datetime.UTC
+                ).isoformat(timespec="seconds"),
+                "last_received_age_seconds": (
+                    round(now - d.last_received_unix_ms / 1000, 1)
+                    if d and d.last_received_unix_ms
+                    else None
+                ),
+                "last_packet_age_seconds": round(now - last / 1000, 1) if last else None,
+                "rx_packets": d.rx_packets if d else None,
+                "rx_bytes": d.rx_bytes if d else None,
+                "tx_packets": d.tx_packets if d else None,
+                "tx_bytes": d.tx_bytes if d else None,
+                "drops": dict(d.drops) if d else None,
+                "last_drop_reason": (d.last_drop_reason or None) if d else None,
+                "key_epoch": s.key_epoch,
+                "dataplane_state": d.state if d else None,
+            }
+        )
+    return rows
+
+
+def _or_dash(value) -> str:
+    return "-" if value is None else str(value)
+
+
+def format_session_table(rows: list[dict]) -> str:
+    header = ("SESSION", "USER", "ADDRESS", "ENDPOINT", "CLIENT", "LOGIN (UTC)", "LAST PKT")
+    header += ("RX PKTS", "RX BYTES", "TX PKTS", "TX BYTES", "DROPS", "EPOCH")
+    lines = [header]
+    for r in rows:
+        drops = r["drops"]
+        lines.append(
+            (
+                r["session"],
+                r["user"],
+                r["tunnel_address"],
+                _or_dash(r["endpoint"]),
+                r["client_version"] or "-",
+                r["login_time"].replace("+00:00", ""),
+                "-" if r["last_packet_age_seconds"] is None else f"{r['last_packet_age_seconds']}s",
+                _or_dash(r["rx_packets"]),
+                _or_dash(r["rx_bytes"]),
+                _or_dash(r["tx_packets"]),
+                _or_dash(r["tx_bytes"]),
+                "-" if drops is None else str(sum(drops.values())),
+                str(r["key_epoch"]),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def format_session(row: dict) -> str:
+    lines = []
+    for key, value in row.items():
+        if key == "drops" and value:
+            value = ", ".join(f"{reason}={count}" for reason, count in sorted(value.items()))
+        lines.append(f"{key + ':':27} {_or_dash(value if value != {} else 'none')}")
+    return "\n".join(lines)
+
+
+def _session_id(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise ValueError(f"not a session id: {text!r} (e.g. 0x1a2b3c4d)") from None
+    if not 0 < value < 2**32:
+        raise ValueError(f"not a session id: {text!r} (1..0xffffffff)")
+    return value
+
+
+def cmd_session(args: argparse.Namespace) -> int:
+    cfg = gateway_config.load(args.config, auth=True)
+    path = cfg.auth.admin_socket
+    try:
+        channel = admin_channel(path)
+    except ServiceDown:
+        raise ServiceDown(
+            f"the auth service is not running (nothing on {path}): no live sessions"
+        ) from None
+    with channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        try:
+            if args.action == "kick":
+                if (args.target is None) == (args.user is None):
+                    raise ValueError("kick needs a session id or --user NAME (one of them)")
+                if args.user is not None:
+                    request = admin_pb2.KickSessionsRequest(username=args.user)
+                else:
+                    request = admin_pb2.KickSessionsRequest(session_id=_session_id(args.target))
+                response = stub.KickSessions(request, timeout=30)
+                ended = ", ".join(f"{i:#010x}" for i in response.ended_session_ids)
+                print(f"ended {len(response.ended_session_ids)} session(s): {ended}")
+                return 0
+            request = admin_pb2.ListSessionsRequest(username=args.user or "")
+            if args.action == "show":
+                if args.target is None:
+                    raise ValueError("show needs a session id")
+                request.session_id = _session_id(args.target)
+            sessions = stub.ListSessions(request, timeout=30).sessions
+        except grpc.RpcError as error:
+            raise _api_error(error, path) from None
+    stats, problem = _dataplane_stats(cfg.dataplane.stats_socket)
+    rows = session_rows(sessions, stats, time.time())
+    if args.action == "show" and not rows:
+        raise LookupError(f"no live session {args.target}")
+    if args.json:
+        print(json.dumps(rows[0] if args.action == "show" else rows, indent=2))
+    elif args.action == "show":
+        print(format_session(rows[0]))
+    else:
+        print(format_session_table(rows) if rows else "no live sessions")
+    if problem:
+        print(f"pushgate-admin: {problem}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pushgate-admin", description="gateway administration (init, cert, users)"
+        prog="pushgate-admin", description="gateway administration (init, cert, users, sessions)"
     )
     add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -412,11 +693,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cert.set_defaults(func=cmd_cert_renew)
     user = commands.add_parser("user", help="manage users")
-    user.add_argument("action", choices=["add", "passwd", "disable", "enable", "remove", "list"])
+    user.add_argument(
+        "action", choices=["add", "passwd", "disable", "enable", "remove", "list", "profile"]
+    )
     user.add_argument("name", nargs="?")
     user.add_argument("--config", required=True)
     user.add_argument("--password-file")
+    user.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="profile: the auth service's address for clients (default: the server "
+        "certificate's first name and [auth] listen's port)",
+    )
     user.set_defaults(func=cmd_user)
+    session = commands.add_parser(
+        "session", help="live sessions: list, show one, kick (needs the running auth service)"
+    )
+    session.add_argument("action", choices=["list", "show", "kick"])
+    session.add_argument("target", nargs="?", metavar="SESSION_ID", help="e.g. 0x1a2b3c4d")
+    session.add_argument("--user", help="list: only this user's; kick: every session of theirs")
+    session.add_argument("--config", required=True)
+    session.add_argument("--json", action="store_true", help="machine-readable output")
+    session.set_defaults(func=cmd_session)
     return parser
 
 
@@ -433,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pushgate-admin: user {error} already exists", file=sys.stderr)
     except NoSuchUser as error:
         print(f"pushgate-admin: no such user {error}", file=sys.stderr)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, LookupError, ServiceDown) as error:
         print(f"pushgate-admin: {error}", file=sys.stderr)
     return 1
 

@@ -16,12 +16,15 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.process_collector import ProcessCollector
 
+from push_protocol.aead import CipherSuite
 from push_protocol.version import add_version_argument, register_build_info
-from pushgate_api import auth_pb2, control_pb2_grpc
+from pushgate_api import admin_pb2_grpc, auth_pb2, control_pb2_grpc
 from pushgate_io import gateway_config
 from pushgate_io.control_socket import ControlSocketError, PeerPolicy, serve_private
 
 from . import health, limits
+from .admin_api import AdminServicer
+from .audit import REMOVAL_NAMES, REVOCATION_NAMES, AuditLog
 from .server import AuthMetrics, AuthServicer, SessionFeedServicer
 from .sessions import AddressPool, SessionManager
 from .store import Store
@@ -58,11 +61,15 @@ def raise_fd_limit(max_connections: int) -> limits.Limits:
 
 
 async def housekeeping(sessions, servicer, metrics, self_check, probe) -> None:
-    """Expiry, the throttle's pruning, ended keys out of the WAL, and the self-check,
-    on the event loop: if this stops running, so do logins."""
+    """Expiry, revocation of what users changed outside the admin API, the
+    throttle's pruning, ended keys out of the WAL, and the self-check, on the event
+    loop: if this stops running, so do logins."""
     servicer.sweep(time.monotonic())
     try:
         expired = await sessions.expire(time.time())
+        if await sessions.revoke_stale():
+            servicer.update_gauges()
+        sessions.forget_old_revocations(time.time())
         sessions.store.wipe_replaced_keys()  # ended and replaced keys leave the WAL
     except sqlite3.Error as error:
         log.error("session expiry failed: %s", error)
@@ -107,6 +114,18 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     ProcessCollector(registry=registry)  # process_open_fds against process_max_fds
     metrics = AuthMetrics(registry)
     metrics.connections_limit.set(plan.connections)
+    audit = AuditLog.open(auth.audit_log)
+
+    def ended(session, reason: int, cause: int) -> None:
+        audit.session_ended(session, reason, cause)
+        log.info(
+            "session=%#010x user=%r ended: %s%s",
+            session.session_id,
+            session.username,
+            REMOVAL_NAMES.get(reason, reason),
+            f" ({REVOCATION_NAMES.get(cause, cause)})" if cause else "",
+        )
+
     sessions = SessionManager(
         store,
         AddressPool(gw.tunnel_network, gw.gateway_address, auth.address_quarantine_seconds),
@@ -115,6 +134,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         key_expiry_seconds=auth.key_expiry_seconds,
         allocated=lambda kind: metrics.allocations.labels(kind.value).inc(),
         max_sessions_per_user=auth.max_sessions_per_user,
+        ended=ended,
     )
     host, port = auth.dataplane_endpoint
     servicer = AuthServicer(
@@ -144,6 +164,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
             "key_lifetime": int(auth.key_lifetime_seconds),
             "endpoint": auth_pb2.Endpoint(host=host, port=port),
         },
+        audit=audit,
     )
     servicer.update_gauges()
 
@@ -173,6 +194,24 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     await housekeeping(sessions, servicer, metrics, self_check, probe)
     await public.start()
 
+    admin = grpc.aio.server()
+    admin_servicer = AdminServicer(
+        sessions,
+        audit,
+        caller=lambda peer: admin_socket.caller(peer),
+        prefix=gw.tunnel_network.prefixlen,
+        on_change=servicer.update_gauges,
+    )
+    admin_pb2_grpc.add_AdminServicer_to_server(admin_servicer, admin)
+    # Served before the session feed (whose socket tells tests and scripts we are up).
+    # Only this service's user and root: the admin API changes users and ends sessions.
+    admin_socket = await serve_private(
+        admin,
+        auth.admin_socket,
+        PeerPolicy.for_service(),
+        on_refused=metrics.admin_peers_refused.inc,
+        identify_callers=True,
+    )
     control = grpc.aio.server()
     control_pb2_grpc.add_SessionFeedServicer_to_server(
         SessionFeedServicer(sessions, servicer.update_gauges), control
@@ -184,10 +223,11 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         on_refused=metrics.control_peers_refused.inc,
     )
     log.info(
-        "auth service up: clients %s (TLS), session feed unix:%s, metrics %s:%d, "
-        "%d sessions, revision %d",
+        "auth service up: clients %s (TLS), session feed unix:%s, admin unix:%s, "
+        "metrics %s:%d, %d sessions, revision %d",
         auth.listen,
         gw.control_socket,
+        auth.admin_socket,
         *auth.metrics_listen,
         store.count_sessions(),
         store.revision,
@@ -206,8 +246,10 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     log.info("stopping")
     await public.stop(2)
     await control_socket.stop(1)
+    await admin_socket.stop(1)
     probe.close()
     store.close()
+    audit.close()
 
 
 def _check(cfg: gateway_config.GatewayConfig, timeout: float) -> int:

@@ -6,13 +6,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
+from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from push_protocol.aead import CipherSuite
 from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
 from pushgate_io.rate_limited_log import RateLimitedLog
 
+from .audit import AuditLog
 from .passwords import verify_password
 from .sessions import (
     MAX_COUNTER_RANGES_PER_LEASE,
@@ -21,12 +25,14 @@ from .sessions import (
     SessionManager,
 )
 from .throttle import Outcome, SprayWatch, Throttle, Verdict, login_keys
-from .user_names import user_name_problem
+from .user_names import MAX_USERNAME_BYTES, user_name_problem
 
 log = logging.getLogger("pushgate.auth")
 
 MAX_PASSWORD_BYTES = 1024
 GENERIC_LOGIN_ERROR = "invalid user name or password"
+REVOKED_MESSAGE = "access revoked by the administrator"
+MAX_CLIENT_VERSION_CHARS = 64  # what the admin listing keeps of LoginRequest.client_version
 LOGIN_RESULTS = ("success", "bad_credentials", "throttled", "invalid", "pool_exhausted", "busy")
 FAILURE_LOG_SECONDS = 10.0  # at most one "login failed" line per user name this often
 FAILURE_LOG_NAMES = 1024  # names remembered for that; beyond, one line for all the rest
@@ -95,6 +101,12 @@ class AuthMetrics:
             "Connections to the session feed socket refused: the peer's uid is not allowed",
             registry=registry,
         )
+        self.admin_peers_refused = Counter(
+            "pushgate_auth_admin_peers_refused",
+            "Connections to the admin socket refused: the peer is neither root nor this "
+            "service's user",
+            registry=registry,
+        )
         self.replaced = Counter(
             "pushgate_auth_sessions_replaced",
             "Sessions ended because their user logged in beyond max_sessions_per_user",
@@ -118,6 +130,27 @@ class AuthMetrics:
         self.health_watchers = Gauge(
             "pushgate_auth_health_watchers", "Health.Watch streams open", registry=registry
         )
+
+
+def refusal(
+    code: grpc.StatusCode,
+    message: str,
+    reason: int,
+    *,
+    retry_after: float = 0,
+    revocation: int = 0,
+) -> grpc.Status:
+    """An error status whose google.rpc.Status details hold an auth_pb2.Refusal:
+    clients decide on `reason`, never on `message` (protos/auth.proto)."""
+    detail = any_pb2.Any()
+    detail.Pack(
+        auth_pb2.Refusal(
+            reason=reason, retry_after_seconds=round(retry_after), revocation=revocation
+        )
+    )
+    return rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=message, details=[detail])
+    )
 
 
 def peer_ip(context) -> str:
@@ -146,8 +179,10 @@ class AuthServicer:
         max_pending_hashes: int,
         default_cipher: int,
         response_template: dict,
+        audit: AuditLog,
     ) -> None:
         self.sessions = sessions
+        self.audit = audit
         self.metrics = metrics
         self.throttle = throttle
         self.spray_watch = spray_watch
@@ -182,9 +217,21 @@ class AuthServicer:
         self.metrics.throttle_evictions.inc(self.throttle.evicted - self._evictions_seen)
         self._evictions_seen = self.throttle.evicted
 
-    async def _refuse(self, context, result: str, code, message: str):
+    async def _refuse(
+        self,
+        context,
+        attempt: tuple[str, str],
+        result: str,
+        code,
+        message: str,
+        reason: int,
+        **extra,
+    ):
+        """Refuse a login (`attempt` is its user name and source): counted by `result`
+        in the metric and the audit log alike."""
         self.metrics.logins.labels(result).inc()
-        await context.abort(code, message)
+        self.audit.login(result, *attempt, None)
+        await context.abort_with_status(refusal(code, message, reason, **extra))
 
     async def _admit(self, keys) -> Verdict:
         while True:
@@ -202,32 +249,51 @@ class AuthServicer:
             self.metrics.login_seconds.observe(time.perf_counter() - started)
 
     async def _login(self, request, context):
+        source = peer_ip(context)
+        invalid = auth_pb2.REFUSAL_REASON_INVALID_REQUEST
         if request is None:
             await self._refuse(
-                context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, "malformed request"
+                context,
+                ("", source),
+                "invalid",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "malformed request",
+                invalid,
             )
         name, password = request.username, request.password
+        attempt = (name[:MAX_USERNAME_BYTES], source)
         if problem := user_name_problem(name):
-            await self._refuse(context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, problem)
+            await self._refuse(
+                context, attempt, "invalid", grpc.StatusCode.INVALID_ARGUMENT, problem, invalid
+            )
         if not password or len(password.encode()) > MAX_PASSWORD_BYTES:
             await self._refuse(
                 context,
+                attempt,
                 "invalid",
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"password must be 1-{MAX_PASSWORD_BYTES} bytes",
+                invalid,
             )
         cipher = request.preferred_cipher
         if cipher and CipherSuite.from_api_code(cipher) is None:
             await self._refuse(
-                context, "invalid", grpc.StatusCode.INVALID_ARGUMENT, "unknown cipher"
+                context,
+                attempt,
+                "invalid",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "unknown cipher",
+                invalid,
             )
-        source = peer_ip(context)
         if self._pending >= self._max_pending:
             await self._refuse(
                 context,
+                attempt,
                 "busy",
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "the auth service is busy; try again shortly",
+                auth_pb2.REFUSAL_REASON_BUSY,
+                retry_after=1,
             )
         keys = login_keys(name, source)
         self._pending += 1  # also while waiting for the throttle: waiters are bounded too
@@ -236,9 +302,12 @@ class AuthServicer:
             if not verdict.go:
                 await self._refuse(
                     context,
+                    attempt,
                     "throttled",
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"too many failed logins; try again in {verdict.retry_after:.0f} s",
+                    auth_pb2.REFUSAL_REASON_THROTTLED,
+                    retry_after=verdict.retry_after,
                 )
             outcome = Outcome.ABANDONED
             try:
@@ -262,16 +331,31 @@ class AuthServicer:
                 self.spray_watch.failed(name, source, now)
             self._failure_log.warning(name, "login failed user=%r peer=%s", name, source)
             await self._refuse(
-                context, "bad_credentials", grpc.StatusCode.UNAUTHENTICATED, GENERIC_LOGIN_ERROR
+                context,
+                attempt,
+                "bad_credentials",
+                grpc.StatusCode.UNAUTHENTICATED,
+                GENERIC_LOGIN_ERROR,
+                auth_pb2.REFUSAL_REASON_BAD_CREDENTIALS,
             )
         try:
             session, token, replaced = await self.sessions.create(
-                name, cipher or self.default_cipher, time.time()
+                name,
+                cipher or self.default_cipher,
+                time.time(),
+                client_version=request.client_version[:MAX_CLIENT_VERSION_CHARS],
+                login_source=source,
             )
         except PoolExhausted as error:
             await self._refuse(
-                context, "pool_exhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+                context,
+                attempt,
+                "pool_exhausted",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                str(error),
+                auth_pb2.REFUSAL_REASON_NO_FREE_ADDRESS,
             )
+        self.audit.login("success", name, source, session)
         self.metrics.logins.labels("success").inc()
         self.metrics.replaced.inc(len(replaced))
         self.update_gauges()
@@ -316,12 +400,39 @@ class AuthServicer:
         )
 
     async def _session(self, request, context):
+        """The caller's live session, or the call is refused: SESSION_REVOKED if an
+        administrator ended it (or its user is disabled, removed or has a new
+        password, which ends it now), SESSION_UNKNOWN otherwise."""
         if request is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed request")
+            await context.abort_with_status(
+                refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "malformed request",
+                    auth_pb2.REFUSAL_REASON_INVALID_REQUEST,
+                )
+            )
         session = self.sessions.by_token(request.session_token)
-        if session is None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or expired session")
-        return session
+        if session is not None:
+            if await self.sessions.still_allowed(session):
+                return session
+            self.update_gauges()
+        revoked = self.sessions.revocation(request.session_token)
+        if revoked is not None:
+            await context.abort_with_status(
+                refusal(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    REVOKED_MESSAGE,
+                    auth_pb2.REFUSAL_REASON_SESSION_REVOKED,
+                    revocation=revoked.cause,
+                )
+            )
+        await context.abort_with_status(
+            refusal(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "unknown or expired session",
+                auth_pb2.REFUSAL_REASON_SESSION_UNKNOWN,
+            )
+        )
 
     async def Rekey(self, request, context):
         session = await self._rekey(await self._session(request, context))
@@ -340,9 +451,7 @@ class AuthServicer:
 
     async def Logout(self, request, context):
         session = await self._session(request, context)
-        await self.sessions.remove(
-            session.session_id, control_pb2.REMOVAL_REASON_LOGOUT, time.time()
-        )
+        await self.sessions.remove(session, control_pb2.REMOVAL_REASON_LOGOUT, time.time())
         self.metrics.logouts.inc()
         self.update_gauges()
         log.info("logout session=%#010x user=%r", session.session_id, session.username)

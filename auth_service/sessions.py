@@ -25,10 +25,17 @@ from push_protocol.session import next_epoch
 from pushgate_api import auth_pb2, control_pb2
 from pushgate_io.gateway_config import DEFAULT_ADDRESS_QUARANTINE_SECONDS
 
-from .store import Release, Store, StoredSession
+from .store import Release, Revocation, Store, StoredSession, User
 
 log = logging.getLogger("pushgate.auth")
 
+# `session_lifetime_seconds = 0` used to mean "no limit": a session then lived as long
+# as it was rekeyed. It is capped here instead (a week), like any larger value.
+MAX_SESSION_LIFETIME_SECONDS = 7 * 86400
+# How long the auth service remembers a session an administrator ended, so that its
+# client is told "access revoked" rather than "session gone" (a laptop that slept
+# through the revocation asks when it wakes).
+REVOKED_MEMORY_SECONDS = 7 * 86400
 EVENT_LOG_SIZE = 10000  # events a reconnecting dataplane can catch up on without re-listing
 # Send-counter ranges a listing leases beyond one per listed key: a dataplane asks
 # for more (LeaseCounterRanges) only after this many installs and rekeys.
@@ -156,6 +163,32 @@ class SessionFeed:
         return [event for event in self.events if event.revision > revision]
 
 
+def session_lifetime(configured: float) -> float:
+    """The lifetime sessions get: `configured`, capped at MAX_SESSION_LIFETIME_SECONDS
+    (0, once "no limit", gets the cap too)."""
+    if not configured or configured > MAX_SESSION_LIFETIME_SECONDS:
+        return MAX_SESSION_LIFETIME_SECONDS
+    return configured
+
+
+def revocation_cause(user: User | None, created_at: float) -> int:
+    """Why a session its user began at `created_at` must end now (an
+    auth_pb2.RevocationCause), or 0 if it may go on. A user created after the
+    session is a namesake of the one who was removed."""
+    if user is None or user.created_at > created_at:
+        return auth_pb2.REVOCATION_CAUSE_USER_REMOVED
+    if user.disabled:
+        return auth_pb2.REVOCATION_CAUSE_USER_DISABLED
+    if user.password_changed_at is not None and user.password_changed_at > created_at:
+        return auth_pb2.REVOCATION_CAUSE_PASSWORD_CHANGED
+    return 0
+
+
+# Called for every session that ends, once: (session, control_pb2.RemovalReason,
+# auth_pb2.RevocationCause or 0 if no administrator ended it).
+SessionEnded = Callable[[StoredSession, int, int], None]
+
+
 def key_epoch_message(epoch, c2s, s2c, created_at) -> auth_pb2.SessionKeys:
     return auth_pb2.SessionKeys(
         key_epoch=epoch,
@@ -176,8 +209,10 @@ class SessionManager:
         key_expiry_seconds: float = REJECT_AFTER_SECONDS,
         allocated: Callable[[AllocationKind], None] | None = None,
         max_sessions_per_user: int = 3,
+        ended: SessionEnded | None = None,
     ) -> None:
         self.store = store
+        self.ended = ended or (lambda session, reason, cause: None)
         self.max_sessions_per_user = max_sessions_per_user
         self.pool = pool
         self.allocated = allocated  # told which rule picked each login's address
@@ -185,15 +220,19 @@ class SessionManager:
         # would only confuse `allocate`'s count of addresses ever held.
         store.forget_released([a for a in store.released_addresses() if a not in pool])
         self.keepalive_seconds = keepalive_seconds
-        self.session_lifetime = session_lifetime_seconds
+        self.session_lifetime = session_lifetime(session_lifetime_seconds)
+        if self.session_lifetime != session_lifetime_seconds:
+            log.warning(
+                "session_lifetime_seconds = %g capped at %d (a week): revocation and "
+                "re-authentication need sessions to end",
+                session_lifetime_seconds,
+                self.session_lifetime,
+            )
         self.key_expiry = min(key_expiry_seconds, REJECT_AFTER_SECONDS)
         self.feed = SessionFeed(store.revision)
 
     def _expiry(self, created_at: float, keys_at: float) -> float:
-        expires = keys_at + self.key_expiry
-        if self.session_lifetime:
-            expires = min(expires, created_at + self.session_lifetime)
-        return expires
+        return min(keys_at + self.key_expiry, created_at + self.session_lifetime)
 
     def to_message(self, s: StoredSession, now: float) -> control_pb2.Session:
         message = control_pb2.Session(
@@ -245,7 +284,13 @@ class SessionManager:
         await self.feed.publish(control_pb2.SessionEvent(revision=revision, **event))
 
     async def create(
-        self, username: str, cipher: int, now: float
+        self,
+        username: str,
+        cipher: int,
+        now: float,
+        *,
+        client_version: str = "",
+        login_source: str = "",
     ) -> tuple[StoredSession, str, list[StoredSession]]:
         """A new session for `username`, and the sessions it replaced: the user's oldest
         ones beyond `max_sessions_per_user` (one transaction; the feed gets each removal,
@@ -287,6 +332,8 @@ class SessionManager:
             created_at=now,
             expires_at=self._expiry(now, now),
             last_rekey_at=now,
+            client_version=client_version,
+            login_source=login_source,
         )
         events = []
         with self.store.transaction():
@@ -302,6 +349,8 @@ class SessionManager:
             installed = self.to_message(session, now)
             events.append(control_pb2.SessionEvent(revision=revision, installed=installed))
         await self.feed.publish(*events)
+        for old in replaced:
+            self.ended(old, control_pb2.REMOVAL_REASON_REPLACED, 0)
         return session, token, replaced
 
     def by_token(self, token: str) -> StoredSession | None:
@@ -324,19 +373,70 @@ class SessionManager:
         await self._commit(lambda: self.store.save_session(session), rotated=rotation)
         return session
 
-    async def remove(self, session_id: int, reason: int, now: float | None = None) -> bool:
+    async def remove(
+        self, session: StoredSession, reason: int, now: float | None = None, *, cause: int = 0
+    ) -> bool:
         """End a session; its address is recorded as released at `now` (default: the
-        wall clock, for callers that end sessions outside a timed sweep)."""
+        wall clock, for callers that end sessions outside a timed sweep). With a
+        `cause` (auth_pb2.RevocationCause) an administrator ended it: that is
+        remembered, so its client learns it. False if it had ended already."""
         released_at = time.time() if now is None else now
         removed = []
+
+        def change() -> None:
+            removed.append(self.store.delete_session(session.session_id, released_at))
+            if cause and removed[0]:
+                self.store.remember_revoked(session, cause, released_at)
+
         await self._commit(
-            lambda: removed.append(self.store.delete_session(session_id, released_at)),
-            removed=control_pb2.SessionRemoval(session_id=session_id, reason=reason),
+            change,
+            removed=control_pb2.SessionRemoval(session_id=session.session_id, reason=reason),
         )
+        if removed[0]:
+            self.ended(session, reason, cause)
         return removed[0]
+
+    async def revoke(self, sessions: list[StoredSession], cause: int) -> list[StoredSession]:
+        """End `sessions` as an administrator's doing (REMOVAL_REASON_ADMIN); those
+        that were still live."""
+        return [
+            session
+            for session in sessions
+            if await self.remove(session, control_pb2.REMOVAL_REASON_ADMIN, cause=cause)
+        ]
+
+    async def revoke_stale(self, username: str | None = None) -> list[StoredSession]:
+        """End the sessions (of `username`, or everyone's) whose user was removed,
+        disabled or given a new password, by the admin API, by another process, or
+        while the auth service was down (`revocation_cause`)."""
+        users = {user.name: user for user in self.store.list_users()}
+        ended = []
+        for session_id, owner, created_at in self.store.session_owners():
+            if username is not None and owner != username:
+                continue
+            cause = revocation_cause(users.get(owner), created_at)
+            session = self.store.session_by_id(session_id) if cause else None
+            if session is not None:
+                ended += await self.revoke([session], cause)
+        return ended
+
+    async def still_allowed(self, session: StoredSession) -> bool:
+        """Whether `session`'s user may still use it; if not, it is ended now."""
+        cause = revocation_cause(self.store.get_user(session.username), session.created_at)
+        if cause:
+            await self.revoke([session], cause)
+        return not cause
+
+    def revocation(self, token: str) -> Revocation | None:
+        """Why the session with `token` was ended by an administrator, if it was
+        (remembered for REVOKED_MEMORY_SECONDS)."""
+        return self.store.revocation(token_hash(token)) if token else None
+
+    def forget_old_revocations(self, now: float) -> None:
+        self.store.forget_revoked(now - REVOKED_MEMORY_SECONDS)
 
     async def expire(self, now: float) -> int:
         expired = self.store.expired_sessions(now)
         for session in expired:
-            await self.remove(session.session_id, control_pb2.REMOVAL_REASON_EXPIRED, now)
+            await self.remove(session, control_pb2.REMOVAL_REASON_EXPIRED, now)
         return len(expired)

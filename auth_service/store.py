@@ -53,6 +53,21 @@ MIGRATIONS = [
         released_at REAL NOT NULL
     );
     """,
+    # 3: revocation (issue 17): when a password last changed (sessions older than that
+    # end), sessions an administrator ended (their clients are told so), and what the
+    # admin listing shows of a session
+    """
+    ALTER TABLE users ADD COLUMN password_changed_at REAL;
+    ALTER TABLE sessions ADD COLUMN client_version TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sessions ADD COLUMN login_source TEXT NOT NULL DEFAULT '';
+    CREATE TABLE revoked_sessions (
+        token_hash BLOB PRIMARY KEY,
+        session_id INTEGER NOT NULL,
+        username TEXT NOT NULL,
+        cause INTEGER NOT NULL,
+        revoked_at REAL NOT NULL
+    );
+    """,
 ]
 
 
@@ -70,6 +85,17 @@ class User:
     password_hash: str
     disabled: bool
     created_at: float
+    password_changed_at: float | None = None  # sessions created before it are ended
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """A session an administrator ended, remembered so its client can be told."""
+
+    session_id: int
+    username: str
+    cause: int  # auth_pb2.RevocationCause
+    revoked_at: float
 
 
 @dataclass(frozen=True)
@@ -99,6 +125,8 @@ class StoredSession:
     created_at: float
     expires_at: float
     last_rekey_at: float
+    client_version: str = ""
+    login_source: str = ""
 
     def __repr__(self) -> str:  # keys and token never reach a log line
         return f"StoredSession(id={self.session_id:#010x}, user={self.username!r})"
@@ -146,24 +174,35 @@ class Store:
 
     def add_user(self, name: str, password_hash: str, now: float) -> None:
         try:
-            self.db.execute("INSERT INTO users VALUES (?, ?, 0, ?)", (name, password_hash, now))
+            self.db.execute(
+                "INSERT INTO users (name, password_hash, disabled, created_at) VALUES (?, ?, 0, ?)",
+                (name, password_hash, now),
+            )
         except sqlite3.IntegrityError:
             raise UserExists(name) from None
 
+    _USER_COLUMNS = "name, password_hash, disabled, created_at, password_changed_at"
+
     def get_user(self, name: str) -> User | None:
-        row = self.db.execute("SELECT * FROM users WHERE name=?", (name,)).fetchone()
-        return User(row[0], row[1], bool(row[2]), row[3]) if row else None
+        row = self.db.execute(
+            f"SELECT {self._USER_COLUMNS} FROM users WHERE name=?", (name,)
+        ).fetchone()
+        return User(row[0], row[1], bool(row[2]), row[3], row[4]) if row else None
 
     def list_users(self) -> list[User]:
-        rows = self.db.execute("SELECT * FROM users ORDER BY name").fetchall()
-        return [User(r[0], r[1], bool(r[2]), r[3]) for r in rows]
+        rows = self.db.execute(f"SELECT {self._USER_COLUMNS} FROM users ORDER BY name").fetchall()
+        return [User(r[0], r[1], bool(r[2]), r[3], r[4]) for r in rows]
 
     def _update_user(self, sql: str, args: tuple) -> None:
         if self.db.execute(sql, args).rowcount == 0:
             raise NoSuchUser(args[-1])
 
-    def set_password(self, name: str, password_hash: str) -> None:
-        self._update_user("UPDATE users SET password_hash=? WHERE name=?", (password_hash, name))
+    def set_password(self, name: str, password_hash: str, now: float) -> None:
+        """Also records `now`: the user's sessions from before it are to end."""
+        self._update_user(
+            "UPDATE users SET password_hash=?, password_changed_at=? WHERE name=?",
+            (password_hash, now, name),
+        )
 
     def set_disabled(self, name: str, disabled: bool) -> None:
         self._update_user("UPDATE users SET disabled=? WHERE name=?", (int(disabled), name))
@@ -227,6 +266,38 @@ class Store:
 
     def expired_sessions(self, now: float) -> list[StoredSession]:
         return self._sessions("WHERE expires_at <= ?", (now,))
+
+    def session_owners(self) -> list[tuple[int, str, float]]:
+        """(session id, user name, created at) of every session."""
+        return self.db.execute(
+            "SELECT session_id, username, created_at FROM sessions ORDER BY session_id"
+        ).fetchall()
+
+    def session_by_id(self, session_id: int) -> StoredSession | None:
+        found = self._sessions("WHERE session_id=?", (session_id,))
+        return found[0] if found else None
+
+    def remember_revoked(self, session: StoredSession, cause: int, now: float) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO revoked_sessions VALUES (?, ?, ?, ?, ?)",
+            (session.token_hash, session.session_id, session.username, cause, now),
+        )
+
+    def revocation(self, token_hash: bytes) -> Revocation | None:
+        row = self.db.execute(
+            "SELECT session_id, username, cause, revoked_at FROM revoked_sessions "
+            "WHERE token_hash=?",
+            (token_hash,),
+        ).fetchone()
+        return Revocation(*row) if row else None
+
+    def forget_revoked(self, before: float) -> int:
+        """Forget sessions revoked before `before`; writes only if there are any (the
+        sweep calls this every second, and must not wait on a locked database)."""
+        old = "FROM revoked_sessions WHERE revoked_at < ?"
+        if self.db.execute(f"SELECT 1 {old} LIMIT 1", (before,)).fetchone() is None:
+            return 0
+        return self.db.execute(f"DELETE {old}", (before,)).rowcount
 
     def delete_session(self, session_id: int, now: float) -> bool:
         """Delete a session and record its address as released by its user at `now`."""

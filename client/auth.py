@@ -1,26 +1,74 @@
 """Talking to the auth service: login, rekey, session info, logout (gRPC over TLS).
 
-Every failure becomes a `ClientError` with a message a person can act on and a
-flag saying whether retrying can help.
+Every failure becomes a `ClientError` with a message a person can act on, a
+flag saying whether retrying can help, and the exit code pushgate-client ends
+with if it cannot. What the auth service refused, and why, is read from the
+`Refusal` in the error's google.rpc.Status details (protos/auth.proto), never
+from its message text.
 """
 
+import sys
 import time
 from dataclasses import dataclass
+from importlib import metadata
 
 import grpc
+from grpc_status import rpc_status
 
 from push_protocol.aead import CipherSuite
 from push_protocol.keys import KeyMaterial
 from pushgate_api import auth_pb2, auth_pb2_grpc
 
+from . import profile
+
 RPC_TIMEOUT_SECONDS = 10.0
+
+
+def client_version() -> str:
+    """What LoginRequest.client_version says (the admin's session list shows it)."""
+    try:
+        version = metadata.version("pushgate")
+    except metadata.PackageNotFoundError:  # e.g. a one-file build without metadata
+        version = "unknown"
+    return f"{version} {sys.platform}"
+
+
 RECONNECT_BACKOFF_MAX_MS = 5000
 
 
+# pushgate-client's exit codes (README, "Exit codes"); 1 is a command's own "no".
+EXIT_ERROR = 2  # any error retrying cannot fix (bad password, bad CA, bad options...)
+EXIT_ACCESS_REVOKED = 3  # an administrator ended the session: do not reconnect on your own
+
+_REVOCATIONS = {
+    auth_pb2.REVOCATION_CAUSE_KICKED: "the session was ended",
+    auth_pb2.REVOCATION_CAUSE_USER_DISABLED: "the account is disabled",
+    auth_pb2.REVOCATION_CAUSE_USER_REMOVED: "the account was removed",
+    auth_pb2.REVOCATION_CAUSE_PASSWORD_CHANGED: "the password was changed",
+}
+
+
 class ClientError(Exception):
+    exit_code = EXIT_ERROR
+
     def __init__(self, message: str, *, retryable: bool) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+class AccessRevoked(ClientError):
+    """An administrator ended our session (kicked it, or disabled, removed or changed
+    the password of the account): neither retrying nor logging in again helps."""
+
+    exit_code = EXIT_ACCESS_REVOKED
+
+    def __init__(self, cause: int) -> None:
+        what = _REVOCATIONS.get(cause)
+        super().__init__(
+            "access revoked by the administrator" + (f": {what}" if what else ""),
+            retryable=False,
+        )
+        self.cause = cause
 
 
 class SessionGone(ClientError):
@@ -63,22 +111,52 @@ def key_material(keys: auth_pb2.SessionKeys, received_at: float) -> KeyMaterial:
     )
 
 
+def refusal_of(error: grpc.RpcError) -> auth_pb2.Refusal | None:
+    """The Refusal the auth service packed into the error's status details, if any."""
+    try:
+        status = rpc_status.from_call(error)
+    except (ValueError, TypeError, AttributeError):  # inconsistent or no trailers
+        return None
+    for detail in status.details if status is not None else ():
+        refusal = auth_pb2.Refusal()
+        if detail.Unpack(refusal):
+            return refusal
+    return None
+
+
 def describe_rpc_error(error: grpc.RpcError, target: str, ca_path: str) -> ClientError:
     code, details = error.code(), error.details() or ""
-    lowered = details.lower()
-    if code is grpc.StatusCode.UNAUTHENTICATED:
+    refusal = refusal_of(error)
+    reason = refusal.reason if refusal is not None else auth_pb2.REFUSAL_REASON_UNSPECIFIED
+    if reason == auth_pb2.REFUSAL_REASON_SESSION_REVOKED:
+        return AccessRevoked(refusal.revocation)
+    if reason == auth_pb2.REFUSAL_REASON_SESSION_UNKNOWN:
+        return SessionGone()
+    if reason == auth_pb2.REFUSAL_REASON_BAD_CREDENTIALS or (
+        refusal is None and code is grpc.StatusCode.UNAUTHENTICATED
+    ):
         return ClientError(
             "login refused: wrong user name or password, or the account is disabled",
             retryable=False,
         )
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
-        if "address" in lowered:
-            return ClientError(
-                "the gateway has no free tunnel address; try again later", retryable=True
-            )
-        return ClientError(f"the auth service is throttling logins: {details}", retryable=True)
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
+    if reason == auth_pb2.REFUSAL_REASON_NO_FREE_ADDRESS:
+        return ClientError(
+            "the gateway has no free tunnel address; try again later", retryable=True
+        )
+    if reason == auth_pb2.REFUSAL_REASON_THROTTLED:
+        return ClientError(
+            "the auth service is throttling logins after failed attempts; next try in "
+            f"{refusal.retry_after_seconds} s",
+            retryable=True,
+        )
+    if reason == auth_pb2.REFUSAL_REASON_BUSY:
+        return ClientError("the auth service is busy; trying again", retryable=True)
+    if reason == auth_pb2.REFUSAL_REASON_INVALID_REQUEST or (
+        refusal is None and code is grpc.StatusCode.INVALID_ARGUMENT
+    ):
         return ClientError(f"the auth service rejected the request: {details}", retryable=False)
+    lowered = details.lower()
+    # gRPC's own transport errors carry no Refusal: these words come from its TLS layer
     if code is grpc.StatusCode.UNAVAILABLE and any(
         word in lowered for word in ("handshake", "certificate", "ssl", "tls")
     ):
@@ -99,8 +177,12 @@ class AuthClient:
         try:
             with open(ca_path, "rb") as handle:
                 root = handle.read()
+            if b"[profile]" in root:  # a client profile (client/profile.py) holds the CA
+                root = profile.parse(root.decode(), ca_path).ca_pem.encode()
         except OSError as error:
             raise ClientError(f"cannot read CA file {ca_path}: {error}", retryable=False) from None
+        except (UnicodeDecodeError, profile.ProfileError) as error:
+            raise ClientError(str(error), retryable=False) from None
         # gRPC's reconnect backoff grows to 120 s by default: after an outage of the
         # auth service, rekeys would then fail at once for minutes after it is back.
         options = [("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS)]
@@ -113,18 +195,26 @@ class AuthClient:
 
     async def _call(self, method, request, *, with_session: bool = False):
         """`with_session`: the request carries a session token, so UNAUTHENTICATED
-        means the session is gone (not bad credentials, as for a login)."""
+        means the session is gone (not bad credentials, as for a login), also from
+        an auth service that sends no Refusal."""
         try:
             return await method(request, timeout=RPC_TIMEOUT_SECONDS)
         except grpc.RpcError as error:
-            if with_session and error.code() is grpc.StatusCode.UNAUTHENTICATED:
+            described = describe_rpc_error(error, self.target, self.ca_path)
+            if (
+                with_session
+                and error.code() is grpc.StatusCode.UNAUTHENTICATED
+                and not isinstance(described, AccessRevoked)
+            ):
                 raise SessionGone() from None
-            raise describe_rpc_error(error, self.target, self.ca_path) from None
+            raise described from None
 
     async def login(self, username: str, password: str) -> ClientSession:
         response = await self._call(
             self._stub.Login,
-            auth_pb2.LoginRequest(username=username, password=password, client_version="0.1"),
+            auth_pb2.LoginRequest(
+                username=username, password=password, client_version=client_version()
+            ),
         )
         cipher = CipherSuite.from_api_code(response.cipher)
         if cipher is None:
@@ -154,7 +244,8 @@ class AuthClient:
         return key_material(response.keys, time.time()), response.expires_at_unix_ms / 1000
 
     async def session_alive(self, token: str) -> bool:
-        """False if the auth service no longer knows the session; raises if unreachable."""
+        """False if the auth service no longer knows the session; raises if unreachable,
+        and AccessRevoked if an administrator ended it."""
         try:
             await self._call(
                 self._stub.SessionInfo,

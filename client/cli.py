@@ -10,6 +10,7 @@ import time
 
 from push_protocol.version import add_version_argument
 
+from . import profile
 from .auth import ClientError
 from .connection import Connection, ConnectOptions
 from .host import ClientHost, current_host
@@ -56,7 +57,25 @@ def _status_path(host: ClientHost, args: argparse.Namespace) -> str:
     return status_path(args.tun, args.status_dir or host.status_dir)
 
 
+def _apply_profile(args: argparse.Namespace) -> None:
+    """Fill --server, --ca (the profile file itself: it holds the CA), --user and
+    --server-name from --profile; options given on the command line win."""
+    if args.profile:
+        try:
+            loaded = profile.read(args.profile)
+        except profile.ProfileError as error:
+            raise ClientError(str(error), retryable=False) from None
+        args.server = args.server or loaded.server
+        args.ca = args.ca or args.profile
+        args.user = args.user or loaded.user
+        args.server_name = args.server_name or loaded.server_name
+    missing = [f"--{name}" for name in ("server", "ca", "user") if not getattr(args, name)]
+    if missing:
+        raise ClientError(f"connect needs --profile FILE, or {', '.join(missing)}", retryable=False)
+
+
 def cmd_connect(args: argparse.Namespace) -> int:
+    _apply_profile(args)
     host = current_host()
     host.check_privileges()  # before asking for a password
     path = _status_path(host, args)
@@ -135,9 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     connect = commands.add_parser(
         "connect", help="log in and bring the tunnel up (SIGUSR1: new UDP port, SIGUSR2: rekey)"
     )
-    connect.add_argument("--server", required=True, help="auth service host:port")
-    connect.add_argument("--ca", required=True, help="the gateway's CA certificate (PEM)")
-    connect.add_argument("--user", required=True)
+    connect.add_argument(
+        "--profile",
+        help="a profile from `pushgate-admin user profile` (server, TLS name, CA, user)",
+    )
+    connect.add_argument("--server", help="auth service host:port")
+    connect.add_argument("--ca", help="the gateway's CA certificate (PEM)")
+    connect.add_argument("--user")
     connect.add_argument(
         "--password-file", help=f"read the password from here (or set {PASSWORD_ENV})"
     )
@@ -162,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ClientError as error:
         print(f"pushgate-client: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
 
 
 if __name__ == "__main__":

@@ -206,6 +206,7 @@ class Device:
         for index, result in enumerate(results):
             if type(result) is not bytes:
                 drops[result] += 1
+                record.drops[result] += 1
                 record.last_drop_reason = result
                 if result is DropReason.REKEY_REQUIRED:
                     self._ask_to_rekey(record, headers[index].key_epoch, source, now)
@@ -258,6 +259,7 @@ class Device:
         if action is Action.SESSION:  # hub: client to client, never through the TUN
             self._count_rx(payload)
             return self._send_to(decision.target, self._clamp(payload), now)
+        record.drops[decision.reason] += 1
         record.last_drop_reason = decision.reason
         if action is Action.TOO_BIG:
             self._reply_too_big(record, payload, now)

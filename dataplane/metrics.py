@@ -98,6 +98,7 @@ class Counters:
     session_expiries: int = 0
     control_connected: int = 0
     control_resyncs: int = 0
+    feed_revision: int = 0  # the session feed revision applied last (drift alert)
     # connections refused by the peer check (control_socket): stats clients, feed servers
     control_peers_refused: dict[str, int] = field(default_factory=lambda: {"stats": 0, "feed": 0})
     stalled_sessions: int = 0
@@ -346,6 +347,11 @@ class DataplaneCollector:
         yield counter("control_resyncs", "Full re-lists of the session feed", c.control_resyncs)
         yield gauge(
             "control_connected", "1 while the session feed is being watched", c.control_connected
+        )
+        yield gauge(
+            "feed_revision",
+            "Session feed revision applied (beside pushgate_auth_feed_revision: drift)",
+            c.feed_revision,
         )
         yield counters_by(
             "socket",

@@ -9,6 +9,7 @@ they stay in step with the one registry.
 """
 
 import ipaddress
+from collections import Counter
 
 from push_protocol.drops import DropReason, UsageError
 from push_protocol.lifecycle import SessionEnd, SessionState
@@ -18,6 +19,7 @@ from push_protocol.session import TunnelSession
 class SessionRecord:
     __slots__ = (
         "addresses",
+        "drops",
         "endpoint",
         "expires_at",
         "installed_at",
@@ -42,6 +44,7 @@ class SessionRecord:
         self.username = username
         self.endpoint: tuple[str, int] | None = None  # follows authenticated packets
         self.last_drop_reason: DropReason | None = None
+        self.drops: Counter[DropReason] = Counter()  # this session's, by reason (admin listing)
         self.stalled = False
 
     @property

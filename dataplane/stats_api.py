@@ -26,6 +26,7 @@ def session_stats(record: SessionRecord) -> control_pb2.SessionStats:
         last_sent_unix_ms=_ms(tunnel.last_sent_at),
         last_drop_reason=record.last_drop_reason.value if record.last_drop_reason else "",
         key_epoch=tunnel.current.epoch,
+        drops={reason.value: count for reason, count in record.drops.items()},
     )
 
 

@@ -174,7 +174,7 @@ class SessionSync:
                 self._install(session, relearned=True)
                 continue
             self._update(record, session, relearned=True)
-        self.revision = listing.revision
+        self.revision = self.counters.feed_revision = listing.revision
         self.counters.control_resyncs += 1
         self.synced.set()
         log.info("session feed synced: %d sessions at revision %d", len(listed), self.revision)
@@ -202,7 +202,7 @@ class SessionSync:
                 if reason == control_pb2.REMOVAL_REASON_EXPIRED
                 else SessionEnd.CLOSED,
             )
-        self.revision = event.revision
+        self.revision = self.counters.feed_revision = event.revision
 
     def _key_material(
         self, keys: auth_pb2.SessionKeys, suite: CipherSuite, now: float

@@ -23,6 +23,11 @@ empty for Unix sockets, and grpcio cannot adopt a socket we accepted
   with a random name; only our own pid is let through), which connects to the
   server and checks the server's uid before a byte passes either way.
 
+A server that needs to know who called (the admin API records the caller's uid)
+asks for `identify_callers`: its relay then connects to gRPC from a socket bound
+to a random abstract name, which gRPC reports as the call's `context.peer()`,
+and `PrivateServer.caller` maps that name back to the credentials it checked.
+
 The directory a socket is served from must belong to an allowed peer and be
 writable by no one else unless it is sticky (else another user could swap the
 socket): checked at start-up, a clear error if not.
@@ -145,8 +150,12 @@ class PeerCheckedRelay:
         admit_client: Callable[[PeerCredentials], bool],
         admit_upstream: Callable[[PeerCredentials], bool] | None = None,
         on_refused: Callable[[], None] = lambda: None,
+        identify_callers: bool = False,
     ) -> None:
         self.listen, self.upstream, self.name = listen, upstream, name
+        self._identify = identify_callers
+        # while a connection lasts: the gRPC peer string of its upstream end -> its client
+        self.callers: dict[str, PeerCredentials] = {}
         self._admit_client, self._admit_upstream = admit_client, admit_upstream
         self._on_refused = on_refused
         self.refused = 0
@@ -194,14 +203,23 @@ class PeerCheckedRelay:
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._connections.add(task)
-        upstream_writer = None
+        upstream_writer = caller = None
         try:
             creds = peer_credentials(writer.get_extra_info("socket"))
             if not self._admit_client(creds):
                 self._refuse("a client,", creds)
                 return
             try:
-                upstream_reader, upstream_writer = await asyncio.open_unix_connection(self.upstream)
+                if self._identify:
+                    caller, upstream = await self._connect_labelled()
+                    self.callers[caller] = creds
+                    upstream_reader, upstream_writer = await asyncio.open_unix_connection(
+                        sock=upstream
+                    )
+                else:
+                    upstream_reader, upstream_writer = await asyncio.open_unix_connection(
+                        self.upstream
+                    )
             except OSError as error:
                 log.debug("%s: cannot reach %s: %s", self.name, self.upstream, error)
                 return
@@ -219,7 +237,22 @@ class PeerCheckedRelay:
             for end in (writer, upstream_writer):
                 if end is not None:
                     end.close()
+            self.callers.pop(caller, None)
             self._connections.discard(task)
+
+    async def _connect_labelled(self) -> tuple[str, socket.socket]:
+        """A socket connected to upstream from a random abstract address, and the
+        peer string gRPC will report for it."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            name = f"pushgate-caller-{secrets.token_hex(12)}"
+            sock.bind("\0" + name)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, self.upstream)
+        except BaseException:
+            sock.close()
+            raise
+        return f"unix-abstract:{name}", sock
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -247,6 +280,10 @@ class PrivateServer:
     def refused(self) -> int:
         return self.relay.refused
 
+    def caller(self, peer: str) -> PeerCredentials | None:
+        """Who made a call, from its `context.peer()` (with `identify_callers` only)."""
+        return self.relay.callers.get(peer)
+
     async def stop(self, grace: float | None) -> None:
         await self.relay.close()
         await self.grpc.stop(grace)
@@ -261,6 +298,7 @@ async def serve_private(
     peers: PeerPolicy,
     *,
     on_refused: Callable[[], None] = lambda: None,
+    identify_callers: bool = False,
 ) -> PrivateServer:
     """Serve `server` on the Unix socket `path` to `peers` only: the socket is mode
     0600, or 0660 for the control group; the peer check keeps everyone else out
@@ -293,6 +331,7 @@ async def serve_private(
         name=f"control socket {path}",
         admit_client=lambda creds: peers.allows(creds.uid),
         on_refused=on_refused,
+        identify_callers=identify_callers,
     )
     await relay.start(mode=0o600 if peers.gid is None else 0o660, gid=peers.gid)
     return PrivateServer(server, relay, inner_dir)

@@ -83,6 +83,8 @@ class AuthSection:
     max_sessions_per_user: int  # a login beyond it ends the user's oldest session
     max_connections: int  # client API connections; also bounded by the fd limit
     reflection: bool  # gRPC server reflection on the client API port
+    admin_socket: str  # the admin API (pushgate-admin), Unix socket, mode 0600
+    audit_log: str | None  # JSON lines of logins, session ends, admin changes; None: stdout
 
 
 @dataclass(frozen=True)
@@ -530,6 +532,12 @@ def _auth(section: _Section) -> AuthSection:
         max_sessions_per_user=int(section.number("max_sessions_per_user", 3, 1, 100000)),
         max_connections=int(section.number("max_connections", 10000, 16, 1000000)),
         reflection=section.get("reflection", bool, False),
+        admin_socket=section.path("admin_socket", "run/admin.sock"),
+        audit_log=(
+            None
+            if section.get("audit_log", str, "audit.log") == "-"
+            else section.path("audit_log", "audit.log")
+        ),
     )
 
 

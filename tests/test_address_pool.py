@@ -132,7 +132,7 @@ def test_released_addresses_survive_a_restart_and_stale_ones_are_forgotten(tmp_p
         alice, _, _ = await sessions.create("alice", cipher, 100.0)
         bob, _, _ = await sessions.create("bob", cipher, 100.0)
         assert (alice.address, bob.address) == ("198.19.0.2", "198.19.0.3")
-        await sessions.remove(alice.session_id, control_pb2.REMOVAL_REASON_LOGOUT, 200.0)
+        await sessions.remove(alice, control_pb2.REMOVAL_REASON_LOGOUT, 200.0)
         await sessions.expire(100.0 + 901)  # bob's keys were never replaced
         assert sessions.store.released_addresses() == {
             "198.19.0.2": Release("alice", 200.0),

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import grpc
 
-from pushgate_io.control_socket import PeerCredentials
 from pushgate_api import admin_pb2, admin_pb2_grpc, auth_pb2
+from pushgate_io.control_socket import PeerCredentials
 
 from .audit import AuditLog
 from .sessions import SessionManager

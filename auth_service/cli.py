@@ -16,7 +16,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.process_collector import ProcessCollector
 
-from push_protocol.aead import CipherSuite
 from push_protocol.version import add_version_argument, register_build_info
 from pushgate_api import admin_pb2_grpc, auth_pb2, control_pb2_grpc
 from pushgate_io import gateway_config

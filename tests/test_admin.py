@@ -30,6 +30,9 @@ from netlab import refuses_nobody, run_as_nobody, wait_for
 from netlab.auth import AuthServer, admin
 from pushgate_api import auth_pb2, control_pb2
 
+# Starts real pushgate-auth processes (netlab.auth.AuthServer); see pyproject.toml.
+pytestmark = pytest.mark.processes
+
 PASSWORD = "correct horse battery staple"
 
 
@@ -126,12 +129,15 @@ def test_login_refusals_carry_their_reason_as_a_structured_detail(auth):
 
 
 def test_pool_exhaustion_is_told_by_reason_not_by_text(tmp_path):
-    server = AuthServer(str(tmp_path / "gw"), network="198.19.0.0/30")  # one client address
+    server = AuthServer(  # the smallest network the config takes: five client addresses
+        str(tmp_path / "gw"), network="198.19.0.0/29", settings={"max_sessions_per_user": "5"}
+    )
     server.add_user("alice", PASSWORD)
     server.add_user("bob", PASSWORD)
     server.start()
     try:
-        server.login("alice", PASSWORD)
+        for _ in range(5):
+            server.login("alice", PASSWORD)
         code, refusal = _refusal(lambda: server.login("bob", PASSWORD))
         assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert refusal.reason == auth_pb2.REFUSAL_REASON_NO_FREE_ADDRESS
@@ -293,6 +299,7 @@ def test_a_database_edit_behind_the_services_back_is_caught_by_rekey_at_once(aut
     assert refusal.revocation == auth_pb2.REVOCATION_CAUSE_USER_DISABLED
 
 
+@pytest.mark.netns  # refuses_nobody switches uid
 def test_admin_socket_is_private(auth):
     path = os.path.join(auth.directory, "run", "admin.sock")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

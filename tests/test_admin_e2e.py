@@ -16,6 +16,8 @@ from client.auth import EXIT_ACCESS_REVOKED
 from netlab import Lab, http_get, metrics, wait_for
 from netlab.gateway import LAN_HOST, GatewayLab, tool
 
+pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.toml
+
 # The admin command returned (the change is on the feed): no echo reply may come
 # later than this (issue 17 asks for 2 s; the dataplane applies a feed event in ms).
 PINGS_STOP_WITHIN_SECONDS = 2.0

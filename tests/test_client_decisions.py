@@ -68,6 +68,9 @@ class World:
         self.fatal_delivered = False
         self._seq = 0
         self._stalled = 0
+        # The datapath's own keepalives (its session timers, not the core's decisions):
+        # while the tunnel is up and the path works, one is answered every KEEPALIVE s.
+        self._datapath_keepalive_at = START + KEEPALIVE
         self.core.start(self.now)
         self.execute()
 
@@ -206,15 +209,26 @@ class World:
         ready = min(self.pending, default=None)
         self._stalled = self._stalled + 1 if timer is not None and timer <= self.now else 0
         assert self._stalled < 100, "handle_timer does not move the timer on"
-        candidates = [until] + [t for t in (timer, ready and ready[0]) if t is not None]
+        keepalive_at = self._datapath_keepalive_at
+        candidates = [until, keepalive_at] + [
+            t for t in (timer, ready and ready[0]) if t is not None
+        ]
         self.now = max(self.now, min(candidates))
         self._expire()
-        if ready is not None and ready[0] <= self.now:
+        if keepalive_at <= self.now:
+            self._datapath_keepalive_at = self.now + KEEPALIVE
+            if self.tunnel is not None and core.state in (S.UP, S.REKEYING):
+                self.execute_keepalive_answer()
+        elif ready is not None and ready[0] <= self.now:
             self.pending.remove(ready)
             self._complete(ready[2], ready[3])
         elif timer is not None and timer <= self.now:
             core.handle_timer(self.now)
         self.execute()
+
+    def execute_keepalive_answer(self) -> None:
+        if self.path_up and self.core.endpoint_address == self.resolves_to:
+            self._later("answer", self.tunnel, latency=0.01)
 
     def run_until(self, end: float, done=lambda: False) -> None:
         while self.now < end and not done():

@@ -29,7 +29,7 @@ auth)
             --database db/pushgate.db \
             --auth-metrics-listen 0.0.0.0:9101 \
             --dataplane-metrics-listen 0.0.0.0:9102
-        echo "first start: no VPN user yet; add one (it asks for the password) with"
+        echo "first start: no VPN user yet; add one (it prompts for the secret) with"
         echo "  docker-compose -f deploy/docker-compose.yml exec auth pushgate-admin user add NAME --config $CONFIG"
     fi
     exec pushgate-auth --config "$CONFIG"

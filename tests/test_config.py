@@ -222,8 +222,8 @@ def test_the_smallest_network_that_works_is_accepted(tmp_path, network, gateway)
     ("args", "message"),
     [
         (
-            ["--route", "0.0.0.0/0", "--route", "10.1.2.3/8"],
-            "--route: 10.1.2.3/8 has host bits set",
+            ["--route", "0.0.0.0/0", "--route", "198.18.2.3/15"],
+            "--route: 198.18.2.3/15 has host bits set",
         ),
         (["--tunnel-network", "2001:db8::/64"], "--tunnel-network: 2001:db8::/64 is IPv6"),
         (["--tunnel-network", "198.19.0.0/30"], "--tunnel-network: 198.19.0.0/30 leaves 1"),

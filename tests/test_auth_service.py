@@ -68,7 +68,7 @@ def test_good_login_returns_a_complete_session(auth):
         "198.19.0.2/24"
     )
     assert response.gateway_tunnel_address == "198.19.0.1"
-    assert list(response.routes) == ["0.0.0.0/0"]
+    assert list(response.network.routes) == ["0.0.0.0/0"]
     assert response.mtu == 1420 and response.keepalive_seconds == 10
     assert response.key_lifetime_seconds == 600
     assert (response.dataplane_endpoint.host, response.dataplane_endpoint.port) == (

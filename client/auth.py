@@ -9,7 +9,7 @@ from its message text.
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 
 import grpc
@@ -98,6 +98,8 @@ class ClientSession:
     key_lifetime_seconds: float
     endpoint: tuple[str, int]
     expires_at: float  # unix seconds: the session ends then unless rekeyed; 0 if not said
+    search_domains: list[str] = field(default_factory=list)
+    match_domains: list[str] = field(default_factory=list)  # split DNS
 
     def __repr__(self) -> str:  # the token and keys never reach a log line
         return f"ClientSession(id={self.session_id:#010x}, address={self.tunnel_address})"
@@ -234,6 +236,8 @@ class AuthClient:
             key_lifetime_seconds=float(response.key_lifetime_seconds or 600),
             endpoint=(endpoint.host, endpoint.port),
             expires_at=response.expires_at_unix_ms / 1000,
+            search_domains=list(response.network.search_domains),
+            match_domains=list(response.network.match_domains),
         )
 
     async def rekey(self, token: str) -> tuple[KeyMaterial, float]:

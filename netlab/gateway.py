@@ -99,6 +99,18 @@ class GatewayLab:
     def _log(self, name: str):
         return open(os.path.join(self.workdir, f"{name}.log"), "a")
 
+    def log_tail(self, *names: str, lines: int = 30) -> str:
+        """The last lines of each process's log, for an assertion's message."""
+        parts = []
+        for name in names:
+            try:
+                with open(os.path.join(self.workdir, f"{name}.log")) as handle:
+                    tail = handle.readlines()[-lines:]
+            except OSError as error:
+                tail = [f"({error})\n"]
+            parts.append(f"--- {name}.log\n" + "".join(tail))
+        return "\n".join(parts)
+
     def add_user(self, name: str) -> None:
         subprocess.run(
             [

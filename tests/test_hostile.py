@@ -438,7 +438,9 @@ def test_rekeys_under_traffic_lose_nothing(h):
     assert min(rekeys) >= expected, f"clients did not rekey on schedule: {rekeys}"
     assert all(v == 0 for v in key_drops.values()), key_drops
     assert delta(after, before, metrics.total, "pushgate_dataplane_session_expiries_total") == 0
-    assert logins == 0 and [h.session_id(0), h.session_id(1)] == sessions  # no re-login
+    assert logins == 0 and [h.session_id(0), h.session_id(1)] == sessions, h.gw.log_tail(
+        "client0", "client1", "auth"
+    )  # no re-login
 
 
 # -- malformed and crafted --------------------------------------------------------------------
@@ -967,7 +969,9 @@ def test_dataplane_sigkill_mid_transfer_needs_no_login(h):
         installs_after_restart=int(installs),
     )
     assert ok
-    assert logins == 0 and [h.session_id(0), h.session_id(1)] == sessions
+    assert logins == 0 and [h.session_id(0), h.session_id(1)] == sessions, gw.log_tail(
+        "client0", "client1", "auth"
+    )
     assert feed == held and installs == len(feed)
     # bob's first packet after the restart, under re-learned keys, is refused and
     # answered with REKEY_REQUIRED; he rekeys once, then nothing is lost
@@ -1084,7 +1088,7 @@ table inet pghostile {
         logins=int(logins),
     )
     assert "no packet from the dataplane" in reason
-    assert h.session_id(0) == alice_id and logins == 0
+    assert h.session_id(0) == alice_id and logins == 0, gw.log_tail("client0", "auth")
     assert ping_loss(h.ping(0, 10, interval=0.05)) == (10, 10)
 
 

@@ -2,13 +2,27 @@
 
 Imported only on Windows (client.host.current_host), but written so that its
 pure parts import anywhere. Everything it does to the system goes through
-client/wintun.py and client/iphlpapi.py.
+client/wintun.py, client/iphlpapi.py, client/wfp.py (the kill switch and the
+DNS filters), client/nrpt.py (DNS rules) and client/winregistry.py.
+
+Fail closed:
+- the WFP filters (client/wfp.py) are persistent and per tunnel name; bringing
+  the tunnel down for a reconnect or a re-login leaves them; only `release`
+  (disconnect) removes them;
+- what `configure` must undo is kept in HKLM\\SOFTWARE\\pushgate\\clients\\<tun>,
+  which only administrators can write; the status file carries only a reference
+  to it (["windows", tun]), so a status file a standard user forged can make us
+  undo nothing but a pushgate tunnel's own configuration; NRPT rules and
+  filters are found again from the tunnel name.
 """
 
 import asyncio
 import ctypes
+import ipaddress
+import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -18,7 +32,10 @@ from pathlib import Path
 
 from .auth import ClientError, ClientSession
 from .iphlpapi import ERROR_NOT_FOUND, IpHelper
+from .nrpt import Nrpt, plan_nrpt
+from .wfp import Endpoint, FirewallPolicy, WfpFirewall
 from .winnet import Step, plan_windows_network
+from .winregistry import REG_SZ, Registry
 from .wintun import WintunLibrary, WintunTun, load_library, wide
 
 log = logging.getLogger("pushgate.client")
@@ -29,6 +46,8 @@ STILL_ACTIVE = 259
 EVENT_MODIFY_STATE = 0x0002
 SYNCHRONIZE = 0x00100000
 INTERFACE_WAIT_SECONDS = 5.0  # a new adapter's IPv4 interface may lag behind it
+UNDO_BASE = r"SOFTWARE\pushgate\clients"  # HKLM: administrators and SYSTEM only
+TUN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 ADMIN_MESSAGE = (
     "pushgate-client must run as Administrator: it creates a network adapter and "
     "changes routes and DNS. Start it from an elevated terminal (or accept the UAC prompt)."
@@ -51,6 +70,17 @@ def wintun_dll_path() -> Path:
     raise ClientError(
         f"{DLL_NAME} not found (looked in {', '.join(map(str, candidates))})", retryable=False
     )
+
+
+def checked_tun_name(name: str) -> str:
+    """An adapter name we accept (it becomes part of registry and WFP key names)."""
+    if not isinstance(name, str) or not TUN_NAME.fullmatch(name):
+        raise ClientError(f"not a tunnel name: {str(name)[:80]!r}", retryable=False)
+    return name
+
+
+def _merge(old: tuple[Endpoint, ...], new) -> tuple[Endpoint, ...]:
+    return tuple(sorted(set(old) | set(new), key=lambda e: (e.address, e.port, e.protocol)))
 
 
 def stop_event_name(pid: int) -> str:
@@ -86,6 +116,22 @@ class WindowsHost:
         self._wintun: WintunLibrary | None = None
         self._helper: IpHelper | None = None
         self._kernel32: Kernel32 | None = None
+        self._registry: Registry | None = None
+        self._firewall: WfpFirewall | None = None
+        # The kill switch: None = on for a full tunnel, off for a split one.
+        self.lockdown: bool | None = None
+        self.allow_lan = False
+        self._policies: dict[str, FirewallPolicy] = {}  # what the filters do now, per tunnel
+
+    def _reg(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry()
+        return self._registry
+
+    def _wfp(self) -> WfpFirewall:
+        if self._firewall is None:
+            self._firewall = WfpFirewall()
+        return self._firewall
 
     def _k32(self) -> Kernel32:
         if self._kernel32 is None:
@@ -113,6 +159,7 @@ class WindowsHost:
             ) from None
 
     def configure(self, tun: WintunTun, info: ClientSession) -> list[list[str]]:
+        name = checked_tun_name(tun.name)
         helper = self._ip_helper()
         gateway_ip = info.endpoint[0]
         try:
@@ -127,18 +174,119 @@ class WindowsHost:
                 gateway_ip=gateway_ip,
                 underlay=underlay,
             )
+            full_tunnel = any(
+                ipaddress.ip_network(r, strict=False).prefixlen == 0 for r in info.routes
+            )
+            rules = plan_nrpt(
+                name,
+                dns_servers=[s for s in info.dns_servers if ipaddress.ip_address(s).version == 4],
+                match_domains=info.match_domains,
+                full_tunnel=full_tunnel,
+            )
         except (OSError, ValueError) as error:
             raise ClientError(f"cannot plan the network: {error}", retryable=True) from None
+        # The filters first: from here on nothing leaks, whatever fails next.
+        self._update_firewall(
+            name,
+            tunnel_luid=tun.luid,
+            endpoints=(Endpoint(gateway_ip, info.endpoint[1], "udp"),),
+            full_tunnel=full_tunnel,
+        )
+        self._save_undo(name, [])
         done: list[Step] = []
         try:
             for step in plan.apply:
                 self._apply(helper, step)
                 done.append(step)
+                self._save_undo(name, [s.to_list() for s in reversed(done) if s in plan.undo])
+            Nrpt(self._reg()).apply(name, rules)
         except OSError as error:
-            self.unconfigure([s.to_list() for s in reversed(done) if s in plan.undo])
+            self.unconfigure([["windows", name]])
             raise ClientError(f"network setup failed: {error}", retryable=False) from None
         log.info("tunnel MTU %d (path to the gateway: MTU %d)", plan.mtu, underlay.mtu)
-        return [step.to_list() for step in plan.undo]
+        if rules:
+            log.info("DNS: %s through NRPT", ", ".join(n for r in rules for n in r.names))
+        return [["windows", name]]
+
+    # -- the kill switch and DNS filters (WFP) ---------------------------------------
+
+    def lock_down(self, tun_name: str, endpoints: list[tuple[str, int, str]]) -> None:
+        """Engage the kill switch now (before a login, or on a new auth address):
+        only `endpoints` (address, port, tcp|udp) on the physical interfaces."""
+        name = checked_tun_name(tun_name)
+        current = self._policies.get(name, FirewallPolicy(name))
+        self._install(
+            FirewallPolicy(
+                name,
+                tunnel_luid=current.tunnel_luid,
+                endpoints=_merge(current.endpoints, [Endpoint(*e) for e in endpoints]),
+                lockdown=self.lockdown is not False,
+                block_ipv6=current.block_ipv6,
+                block_outside_dns=current.block_outside_dns,
+                allow_lan=self.allow_lan,
+            )
+        )
+
+    def _update_firewall(self, name, *, tunnel_luid, endpoints, full_tunnel) -> None:
+        current = self._policies.get(name, FirewallPolicy(name))
+        lockdown = self.lockdown if self.lockdown is not None else full_tunnel
+        self._install(
+            FirewallPolicy(
+                name,
+                tunnel_luid=tunnel_luid,
+                endpoints=_merge(current.endpoints, endpoints),
+                lockdown=lockdown or current.lockdown,
+                block_ipv6=full_tunnel,  # the tunnel carries IPv4 only
+                block_outside_dns=full_tunnel,
+                allow_lan=self.allow_lan,
+            )
+        )
+
+    def _install(self, policy: FirewallPolicy) -> None:
+        if policy.empty and policy.tun_name not in self._policies:
+            return
+        try:
+            count = self._wfp().apply(policy)
+        except OSError as error:
+            raise ClientError(
+                f"cannot install the firewall filters (kill switch, DNS): {error}",
+                retryable=False,
+            ) from None
+        self._policies[policy.tun_name] = policy
+        log.info(
+            "firewall: %d filters (kill switch %s, IPv6 %s, DNS outside the tunnel %s)",
+            count,
+            "on" if policy.lockdown else "off",
+            "blocked" if policy.block_ipv6 or policy.lockdown else "open",
+            "blocked" if policy.block_outside_dns or policy.lockdown else "open",
+        )
+
+    def release(self, tun_name: str) -> None:
+        """Disconnect: remove the kill switch and the DNS rules of `tun_name` (also
+        what a crashed client left), recomputed from the name alone."""
+        name = checked_tun_name(tun_name)
+        removed = self._wfp().remove(name)
+        rules = Nrpt(self._reg()).remove(name)
+        self._policies.pop(name, None)
+        if removed or rules:
+            log.info("removed %d firewall filters and %d NRPT rules of %s", removed, rules, name)
+
+    # -- undo records (HKLM, administrators only) ------------------------------------
+
+    def _save_undo(self, name: str, steps: list[list[str]]) -> None:
+        self._reg().write(rf"{UNDO_BASE}\{name}", {"Undo": (REG_SZ, json.dumps(steps))})
+
+    def _load_undo(self, name: str) -> list[Step]:
+        values = self._reg().read(rf"{UNDO_BASE}\{name}") or {}
+        kind, text = values.get("Undo", (REG_SZ, "[]"))
+        if kind != REG_SZ:
+            log.warning("undo record of %s is not a string: ignored", name)
+            return []
+        try:
+            return [Step.from_list(items) for items in json.loads(text)]
+        except (ValueError, TypeError) as error:
+            log.warning("undo record of %s unreadable: %s", name, error)
+            return []
 
     @staticmethod
     def _apply(helper: IpHelper, step: Step) -> None:
@@ -154,12 +302,29 @@ class WindowsHost:
                 time.sleep(0.1)
 
     def unconfigure(self, undo: list[list[str]]) -> None:
+        """Undo a configuration. `undo` is only a reference (["windows", tun]): the
+        steps come from the administrators-only undo record, never from the status
+        file. The kill switch stays (see `release`)."""
         helper = self._ip_helper()
-        for items in undo:
+        for reference in undo:
+            if len(reference) != 2 or reference[0] != "windows":
+                log.warning("ignoring an undo entry that is not ours: %.80r", reference)
+                continue
             try:
-                helper.undo(Step.from_list(items))
-            except (OSError, ValueError) as error:
-                log.warning("cleanup step %s failed: %s", items, error)
+                name = checked_tun_name(reference[1])
+            except ClientError as error:
+                log.warning("%s", error)
+                continue
+            for step in self._load_undo(name):
+                try:
+                    helper.undo(step)
+                except (OSError, ValueError) as error:
+                    log.warning("cleanup step %s failed: %s", step.to_list(), error)
+            try:
+                Nrpt(self._reg()).remove(name)
+                self._reg().delete(rf"{UNDO_BASE}\{name}")
+            except OSError as error:
+                log.warning("cleanup of %s failed: %s", name, error)
 
     def process_alive(self, pid: int) -> bool:
         k32 = self._k32()

@@ -44,6 +44,8 @@ from client.winnet import (
     route,
 )
 from client.wintun import GUID, read_wide
+from tests.fakes.fake_registry import FakeRegistry
+from tests.fakes.fake_wfp import FakeWfp
 
 TUN_LUID = 0x0006_0000_0100_0000
 TUN_GUID = "3f2b8c1e-5d7a-4c6b-9e0f-1a2b3c4d5e6f"
@@ -325,19 +327,26 @@ class FakeIpHelper:
         return 0
 
 
-def windows_host(fake: FakeIpHelper) -> WindowsHost:
+def windows_host(fake: FakeIpHelper, registry=None, firewall=None) -> WindowsHost:
+    """A WindowsHost on fakes; the registry and WFP are the machine's, shared by
+    every process (pass the same ones to model a later run)."""
+    from client.wfp import WfpFirewall
+
     host = WindowsHost()
     host._helper = IpHelper(fake.library())
+    host._registry = registry if registry is not None else FakeRegistry()
+    host._firewall = WfpFirewall((firewall if firewall is not None else FakeWfp()).library())
     return host
 
 
-def session(routes, dns_servers=()):
+def session(routes, dns_servers=(), match_domains=()):
     return SimpleNamespace(
         endpoint=("198.18.0.1", 51820),
         tunnel_address="198.19.0.2/24",
         mtu=1420,
         routes=list(routes),
         dns_servers=list(dns_servers),
+        match_domains=list(match_domains),
     )
 
 
@@ -345,9 +354,10 @@ TUN = SimpleNamespace(name="pgc0", luid=TUN_LUID)
 
 
 def test_the_executor_applies_a_full_tunnel_and_undoes_it_all():
-    fake = FakeIpHelper(interface_lag_calls=3)
-    host = windows_host(fake)
+    fake, registry, wfp = FakeIpHelper(interface_lag_calls=3), FakeRegistry(), FakeWfp()
+    host = windows_host(fake, registry, wfp)
     undo = host.configure(TUN, session(["0.0.0.0/0"], ["198.18.0.53", "198.18.0.54"]))
+    assert undo == [["windows", "pgc0"]]  # a reference: the steps stay in HKLM
     assert fake.interfaces[TUN_LUID] == {"mtu": 1420, "metric": TUNNEL_INTERFACE_METRIC, "auto": 0}
     assert fake.addresses == {(TUN_LUID, "198.19.0.2/24")}
     assert fake.routes == {
@@ -357,12 +367,32 @@ def test_the_executor_applies_a_full_tunnel_and_undoes_it_all():
     }
     assert fake.dns == {TUN_GUID: "198.18.0.53,198.18.0.54"}
 
-    # A crash: a new process reads the undo steps back from the status file.
+    # A crash: a new process finds the steps in the administrators-only record.
     recovered = json.loads(json.dumps(undo))
-    windows_host(fake).unconfigure(recovered)
+    windows_host(fake, registry, wfp).unconfigure(recovered)
     assert fake.addresses == set() and fake.routes == set()
     assert fake.dns == {TUN_GUID: ""}
-    windows_host(fake).unconfigure(recovered)  # twice is harmless: gone is not an error
+    assert registry.read(r"SOFTWARE\pushgate\clients\pgc0") is None
+    windows_host(fake, registry, wfp).unconfigure(recovered)  # twice is harmless
+    # The kill switch outlives the configuration: only `release` removes it.
+    assert wfp.state.filters
+    windows_host(fake, registry, wfp).release("pgc0")
+    assert wfp.state.filters == {}
+
+
+def test_undo_steps_in_a_forged_status_file_are_never_run():
+    fake = FakeIpHelper()
+    fake.routes.add((WIFI_LUID, "198.18.7.0/24", "198.18.5.1"))  # the machine's own
+    fake.addresses.add((WIFI_LUID, "198.18.5.20/24"))
+    forged = [
+        route(WIFI_LUID, "198.18.7.0/24", "198.18.5.1").to_list(),
+        address(WIFI_LUID, "198.18.5.20/24").to_list(),
+        ["windows", "..\\..\\Run"],  # a registry path, not a tunnel name
+        ["windows", "pgc0"],  # ours, but nothing recorded for it: nothing to undo
+    ]
+    windows_host(fake).unconfigure(forged)
+    assert (WIFI_LUID, "198.18.7.0/24", "198.18.5.1") in fake.routes
+    assert (WIFI_LUID, "198.18.5.20/24") in fake.addresses
 
 
 def test_a_failed_step_undoes_the_steps_before_it():

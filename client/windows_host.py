@@ -33,10 +33,12 @@ from pathlib import Path
 from .auth import ClientError, ClientSession
 from .iphlpapi import ERROR_NOT_FOUND, IpHelper
 from .nrpt import Nrpt, plan_nrpt
+from .status import secure_status_dir_windows
 from .wfp import Endpoint, FirewallPolicy, WfpFirewall
 from .winnet import Step, plan_windows_network
 from .winregistry import REG_SZ, Registry
-from .wintun import WintunLibrary, WintunTun, load_library, wide
+from .winsecurity import WinSecurity, same_image
+from .wintun import WintunLibrary, WintunTun, install_checked_dll, load_library, wide
 
 log = logging.getLogger("pushgate.client")
 
@@ -147,9 +149,21 @@ class WindowsHost:
         if not ctypes.windll.shell32.IsUserAnAdmin():
             raise ClientError(ADMIN_MESSAGE, retryable=False)
 
+    def checked_dll(self) -> str:
+        """wintun.dll copied into %ProgramData%\\pushgate\\bin (private to SYSTEM and
+        Administrators) once its pinned SHA-256 checks: the path to load."""
+        directory = os.path.join(self.status_dir, "bin")
+        try:
+            secure_status_dir_windows(self.status_dir)
+            secure_status_dir_windows(directory)
+            return install_checked_dll(str(wintun_dll_path()), directory)
+        except OSError as error:
+            raise ClientError(f"cannot load WinTun: {error}", retryable=False) from None
+
     def open_tun(self, name: str) -> WintunTun:
+        checked_tun_name(name)
         if self._wintun is None:
-            self._wintun = WintunLibrary(str(wintun_dll_path()))
+            self._wintun = WintunLibrary(self.checked_dll())
             self._wintun.route_logger()
         try:
             return WintunTun(self._wintun, name)
@@ -373,5 +387,17 @@ class WindowsHost:
                     return True
             finally:
                 k32.lib.CloseHandle(event)
-        os.kill(pid, signal.SIGTERM)  # TerminateProcess: no clean-up of its own
+        # TerminateProcess (no clean-up of its own), and only a pushgate client: the
+        # pid comes from the status file.
+        if not self.is_pushgate_client(pid):
+            raise ClientError(
+                f"process {pid} is not a pushgate client: not ending it", retryable=False
+            )
+        os.kill(pid, signal.SIGTERM)
         return False
+
+    def is_pushgate_client(self, pid: int, security: WinSecurity | None = None) -> bool:
+        """True when `pid` runs our own executable (pushgate-client.exe; or, for a
+        pip install, the same python.exe, which is all Windows can tell us)."""
+        image = (security or WinSecurity()).process_image(pid)
+        return same_image(image, sys.executable)

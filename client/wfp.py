@@ -529,7 +529,12 @@ class WfpFirewall:
         if not specs:
             self.remove(policy.tun_name)
             return 0
-        name = policy.tun_name
+        return self.install(policy.tun_name, specs)
+
+    def install(self, name: str, specs: list[FilterSpec]) -> int:
+        """Replace the filters of tunnel `name` with `specs`, in one transaction."""
+        if len(specs) > MAX_FILTERS:
+            raise ValueError(f"{len(specs)} filters: more than {MAX_FILTERS}")
 
         def work(engine: int) -> None:
             keeper = _Keeper()

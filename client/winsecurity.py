@@ -42,6 +42,8 @@ INVALID_FILE_ATTRIBUTES = 0xFFFFFFFF
 ERROR_FILE_NOT_FOUND, ERROR_PATH_NOT_FOUND, ERROR_ACCESS_DENIED = 2, 3, 5
 ERROR_ALREADY_EXISTS = 183
 PROCESS_QUERY_LIMITED_INFORMATION = 0x1000
+TOKEN_QUERY = 0x0008
+TOKEN_USER_CLASS = 1  # TOKEN_INFORMATION_CLASS TokenUser
 MAX_PATH_CHARS = 32768
 
 
@@ -56,17 +58,25 @@ class DirectoryState:
     owner_sid: str = ""
 
 
-def judge_directory(state: DirectoryState) -> str:
-    """create | secure (reset its DACL, then use it); raises UnsafeDirectory."""
+def judge_directory(state: DirectoryState, own_sid: str = "") -> str:
+    """create | secure (reset its DACL, then use it); raises UnsafeDirectory.
+
+    Trusted owners: SYSTEM, Administrators, and the (elevated) user running us:
+    Windows makes an administrator the owner of what they create unless told
+    otherwise, so an earlier version's directory is theirs."""
     if not state.exists:
         return "create"
     if state.attributes & FILE_ATTRIBUTE_REPARSE_POINT:
         raise UnsafeDirectory("it is a reparse point (junction or symbolic link)")
     if not state.attributes & FILE_ATTRIBUTE_DIRECTORY:
         raise UnsafeDirectory("it is not a directory")
-    if state.owner_sid not in TRUSTED_OWNERS:
+    if not trusted_owner(state.owner_sid, own_sid):
         raise UnsafeDirectory(f"it is owned by {state.owner_sid}, not SYSTEM or Administrators")
     return "secure"
+
+
+def trusted_owner(owner_sid: str, own_sid: str = "") -> bool:
+    return owner_sid in TRUSTED_OWNERS or bool(own_sid and owner_sid == own_sid)
 
 
 class SECURITY_ATTRIBUTES(ctypes.Structure):
@@ -86,6 +96,7 @@ class WinSecurity:
             kernel32, _ = load_library("kernel32.dll")
         self._a, self._k = advapi32, kernel32
         self.last_error = last_error
+        self._own_sid: str | None = None
         out = POINTER(c_void_p)
         for library, name, restype, argtypes in (
             (advapi32, "ConvertStringSecurityDescriptorToSecurityDescriptorW", c_int32,
@@ -104,6 +115,10 @@ class WinSecurity:
             (kernel32, "QueryFullProcessImageNameW", c_int32,
              (c_void_p, c_uint32, c_void_p, POINTER(c_uint32))),
             (kernel32, "CloseHandle", c_int32, (c_void_p,)),
+            (kernel32, "GetCurrentProcess", c_void_p, ()),
+            (advapi32, "OpenProcessToken", c_int32, (c_void_p, c_uint32, out)),
+            (advapi32, "GetTokenInformation", c_int32,
+             (c_void_p, c_uint32, c_void_p, c_uint32, POINTER(c_uint32))),
         ):  # fmt: skip
             function = getattr(library, name)
             function.restype, function.argtypes = restype, argtypes
@@ -135,13 +150,7 @@ class WinSecurity:
         if code:
             raise self._error("GetNamedSecurityInfoW", code)
         try:
-            text = c_void_p()
-            if not self._a.ConvertSidToStringSidW(owner, ctypes.byref(text)):
-                raise self._error("ConvertSidToStringSidW")
-            try:
-                return read_wide(text.value)
-            finally:
-                self._k.LocalFree(text)
+            return self._sid_text(owner)
         finally:
             self._k.LocalFree(descriptor)
 
@@ -184,6 +193,36 @@ class WinSecurity:
         finally:
             self._k.LocalFree(descriptor)
 
+    def own_sid(self) -> str:
+        """The SID of the user this process runs as (TokenUser)."""
+        if self._own_sid is None:
+            token = c_void_p()
+            process = self._k.GetCurrentProcess()
+            if not self._a.OpenProcessToken(process, TOKEN_QUERY, ctypes.byref(token)):
+                raise self._error("OpenProcessToken")
+            try:
+                size = c_uint32()
+                self._a.GetTokenInformation(token, TOKEN_USER_CLASS, None, 0, ctypes.byref(size))
+                buffer = ctypes.create_string_buffer(size.value or 256)
+                if not self._a.GetTokenInformation(
+                    token, TOKEN_USER_CLASS, buffer, len(buffer), ctypes.byref(size)
+                ):
+                    raise self._error("GetTokenInformation")
+                sid = c_void_p.from_buffer(buffer).value  # TOKEN_USER.User.Sid
+                self._own_sid = self._sid_text(sid)
+            finally:
+                self._k.CloseHandle(token)
+        return self._own_sid
+
+    def _sid_text(self, sid) -> str:
+        text = c_void_p()
+        if not self._a.ConvertSidToStringSidW(sid, ctypes.byref(text)):
+            raise self._error("ConvertSidToStringSidW")
+        try:
+            return read_wide(text.value)
+        finally:
+            self._k.LocalFree(text)
+
     def process_image(self, pid: int) -> str | None:
         """The full path of `pid`'s executable; None when it cannot be opened."""
         handle = self._k.OpenProcess(PROCESS_QUERY_LIMITED_INFORMATION, 0, pid)
@@ -208,7 +247,7 @@ def ensure_private_directory(path: str, security: WinSecurity) -> None:
     if parent and parent != path and not os.path.isdir(parent):
         os.makedirs(parent, exist_ok=True)  # %ProgramData% exists; tests use a temp dir
     try:
-        action = judge_directory(security.state(path))
+        action = judge_directory(security.state(path), security.own_sid())
     except UnsafeDirectory as error:
         raise UnsafeDirectory(f"refusing {path}: {error}") from None
     if action == "create":
@@ -233,14 +272,15 @@ def check_private_directory(path: str, security: "WinSecurity") -> None:
         state = security.state(path)
         if not state.exists:
             raise FileNotFoundError(path)
-        judge_directory(state)
+        own_sid = security.own_sid()
+        judge_directory(state, own_sid)
         for entry in sorted(os.listdir(path)):
             entry_state = security.state(os.path.join(path, entry))
             if not entry_state.exists:
                 continue  # gone meanwhile
             if entry_state.attributes & FILE_ATTRIBUTE_REPARSE_POINT:
                 raise UnsafeDirectory(f"{entry} in it is a reparse point")
-            if entry_state.owner_sid not in TRUSTED_OWNERS:
+            if not trusted_owner(entry_state.owner_sid, own_sid):
                 raise UnsafeDirectory(f"{entry} in it is owned by {entry_state.owner_sid}")
     except UnsafeDirectory as error:
         raise UnsafeDirectory(f"refusing {path}: {error}") from None

@@ -36,7 +36,9 @@ from client.winsecurity import (
 
 ROOT = Path(__file__).resolve().parent.parent
 USER_SID = "S-1-5-21-1004336348-1177238915-682003330-1001"
+ADMIN_USER_SID = "S-1-5-21-1004336348-1177238915-682003330-500"
 DIRECTORY_JUNCTION = FILE_ATTRIBUTE_DIRECTORY | FILE_ATTRIBUTE_REPARSE_POINT
+ADMIN_USER_SID = "S-1-5-21-1004336348-1177238915-682003330-500"
 DIRECTORY_JUNCTION = FILE_ATTRIBUTE_DIRECTORY | FILE_ATTRIBUTE_REPARSE_POINT
 
 
@@ -74,6 +76,9 @@ class FakeSecurity:
         os.mkdir(path) if directory else Path(path).write_text("{}")
         self.owner[path] = owner
 
+    def own_sid(self) -> str:
+        return ADMIN_USER_SID  # the elevated administrator running the client
+
     def process_image(self, pid):
         return {1: sys.executable, 2: r"C:\Windows\System32\lsass.exe"}.get(pid)
 
@@ -95,6 +100,13 @@ def test_judge_directory(state, expected):
     else:
         with pytest.raises(UnsafeDirectory, match=expected):
             judge_directory(state)
+
+
+def test_an_administrator_owning_it_is_trusted_only_when_it_is_us():
+    state = DirectoryState(True, FILE_ATTRIBUTE_DIRECTORY, ADMIN_USER_SID)
+    assert judge_directory(state, own_sid=ADMIN_USER_SID) == "secure"
+    with pytest.raises(UnsafeDirectory, match="owned by"):
+        judge_directory(state, own_sid=USER_SID)
 
 
 def test_a_missing_directory_is_created_private(tmp_path):

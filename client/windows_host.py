@@ -38,7 +38,14 @@ from .wfp import Endpoint, FirewallPolicy, WfpFirewall
 from .winnet import Step, plan_windows_network
 from .winregistry import REG_SZ, Registry
 from .winsecurity import WinSecurity, same_image
-from .wintun import WintunLibrary, WintunTun, install_checked_dll, load_library, wide
+from .wintun import (
+    WintunLibrary,
+    WintunTun,
+    adapter_guid,
+    install_checked_dll,
+    load_library,
+    wide,
+)
 
 log = logging.getLogger("pushgate.client")
 
@@ -290,6 +297,22 @@ class WindowsHost:
     def _save_undo(self, name: str, steps: list[list[str]]) -> None:
         self._reg().write(rf"{UNDO_BASE}\{name}", {"Undo": (REG_SZ, json.dumps(steps))})
 
+    def _undo_steps(self, helper: IpHelper, name: str) -> list[Step]:
+        """The adapter's part recomputed from the adapter (found by its name's GUID);
+        the rest (the gateway's route on the physical interface) from the record."""
+        recorded = self._load_undo(name)
+        guid = str(adapter_guid(name))
+        try:
+            luid = helper.guid_to_luid(guid)
+            on_adapter = helper.adapter_steps(luid, guid) if luid is not None else []
+        except OSError as error:
+            log.warning("cannot list what is on adapter %s: %s", name, error)
+            return recorded
+        elsewhere = [step for step in recorded if step.luid != luid]
+        # The adapter's DNS first, then every route, then its addresses.
+        order = {"dns": 0, "route": 1, "address": 2}
+        return sorted(on_adapter + elsewhere, key=lambda step: order.get(step.kind, 3))
+
     def _load_undo(self, name: str) -> list[Step]:
         values = self._reg().read(rf"{UNDO_BASE}\{name}") or {}
         kind, text = values.get("Undo", (REG_SZ, "[]"))
@@ -329,7 +352,7 @@ class WindowsHost:
             except ClientError as error:
                 log.warning("%s", error)
                 continue
-            for step in self._load_undo(name):
+            for step in self._undo_steps(helper, name):
                 try:
                     helper.undo(step)
                 except (OSError, ValueError) as error:

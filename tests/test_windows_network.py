@@ -43,12 +43,12 @@ from client.winnet import (
     plan_windows_network,
     route,
 )
-from client.wintun import GUID, read_wide
+from client.wintun import GUID, adapter_guid, read_wide
 from tests.fakes.fake_registry import FakeRegistry
 from tests.fakes.fake_wfp import FakeWfp
 
 TUN_LUID = 0x0006_0000_0100_0000
-TUN_GUID = "3f2b8c1e-5d7a-4c6b-9e0f-1a2b3c4d5e6f"
+TUN_GUID = str(adapter_guid("pgc0"))  # WinTun gives the adapter the GUID we ask for
 WIFI_LUID = 0x0047_0000_0200_0000
 UNDERLAY = UnderlayPath(luid=WIFI_LUID, next_hop="198.18.5.1", mtu=1500)
 
@@ -210,6 +210,9 @@ class FakeIpHelper:
         self.routes: set[tuple[int, str, str]] = set()
         self.dns: dict[str, str] = {}
         self.fail_route: tuple[str, int] | None = None
+        # Routes Windows derives from an address itself (MIB_IPPROTO_LOCAL).
+        self.local_routes: set[tuple[int, str, str]] = set()
+        self._tables: dict[int, ctypes.Structure] = {}  # handed out, not yet freed
 
     def library(self) -> SimpleNamespace:
         """The exports as plain functions, which take ctypes' argtypes/restype."""
@@ -319,6 +322,55 @@ class FakeIpHelper:
         self.dns[str(guid.to_uuid())] = read_wide(settings.NameServer)
         return 0
 
+    def ConvertInterfaceGuidToLuid(self, guid, luid):
+        if str(guid._obj.to_uuid()) != TUN_GUID or TUN_LUID not in self.interfaces:
+            return ERROR_NOT_FOUND
+        luid._obj.value = TUN_LUID
+        return 0
+
+    def _hand_out(self, row_type, rows, table):
+        class Table(ctypes.Structure):
+            _fields_ = (("NumEntries", ctypes.c_uint32), ("Table", row_type * len(rows)))
+
+        value = Table()
+        value.NumEntries = len(rows)
+        for index, row in enumerate(rows):
+            value.Table[index] = row
+        assert Table.Table.offset == 8  # where iphlpapi puts the first row
+        self._tables[ctypes.addressof(value)] = value
+        table._obj.value = ctypes.addressof(value)
+        return 0
+
+    def GetIpForwardTable2(self, family, table):
+        assert family == 0  # AF_UNSPEC: both families
+        rows = []
+        for protocol, routes in ((3, self.routes), (2, self.local_routes)):
+            for luid, prefix, hop in sorted(routes):
+                row = MIB_IPFORWARD_ROW2()
+                network = ipaddress.ip_network(prefix)
+                row.InterfaceLuid = luid
+                row.DestinationPrefix.Prefix = sockaddr(str(network.network_address))
+                row.DestinationPrefix.PrefixLength = network.prefixlen
+                row.NextHop = sockaddr(hop)
+                row.Protocol = protocol
+                rows.append(row)
+        return self._hand_out(MIB_IPFORWARD_ROW2, rows, table)
+
+    def GetUnicastIpAddressTable(self, family, table):
+        assert family == AF_INET
+        rows = []
+        for luid, text in sorted(self.addresses):
+            row = MIB_UNICASTIPADDRESS_ROW()
+            interface = ipaddress.ip_interface(text)
+            row.Address = sockaddr(str(interface.ip))
+            row.InterfaceLuid = luid
+            row.OnLinkPrefixLength = interface.network.prefixlen
+            rows.append(row)
+        return self._hand_out(MIB_UNICASTIPADDRESS_ROW, rows, table)
+
+    def FreeMibTable(self, table):
+        del self._tables[table.value]
+
     def ConvertInterfaceLuidToGuid(self, luid, guid):
         if luid._obj.value != TUN_LUID:
             return ERROR_NOT_FOUND
@@ -378,6 +430,22 @@ def test_the_executor_applies_a_full_tunnel_and_undoes_it_all():
     assert wfp.state.filters
     windows_host(fake, registry, wfp).release("pgc0")
     assert wfp.state.filters == {}
+
+
+def test_the_adapters_part_is_recomputed_from_the_adapter():
+    fake, registry = FakeIpHelper(), FakeRegistry()
+    host = windows_host(fake, registry)
+    undo = host.configure(TUN, session(["0.0.0.0/0", "198.18.200.0/24"], ["198.18.0.53"]))
+    # Windows' own route for the address, and a route someone added on our adapter
+    # after we recorded our steps: the first stays, the second goes.
+    fake.local_routes.add((TUN_LUID, "198.19.0.0/24", "0.0.0.0"))
+    fake.routes.add((TUN_LUID, "198.18.201.0/24", "0.0.0.0"))
+    registry.write(r"SOFTWARE\pushgate\clients\pgc0", {"Undo": (1, "[]")})  # record lost
+    windows_host(fake, registry).unconfigure(undo)
+    assert fake.routes == {(WIFI_LUID, "198.18.0.1/32", "198.18.5.1")}  # only in the record
+    assert fake.addresses == set() and fake.dns == {TUN_GUID: ""}
+    assert fake.local_routes == {(TUN_LUID, "198.19.0.0/24", "0.0.0.0")}
+    assert fake._tables == {}  # every table freed
 
 
 def test_undo_steps_in_a_forged_status_file_are_never_run():

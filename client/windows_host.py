@@ -9,11 +9,13 @@ Fail closed:
 - the WFP filters (client/wfp.py) are persistent and per tunnel name; bringing
   the tunnel down for a reconnect or a re-login leaves them; only `release`
   (disconnect) removes them;
-- what `configure` must undo is kept in HKLM\\SOFTWARE\\pushgate\\clients\\<tun>,
-  which only administrators can write; the status file carries only a reference
-  to it (["windows", tun]), so a status file a standard user forged can make us
-  undo nothing but a pushgate tunnel's own configuration; NRPT rules and
-  filters are found again from the tunnel name.
+- undo is never read from the status file, which carries only a reference
+  (["windows", tun]): the adapter's routes, addresses and DNS are recomputed
+  from the adapter (found by the GUID derived from its name); the gateway's
+  route on the physical interface comes from HKLM\\SOFTWARE\\pushgate\\clients\\<tun>,
+  which only administrators can write; NRPT rules and filters are found again
+  from the tunnel name. A forged status file can make us undo nothing but a
+  pushgate tunnel's own configuration.
 """
 
 import asyncio

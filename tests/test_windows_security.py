@@ -226,3 +226,56 @@ def test_disconnect_ends_only_a_pushgate_client(monkeypatch):
     with pytest.raises(ClientError, match="not a pushgate client"):
         host.request_stop(2)
     assert host.request_stop(1) is False and ended == [1]
+
+
+# -- the ctypes layer itself, against a fake of advapi32/kernel32 --------------------
+
+
+def test_the_calls_create_a_private_directory_and_free_what_they_get(tmp_path):
+    from client.winsecurity import PRIVATE_SDDL, WinSecurity
+    from tests.fakes.fake_winsecurity import FakeNtfs
+
+    ntfs = FakeNtfs(ADMIN_USER_SID)
+    security = WinSecurity(*ntfs.libraries())
+    path = str(tmp_path / "pushgate")
+    ensure_private_directory(path, security)
+    assert ntfs.meta[path] == {
+        "owner": ADMINISTRATORS_SID,
+        "dacl": PRIVATE_SDDL.split("D:", 1)[1],  # protected, SYSTEM and Administrators
+        "reparse": False,
+    }
+    assert ntfs.allocated == {} and ntfs.open_handles == set()  # all freed and closed
+
+    # An earlier version's directory, its DACL inherited: reset to ours.
+    older = str(tmp_path / "older")
+    ntfs.plant(older, ADMIN_USER_SID)
+    ensure_private_directory(older, security)
+    assert ntfs.meta[older]["dacl"] == PRIVATE_SDDL.split("D:", 1)[1]
+
+    # A user's directory, a junction, a user's file inside: refused, untouched.
+    for name, kwargs in (
+        ("users", {"owner": USER_SID}),
+        ("junction", {"owner": ADMINISTRATORS_SID, "reparse": True}),
+    ):
+        planted = str(tmp_path / name)
+        ntfs.plant(planted, **kwargs)
+        with pytest.raises(UnsafeDirectory):
+            ensure_private_directory(planted, security)
+        assert ntfs.meta[planted]["dacl"].startswith("D:AI")
+    ntfs.plant(os.path.join(path, "client-pgc0.json"), USER_SID, directory=False)
+    with pytest.raises(UnsafeDirectory, match="owned by S-1-5-21"):
+        ensure_private_directory(path, security)
+    assert ntfs.allocated == {} and ntfs.open_handles == set()
+
+
+def test_the_calls_name_a_process_image():
+    from client.winsecurity import WinSecurity
+    from tests.fakes.fake_winsecurity import FakeNtfs
+
+    image = r"C:\Program Files\pushgate\pushgate-client.exe"
+    ntfs = FakeNtfs(ADMIN_USER_SID, processes={4242: image})
+    security = WinSecurity(*ntfs.libraries())
+    assert security.process_image(4242) == image
+    assert security.process_image(4243) is None
+    assert security.own_sid() == ADMIN_USER_SID
+    assert ntfs.allocated == {} and ntfs.open_handles == set()

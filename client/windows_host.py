@@ -90,10 +90,6 @@ def checked_tun_name(name: str) -> str:
     return name
 
 
-def _merge(old: tuple[Endpoint, ...], new) -> tuple[Endpoint, ...]:
-    return tuple(sorted(set(old) | set(new), key=lambda e: (e.address, e.port, e.protocol)))
-
-
 def stop_event_name(pid: int) -> str:
     return f"Global\\pushgate-client-stop-{pid}"
 
@@ -133,6 +129,8 @@ class WindowsHost:
         self.lockdown: bool | None = None
         self.allow_lan = False
         self._policies: dict[str, FirewallPolicy] = {}  # what the filters do now, per tunnel
+        self._gateway: dict[str, frozenset[Endpoint]] = {}  # from lock_down (auth service)
+        self._dataplane: dict[str, Endpoint | None] = {}  # the session's, from configure
 
     def _reg(self) -> Registry:
         if self._registry is None:
@@ -212,7 +210,7 @@ class WindowsHost:
         self._update_firewall(
             name,
             tunnel_luid=tun.luid,
-            endpoints=(Endpoint(gateway_ip, info.endpoint[1], "udp"),),
+            dataplane=Endpoint(gateway_ip, info.endpoint[1], "udp"),
             full_tunnel=full_tunnel,
         )
         self._save_undo(name, [])
@@ -234,36 +232,45 @@ class WindowsHost:
     # -- the kill switch and DNS filters (WFP) ---------------------------------------
 
     def lock_down(self, tun_name: str, endpoints: list[tuple[str, int, str]]) -> None:
-        """Engage the kill switch now (before a login, or on a new auth address):
-        only `endpoints` (address, port, tcp|udp) on the physical interfaces."""
+        """The gateway's endpoints known now (address, port, tcp|udp: the auth service
+        before a login, as just resolved), replacing the ones given before. With the
+        kill switch asked for (`lockdown` True), or already on for the last session
+        (a full tunnel), the filters let only these and the session's dataplane out
+        of the physical interfaces from now on."""
         name = checked_tun_name(tun_name)
+        self._gateway[name] = frozenset(Endpoint(*e) for e in endpoints)
+        current = self._policies.get(name, FirewallPolicy(name))
+        lockdown = current.lockdown if self.lockdown is None else self.lockdown
+        self._install(self._policy(name, current, lockdown=lockdown))
+
+    def _update_firewall(self, name, *, tunnel_luid, dataplane, full_tunnel) -> None:
+        self._dataplane[name] = dataplane
         current = self._policies.get(name, FirewallPolicy(name))
         self._install(
-            FirewallPolicy(
+            self._policy(
                 name,
-                tunnel_luid=current.tunnel_luid,
-                endpoints=_merge(current.endpoints, [Endpoint(*e) for e in endpoints]),
-                lockdown=self.lockdown is not False,
-                block_ipv6=current.block_ipv6,
-                block_outside_dns=current.block_outside_dns,
-                allow_lan=self.allow_lan,
+                current,
+                tunnel_luid=tunnel_luid,
+                lockdown=self.lockdown if self.lockdown is not None else full_tunnel,
+                block_ipv6=full_tunnel,  # the tunnel carries IPv4 only
+                block_outside_dns=full_tunnel,
             )
         )
 
-    def _update_firewall(self, name, *, tunnel_luid, endpoints, full_tunnel) -> None:
-        current = self._policies.get(name, FirewallPolicy(name))
-        lockdown = self.lockdown if self.lockdown is not None else full_tunnel
-        self._install(
-            FirewallPolicy(
-                name,
-                tunnel_luid=tunnel_luid,
-                endpoints=_merge(current.endpoints, endpoints),
-                lockdown=lockdown or current.lockdown,
-                block_ipv6=full_tunnel,  # the tunnel carries IPv4 only
-                block_outside_dns=full_tunnel,
-                allow_lan=self.allow_lan,
-            )
-        )
+    def _policy(self, name: str, current: FirewallPolicy, **changes) -> FirewallPolicy:
+        endpoints = set(self._gateway.get(name, ()))
+        if self._dataplane.get(name) is not None:
+            endpoints.add(self._dataplane[name])
+        values = {
+            "tunnel_luid": current.tunnel_luid,
+            "lockdown": current.lockdown,
+            "block_ipv6": current.block_ipv6,
+            "block_outside_dns": current.block_outside_dns,
+            "allow_lan": self.allow_lan,
+            "endpoints": tuple(sorted(endpoints, key=lambda e: (e.address, e.port, e.protocol))),
+        }
+        values.update(changes)
+        return FirewallPolicy(name, **values)
 
     def _install(self, policy: FirewallPolicy) -> None:
         if policy.empty and policy.tun_name not in self._policies:
@@ -291,6 +298,8 @@ class WindowsHost:
         removed = self._wfp().remove(name)
         rules = Nrpt(self._reg()).remove(name)
         self._policies.pop(name, None)
+        self._gateway.pop(name, None)
+        self._dataplane.pop(name, None)
         if removed or rules:
             log.info("removed %d firewall filters and %d NRPT rules of %s", removed, rules, name)
 

@@ -55,13 +55,20 @@ class Machine:
 FULL = session(["0.0.0.0/0"], ["198.18.0.53"])
 
 
+def test_asked_for_the_kill_switch_holds_from_before_the_first_login():
+    machine = Machine()
+    machine.host(lockdown=True).lock_down("pgc0", [AUTH])  # the auth service only
+    assert machine.out("198.18.0.1", 7443) == "permit"
+    assert machine.out("198.18.0.1", 51820, "udp") == "block"  # no session yet
+    assert machine.out("198.18.9.9") == "block"
+    assert machine.out("2001:db8::1") == "block"
+
+
 def test_a_full_tunnel_locks_down_before_its_routes_and_keeps_it_through_a_relogin():
     machine = Machine()
-    host = machine.host()
-    host.lock_down("pgc0", [AUTH])  # before the first login: the auth service only
-    assert machine.out("198.18.0.1", 7443) == "permit"
-    assert machine.out("198.18.9.9") == "block"
-    assert machine.ip.routes == set()
+    host = machine.host()  # the default: on for a full tunnel
+    host.lock_down("pgc0", [AUTH])  # the first login: not known to be a full tunnel yet
+    assert machine.wfp.state.filters == {}
 
     undo = host.configure(TUN, FULL)
     assert machine.out("198.18.0.1", 7443) == "permit"  # the auth service, still
@@ -71,12 +78,21 @@ def test_a_full_tunnel_locks_down_before_its_routes_and_keeps_it_through_a_relog
     assert machine.out("2001:db8::1") == "block"
     assert machine.out("198.18.5.1", 53, "udp") == "block"
 
-    # A re-login: the tunnel's configuration goes, the filters stay.
+    # A re-login: the tunnel's configuration goes, the filters stay; the auth
+    # service now resolves elsewhere, and the dataplane moved.
     host.unconfigure(undo)
     assert machine.ip.routes == set()
     assert machine.out("198.18.9.9") == "block"
     assert machine.out("2001:db8::1") == "block"
-    host.configure(TUN, FULL)
+    host.lock_down("pgc0", [("198.18.0.2", 7443, "tcp")])
+    assert machine.out("198.18.0.2", 7443) == "permit"
+    assert machine.out("198.18.0.1", 7443) == "block"
+    assert machine.out("198.18.0.1", 51820, "udp") == "permit"  # the session's, still
+    moved = session(["0.0.0.0/0"], ["198.18.0.53"])
+    moved.endpoint = ("198.18.0.3", 51820)
+    host.configure(TUN, moved)
+    assert machine.out("198.18.0.3", 51820, "udp") == "permit"
+    assert machine.out("198.18.0.1", 51820, "udp") == "block"
 
     # A crash, then `disconnect` from a new process.
     machine.wfp.crash()

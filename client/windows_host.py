@@ -213,13 +213,16 @@ class WindowsHost:
             dataplane=Endpoint(gateway_ip, info.endpoint[1], "udp"),
             full_tunnel=full_tunnel,
         )
-        self._save_undo(name, [])
         done: list[Step] = []
         try:
+            # Added to what an earlier configuration of this tunnel recorded (a
+            # re-login that keeps the tunnel up configures it again): undo takes all.
+            recorded = self._load_undo(name)
             for step in plan.apply:
                 self._apply(helper, step)
                 done.append(step)
-                self._save_undo(name, [s.to_list() for s in reversed(done) if s in plan.undo])
+                new = [s for s in reversed(done) if s in plan.undo and s not in recorded]
+                self._save_undo(name, [s.to_list() for s in new + recorded])
             Nrpt(self._reg()).apply(name, rules)
         except OSError as error:
             self.unconfigure([["windows", name]])

@@ -178,3 +178,28 @@ def test_group_policy_rules_are_reported(caplog):
     Nrpt(registry).apply("pgc0", plan_nrpt("pgc0", dns_servers=["198.18.0.53"],
                                            match_domains=[], full_tunnel=True))  # fmt: skip
     assert "Group Policy defines NRPT rules" in caplog.text
+
+
+def test_configuring_again_keeps_what_the_first_configuration_must_undo():
+    machine = Machine()
+    host = machine.host()
+    undo = host.configure(TUN, FULL)
+    moved = session(["0.0.0.0/0"], ["198.18.0.53"])
+    moved.endpoint = ("198.18.0.3", 51820)
+    host.configure(TUN, moved)  # a re-login that kept the tunnel: no unconfigure between
+    assert (WIFI_LUID, "198.18.0.1/32", "198.18.5.1") in machine.ip.routes
+    host.unconfigure(undo)
+    assert machine.ip.routes == set() and machine.ip.addresses == set()
+
+
+def test_a_registry_failure_is_a_clean_client_error():
+    machine = Machine()
+
+    def refused(path, values):
+        raise PermissionError(5, "Access is denied")
+
+    machine.registry.write = refused
+    with pytest.raises(ClientError, match="network setup failed"):
+        machine.host().configure(TUN, FULL)
+    assert machine.ip.routes == set()
+    assert machine.out("198.18.9.9") == "block"  # the filters stay: fail closed

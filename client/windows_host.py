@@ -131,6 +131,10 @@ class WindowsHost:
         self._policies: dict[str, FirewallPolicy] = {}  # what the filters do now, per tunnel
         self._gateway: dict[str, frozenset[Endpoint]] = {}  # from lock_down (auth service)
         self._dataplane: dict[str, Endpoint | None] = {}  # the session's, from configure
+        # Set by an explicit stop (Ctrl-C, Ctrl-Break, `disconnect`'s event or its
+        # request_stop): the teardown that follows also releases the kill switch. A
+        # teardown for a reconnect or a re-login, and a crash, never do.
+        self.stop_requested = False
 
     def _reg(self) -> Registry:
         if self._registry is None:
@@ -374,6 +378,8 @@ class WindowsHost:
             try:
                 Nrpt(self._reg()).remove(name)
                 self._reg().delete(rf"{UNDO_BASE}\{name}")
+                if self.stop_requested:
+                    self.release(name)
             except OSError as error:
                 log.warning("cleanup of %s failed: %s", name, error)
 
@@ -393,6 +399,7 @@ class WindowsHost:
     def install_stop_handlers(self, loop, connection) -> None:
         # Ctrl-C and Ctrl-Break in the console; `disconnect` sets a named event.
         def on_signal(_signum, _frame):
+            self.stop_requested = True  # an explicit stop: the kill switch may go
             loop.call_soon_threadsafe(connection.stop)
 
         signal.signal(signal.SIGINT, on_signal)
@@ -408,6 +415,7 @@ class WindowsHost:
 
         def wait_for_stop() -> None:
             k32.lib.WaitForSingleObject(event, 0xFFFFFFFF)
+            self.stop_requested = True
             loop.call_soon_threadsafe(connection.stop)
 
         threading.Thread(target=wait_for_stop, name="stop-event", daemon=True).start()
@@ -415,6 +423,7 @@ class WindowsHost:
     def request_stop(self, pid: int) -> bool:
         """True if the client was asked to disconnect cleanly; False if it had to be
         ended (then the caller undoes its network configuration)."""
+        self.stop_requested = True  # `disconnect`: its clean-up releases the kill switch
         k32 = self._k32()
         name = wide(stop_event_name(pid))
         event = k32.lib.OpenEventW(EVENT_MODIFY_STATE, 0, ctypes.addressof(name))

@@ -203,3 +203,13 @@ def test_a_registry_failure_is_a_clean_client_error():
         machine.host().configure(TUN, FULL)
     assert machine.ip.routes == set()
     assert machine.out("198.18.9.9") == "block"  # the filters stay: fail closed
+
+
+def test_an_explicit_stop_releases_the_kill_switch_with_the_teardown():
+    machine = Machine()
+    host = machine.host()
+    undo = host.configure(TUN, FULL)
+    host.stop_requested = True  # Ctrl-C, Ctrl-Break, or `disconnect`'s stop event
+    host.unconfigure(undo)
+    assert machine.wfp.state.filters == {} and machine.rules() == {}
+    assert machine.out("198.18.9.9") == "permit"

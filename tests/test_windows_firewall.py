@@ -195,6 +195,22 @@ def test_the_lan_is_reachable_only_when_asked_and_only_private_ranges():
     # A hostile LAN announcing a public prefix on-link (LocalNet) gets nothing.
     assert outbound(fake, "198.18.9.9") == "block"
     assert outbound(fake, "2001:db8::1") == "block"
+    # The LAN's resolver is not asked: DNS goes through the tunnel only.
+    assert outbound(fake, "192.168.1.1", 53, "udp") == "block"
+    assert outbound(fake, "fe80::1", 53, "udp") == "block"
+
+
+def test_an_ipv6_gateway_stays_reachable_when_ipv6_is_blocked():
+    gateway = Endpoint("2001:db8::1", 51820, "udp")
+    for policy in (
+        FirewallPolicy("pgc0", TUN_LUID, (gateway,), block_ipv6=True),
+        lockdown(endpoints=(gateway,)),
+    ):
+        fake = FakeWfp()
+        firewall(fake).apply(policy)
+        assert outbound(fake, "2001:db8::1", 51820, "udp") == "permit"
+        assert outbound(fake, "2001:db8::1", 51821, "udp") == "block"
+        assert outbound(fake, "2001:db8::2", 51820, "udp") == "block"
 
 
 def test_the_filters_outlive_a_crash_and_a_reboot_and_disconnect_removes_them():

@@ -357,12 +357,13 @@ class WindowsHost:
                 time.sleep(0.1)
 
     def unconfigure(self, undo: list[list[str]]) -> None:
-        """Undo a configuration. `undo` is only a reference (["windows", tun]): the
-        steps come from the administrators-only undo record, never from the status
-        file. The kill switch stays (see `release`)."""
+        """Undo a configuration. `undo` is only a reference (["windows", tun]), never
+        the steps: those are recomputed from the adapter, plus the gateway's route
+        from the administrators-only record (see `_undo_steps`). The kill switch
+        stays unless a stop was asked for (see `release`)."""
         helper = self._ip_helper()
         for reference in undo:
-            if len(reference) != 2 or reference[0] != "windows":
+            if not isinstance(reference, list) or len(reference) != 2 or reference[0] != "windows":
                 log.warning("ignoring an undo entry that is not ours: %.80r", reference)
                 continue
             try:

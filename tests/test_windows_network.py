@@ -457,6 +457,8 @@ def test_undo_steps_in_a_forged_status_file_are_never_run():
         address(WIFI_LUID, "198.18.5.20/24").to_list(),
         ["windows", "..\\..\\Run"],  # a registry path, not a tunnel name
         ["windows", "pgc0"],  # ours, but nothing recorded for it: nothing to undo
+        "windows",
+        7,
     ]
     windows_host(fake).unconfigure(forged)
     assert (WIFI_LUID, "198.18.7.0/24", "198.18.5.1") in fake.routes

@@ -497,7 +497,11 @@ class WfpFirewall:
             self._lib.FwpmEngineClose0(engine)
 
     def _delete_filters(self, engine: int, tun_name: str) -> int:
-        """Delete our filters for `tun_name` (keys 0, 1, ... up to the first missing)."""
+        """Delete our filters for `tun_name` (keys 0, 1, ... up to the first missing).
+
+        A call that fails inside a transaction does not end it (Microsoft's
+        "Installing a Provider" sample ignores FWP_E_ALREADY_EXISTS the same way);
+        tests/test_windows_live.py checks this on a real machine."""
         for index in range(MAX_FILTERS):
             key = GUID.from_uuid(filter_key(tun_name, index))
             code = self._lib.FwpmFilterDeleteByKey0(engine, ctypes.byref(key))

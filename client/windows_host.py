@@ -90,6 +90,15 @@ def checked_tun_name(name: str) -> str:
     return name
 
 
+def flush_dns_cache() -> None:
+    """DnsFlushResolverCache (dnsapi.dll, undocumented but stable, as ipconfig
+    /flushdns uses it); best effort, and nothing where there is no dnsapi."""
+    try:
+        ctypes.WinDLL("dnsapi.dll").DnsFlushResolverCache()
+    except (AttributeError, OSError) as error:
+        log.debug("DNS cache not flushed: %s", error)
+
+
 def stop_event_name(pid: int) -> str:
     return f"Global\\pushgate-client-stop-{pid}"
 
@@ -228,6 +237,8 @@ class WindowsHost:
                 new = [s for s in reversed(done) if s in plan.undo and s not in recorded]
                 self._save_undo(name, [s.to_list() for s in new + recorded])
             Nrpt(self._reg()).apply(name, rules)
+            if rules:
+                flush_dns_cache()  # answers cached from other servers go
         except OSError as error:
             self.unconfigure([["windows", name]])
             raise ClientError(f"network setup failed: {error}", retryable=False) from None

@@ -183,11 +183,14 @@ def test_the_pin_is_one_and_the_same():
     assert wintun_dll.PINNED_SHA256 is wintun.WINTUN_DLL_SHA256
 
 
-def test_the_spec_refuses_to_bundle_a_dll_that_fails_the_check(tmp_path, monkeypatch):
+def run_spec(tmp_path, monkeypatch, dll: bytes) -> list[str]:
+    """Run release/pushgate-client.spec in a checkout holding `dll`, with
+    PyInstaller's spec globals stubbed; returns what it asked PyInstaller to build."""
     root = tmp_path / "checkout"
     (root / "release").mkdir(parents=True)
     (root / "build" / "wintun" / "amd64").mkdir(parents=True)
-    (root / "build" / "wintun" / "amd64" / "wintun.dll").write_bytes(b"MZ not wintun")
+    (root / "build" / "wintun" / "amd64" / "wintun.dll").write_bytes(dll)
+    (root / "build" / "wintun" / "wintun-LICENSE.txt").write_text("licence")
     spec = root / "release" / "pushgate-client.spec"
     spec.write_text((ROOT / "release" / "pushgate-client.spec").read_text())
     hooks = types.ModuleType("PyInstaller.utils.hooks")
@@ -202,9 +205,23 @@ def test_the_spec_refuses_to_bundle_a_dll_that_fails_the_check(tmp_path, monkeyp
             built.append(_call) or SimpleNamespace(pure=[], scripts=[], binaries=[], datas=[])
         )
     monkeypatch.setattr(sys, "path", list(sys.path))
+    runpy.run_path(str(spec), init_globals=names)
+    return built
+
+
+def test_the_spec_refuses_to_bundle_a_dll_that_fails_the_check(tmp_path, monkeypatch):
+    built = []
     with pytest.raises(SystemExit, match=r"refusing to bundle .*SHA-256"):
-        runpy.run_path(str(spec), init_globals=names)
+        built = run_spec(tmp_path, monkeypatch, b"MZ not wintun")
     assert built == []  # nothing analysed, nothing bundled
+
+
+def test_the_spec_bundles_the_pinned_dll(tmp_path, monkeypatch):
+    from release import wintun_dll
+
+    built_dll = ROOT / "build" / "wintun" / "amd64" / "wintun.dll"  # make client-exe's
+    path = built_dll if built_dll.is_file() else wintun_dll.fetch(tmp_path / "fetched")
+    assert run_spec(tmp_path, monkeypatch, path.read_bytes()) == ["Analysis", "PYZ", "EXE"]
 
 
 def test_disconnect_ends_only_a_pushgate_client(monkeypatch):

@@ -19,6 +19,8 @@ from .wintun import GUID, wide
 log = logging.getLogger("pushgate.client.iphlpapi")
 
 NO_ERROR = 0
+AF_UNSPEC = 0
+TABLE_ROWS_OFFSET = 8  # MIB_*_TABLE2: ULONG NumEntries, then the rows (8-aligned)
 ERROR_FILE_NOT_FOUND = 2
 ERROR_NOT_FOUND = 1168
 ERROR_OBJECT_ALREADY_EXISTS = 5010
@@ -219,11 +221,16 @@ class IpHelper:
             "DeleteIpForwardEntry2": (POINTER(MIB_IPFORWARD_ROW2),),
             "SetInterfaceDnsSettings": (GUID, POINTER(DNS_INTERFACE_SETTINGS)),
             "ConvertInterfaceLuidToGuid": (POINTER(c_uint64), POINTER(GUID)),
+            "ConvertInterfaceGuidToLuid": (POINTER(GUID), POINTER(c_uint64)),
+            "GetIpForwardTable2": (c_uint16, POINTER(c_void_p)),
+            "GetUnicastIpAddressTable": (c_uint16, POINTER(c_void_p)),
         }
         for name, argtypes in declarations.items():
             function = getattr(library, name)
             function.argtypes = argtypes
             function.restype = c_uint32
+        library.FreeMibTable.argtypes = (c_void_p,)
+        library.FreeMibTable.restype = None
         for name, row in (
             ("InitializeUnicastIpAddressEntry", MIB_UNICASTIPADDRESS_ROW),
             ("InitializeIpForwardEntry", MIB_IPFORWARD_ROW2),
@@ -273,6 +280,49 @@ class IpHelper:
             self._lib.ConvertInterfaceLuidToGuid(ctypes.byref(value), ctypes.byref(guid)),
         )
         return str(guid.to_uuid())
+
+    def guid_to_luid(self, adapter_guid: str) -> int | None:
+        """The LUID of the adapter with this GUID; None when there is none."""
+        guid = GUID.from_uuid(uuid.UUID(adapter_guid))
+        value = c_uint64()
+        code = self._lib.ConvertInterfaceGuidToLuid(ctypes.byref(guid), ctypes.byref(value))
+        if code in (ERROR_NOT_FOUND, ERROR_FILE_NOT_FOUND):
+            return None
+        self._check("ConvertInterfaceGuidToLuid", code)
+        return value.value
+
+    def _table(self, call: str, row_type, family: int) -> list:
+        pointer = c_void_p()
+        self._check(call, getattr(self._lib, call)(family, ctypes.byref(pointer)))
+        try:
+            count = c_uint32.from_address(pointer.value).value
+            rows = (row_type * count).from_address(pointer.value + TABLE_ROWS_OFFSET)
+            copies = []
+            for row in rows:
+                copy = row_type()
+                ctypes.memmove(ctypes.addressof(copy), ctypes.addressof(row), ctypes.sizeof(row))
+                copies.append(copy)
+            return copies
+        finally:
+            self._lib.FreeMibTable(pointer)
+
+    def adapter_steps(self, luid: int, adapter_guid: str) -> list[Step]:
+        """What to undo on the adapter `luid`, recomputed from what Windows reports
+        now: its DNS servers, the routes management set on it (not the ones Windows
+        derived from its address), its IPv4 addresses. In undo order."""
+        steps = [Step("dns", luid, (adapter_guid, ""))]
+        for row in self._table("GetIpForwardTable2", MIB_IPFORWARD_ROW2, AF_UNSPEC):
+            if row.InterfaceLuid != luid or row.Protocol != MIB_IPPROTO_NETMGMT:
+                continue
+            prefix = row.DestinationPrefix
+            text = f"{sockaddr_text(prefix.Prefix)}/{prefix.PrefixLength}"
+            hop = sockaddr_text(row.NextHop)
+            steps.append(Step("route", luid, (text, ON_LINK if hop in ("0.0.0.0", "::") else hop)))
+        for row in self._table("GetUnicastIpAddressTable", MIB_UNICASTIPADDRESS_ROW, AF_INET):
+            if row.InterfaceLuid == luid:
+                text = f"{sockaddr_text(row.Address)}/{row.OnLinkPrefixLength}"
+                steps.append(Step("address", luid, (text,)))
+        return steps
 
     def apply(self, step: Step) -> None:
         getattr(self, f"_apply_{step.kind}")(step)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -36,8 +37,44 @@ class ClientStatus:
     updated_at: float = 0.0
 
 
+_secured_dirs: set[str] = set()  # Windows: made private once per process
+
+
+def secure_status_dir_windows(directory: str, security=None) -> None:
+    """Windows: `directory` made private to SYSTEM and Administrators, or refused
+    (a reparse point, another owner, a file in it someone else owns); see
+    client/winsecurity.py. Once per process: after that nobody else can add to it."""
+    from .auth import ClientError
+    from .winsecurity import UnsafeDirectory, WinSecurity, ensure_private_directory
+
+    if directory in _secured_dirs:
+        return
+    try:
+        ensure_private_directory(directory, security or WinSecurity())
+    except UnsafeDirectory as error:
+        raise ClientError(str(error), retryable=False) from None
+    _secured_dirs.add(directory)
+
+
+def check_status_dir_windows(directory: str, security=None) -> None:
+    """Windows, before reading: refuse a status directory that is not private."""
+    from .auth import ClientError
+    from .winsecurity import UnsafeDirectory, WinSecurity, check_private_directory
+
+    try:
+        check_private_directory(directory, security or WinSecurity())
+    except UnsafeDirectory as error:
+        raise ClientError(str(error), retryable=False) from None
+    except PermissionError:
+        raise ClientError(
+            f"cannot check {directory}: run as Administrator", retryable=False
+        ) from None
+
+
 def write_status(path: str, status: ClientStatus) -> None:
     status.updated_at = time.time()
+    if sys.platform == "win32":
+        secure_status_dir_windows(os.path.dirname(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.tmp"
     with open(temporary, "w") as handle:
@@ -55,6 +92,8 @@ def write_status(path: str, status: ClientStatus) -> None:
 
 
 def read_status(path: str) -> ClientStatus:
+    if sys.platform == "win32":
+        check_status_dir_windows(os.path.dirname(path))
     with open(path) as handle:
         return ClientStatus(**json.load(handle))
 

@@ -2,13 +2,29 @@
 
 Imported only on Windows (client.host.current_host), but written so that its
 pure parts import anywhere. Everything it does to the system goes through
-client/wintun.py and client/iphlpapi.py.
+client/wintun.py, client/iphlpapi.py, client/wfp.py (the kill switch and the
+DNS filters), client/nrpt.py (DNS rules) and client/winregistry.py.
+
+Fail closed:
+- the WFP filters (client/wfp.py) are persistent and per tunnel name; bringing
+  the tunnel down for a reconnect or a re-login leaves them; only `release`
+  (disconnect) removes them;
+- undo is never read from the status file, which carries only a reference
+  (["windows", tun]): the adapter's routes, addresses and DNS are recomputed
+  from the adapter (found by the GUID derived from its name); the gateway's
+  route on the physical interface comes from HKLM\\SOFTWARE\\pushgate\\clients\\<tun>,
+  which only administrators can write; NRPT rules and filters are found again
+  from the tunnel name. A forged status file can make us undo nothing but a
+  pushgate tunnel's own configuration.
 """
 
 import asyncio
 import ctypes
+import ipaddress
+import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -18,8 +34,20 @@ from pathlib import Path
 
 from .auth import ClientError, ClientSession
 from .iphlpapi import ERROR_NOT_FOUND, IpHelper
+from .nrpt import Nrpt, plan_nrpt
+from .status import secure_status_dir_windows
+from .wfp import Endpoint, FirewallPolicy, WfpFirewall
 from .winnet import Step, plan_windows_network
-from .wintun import WintunLibrary, WintunTun, load_library, wide
+from .winregistry import REG_SZ, Registry
+from .winsecurity import WinSecurity, same_image
+from .wintun import (
+    WintunLibrary,
+    WintunTun,
+    adapter_guid,
+    install_checked_dll,
+    load_library,
+    wide,
+)
 
 log = logging.getLogger("pushgate.client")
 
@@ -29,6 +57,8 @@ STILL_ACTIVE = 259
 EVENT_MODIFY_STATE = 0x0002
 SYNCHRONIZE = 0x00100000
 INTERFACE_WAIT_SECONDS = 5.0  # a new adapter's IPv4 interface may lag behind it
+UNDO_BASE = r"SOFTWARE\pushgate\clients"  # HKLM: administrators and SYSTEM only
+TUN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 ADMIN_MESSAGE = (
     "pushgate-client must run as Administrator: it creates a network adapter and "
     "changes routes and DNS. Start it from an elevated terminal (or accept the UAC prompt)."
@@ -51,6 +81,22 @@ def wintun_dll_path() -> Path:
     raise ClientError(
         f"{DLL_NAME} not found (looked in {', '.join(map(str, candidates))})", retryable=False
     )
+
+
+def checked_tun_name(name: str) -> str:
+    """An adapter name we accept (it becomes part of registry and WFP key names)."""
+    if not isinstance(name, str) or not TUN_NAME.fullmatch(name):
+        raise ClientError(f"not a tunnel name: {str(name)[:80]!r}", retryable=False)
+    return name
+
+
+def flush_dns_cache() -> None:
+    """DnsFlushResolverCache (dnsapi.dll, undocumented but stable, as ipconfig
+    /flushdns uses it); best effort, and nothing where there is no dnsapi."""
+    try:
+        ctypes.WinDLL("dnsapi.dll").DnsFlushResolverCache()
+    except (AttributeError, OSError) as error:
+        log.debug("DNS cache not flushed: %s", error)
 
 
 def stop_event_name(pid: int) -> str:
@@ -86,6 +132,28 @@ class WindowsHost:
         self._wintun: WintunLibrary | None = None
         self._helper: IpHelper | None = None
         self._kernel32: Kernel32 | None = None
+        self._registry: Registry | None = None
+        self._firewall: WfpFirewall | None = None
+        # The kill switch: None = on for a full tunnel, off for a split one.
+        self.lockdown: bool | None = None
+        self.allow_lan = False
+        self._policies: dict[str, FirewallPolicy] = {}  # what the filters do now, per tunnel
+        self._gateway: dict[str, frozenset[Endpoint]] = {}  # from lock_down (auth service)
+        self._dataplane: dict[str, Endpoint | None] = {}  # the session's, from configure
+        # Set by an explicit stop (Ctrl-C, Ctrl-Break, `disconnect`'s event or its
+        # request_stop): the teardown that follows also releases the kill switch. A
+        # teardown for a reconnect or a re-login, and a crash, never do.
+        self.stop_requested = False
+
+    def _reg(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry()
+        return self._registry
+
+    def _wfp(self) -> WfpFirewall:
+        if self._firewall is None:
+            self._firewall = WfpFirewall()
+        return self._firewall
 
     def _k32(self) -> Kernel32:
         if self._kernel32 is None:
@@ -101,9 +169,21 @@ class WindowsHost:
         if not ctypes.windll.shell32.IsUserAnAdmin():
             raise ClientError(ADMIN_MESSAGE, retryable=False)
 
+    def checked_dll(self) -> str:
+        """wintun.dll copied into %ProgramData%\\pushgate\\bin (private to SYSTEM and
+        Administrators) once its pinned SHA-256 checks: the path to load."""
+        directory = os.path.join(self.status_dir, "bin")
+        try:
+            secure_status_dir_windows(self.status_dir)
+            secure_status_dir_windows(directory)
+            return install_checked_dll(str(wintun_dll_path()), directory)
+        except OSError as error:
+            raise ClientError(f"cannot load WinTun: {error}", retryable=False) from None
+
     def open_tun(self, name: str) -> WintunTun:
+        checked_tun_name(name)
         if self._wintun is None:
-            self._wintun = WintunLibrary(str(wintun_dll_path()))
+            self._wintun = WintunLibrary(self.checked_dll())
             self._wintun.route_logger()
         try:
             return WintunTun(self._wintun, name)
@@ -113,6 +193,7 @@ class WindowsHost:
             ) from None
 
     def configure(self, tun: WintunTun, info: ClientSession) -> list[list[str]]:
+        name = checked_tun_name(tun.name)
         helper = self._ip_helper()
         gateway_ip = info.endpoint[0]
         try:
@@ -127,18 +208,151 @@ class WindowsHost:
                 gateway_ip=gateway_ip,
                 underlay=underlay,
             )
+            full_tunnel = any(
+                ipaddress.ip_network(r, strict=False).prefixlen == 0 for r in info.routes
+            )
+            rules = plan_nrpt(
+                name,
+                dns_servers=[s for s in info.dns_servers if ipaddress.ip_address(s).version == 4],
+                match_domains=info.match_domains,
+                full_tunnel=full_tunnel,
+            )
         except (OSError, ValueError) as error:
             raise ClientError(f"cannot plan the network: {error}", retryable=True) from None
+        # The filters first: from here on nothing leaks, whatever fails next.
+        self._update_firewall(
+            name,
+            tunnel_luid=tun.luid,
+            dataplane=Endpoint(gateway_ip, info.endpoint[1], "udp"),
+            full_tunnel=full_tunnel,
+        )
         done: list[Step] = []
         try:
+            # Added to what an earlier configuration of this tunnel recorded (a
+            # re-login that keeps the tunnel up configures it again): undo takes all.
+            recorded = self._load_undo(name)
             for step in plan.apply:
                 self._apply(helper, step)
                 done.append(step)
+                new = [s for s in reversed(done) if s in plan.undo and s not in recorded]
+                self._save_undo(name, [s.to_list() for s in new + recorded])
+            Nrpt(self._reg()).apply(name, rules)
+            if rules:
+                flush_dns_cache()  # answers cached from other servers go
         except OSError as error:
-            self.unconfigure([s.to_list() for s in reversed(done) if s in plan.undo])
+            self.unconfigure([["windows", name]])
             raise ClientError(f"network setup failed: {error}", retryable=False) from None
         log.info("tunnel MTU %d (path to the gateway: MTU %d)", plan.mtu, underlay.mtu)
-        return [step.to_list() for step in plan.undo]
+        if rules:
+            log.info("DNS: %s through NRPT", ", ".join(n for r in rules for n in r.names))
+        return [["windows", name]]
+
+    # -- the kill switch and DNS filters (WFP) ---------------------------------------
+
+    def lock_down(self, tun_name: str, endpoints: list[tuple[str, int, str]]) -> None:
+        """The gateway's endpoints known now (address, port, tcp|udp: the auth service
+        before a login, as just resolved), replacing the ones given before. With the
+        kill switch asked for (`lockdown` True), or already on for the last session
+        (a full tunnel), the filters let only these and the session's dataplane out
+        of the physical interfaces from now on."""
+        name = checked_tun_name(tun_name)
+        self._gateway[name] = frozenset(Endpoint(*e) for e in endpoints)
+        current = self._policies.get(name, FirewallPolicy(name))
+        lockdown = current.lockdown if self.lockdown is None else self.lockdown
+        self._install(self._policy(name, current, lockdown=lockdown))
+
+    def _update_firewall(self, name, *, tunnel_luid, dataplane, full_tunnel) -> None:
+        self._dataplane[name] = dataplane
+        current = self._policies.get(name, FirewallPolicy(name))
+        self._install(
+            self._policy(
+                name,
+                current,
+                tunnel_luid=tunnel_luid,
+                lockdown=self.lockdown if self.lockdown is not None else full_tunnel,
+                block_ipv6=full_tunnel,  # the tunnel carries IPv4 only
+                block_outside_dns=full_tunnel,
+            )
+        )
+
+    def _policy(self, name: str, current: FirewallPolicy, **changes) -> FirewallPolicy:
+        endpoints = set(self._gateway.get(name, ()))
+        if self._dataplane.get(name) is not None:
+            endpoints.add(self._dataplane[name])
+        values = {
+            "tunnel_luid": current.tunnel_luid,
+            "lockdown": current.lockdown,
+            "block_ipv6": current.block_ipv6,
+            "block_outside_dns": current.block_outside_dns,
+            "allow_lan": self.allow_lan,
+            "endpoints": tuple(sorted(endpoints, key=lambda e: (e.address, e.port, e.protocol))),
+        }
+        values.update(changes)
+        return FirewallPolicy(name, **values)
+
+    def _install(self, policy: FirewallPolicy) -> None:
+        if policy.empty and policy.tun_name not in self._policies:
+            return
+        try:
+            count = self._wfp().apply(policy)
+        except OSError as error:
+            raise ClientError(
+                f"cannot install the firewall filters (kill switch, DNS): {error}",
+                retryable=False,
+            ) from None
+        self._policies[policy.tun_name] = policy
+        log.info(
+            "firewall: %d filters (kill switch %s, IPv6 %s, DNS outside the tunnel %s)",
+            count,
+            "on" if policy.lockdown else "off",
+            "blocked" if policy.block_ipv6 or policy.lockdown else "open",
+            "blocked" if policy.block_outside_dns or policy.lockdown else "open",
+        )
+
+    def release(self, tun_name: str) -> None:
+        """Disconnect: remove the kill switch and the DNS rules of `tun_name` (also
+        what a crashed client left), recomputed from the name alone."""
+        name = checked_tun_name(tun_name)
+        removed = self._wfp().remove(name)
+        rules = Nrpt(self._reg()).remove(name)
+        self._policies.pop(name, None)
+        self._gateway.pop(name, None)
+        self._dataplane.pop(name, None)
+        if removed or rules:
+            log.info("removed %d firewall filters and %d NRPT rules of %s", removed, rules, name)
+
+    # -- undo records (HKLM, administrators only) ------------------------------------
+
+    def _save_undo(self, name: str, steps: list[list[str]]) -> None:
+        self._reg().write(rf"{UNDO_BASE}\{name}", {"Undo": (REG_SZ, json.dumps(steps))})
+
+    def _undo_steps(self, helper: IpHelper, name: str) -> list[Step]:
+        """The adapter's part recomputed from the adapter (found by its name's GUID);
+        the rest (the gateway's route on the physical interface) from the record."""
+        recorded = self._load_undo(name)
+        guid = str(adapter_guid(name))
+        try:
+            luid = helper.guid_to_luid(guid)
+            on_adapter = helper.adapter_steps(luid, guid) if luid is not None else []
+        except OSError as error:
+            log.warning("cannot list what is on adapter %s: %s", name, error)
+            return recorded
+        elsewhere = [step for step in recorded if step.luid != luid]
+        # The adapter's DNS first, then every route, then its addresses.
+        order = {"dns": 0, "route": 1, "address": 2}
+        return sorted(on_adapter + elsewhere, key=lambda step: order.get(step.kind, 3))
+
+    def _load_undo(self, name: str) -> list[Step]:
+        values = self._reg().read(rf"{UNDO_BASE}\{name}") or {}
+        kind, text = values.get("Undo", (REG_SZ, "[]"))
+        if kind != REG_SZ:
+            log.warning("undo record of %s is not a string: ignored", name)
+            return []
+        try:
+            return [Step.from_list(items) for items in json.loads(text)]
+        except (ValueError, TypeError) as error:
+            log.warning("undo record of %s unreadable: %s", name, error)
+            return []
 
     @staticmethod
     def _apply(helper: IpHelper, step: Step) -> None:
@@ -154,12 +368,32 @@ class WindowsHost:
                 time.sleep(0.1)
 
     def unconfigure(self, undo: list[list[str]]) -> None:
+        """Undo a configuration. `undo` is only a reference (["windows", tun]), never
+        the steps: those are recomputed from the adapter, plus the gateway's route
+        from the administrators-only record (see `_undo_steps`). The kill switch
+        stays unless a stop was asked for (see `release`)."""
         helper = self._ip_helper()
-        for items in undo:
+        for reference in undo:
+            if not isinstance(reference, list) or len(reference) != 2 or reference[0] != "windows":
+                log.warning("ignoring an undo entry that is not ours: %.80r", reference)
+                continue
             try:
-                helper.undo(Step.from_list(items))
-            except (OSError, ValueError) as error:
-                log.warning("cleanup step %s failed: %s", items, error)
+                name = checked_tun_name(reference[1])
+            except ClientError as error:
+                log.warning("%s", error)
+                continue
+            for step in self._undo_steps(helper, name):
+                try:
+                    helper.undo(step)
+                except (OSError, ValueError) as error:
+                    log.warning("cleanup step %s failed: %s", step.to_list(), error)
+            try:
+                Nrpt(self._reg()).remove(name)
+                self._reg().delete(rf"{UNDO_BASE}\{name}")
+                if self.stop_requested:
+                    self.release(name)
+            except OSError as error:
+                log.warning("cleanup of %s failed: %s", name, error)
 
     def process_alive(self, pid: int) -> bool:
         k32 = self._k32()
@@ -177,6 +411,7 @@ class WindowsHost:
     def install_stop_handlers(self, loop, connection) -> None:
         # Ctrl-C and Ctrl-Break in the console; `disconnect` sets a named event.
         def on_signal(_signum, _frame):
+            self.stop_requested = True  # an explicit stop: the kill switch may go
             loop.call_soon_threadsafe(connection.stop)
 
         signal.signal(signal.SIGINT, on_signal)
@@ -192,6 +427,7 @@ class WindowsHost:
 
         def wait_for_stop() -> None:
             k32.lib.WaitForSingleObject(event, 0xFFFFFFFF)
+            self.stop_requested = True
             loop.call_soon_threadsafe(connection.stop)
 
         threading.Thread(target=wait_for_stop, name="stop-event", daemon=True).start()
@@ -199,6 +435,7 @@ class WindowsHost:
     def request_stop(self, pid: int) -> bool:
         """True if the client was asked to disconnect cleanly; False if it had to be
         ended (then the caller undoes its network configuration)."""
+        self.stop_requested = True  # `disconnect`: its clean-up releases the kill switch
         k32 = self._k32()
         name = wide(stop_event_name(pid))
         event = k32.lib.OpenEventW(EVENT_MODIFY_STATE, 0, ctypes.addressof(name))
@@ -208,5 +445,17 @@ class WindowsHost:
                     return True
             finally:
                 k32.lib.CloseHandle(event)
-        os.kill(pid, signal.SIGTERM)  # TerminateProcess: no clean-up of its own
+        # TerminateProcess (no clean-up of its own), and only a pushgate client: the
+        # pid comes from the status file.
+        if not self.is_pushgate_client(pid):
+            raise ClientError(
+                f"process {pid} is not a pushgate client: not ending it", retryable=False
+            )
+        os.kill(pid, signal.SIGTERM)
         return False
+
+    def is_pushgate_client(self, pid: int, security: WinSecurity | None = None) -> bool:
+        """True when `pid` runs our own executable (pushgate-client.exe; or, for a
+        pip install, the same python.exe, which is all Windows can tell us)."""
+        image = (security or WinSecurity()).process_image(pid)
+        return same_image(image, sys.executable)

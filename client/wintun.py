@@ -17,7 +17,9 @@ Linux).
 
 import contextlib
 import ctypes
+import hashlib
 import logging
+import os
 import socket
 import sys
 import threading
@@ -44,6 +46,12 @@ TUNNEL_TYPE = "pushgate"
 WAIT_OBJECT_0 = 0
 WAIT_FAILED = 0xFFFFFFFF
 INFINITE = 0xFFFFFFFF
+
+# SHA-256 of WireGuard's signed wintun.dll 0.14.1 (as in wintun-0.14.1.zip): the
+# only DLL the client loads, and the only one release/wintun_dll.py packages.
+WINTUN_DLL_SHA256 = {
+    "amd64": "e5da8447dc2c320edc0fc52fa01885c103de8c118481f683643cacc3220dafce",
+}
 
 # Our adapters' GUIDs are derived from their names, so the adapter a crashed run
 # left behind is the one we find again (and Windows keeps one network profile
@@ -103,6 +111,42 @@ class WintunError(OSError):
         super().__init__(f"{call} failed: Windows error {code}")
         self.call = call
         self.winerror_code = code
+
+
+class DllRefused(OSError):
+    """wintun.dll is not the pinned one."""
+
+
+def install_checked_dll(source: str, directory: str, arch: str = "amd64") -> str:
+    """Copy wintun.dll from `source` into `directory` (which only administrators can
+    write: see client/winsecurity.py) after checking its SHA-256 against the pin,
+    and return the copy's path once the copy's own bytes check too.
+
+    The one-file executable unpacks its DLL into the user's temp folder, where the
+    user could swap it between a check and the load; the copy in `directory`
+    cannot change under us, so what is checked is what is loaded.
+    """
+    pinned = WINTUN_DLL_SHA256[arch]
+    with open(source, "rb") as handle:
+        data = handle.read()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != pinned:
+        raise DllRefused(f"{source}: SHA-256 {digest} is not the pinned {pinned}: not loaded")
+    target = os.path.join(directory, "wintun.dll")
+    try:
+        with open(target, "rb") as handle:
+            current = handle.read()
+    except FileNotFoundError:
+        current = b""
+    if current != data:
+        temporary = f"{target}.tmp"
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, target)  # fails while a running client has it loaded
+    with open(target, "rb") as handle:
+        if hashlib.sha256(handle.read()).hexdigest() != pinned:
+            raise DllRefused(f"{target} changed while it was written: not loaded")
+    return target
 
 
 def load_library(path: str):

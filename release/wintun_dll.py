@@ -22,13 +22,16 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: the repository root is importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from client.wintun import WINTUN_DLL_SHA256
+
 WHEEL_REQUIREMENT = "pytun-pmd3==3.0.3"
 WHEEL_PREFIX = "pytun_pmd3/wintun/"
 WINTUN_VERSION = "0.14.1"
-# SHA-256 of WireGuard's signed wintun.dll 0.14.1 (as in wintun-0.14.1.zip).
-PINNED_SHA256 = {
-    "amd64": "e5da8447dc2c320edc0fc52fa01885c103de8c118481f683643cacc3220dafce",
-}
+# SHA-256 of WireGuard's signed wintun.dll 0.14.1: one pin, the client's own
+# (client/wintun.py checks it again before every load).
+PINNED_SHA256 = WINTUN_DLL_SHA256
 PE_MACHINE = {"amd64": 0x8664}
 # Every export client/wintun.py declares.
 REQUIRED_EXPORTS = frozenset(

@@ -42,7 +42,15 @@ def test_the_workflow_builds_tests_and_uploads_the_executable():
     assert "release/pushgate-client.spec" in text
     assert "dist/pushgate-client.exe" in text
     assert "actions/upload-artifact" in text
-    for test in ("test_windows_network.py", "test_wintun_dll.py", "test_client_core.py"):
+    for test in (
+        "test_windows_network.py",
+        "test_wintun_dll.py",
+        "test_client_core.py",
+        "test_windows_firewall.py",
+        "test_windows_failclosed.py",
+        "test_windows_security.py",
+        "test_windows_live.py",
+    ):
         assert test in text and (ROOT / "tests" / test).is_file()
 
 

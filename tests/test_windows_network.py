@@ -43,10 +43,12 @@ from client.winnet import (
     plan_windows_network,
     route,
 )
-from client.wintun import GUID, read_wide
+from client.wintun import GUID, adapter_guid, read_wide
+from tests.fakes.fake_registry import FakeRegistry
+from tests.fakes.fake_wfp import FakeWfp
 
 TUN_LUID = 0x0006_0000_0100_0000
-TUN_GUID = "3f2b8c1e-5d7a-4c6b-9e0f-1a2b3c4d5e6f"
+TUN_GUID = str(adapter_guid("pgc0"))  # WinTun gives the adapter the GUID we ask for
 WIFI_LUID = 0x0047_0000_0200_0000
 UNDERLAY = UnderlayPath(luid=WIFI_LUID, next_hop="198.18.5.1", mtu=1500)
 
@@ -208,6 +210,9 @@ class FakeIpHelper:
         self.routes: set[tuple[int, str, str]] = set()
         self.dns: dict[str, str] = {}
         self.fail_route: tuple[str, int] | None = None
+        # Routes Windows derives from an address itself (MIB_IPPROTO_LOCAL).
+        self.local_routes: set[tuple[int, str, str]] = set()
+        self._tables: dict[int, ctypes.Structure] = {}  # handed out, not yet freed
 
     def library(self) -> SimpleNamespace:
         """The exports as plain functions, which take ctypes' argtypes/restype."""
@@ -317,6 +322,55 @@ class FakeIpHelper:
         self.dns[str(guid.to_uuid())] = read_wide(settings.NameServer)
         return 0
 
+    def ConvertInterfaceGuidToLuid(self, guid, luid):
+        if str(guid._obj.to_uuid()) != TUN_GUID or TUN_LUID not in self.interfaces:
+            return ERROR_NOT_FOUND
+        luid._obj.value = TUN_LUID
+        return 0
+
+    def _hand_out(self, row_type, rows, table):
+        class Table(ctypes.Structure):
+            _fields_ = (("NumEntries", ctypes.c_uint32), ("Table", row_type * len(rows)))
+
+        value = Table()
+        value.NumEntries = len(rows)
+        for index, row in enumerate(rows):
+            value.Table[index] = row
+        assert Table.Table.offset == 8  # where iphlpapi puts the first row
+        self._tables[ctypes.addressof(value)] = value
+        table._obj.value = ctypes.addressof(value)
+        return 0
+
+    def GetIpForwardTable2(self, family, table):
+        assert family == 0  # AF_UNSPEC: both families
+        rows = []
+        for protocol, routes in ((3, self.routes), (2, self.local_routes)):
+            for luid, prefix, hop in sorted(routes):
+                row = MIB_IPFORWARD_ROW2()
+                network = ipaddress.ip_network(prefix)
+                row.InterfaceLuid = luid
+                row.DestinationPrefix.Prefix = sockaddr(str(network.network_address))
+                row.DestinationPrefix.PrefixLength = network.prefixlen
+                row.NextHop = sockaddr(hop)
+                row.Protocol = protocol
+                rows.append(row)
+        return self._hand_out(MIB_IPFORWARD_ROW2, rows, table)
+
+    def GetUnicastIpAddressTable(self, family, table):
+        assert family == AF_INET
+        rows = []
+        for luid, text in sorted(self.addresses):
+            row = MIB_UNICASTIPADDRESS_ROW()
+            interface = ipaddress.ip_interface(text)
+            row.Address = sockaddr(str(interface.ip))
+            row.InterfaceLuid = luid
+            row.OnLinkPrefixLength = interface.network.prefixlen
+            rows.append(row)
+        return self._hand_out(MIB_UNICASTIPADDRESS_ROW, rows, table)
+
+    def FreeMibTable(self, table):
+        del self._tables[table.value]
+
     def ConvertInterfaceLuidToGuid(self, luid, guid):
         if luid._obj.value != TUN_LUID:
             return ERROR_NOT_FOUND
@@ -325,19 +379,26 @@ class FakeIpHelper:
         return 0
 
 
-def windows_host(fake: FakeIpHelper) -> WindowsHost:
+def windows_host(fake: FakeIpHelper, registry=None, firewall=None) -> WindowsHost:
+    """A WindowsHost on fakes; the registry and WFP are the machine's, shared by
+    every process (pass the same ones to model a later run)."""
+    from client.wfp import WfpFirewall
+
     host = WindowsHost()
     host._helper = IpHelper(fake.library())
+    host._registry = registry if registry is not None else FakeRegistry()
+    host._firewall = WfpFirewall((firewall if firewall is not None else FakeWfp()).library())
     return host
 
 
-def session(routes, dns_servers=()):
+def session(routes, dns_servers=(), match_domains=()):
     return SimpleNamespace(
         endpoint=("198.18.0.1", 51820),
         tunnel_address="198.19.0.2/24",
         mtu=1420,
         routes=list(routes),
         dns_servers=list(dns_servers),
+        match_domains=list(match_domains),
     )
 
 
@@ -345,9 +406,10 @@ TUN = SimpleNamespace(name="pgc0", luid=TUN_LUID)
 
 
 def test_the_executor_applies_a_full_tunnel_and_undoes_it_all():
-    fake = FakeIpHelper(interface_lag_calls=3)
-    host = windows_host(fake)
+    fake, registry, wfp = FakeIpHelper(interface_lag_calls=3), FakeRegistry(), FakeWfp()
+    host = windows_host(fake, registry, wfp)
     undo = host.configure(TUN, session(["0.0.0.0/0"], ["198.18.0.53", "198.18.0.54"]))
+    assert undo == [["windows", "pgc0"]]  # a reference: the steps stay in HKLM
     assert fake.interfaces[TUN_LUID] == {"mtu": 1420, "metric": TUNNEL_INTERFACE_METRIC, "auto": 0}
     assert fake.addresses == {(TUN_LUID, "198.19.0.2/24")}
     assert fake.routes == {
@@ -357,12 +419,50 @@ def test_the_executor_applies_a_full_tunnel_and_undoes_it_all():
     }
     assert fake.dns == {TUN_GUID: "198.18.0.53,198.18.0.54"}
 
-    # A crash: a new process reads the undo steps back from the status file.
+    # A crash: a new process finds the steps in the administrators-only record.
     recovered = json.loads(json.dumps(undo))
-    windows_host(fake).unconfigure(recovered)
+    windows_host(fake, registry, wfp).unconfigure(recovered)
     assert fake.addresses == set() and fake.routes == set()
     assert fake.dns == {TUN_GUID: ""}
-    windows_host(fake).unconfigure(recovered)  # twice is harmless: gone is not an error
+    assert registry.read(r"SOFTWARE\pushgate\clients\pgc0") is None
+    windows_host(fake, registry, wfp).unconfigure(recovered)  # twice is harmless
+    # The kill switch outlives the configuration: only `release` removes it.
+    assert wfp.state.filters
+    windows_host(fake, registry, wfp).release("pgc0")
+    assert wfp.state.filters == {}
+
+
+def test_the_adapters_part_is_recomputed_from_the_adapter():
+    fake, registry = FakeIpHelper(), FakeRegistry()
+    host = windows_host(fake, registry)
+    undo = host.configure(TUN, session(["0.0.0.0/0", "198.18.200.0/24"], ["198.18.0.53"]))
+    # Windows' own route for the address, and a route someone added on our adapter
+    # after we recorded our steps: the first stays, the second goes.
+    fake.local_routes.add((TUN_LUID, "198.19.0.0/24", "0.0.0.0"))
+    fake.routes.add((TUN_LUID, "198.18.201.0/24", "0.0.0.0"))
+    registry.write(r"SOFTWARE\pushgate\clients\pgc0", {"Undo": (1, "[]")})  # record lost
+    windows_host(fake, registry).unconfigure(undo)
+    assert fake.routes == {(WIFI_LUID, "198.18.0.1/32", "198.18.5.1")}  # only in the record
+    assert fake.addresses == set() and fake.dns == {TUN_GUID: ""}
+    assert fake.local_routes == {(TUN_LUID, "198.19.0.0/24", "0.0.0.0")}
+    assert fake._tables == {}  # every table freed
+
+
+def test_undo_steps_in_a_forged_status_file_are_never_run():
+    fake = FakeIpHelper()
+    fake.routes.add((WIFI_LUID, "198.18.7.0/24", "198.18.5.1"))  # the machine's own
+    fake.addresses.add((WIFI_LUID, "198.18.5.20/24"))
+    forged = [
+        route(WIFI_LUID, "198.18.7.0/24", "198.18.5.1").to_list(),
+        address(WIFI_LUID, "198.18.5.20/24").to_list(),
+        ["windows", "..\\..\\Run"],  # a registry path, not a tunnel name
+        ["windows", "pgc0"],  # ours, but nothing recorded for it: nothing to undo
+        "windows",
+        7,
+    ]
+    windows_host(fake).unconfigure(forged)
+    assert (WIFI_LUID, "198.18.7.0/24", "198.18.5.1") in fake.routes
+    assert (WIFI_LUID, "198.18.5.20/24") in fake.addresses
 
 
 def test_a_failed_step_undoes_the_steps_before_it():

@@ -16,7 +16,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pushgate_api import auth_pb2, control_pb2
+from pushgate_api import admin_pb2, auth_pb2, control_pb2
 from pushgate_io.gateway_config import AccessRule, GatewayConfig, Group, merge_ports
 
 ALL = "all"  # a declared group of this name applies to every user
@@ -173,3 +173,43 @@ def _without(network, excluded) -> list:
     if network.subnet_of(excluded):
         return []
     return sorted(network.address_exclude(excluded))
+
+
+# -- membership: what the admin API and pushgate-admin check and list -----------------
+
+
+def joining_problem(model: AccessModel, group: str) -> str | None:
+    """Why users cannot join `group`, or None."""
+    if model.groups is None:
+        return (
+            f"no group {group!r}: the config declares no [groups.*] (every user reaches "
+            "[auth] routes); declare [groups.NAME] tables first"
+        )
+    if group not in model.groups:
+        declared = ", ".join(model.groups) or "none"
+        return f"no group {group!r} in the config (declared: {declared})"
+    if group == ALL:
+        return f"group {ALL!r} applies to every user: it takes no members"
+    return None
+
+
+def group_listing(
+    model: AccessModel, memberships: dict[str, dict[str, list[str]]], group: str = ""
+) -> list[admin_pb2.GroupInfo]:
+    """Declared groups and groups with members (or `group` alone), by name."""
+    declared = model.groups or {}
+    names = sorted({*declared, *memberships})
+    if group:
+        names = [name for name in names if name == group]
+    return [
+        admin_pb2.GroupInfo(
+            name=name,
+            declared=name in declared,
+            rules=len(declared[name].allow) if name in declared else 0,
+            members=[
+                admin_pb2.GroupMember(username=user, sources=sources)
+                for user, sources in sorted(memberships.get(name, {}).items())
+            ],
+        )
+        for name in names
+    ]

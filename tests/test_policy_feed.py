@@ -4,6 +4,7 @@ each affected live session within 1 s, a wrong file on reload keeps the last goo
 rules, and Login, Rekey and SessionInfo answers carry the user's NetworkConfig."""
 
 import contextlib
+import json
 import signal
 import threading
 import time
@@ -14,7 +15,7 @@ import pytest
 
 from auth_service.store import Store
 from netlab import wait_for
-from netlab.auth import AuthServer
+from netlab.auth import AuthServer, admin
 from pushgate_api import auth_pb2, control_pb2
 
 pytestmark = pytest.mark.processes
@@ -167,6 +168,129 @@ def test_a_wrong_file_on_reload_keeps_the_last_good_rules(auth):
         assert digests == {before.sessions[0].policy.digest}
     finally:
         watch.close()
+
+
+def _audit(auth) -> list[dict]:
+    with open(Path(auth.directory, "audit.log")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_a_membership_change_reaches_the_users_live_sessions_within_a_second(auth):
+    carol = auth.login("carol", PASSWORD)
+    bob = auth.login("bob", PASSWORD)
+    watch = Watch(auth)
+    try:
+        sent = time.monotonic()
+        result = admin("group", "add", "eng", "carol", "alice", "--config", auth.config)
+        assert result.returncode == 0, result.stderr
+        # alice was a member already; carol's one live session is told
+        assert result.stdout == "carol added to group eng; 1 live session got the new access\n"
+        changes = wait_for(lambda: watch.changes(), 5, 0.02, "a PolicyChange")
+        at, policy = changes[carol.session_id]
+        assert at - sent <= PROPAGATION_SECONDS
+        assert rules(policy) == ["198.18.2.10/32 0", "198.18.3.0/24 6 22-22", *OFFERED]
+        info = auth.stub().SessionInfo(
+            auth_pb2.SessionInfoRequest(session_token=carol.session_token)
+        )
+        assert list(info.network.match_domains) == ["eng.example"]
+        result = admin("group", "remove", "sales", "bob", "--config", auth.config)
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: bob.session_id in watch.changes(), 5, 0.02, "bob's PolicyChange")
+        assert rules(watch.changes()[bob.session_id][1]) == OFFERED
+        assert len(watch.changes()) == 2
+        record = [r for r in _audit(auth) if r.get("action") == "group_add"][-1]
+        assert record["group"] == "eng" and record["users"] == ["carol"]
+        assert record["updated_sessions"] == [f"{carol.session_id:#010x}"]
+        assert isinstance(record["caller_uid"], int)
+    finally:
+        watch.close()
+
+
+def test_groups_the_config_does_not_declare_are_refused(auth):
+    result = admin("group", "add", "engineering", "alice", "--config", auth.config)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "pushgate-admin: no group 'engineering' in the config (declared: eng, sales)\n"
+    )
+    result = admin(
+        "user",
+        "add",
+        "dave",
+        "--group",
+        "eng",
+        "--group",
+        "ops",
+        "--config",
+        auth.config,
+        password=PASSWORD,
+    )
+    assert result.returncode == 1 and "no group 'ops' in the config" in result.stderr
+    assert "dave" not in admin("user", "list", "--config", auth.config).stdout
+    result = admin("group", "add", "eng", "nobody-here", "--config", auth.config)
+    assert result.returncode == 1 and "no such user nobody-here" in result.stderr
+
+
+def test_user_add_with_groups_and_group_list(auth):
+    result = admin(
+        "user",
+        "add",
+        "dave",
+        "--group",
+        "eng",
+        "--group",
+        "sales",
+        "--config",
+        auth.config,
+        password=PASSWORD,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "user dave added to group(s) eng, sales\n"
+    login = auth.login("dave", PASSWORD)
+    assert list(login.network.routes) == ["198.18.2.10/32", "198.18.2.20/32", "198.18.3.0/24"]
+    listed = admin("group", "list", "--json", "--config", auth.config)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == [
+        {
+            "group": "eng",
+            "declared": True,
+            "rules": 2,
+            "members": [
+                {"user": "alice", "sources": ["admin"]},
+                {"user": "dave", "sources": ["admin"]},
+            ],
+        },
+        {
+            "group": "sales",
+            "declared": True,
+            "rules": 1,
+            "members": [
+                {"user": "bob", "sources": ["admin"]},
+                {"user": "dave", "sources": ["admin"]},
+            ],
+        },
+    ]
+    one = admin("group", "list", "sales", "--config", auth.config)
+    assert one.stdout == "sales\t1 rules\tbob, dave\n"
+
+
+def test_membership_changes_while_the_service_is_down_apply_when_it_starts(auth):
+    alice = auth.login("alice", PASSWORD)
+    auth.stop()
+    result = admin("group", "remove", "eng", "alice", "--config", auth.config)
+    assert result.returncode == 0, result.stderr
+    assert "not running" in result.stdout
+    assert admin("group", "add", "nope", "alice", "--config", auth.config).returncode == 1
+    listed = admin("group", "list", "eng", "--json", "--config", auth.config)
+    assert json.loads(listed.stdout)["members"] == []
+    auth.start()
+    listing = auth.feed().ListSessions(control_pb2.ListSessionsRequest(), timeout=10)
+    assert rules(listing.sessions[0].policy) == OFFERED
+    info = auth.stub().SessionInfo(auth_pb2.SessionInfoRequest(session_token=alice.session_token))
+    assert list(info.network.routes) == []
+    offline = [r for r in _audit(auth) if r.get("offline") and r["action"].startswith("group")]
+    assert [(r["action"], r["group"], r["users"]) for r in offline] == [
+        ("group_remove", "eng", ["alice"])
+    ]
 
 
 def test_without_groups_every_user_reaches_the_routes_but_no_other_client(tmp_path):

@@ -37,6 +37,7 @@ WIDER = {
     "digest": "wider",
 }
 NARROWER = {"routes": ["198.18.3.0/24"], "digest": "narrower"}
+FULL = {"routes": ["0.0.0.0/0"], "dns_servers": ["198.18.2.53"], "digest": "full"}
 RESOLVECTL = """#!/bin/sh
 echo "$*" >> {log}
 """
@@ -45,6 +46,11 @@ echo "$*" >> {log}
 def client_routes(lab: Lab, ns: str) -> set[str]:
     out = lab.exec(ns, ["ip", "-j", "route", "show", "dev", "pgc0"]).stdout
     return {entry["dst"] for entry in json.loads(out)}
+
+
+def gateway_host_route(lab: Lab, ns: str) -> list[dict]:
+    """The route that keeps the tunnel's own packets to the gateway outside it."""
+    return json.loads(lab.exec(ns, ["ip", "-j", "route", "show", f"{GATEWAY}/32"]).stdout)
 
 
 def ifindex(lab: Lab, ns: str) -> int:
@@ -159,16 +165,44 @@ def test_routes_and_dns_change_on_the_live_tunnel(tmp_path):
             what="the DNS withdrawn",
         )
 
-        # The same session on the same TUN all along, and nothing lost before the
-        # first lan was taken away.
-        status = gw.status(0)
-        assert status["state"] == "up" and status["tunnel"].startswith(session)
-        assert ifindex(lab, ns) == index
+        # Nothing lost before the first lan was taken away.
         lab.stop(pings, signal.SIGINT)
         replies = [int(n) for n in re.findall(r"bytes from .* icmp_seq=(\d+)", pings.stdout.read())]
         assert replies and replies == list(range(1, len(replies) + 1)), replies
+
+        # 3. Now a full tunnel: the gateway's /32 outside the tunnel, then the halves.
+        network_file.write_text(json.dumps(FULL))
+        os.kill(client.pid, signal.SIGUSR2)
+        wait_for(
+            lambda: {"0.0.0.0/1", "128.0.0.0/1"} <= client_routes(lab, ns),
+            10,
+            what="the full tunnel",
+        )
+        (outside,) = gateway_host_route(lab, ns)
+        assert outside["dev"] != "pgc0"
+        assert reaches(lab, ns, LAN_HOST) and reaches(lab, ns, LAN2_HOST)  # no loop
+        wait_for(
+            lambda: (
+                resolvectl_log.read_text().splitlines()[-3:]
+                == ["dns pgc0 198.18.2.53", "domain pgc0 ~.", "default-route pgc0 yes"]
+            ),
+            5,
+            what="every name to the tunnel's DNS",
+        )
+
+        # 4. And back to split: the halves go, then the /32.
+        network_file.write_text(json.dumps(NARROWER))
+        os.kill(client.pid, signal.SIGUSR2)
+        wait_for(lambda: not gateway_host_route(lab, ns), 10, what="the /32 removed")
+        assert client_routes(lab, ns) & {"0.0.0.0/1", "128.0.0.0/1"} == set()
+        assert reaches(lab, ns, LAN2_HOST) and not reaches(lab, ns, LAN_HOST)
+
+        # The same session on the same TUN all along.
+        status = gw.status(0)
+        assert status["state"] == "up" and status["tunnel"].startswith(session)
+        assert ifindex(lab, ns) == index
         log = client_log.read_text()
-        assert log.count("network changed:") == 2
+        assert log.count("network changed:") == 4
         assert "state up -> logging_in" not in log
 
         gw.lab.stop(client)

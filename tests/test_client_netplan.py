@@ -3,7 +3,7 @@ which `ip` and `resolvectl` commands a pushed network, and a change of it, becom
 
 import pytest
 
-from client.auth import PushedNetwork
+from client.auth import PushedNetwork, network_of
 from client.netplan import (
     UnderlayRoute,
     dns_not_applied,
@@ -11,6 +11,7 @@ from client.netplan import (
     plan_network,
     plan_network_update,
 )
+from pushgate_api import auth_pb2
 
 UNDERLAY = UnderlayRoute(dev="ul0", via="198.18.5.1")
 TUNNEL = "198.19.0.2/24"
@@ -216,3 +217,25 @@ def test_a_full_tunnel_change_needs_the_route_to_the_gateway():
             underlay=None,
             have_resolvectl=False,
         )
+
+
+def test_an_answer_without_a_network_means_unchanged():
+    assert network_of(auth_pb2.RekeyResponse()) is None
+    assert network_of(auth_pb2.SessionInfoResponse()) is None
+    # an empty one is a network: nothing routed, no DNS (the user lost every group)
+    empty = auth_pb2.SessionInfoResponse(network=auth_pb2.NetworkConfig(digest="d0"))
+    assert network_of(empty) == PushedNetwork()
+    full = auth_pb2.RekeyResponse(
+        network=auth_pb2.NetworkConfig(
+            routes=["198.18.2.0/24"],
+            dns_servers=["198.18.2.53"],
+            search_domains=["eng.example"],
+            match_domains=["eng.example"],
+            digest="d1",
+        )
+    )
+    got = network_of(full)
+    assert got == PushedNetwork(
+        ("198.18.2.0/24",), ("198.18.2.53",), ("eng.example",), ("eng.example",)
+    )
+    assert got.digest == "d1"

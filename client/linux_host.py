@@ -13,7 +13,7 @@ from .auth import ClientError, ClientSession
 from .host import NetworkChangeFailed
 from .netplan import (
     dns_not_applied,
-    is_full_tunnel,
+    needs_gateway_route,
     parse_route_get,
     plan_network,
     plan_network_update,
@@ -53,8 +53,15 @@ def update_network(
     """Routes and DNS of the live tunnel from `old`'s network to `new`'s (see
     client/host.py ClientHost.update_network)."""
     gateway_ip = new.endpoint[0]
-    full = is_full_tunnel(old.routes) or is_full_tunnel(new.routes)
     resolvectl = have_resolvectl()
+    outside = any(needs_gateway_route(n.routes, gateway_ip) for n in (old, new))
+    # with the /32 in place this finds it; before, the path the tunnel's packets take
+    underlay = underlay_route(gateway_ip) if outside else None
+    if underlay is not None and underlay.dev == tun_name:
+        raise ClientError(
+            f"cannot change the network: the gateway {gateway_ip} is routed into the tunnel",
+            retryable=False,
+        )
     try:
         update = plan_network_update(
             tun_name=tun_name,
@@ -62,8 +69,7 @@ def update_network(
             old=old.network,
             new=new.network,
             gateway_ip=gateway_ip,
-            # in a full tunnel this finds the gateway's own /32 around the tunnel
-            underlay=underlay_route(gateway_ip) if full else None,
+            underlay=underlay,  # in a full tunnel: the gateway's own /32 around it
             have_resolvectl=resolvectl,
         )
     except ValueError as error:

@@ -8,7 +8,8 @@ Full tunnel (a pushed route of 0.0.0.0/0): as OpenVPN's def1, the tunnel gets
 so win without deleting it; the gateway's own address keeps a /32 route through
 the original path (the route `ip route get <gateway>` reports before we start),
 so the UDP packets carrying the tunnel are never routed into the tunnel.
-Split tunnel: just the pushed routes on the tunnel device.
+Split tunnel: just the pushed routes on the tunnel device, plus the same /32 to
+the gateway when a pushed route covers the gateway's address.
 
 DNS goes to systemd-resolved for the tunnel link only (`resolvectl`): the pushed
 servers, the search domains, the split-DNS match domains as routing-only
@@ -86,6 +87,14 @@ def is_full_tunnel(routes: Sequence[str]) -> bool:
     return any(ipaddress.ip_network(route, strict=False).prefixlen == 0 for route in routes)
 
 
+def needs_gateway_route(routes: Sequence[str], gateway_ip: str) -> bool:
+    """Would `routes` take the tunnel's own packets to the gateway into the tunnel?
+    (A full tunnel, or a split route that covers the gateway's address.)"""
+    gateway = ipaddress.ip_address(gateway_ip)
+    networks = [ipaddress.ip_network(route, strict=False) for route in routes]
+    return any(n.version == gateway.version and gateway in n for n in networks)
+
+
 def plan_routes(
     *,
     tun_name: str,
@@ -95,16 +104,17 @@ def plan_routes(
     underlay: UnderlayRoute | None,
 ) -> list[Route]:
     """The routes for `routes`, in the order to add them (the gateway's /32 first).
-    `underlay` is needed for a full tunnel only."""
+    `underlay` is needed when needs_gateway_route."""
     interface = ipaddress.ip_interface(tunnel_address)
     networks = [ipaddress.ip_network(route, strict=False) for route in routes]
     planned: list[Route] = []
-    if is_full_tunnel(routes):
+    if needs_gateway_route(routes, gateway_ip):
         if underlay is None:
-            raise ValueError("a full tunnel needs the route to the gateway")
+            raise ValueError("these routes need the route to the gateway outside the tunnel")
         gateway = ipaddress.ip_address(gateway_ip)
         host = f"{gateway}/{gateway.max_prefixlen}"
         planned.append(Route(host, underlay.dev, underlay.via))
+    if is_full_tunnel(routes):
         tunnel_routes = list(FULL_TUNNEL_HALVES)
         tunnel_routes += [str(n) for n in networks if n.prefixlen and n.version == 4]
     else:

@@ -239,3 +239,17 @@ def test_an_answer_without_a_network_means_unchanged():
         ("198.18.2.0/24",), ("198.18.2.53",), ("eng.example",), ("eng.example",)
     )
     assert got.digest == "d1"
+
+
+def test_a_split_route_over_the_gateway_keeps_the_gateway_outside():
+    plan = update(SPLIT, PushedNetwork(routes=("198.18.0.0/15",)))
+    assert plan.add == (
+        ("ip", "route", "replace", "198.18.0.1/32", "dev", "ul0", "via", "198.18.5.1"),
+        route("198.18.0.0/15"),
+    )
+    assert plan.undo == (("ip", "route", "del", "198.18.0.1/32", "dev", "ul0"),)
+    back = update(PushedNetwork(routes=("198.18.0.0/15",)), SPLIT)
+    assert back.remove == (
+        unroute("198.18.0.0/15"),
+        ("ip", "route", "del", "198.18.0.1/32", "dev", "ul0"),
+    )

@@ -314,6 +314,7 @@ class Connection:
             info.session_id,
             *info.endpoint,
         )
+        log.info("network: %s", info.network.describe())
         return address
 
     def _apply_network(self, network: PushedNetwork) -> PushedNetwork | ClientError:

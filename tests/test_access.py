@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from auth_service.access import AccessModel, canonical
+from auth_service.access import AccessModel, canonical, joining_problem
 from auth_service.store import NoSuchUser, Store
 from pushgate_io import gateway_config as config
 
@@ -343,3 +343,16 @@ def test_membership_is_the_union_of_admin_and_identity_provider(tmp_path):
     store.add_user("bob", "$argon2-not-used", 2.0)
     assert store.groups_of("bob") == []  # a namesake inherits nothing
     store.close()
+
+
+def test_who_may_join_which_group(base, tmp_path):
+    compat = AccessModel.from_config(load(tmp_path, base))
+    assert "declares no [groups.*]" in joining_problem(compat, "eng")
+    model = AccessModel.from_config(
+        load(tmp_path, base + GROUPS + '\n[groups.all]\nallow = ["198.18.5.5/32"]\n')
+    )
+    assert joining_problem(model, "eng") is None
+    assert joining_problem(model, "ops") == (
+        "no group 'ops' in the config (declared: eng, sales, all)"
+    )
+    assert "applies to every user" in joining_problem(model, "all")

@@ -7,10 +7,12 @@ with if it cannot. What the auth service refused, and why, is read from the
 from its message text.
 """
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
+from typing import NamedTuple
 
 import grpc
 from grpc_status import rpc_status
@@ -82,6 +84,53 @@ class SessionGone(ClientError):
 
 
 @dataclass(frozen=True)
+class PushedNetwork:
+    """What the auth service wants the client's side of the tunnel to look like
+    (protos/auth.proto NetworkConfig): it follows the user's groups, so a Rekey or
+    SessionInfo answer may bring a new one while the tunnel is up."""
+
+    routes: tuple[str, ...] = ()
+    dns_servers: tuple[str, ...] = ()
+    search_domains: tuple[str, ...] = ()
+    match_domains: tuple[str, ...] = ()  # split DNS
+    digest: str = field(default="", compare=False)  # the auth service's name for it
+
+    @classmethod
+    def from_proto(cls, config: auth_pb2.NetworkConfig) -> "PushedNetwork":
+        return cls(
+            tuple(config.routes),
+            tuple(config.dns_servers),
+            tuple(config.search_domains),
+            tuple(config.match_domains),
+            config.digest,
+        )
+
+    def describe(self) -> str:
+        """One line for the log: what is routed and which DNS (no secret in here)."""
+        parts = [f"routes {', '.join(self.routes) or 'none'}"]
+        for what, values in (
+            ("DNS", self.dns_servers),
+            ("search", self.search_domains),
+            ("match", self.match_domains),
+        ):
+            if values:
+                parts.append(f"{what} {', '.join(values)}")
+        return "; ".join(parts)
+
+
+def network_of(response) -> PushedNetwork | None:
+    """The NetworkConfig in a Rekey or SessionInfo answer; None if the auth service
+    did not say (one from before NetworkConfig answers only at login)."""
+    return PushedNetwork.from_proto(response.network) if response.HasField("network") else None
+
+
+class RekeyAnswer(NamedTuple):
+    keys: KeyMaterial
+    expires_at: float  # unix seconds: the session ends then unless rekeyed
+    network: PushedNetwork | None  # None: not said
+
+
+@dataclass(frozen=True)
 class ClientSession:
     """What a login gave us."""
 
@@ -100,6 +149,27 @@ class ClientSession:
     expires_at: float  # unix seconds: the session ends then unless rekeyed; 0 if not said
     search_domains: list[str] = field(default_factory=list)
     match_domains: list[str] = field(default_factory=list)  # split DNS
+    network_digest: str = ""
+
+    @property
+    def network(self) -> PushedNetwork:
+        return PushedNetwork(
+            tuple(self.routes),
+            tuple(self.dns_servers),
+            tuple(self.search_domains),
+            tuple(self.match_domains),
+            self.network_digest,
+        )
+
+    def with_network(self, network: PushedNetwork) -> "ClientSession":
+        return dataclasses.replace(
+            self,
+            routes=list(network.routes),
+            dns_servers=list(network.dns_servers),
+            search_domains=list(network.search_domains),
+            match_domains=list(network.match_domains),
+            network_digest=network.digest,
+        )
 
     def __repr__(self) -> str:  # the token and keys never reach a log line
         return f"ClientSession(id={self.session_id:#010x}, address={self.tunnel_address})"
@@ -238,24 +308,36 @@ class AuthClient:
             expires_at=response.expires_at_unix_ms / 1000,
             search_domains=list(response.network.search_domains),
             match_domains=list(response.network.match_domains),
+            network_digest=response.network.digest,
         )
 
-    async def rekey(self, token: str) -> tuple[KeyMaterial, float]:
-        """New keys, and when the session now ends unless rekeyed (unix seconds)."""
+    async def rekey(self, token: str) -> RekeyAnswer:
+        """New keys, when the session now ends unless rekeyed, and its network."""
         response = await self._call(
             self._stub.Rekey, auth_pb2.RekeyRequest(session_token=token), with_session=True
         )
-        return key_material(response.keys, time.time()), response.expires_at_unix_ms / 1000
+        return RekeyAnswer(
+            key_material(response.keys, time.time()),
+            response.expires_at_unix_ms / 1000,
+            network_of(response),
+        )
+
+    async def session_network(self, token: str) -> PushedNetwork | None:
+        """The session's network as the auth service sees it now (None: not said);
+        SessionGone if it no longer knows the session, AccessRevoked if an
+        administrator ended it, another ClientError if unreachable."""
+        response = await self._call(
+            self._stub.SessionInfo,
+            auth_pb2.SessionInfoRequest(session_token=token),
+            with_session=True,
+        )
+        return network_of(response)
 
     async def session_alive(self, token: str) -> bool:
         """False if the auth service no longer knows the session; raises if unreachable,
         and AccessRevoked if an administrator ended it."""
         try:
-            await self._call(
-                self._stub.SessionInfo,
-                auth_pb2.SessionInfoRequest(session_token=token),
-                with_session=True,
-            )
+            await self.session_network(token)
         except SessionGone:
             return False
         return True

@@ -21,9 +21,11 @@ from push_protocol.keys import Role
 from push_protocol.session import TunnelSession
 from pushgate_io.tun import TunDevice
 
-from .auth import AuthClient, ClientError, ClientSession
+from .auth import AuthClient, ClientError, ClientSession, PushedNetwork
 from .core import (
+    ApplyNetwork,
     BringUp,
+    CheckNetwork,
     CheckSession,
     ClientCore,
     InstallKeys,
@@ -37,7 +39,7 @@ from .core import (
     is_address,
 )
 from .datapath import Datapath
-from .host import ClientHost, UndoSteps, current_host
+from .host import ClientHost, NetworkChangeFailed, UndoSteps, current_host
 from .state import ClientState
 from .status import ClientStatus, write_status
 
@@ -225,6 +227,11 @@ class Connection:
                     log.info("rekeyed: key epoch %d", keys.epoch)
                 case CheckSession(token=token):
                     self._spawn(self.auth.session_alive(token), core.handle_session_check)
+                case CheckNetwork(token=token):
+                    self._spawn(self.auth.session_network(token), core.handle_network_check)
+                case ApplyNetwork(network=network):
+                    core.handle_network_applied(self.clock(), self._apply_network(network))
+                    self._wake.set()  # what the core decided next runs at once
                 case Resolve(host=host):
                     self._spawn(resolve(host), core.handle_resolved)
                 case Rebind():
@@ -307,7 +314,29 @@ class Connection:
             info.session_id,
             *info.endpoint,
         )
+        log.info("network: %s", info.network.describe())
         return address
+
+    def _apply_network(self, network: PushedNetwork) -> PushedNetwork | ClientError:
+        """The live tunnel's routes and DNS moved to `network`, on the same TUN while
+        packets flow (the `ip` steps take milliseconds: done here, as the bring-up)."""
+        info = self.session_info
+        update = getattr(self.host, "update_network", None)
+        if update is None:
+            return ClientError(
+                "this system's client applies a changed network at its next connection",
+                retryable=False,
+            )
+        new = info.with_network(network)
+        try:
+            self.undo = update(self.tun, info, new, self.undo)
+        except NetworkChangeFailed as error:
+            self.undo = error.undo
+            return error
+        except ClientError as error:
+            return error
+        self.session_info = new
+        return network
 
     def _teardown(self) -> None:
         if self.datapath is not None:

@@ -3,12 +3,14 @@
 As aioquic's QuicConnection: no sockets, no clock, no awaits. Its owner
 (client/connection.py) feeds it what happened (`start`, `handle_login_result`,
 `handle_bring_up_result`, `handle_rekey_result`, `handle_session_check`,
-`handle_resolved`, `handle_received`, `handle_rekey_wanted`, `stop`) and the
+`handle_resolved`, `handle_received`, `handle_rekey_wanted`, `handle_network`,
+`handle_network_check`, `handle_network_applied`, `stop`) and the
 time (`handle_timer(now)` once `get_timer()` is reached), and executes the
 actions it takes from `actions()`: log in, bring the tunnel up or down, rekey,
 install keys, check the session, resolve the dataplane's host, rebind, send a
-keepalive, log out. Every result comes back as an event; the core never has two
-logins, two rekeys or two session checks in flight.
+keepalive, log out, ask for and apply the session's network. Every result comes
+back as an event; the core never has two logins, two rekeys, two session checks
+or two network changes in flight.
 
 What it decides, all here:
 - when the dataplane counts as lost (no authenticated packet for `dead_after`);
@@ -23,7 +25,13 @@ What it decides, all here:
   a new login at once;
 - login retries with backoff; a login whose tunnel cannot be set up is logged out
   at once (it would hold a session and an address until it expired);
-- a non-retryable ClientError from any auth call ends the run (`failure`).
+- a non-retryable ClientError from any auth call ends the run (`failure`);
+- live network changes: the auth service's NetworkConfig follows the user's
+  groups; a changed one, learned from a Rekey answer or from the SessionInfo check
+  made every NETWORK_CHECK_SECONDS while up, is applied to the live tunnel
+  (`ApplyNetwork`: the owner adds and removes routes and DNS on the same TUN), one
+  change at a time, always the newest; a change that fails is logged and not tried
+  again until a different one comes (the tunnel keeps what it had).
 """
 
 import ipaddress
@@ -35,7 +43,7 @@ from dataclasses import dataclass
 from push_protocol.backoff import Backoff
 from push_protocol.keys import KeyMaterial
 
-from .auth import ClientError, ClientSession, SessionGone
+from .auth import ClientError, ClientSession, PushedNetwork, RekeyAnswer, SessionGone
 from .state import ClientEvent, ClientState, ClientStateMachine
 
 log = logging.getLogger("pushgate.client")
@@ -53,6 +61,14 @@ REKEY_RETRY_MIN_SECONDS = 0.25
 # Silence that means the dataplane is lost, unless configured: two keepalives and
 # the handshake wait.
 DEAD_AFTER_KEEPALIVES = 2
+# While up, the client asks the auth service for its session (SessionInfo) this
+# often, less a random quarter so that clients that came up together do not ask
+# together. The dataplane enforces a changed policy within a second whatever the
+# client knows; what the client learns here is only new routes and DNS, so a
+# destination just allowed is routed within half a minute, at one small call per
+# client per 30 s (10,000 clients: about 400 calls/s, each one store read).
+NETWORK_CHECK_SECONDS = 30.0
+NETWORK_CHECK_JITTER = 0.25
 
 
 # -- actions: what the owner executes, in order ------------------------------------
@@ -102,6 +118,23 @@ class CheckSession:
 
 
 @dataclass(frozen=True)
+class CheckNetwork:
+    """Ask the auth service for the session's network (SessionInfo); answer with
+    handle_network_check."""
+
+    token: str
+
+
+@dataclass(frozen=True)
+class ApplyNetwork:
+    """Move the live tunnel from the network it has to `network` (routes added and
+    removed, DNS set anew) without tearing it down; answer with
+    handle_network_applied."""
+
+    network: PushedNetwork
+
+
+@dataclass(frozen=True)
 class Resolve:
     """Resolve the dataplane's host again; answer with handle_resolved."""
 
@@ -126,6 +159,8 @@ Action = (
     | Rekey
     | InstallKeys
     | CheckSession
+    | CheckNetwork
+    | ApplyNetwork
     | Resolve
     | Rebind
     | SendKeepalive
@@ -152,6 +187,7 @@ class ClientCore:
         self, *, dead_after_seconds: float | None = None, rng: random.Random | None = None
     ) -> None:
         self.machine = ClientStateMachine()
+        self._rng = rng or random.Random()
         self.dead_after_seconds = dead_after_seconds
         self.backoff = Backoff(BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS, rng)
         self.session: ClientSession | None = None  # logged in (its tunnel may be down)
@@ -173,6 +209,15 @@ class ClientCore:
         self._wait_until = 0.0  # then check the session (reconnecting) or give up (connecting)
         self._probe_at = 0.0
         self._login_at = 0.0  # the next login try, after a failed one
+        # the network of the tunnel, as applied; the newest one learned; one that failed
+        self.network: PushedNetwork | None = None
+        self._network_wanted: PushedNetwork | None = None
+        self._network_failed: PushedNetwork | None = None
+        self.network_check_pending = self.apply_pending = False
+        self._network_check_for: ClientSession | None = None
+        self._apply_for: ClientSession | None = None  # the session a pending apply is for
+        self._applying: PushedNetwork | None = None
+        self._network_check_at = 0.0
 
     @property
     def state(self) -> ClientState:
@@ -244,6 +289,9 @@ class ClientCore:
         self._rekey_retry_at = 0.0
         self._rekey_wanted = False
         self._expires_at = self.session.expires_at
+        self.network = self.session.network  # as configured by the bring-up
+        self._network_wanted = self._network_failed = None
+        self._schedule_network_check(now)
         self._event(ClientEvent.LOGGED_IN)
         self._wait_for_answer(now, HANDSHAKE_TIMEOUT_SECONDS)
 
@@ -262,9 +310,7 @@ class ClientCore:
         if self.tunnel_up:
             self._rekey_wanted = True
 
-    def handle_rekey_result(
-        self, now: float, result: tuple[KeyMaterial, float] | ClientError
-    ) -> None:
+    def handle_rekey_result(self, now: float, result: RekeyAnswer | ClientError) -> None:
         session, self._rekey_for = self._rekey_for, None
         self.rekey_pending = False
         if self.state is ClientState.DISCONNECTED or session is not self.session:
@@ -282,7 +328,7 @@ class ClientCore:
             if rekeying:
                 self._event(ClientEvent.REKEY_FAILED)
             return
-        keys, expires_at = result
+        keys, expires_at, network = result
         if self.tunnel_up:
             self._actions.append(InstallKeys(keys))
         self._expires_at = expires_at
@@ -291,6 +337,48 @@ class ClientCore:
         self._rekey_at = keys.created_at + session.key_lifetime_seconds
         if rekeying:
             self._event(ClientEvent.REKEY_DONE)
+        self.handle_network(now, network)
+
+    def handle_network(self, now: float, network: PushedNetwork | None) -> None:
+        """The auth service's network for our session (None: it did not say)."""
+        if network is None or not self.tunnel_up:
+            return
+        self._network_wanted = network
+        self._apply_network()
+
+    def handle_network_check(self, now: float, result: PushedNetwork | ClientError | None) -> None:
+        """The answer to CheckNetwork: the session's network, or why there is none."""
+        session, self._network_check_for = self._network_check_for, None
+        self.network_check_pending = False
+        if self.state is ClientState.DISCONNECTED or session is not self.session:
+            return
+        if not self.tunnel_up:
+            return
+        self._schedule_network_check(now)
+        if isinstance(result, SessionGone):
+            self._log_in_again()
+            return
+        if isinstance(result, ClientError):
+            if not result.retryable:
+                self._fail(result)
+            else:  # the tunnel does not need the auth service now: ask again later
+                log.info("session check failed: %s", result)
+            return
+        self.handle_network(now, result)
+
+    def handle_network_applied(self, now: float, result: PushedNetwork | ClientError) -> None:
+        """The answer to ApplyNetwork: the network the tunnel now has, or what failed."""
+        session, self._apply_for = self._apply_for, None
+        self.apply_pending = False
+        if not self.tunnel_up or session is not self.session:
+            return  # torn down meanwhile: the next bring-up configures from scratch
+        if isinstance(result, ClientError):
+            self._network_failed = self._applying
+            self._error(f"network change not applied: {result}")
+        else:
+            self.network = result
+            log.info("network changed: %s", result.describe())
+        self._apply_network()  # a newer one may have come meanwhile
 
     def handle_session_check(self, now: float, result: bool | ClientError) -> None:
         """True: the auth service knows the session; False: it does not."""
@@ -355,6 +443,8 @@ class ClientCore:
         deadlines = [self._rekey_due_at()]
         if state in (ClientState.UP, ClientState.REKEYING):
             deadlines.append(self._last_received + self._dead_after())
+            if not self.network_check_pending:
+                deadlines.append(self._network_check_at)
         else:
             deadlines.append(self._probe_at)
             if not (self.check_pending or self.resolve_pending):
@@ -378,6 +468,10 @@ class ClientCore:
                 self._event(ClientEvent.SERVER_LOST)
                 self._wait_for_answer(now, HANDSHAKE_TIMEOUT_SECONDS)
                 return
+            if now >= self._network_check_at and not self.network_check_pending:
+                self.network_check_pending = True
+                self._network_check_for = self.session
+                self._actions.append(CheckNetwork(self.session.token))
         else:
             if now >= self._wait_until and not (self.check_pending or self.resolve_pending):
                 if state is ClientState.CONNECTING:
@@ -419,6 +513,20 @@ class ClientCore:
         self._actions.append(Rebind())
         self._wait_for_answer(now, self.backoff.next_delay())
 
+    def _schedule_network_check(self, now: float) -> None:
+        spread = 1.0 - NETWORK_CHECK_JITTER * self._rng.random()
+        self._network_check_at = now + NETWORK_CHECK_SECONDS * spread
+
+    def _apply_network(self) -> None:
+        wanted = self._network_wanted
+        if self.apply_pending or wanted is None or not self.tunnel_up:
+            return
+        if wanted == self.network or wanted == self._network_failed:
+            return
+        self.apply_pending = True
+        self._apply_for, self._applying = self.session, wanted
+        self._actions.append(ApplyNetwork(wanted))
+
     def _rekey(self) -> None:
         if self.state is ClientState.UP:
             self._event(ClientEvent.REKEY_STARTED)
@@ -444,6 +552,7 @@ class ClientCore:
             self._actions.append(Logout(self.session.token))
         self.session = None
         self._rekey_wanted = False
+        self.network = self._network_wanted = self._network_failed = None
 
     def _fail(self, error: ClientError) -> None:
         """Retrying cannot help: end the run with `error`."""

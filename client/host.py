@@ -15,9 +15,17 @@ from typing import Protocol
 
 from pushgate_io.tun import TunDevice
 
-from .auth import ClientSession
+from .auth import ClientError, ClientSession
 
 UndoSteps = list[list[str]]  # kept in the status file to clean up after a crash
+
+
+class NetworkChangeFailed(ClientError):
+    """A live network change failed part-way; `undo` covers both networks' steps."""
+
+    def __init__(self, message: str, undo: UndoSteps) -> None:
+        super().__init__(message, retryable=False)
+        self.undo = undo
 
 
 class ClientHost(Protocol):
@@ -35,6 +43,14 @@ class ClientHost(Protocol):
     def configure(self, tun: TunDevice, info: ClientSession) -> UndoSteps:
         """Address, MTU, routes and DNS for the session; returns how to undo them.
         On failure it undoes what it did and raises ClientError."""
+
+    def update_network(
+        self, tun: TunDevice, old: ClientSession, new: ClientSession, undo: UndoSteps
+    ) -> UndoSteps:
+        """Move the live tunnel from `old`'s pushed network (routes, DNS, domains) to
+        `new`'s without tearing it down; returns the undo steps that replace `undo`.
+        On failure raises NetworkChangeFailed, which says what to undo then.
+        (Optional: a host without it gets changes at its next connection.)"""
 
     def unconfigure(self, undo: UndoSteps) -> None:
         """Undo (best effort, logs what fails): at disconnect and after a crash."""

@@ -73,6 +73,7 @@ def test_full_tunnel_plan_keeps_the_gateway_outside():
         ("ip", "route", "replace", "128.0.0.0/1", "dev", "pgc0"),
         ("resolvectl", "dns", "pgc0", "198.18.0.53"),
         ("resolvectl", "domain", "pgc0", "~."),
+        ("resolvectl", "default-route", "pgc0", "yes"),
     )
     assert plan.undo == (
         ("resolvectl", "revert", "pgc0"),

@@ -9,17 +9,21 @@ to, because the core talks to nothing (the asyncio layer does; the end-to-end an
 hostile suites run that with real parts).
 """
 
+import itertools
 import random
 from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.auth import ClientError, ClientSession, SessionGone
+from client.auth import ClientError, ClientSession, PushedNetwork, RekeyAnswer, SessionGone
 from client.core import (
     BACKOFF_MAX_SECONDS,
+    NETWORK_CHECK_SECONDS,
     PROBE_INTERVAL_SECONDS,
+    ApplyNetwork,
     BringUp,
+    CheckNetwork,
     CheckSession,
     ClientCore,
     InstallKeys,
@@ -63,6 +67,14 @@ class World:
         self.in_flight: Counter[str] = Counter()
         self.tunnel: str | None = None  # token of the session the tunnel is up for
         self.logins = 0
+        # the auth service's network for the user now; the tunnel's, as applied
+        self.network = PushedNetwork(routes=("0.0.0.0/0",), digest="n0")
+        self.tunnel_network: PushedNetwork | None = None
+        self.apply_error: ClientError | None = None  # what the next network changes get
+        self.applied: list[PushedNetwork] = []
+        self.apply_attempts = 0
+        self.failed_networks: list[PushedNetwork] = []
+        self.teardowns = 0
         self.rekeys: list[float] = []
         self.logged_out: list[str] = []
         self.fatal_delivered = False
@@ -103,10 +115,11 @@ class World:
                 case BringUp(session=session):
                     assert self.tunnel is None, "a second tunnel"
                     self.in_flight["bring_up"] += 1
-                    self._later("bring_up", session.token)
+                    self._later("bring_up", session)
                 case TearDown():
                     assert self.tunnel is not None
-                    self.tunnel = None
+                    self.tunnel = self.tunnel_network = None
+                    self.teardowns += 1
                 case Logout(token=token):
                     self.sessions.pop(token, None)
                     self.logged_out.append(token)
@@ -118,6 +131,15 @@ class World:
                 case CheckSession(token=token):
                     self.in_flight["check"] += 1
                     self._later("check", token)
+                case CheckNetwork(token=token):
+                    self.in_flight["network_check"] += 1
+                    self._later("network_check", token)
+                case ApplyNetwork(network=network):
+                    assert self.tunnel is not None
+                    assert network != self.tunnel_network, "a change that changes nothing"
+                    self.in_flight["apply"] += 1
+                    self.apply_attempts += 1
+                    self._later("apply", network)
                 case Resolve():
                     self.in_flight["resolve"] += 1
                     self._later("resolve")
@@ -128,7 +150,7 @@ class World:
                     # answered by the dataplane where the name points now
                     if self.path_up and core.endpoint_address == self.resolves_to:
                         self._later("answer", self.tunnel, latency=0.01)
-        for kind in ("login", "rekey", "check", "resolve", "bring_up"):
+        for kind in ("login", "rekey", "check", "resolve", "bring_up", "network_check", "apply"):
             assert self.in_flight[kind] <= 1, f"two {kind}s in flight"
         # one session at the auth service at most: none is left behind
         assert len(self.sessions) <= 1, self.sessions
@@ -157,8 +179,11 @@ class World:
                     keys=keys(0, now),
                     tunnel_address="198.19.0.2/24",
                     gateway_tunnel_address="198.19.0.1",
-                    routes=["0.0.0.0/0"],
-                    dns_servers=[],
+                    routes=list(self.network.routes),
+                    dns_servers=list(self.network.dns_servers),
+                    search_domains=list(self.network.search_domains),
+                    match_domains=list(self.network.match_domains),
+                    network_digest=self.network.digest,
                     mtu=1420,
                     keepalive_seconds=KEEPALIVE,
                     key_lifetime_seconds=KEY_LIFETIME,
@@ -174,7 +199,8 @@ class World:
                 self.fatal_delivered |= live and not self.setup_error.retryable
                 core.handle_bring_up_result(now, self.setup_error)
             else:
-                self.tunnel = arg
+                self.tunnel = arg.token
+                self.tunnel_network = arg.network
                 core.handle_bring_up_result(now, self.resolves_to)
         elif kind == "rekey":
             if not self.auth_up:
@@ -187,13 +213,29 @@ class World:
             else:
                 self.rekeys.append(now)
                 self.sessions[arg] = now + KEY_EXPIRY
-                result = (keys(len(self.rekeys), now), now + KEY_EXPIRY)
+                result = RekeyAnswer(keys(len(self.rekeys), now), now + KEY_EXPIRY, self.network)
             core.handle_rekey_result(now, result)
         elif kind == "check":
             if not self.auth_up:
                 core.handle_session_check(now, ClientError("unreachable", retryable=True))
             else:
                 core.handle_session_check(now, arg in self.sessions)
+        elif kind == "network_check":
+            if not self.auth_up:
+                core.handle_network_check(now, ClientError("unreachable", retryable=True))
+            elif arg not in self.sessions:
+                core.handle_network_check(now, SessionGone())
+            else:
+                core.handle_network_check(now, self.network)
+        elif kind == "apply":
+            if self.apply_error is not None:
+                self.failed_networks.append(arg)
+                core.handle_network_applied(now, self.apply_error)
+            else:
+                if self.tunnel is not None:
+                    self.tunnel_network = arg
+                    self.applied.append(arg)
+                core.handle_network_applied(now, arg)
         elif kind == "resolve":
             core.handle_resolved(now, self.resolves_to)
 
@@ -237,6 +279,30 @@ class World:
 
 # -- random event sequences ----------------------------------------------------------------
 
+APPLY_FAILED = ClientError("network setup failed: ip route: boom", retryable=False)
+NETWORKS = [
+    PushedNetwork(routes=("0.0.0.0/0",), dns_servers=("198.18.2.53",)),
+    PushedNetwork(routes=("198.18.2.0/24",)),
+    PushedNetwork(
+        routes=("198.18.2.0/24", "198.18.3.0/24"),
+        dns_servers=("198.18.2.53",),
+        search_domains=("eng.example",),
+        match_domains=("eng.example", "corp.example"),
+    ),
+    PushedNetwork(routes=()),
+]
+
+
+def another_network(world: World) -> PushedNetwork:
+    """A network other than the auth service's current one, with a new digest."""
+    choices = [n for n in NETWORKS if n != world.network]
+    chosen = world.rng.choice(choices)
+    return PushedNetwork(
+        *(getattr(chosen, f) for f in ("routes", "dns_servers", "search_domains", "match_domains")),
+        digest=f"n{world.rng.random()}",
+    )
+
+
 RETRYABLE = ClientError("throttled", retryable=True)
 REFUSED = ClientError("login refused: wrong user name or password", retryable=False)
 SETUP_FAILED = ClientError("network setup failed: ip route: boom", retryable=False)
@@ -258,6 +324,9 @@ disturbances = st.sampled_from(
         "login_ok",
         "rekey_refused",
         "moved",
+        "network_changes",
+        "apply_fails",
+        "apply_ok",
         "stop",
     ]
 )
@@ -291,6 +360,12 @@ def disturb(world: World, what: str) -> None:
             world.rekey_error = ClientError("access revoked", retryable=False)
         case "moved":
             world.resolves_to = "198.18.1.2"
+        case "network_changes":
+            world.network = another_network(world)
+        case "apply_fails":
+            world.apply_error = APPLY_FAILED
+        case "apply_ok":
+            world.apply_error = None
         case "stop":
             core.stop(world.now)
 
@@ -298,9 +373,11 @@ def disturb(world: World, what: str) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.randoms(use_true_random=False), st.floats(0.0, 3.0), timeline)
 def test_random_event_sequences_keep_the_invariants(rng, max_latency, events):
-    """Whatever happens: one login, rekey, session check at a time; at most one
-    session held at the auth service (a failed setup, a moved dataplane, a stop log
-    out at once); timers bounded; a non-retryable error ends the run."""
+    """Whatever happens: one login, rekey, session check, network check and network
+    change at a time; at most one session held at the auth service (a failed setup,
+    a moved dataplane, a stop log out at once); timers bounded; a non-retryable
+    error ends the run; a tunnel up with the auth service answering has the auth
+    service's network (unless applying that one failed)."""
     world = World(rng, max_latency=max_latency, endpoint="vpn.example.test")
     for at, what in sorted(events, key=lambda event: event[0]):
         world.run_until(START + at)
@@ -314,6 +391,9 @@ def test_random_event_sequences_keep_the_invariants(rng, max_latency, events):
         assert core.get_timer() is None and world.tunnel is None
         assert not world.sessions  # logged out
         return
+    settled = world.auth_up and core.state in (S.UP, S.REKEYING)
+    if settled and world.network not in world.failed_networks:
+        assert world.tunnel_network == world.network
     core.stop(world.now)
     world.execute()
     assert world.tunnel is None and not world.sessions
@@ -423,3 +503,111 @@ def test_the_dataplane_asking_for_new_keys_rekeys_at_once():
     world.core.handle_rekey_wanted(asked)
     world.run_until(asked + 1, done=lambda: bool(world.rekeys))
     assert world.rekeys == [asked]
+
+
+# -- live network changes --------------------------------------------------------------
+
+
+def up_world(seed: int) -> World:
+    world = World(random.Random(seed))
+    world.run_until(START + 30, done=lambda: world.core.state is S.UP)
+    assert world.core.state is S.UP and world.tunnel_network == world.network
+    return world
+
+
+def test_a_changed_network_reaches_the_live_tunnel_at_the_next_check():
+    world = up_world(10)
+    new = PushedNetwork(
+        routes=("198.18.2.0/24",),
+        dns_servers=("198.18.2.53",),
+        match_domains=("eng.example",),
+        digest="n1",
+    )
+    world.network = new
+    world.run_until(world.now + NETWORK_CHECK_SECONDS + 1)
+    assert world.applied == [new] and world.tunnel_network == new
+    assert world.core.network == new
+    # on the same tunnel and session: nothing torn down, no new login
+    assert world.teardowns == 0 and world.logins == 1 and world.core.state is S.UP
+    world.run_until(world.now + 5 * NETWORK_CHECK_SECONDS)
+    assert world.applied == [new]  # unchanged since: nothing more to apply
+
+
+def test_an_unchanged_network_is_never_applied_again():
+    world = up_world(11)
+    world.run_until(world.now + 10 * NETWORK_CHECK_SECONDS)
+    assert world.apply_attempts == 0
+    # a new digest for the same content changes nothing on the host either
+    world.network = PushedNetwork(world.network.routes, digest="renamed")
+    world.run_until(world.now + 2 * NETWORK_CHECK_SECONDS)
+    assert world.apply_attempts == 0
+
+
+def test_a_rekey_answer_brings_a_change_at_once():
+    world = up_world(12)
+    world.run_until(world.now + 1)
+    world.network = new = PushedNetwork(routes=("198.18.3.0/24",), digest="n2")
+    world.core.request_rekey()
+    asked = world.now
+    world.run_until(asked + 1, done=lambda: bool(world.applied))
+    assert world.applied == [new] and world.now - asked < 1
+    assert world.teardowns == 0
+
+
+def test_the_network_is_checked_about_every_period_while_up():
+    world = up_world(13)
+    checks = []
+    original = world._complete
+
+    def complete(kind, arg):
+        if kind == "network_check":
+            checks.append(world.now)
+        original(kind, arg)
+
+    world._complete = complete
+    world.run_until(world.now + 20 * NETWORK_CHECK_SECONDS)
+    gaps = [b - a for a, b in itertools.pairwise(checks)]
+    assert len(checks) >= 19
+    assert all(0.75 * NETWORK_CHECK_SECONDS <= gap <= NETWORK_CHECK_SECONDS for gap in gaps)
+
+
+def test_a_failed_change_is_logged_and_not_retried_until_another_comes():
+    world = up_world(14)
+    before = world.tunnel_network
+    world.apply_error = APPLY_FAILED
+    world.network = first = PushedNetwork(routes=("198.18.2.0/24",), digest="n3")
+    world.run_until(world.now + 4 * NETWORK_CHECK_SECONDS)
+    assert world.apply_attempts == 1 and world.failed_networks == [first]
+    assert world.tunnel_network == before and world.core.state is S.UP  # the tunnel stays
+    assert "network change not applied" in world.core.last_error
+    world.apply_error = None
+    world.network = second = PushedNetwork(routes=("198.18.3.0/24",), digest="n4")
+    world.run_until(world.now + NETWORK_CHECK_SECONDS + 1)
+    assert world.applied == [second] and world.core.network == second
+
+
+def test_a_session_the_check_finds_gone_means_a_new_login():
+    world = up_world(15)
+    world.sessions.clear()  # ended at the auth service; the dataplane still answers
+    world.run_until(world.now + NETWORK_CHECK_SECONDS + 1, done=lambda: world.logins == 2)
+    assert world.logins == 2
+    world.run_until(world.now + 30, done=lambda: world.core.state is S.UP)
+    assert world.core.state is S.UP
+
+
+def test_a_revocation_the_check_finds_ends_the_run():
+    world = up_world(16)
+    revoked = ClientError("access revoked by the administrator", retryable=False)
+    original = world._complete
+
+    def complete(kind, arg):
+        if kind == "network_check":
+            world.in_flight[kind] -= 1
+            world.core.handle_network_check(world.now, revoked)
+        else:
+            original(kind, arg)
+
+    world._complete = complete
+    world.run_until(world.now + NETWORK_CHECK_SECONDS + 1)
+    assert world.core.failure is revoked and world.core.state is S.DISCONNECTED
+    assert world.tunnel is None

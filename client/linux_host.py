@@ -1,5 +1,6 @@
 """The client on Linux: /dev/net/tun, `ip` and `resolvectl` (see client/host.py)."""
 
+import ipaddress
 import json
 import logging
 import os
@@ -9,7 +10,9 @@ import subprocess
 
 from pushgate_io.tun_linux import LinuxTun
 
+from . import killswitch_linux as killswitch
 from .auth import ClientError, ClientSession
+from .killswitch_linux import Endpoint, FirewallPolicy
 from .netplan import parse_route_get, plan_network
 
 log = logging.getLogger("pushgate.client")
@@ -36,9 +39,132 @@ def underlay_route(gateway_ip: str):
     return parse_route_get(json.loads(result.stdout))
 
 
+# Undo steps a status file may hold (it is trusted only when root's: client/status.py;
+# this is a second fence): `ip` on routes, addresses and links, and `resolvectl`.
+# Never `ip netns exec` or anything else that runs a program.
+_UNDO_COMMANDS = (("ip", "route"), ("ip", "-6", "route"), ("ip", "address"), ("ip", "link"))
+
+
+def undo_step_allowed(step) -> bool:
+    if not isinstance(step, (list, tuple)) or not all(isinstance(a, str) for a in step):
+        return False
+    step = tuple(step)
+    return step[:1] == ("resolvectl",) or any(step[: len(p)] == p for p in _UNDO_COMMANDS)
+
+
+def full_tunnel(routes: list[str]) -> bool:
+    return any(ipaddress.ip_network(route, strict=False).prefixlen == 0 for route in routes)
+
+
+def firewall_policy(
+    tun_name: str,
+    *,
+    lockdown: bool | None,
+    allow_lan: bool,
+    endpoints,
+    is_full_tunnel: bool,
+    engaged: bool,
+) -> FirewallPolicy:
+    """What the table must hold (pure). `lockdown` None is the default: on for a full
+    tunnel, and once on it stays on (`engaged`) until disconnect. A full tunnel always
+    blocks IPv6 (not carried yet) and DNS outside the tunnel, kill switch or not."""
+    on = lockdown if lockdown is not None else (is_full_tunnel or engaged)
+    return FirewallPolicy(
+        tun_name,
+        endpoints=tuple(sorted(set(endpoints))),
+        lockdown=on,
+        block_ipv6=is_full_tunnel,
+        block_outside_dns=is_full_tunnel,
+        allow_lan=allow_lan,
+    )
+
+
 class LinuxHost:
     status_dir = "/run/pushgate"
     loop_factory = None
+
+    def __init__(self) -> None:
+        # The kill switch (client/killswitch_linux.py): None = on for a full tunnel.
+        self.lockdown: bool | None = None
+        self.allow_lan = False
+        # Set by an explicit stop (SIGINT, SIGTERM from `disconnect`): the teardown
+        # that follows removes the table. A reconnect, a re-login or a crash never do.
+        self.stop_requested = False
+        self._gateway: dict[str, set[Endpoint]] = {}  # the auth service (lock_down)
+        self._dataplane: dict[str, Endpoint] = {}  # the session's (configure)
+        self._policies: dict[str, FirewallPolicy] = {}  # as installed, per TUN
+
+    # -- the kill switch ---------------------------------------------------------------
+
+    def lock_down(self, tun_name: str, endpoints: list[tuple[str, int, str]]) -> None:
+        """The auth service's endpoints known now (address, port, tcp), replacing the
+        ones given before; the table is (re)loaded with them when it is on: asked for
+        (`lockdown` True) or left on by an earlier session of this TUN."""
+        self._gateway[tun_name] = {Endpoint(*endpoint) for endpoint in endpoints}
+        current = self._policies.get(tun_name)
+        if current is None and self.lockdown is None and killswitch.installed(tun_name):
+            current = FirewallPolicy(tun_name, lockdown=True)  # left by a crashed client
+        self._update_firewall(
+            tun_name,
+            is_full_tunnel=bool(current and current.block_ipv6),
+            engaged=bool(current and current.lockdown),
+        )
+
+    def _update_firewall(self, tun_name: str, *, is_full_tunnel: bool, engaged: bool) -> None:
+        endpoints = set(self._gateway.get(tun_name, ()))
+        if tun_name in self._dataplane:
+            endpoints.add(self._dataplane[tun_name])
+        policy = firewall_policy(
+            tun_name,
+            lockdown=self.lockdown,
+            allow_lan=self.allow_lan,
+            endpoints=endpoints,
+            is_full_tunnel=is_full_tunnel,
+            engaged=engaged,
+        )
+        if policy == self._policies.get(tun_name):
+            return
+        if policy.empty and tun_name not in self._policies and self.lockdown is None:
+            return  # nothing asked for, nothing there
+        try:
+            killswitch.install(policy)
+        except OSError as error:
+            raise ClientError(
+                f"cannot install the firewall table (kill switch, IPv6, DNS): {error}",
+                retryable=False,
+            ) from None
+        self._policies[tun_name] = policy
+        log.info("firewall %s: %s", killswitch.table_name(tun_name), killswitch.describe(policy))
+
+    def _firewall_for_session(self, tun_name: str, info: ClientSession) -> None:
+        """Before the session's routes: the table lets its dataplane through and, in a
+        full tunnel, blocks IPv6 and DNS outside the tunnel (all outside it with the
+        kill switch). From here on nothing leaks, whatever fails next."""
+        address, port = info.endpoint
+        self._dataplane[tun_name] = Endpoint(address, port, "udp")
+        current = self._policies.get(tun_name)
+        self._update_firewall(
+            tun_name,
+            is_full_tunnel=full_tunnel(info.routes),
+            engaged=bool(current and current.lockdown),
+        )
+
+    def release(self, tun_name: str) -> None:
+        """Disconnect: remove the table of `tun_name` (also one a crashed client left)."""
+        try:
+            removed = killswitch.remove(tun_name)
+        except OSError as error:
+            raise ClientError(f"cannot remove the kill switch: {error}", retryable=False) from None
+        self._policies.pop(tun_name, None)
+        self._gateway.pop(tun_name, None)
+        self._dataplane.pop(tun_name, None)
+        if removed:
+            log.info("removed the firewall table %s", killswitch.table_name(tun_name))
+
+    def lockdown_engaged(self, tun_name: str) -> bool:
+        """True while the kill switch of `tun_name` is loaded."""
+        policy = self._policies.get(tun_name)
+        return bool(policy and not policy.empty)
 
     def check_privileges(self) -> None:
         # Opening /dev/net/tun says it clearly enough, and a non-root user with
@@ -52,6 +178,7 @@ class LinuxHost:
             raise ClientError(f"cannot create TUN {name}: {error}", retryable=False) from None
 
     def configure(self, tun, info: ClientSession) -> list[list[str]]:
+        self._firewall_for_session(tun.name, info)
         endpoint_ip = info.endpoint[0]
         plan = plan_network(
             tun_name=tun.name,
@@ -76,7 +203,13 @@ class LinuxHost:
         return [list(command) for command in plan.undo]
 
     def unconfigure(self, undo: list[list[str]]) -> None:
-        run_commands([tuple(command) for command in undo], check=False)
+        steps = [tuple(step) for step in undo if undo_step_allowed(step)]
+        if len(steps) != len(undo):
+            log.warning("ignoring %d undo steps that are not ours", len(undo) - len(steps))
+        run_commands(steps, check=False)
+        if self.stop_requested:
+            for tun_name in list(self._policies):
+                self.release(tun_name)
 
     def process_alive(self, pid: int) -> bool:
         """True while `pid` runs (an exited child its parent has not reaped yet is not)."""
@@ -88,8 +221,12 @@ class LinuxHost:
         return state not in ("Z", "X")
 
     def install_stop_handlers(self, loop, connection) -> None:
+        def stop() -> None:
+            self.stop_requested = True  # an explicit stop: the kill switch may go
+            connection.stop()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, connection.stop)
+            loop.add_signal_handler(signum, stop)
         loop.add_signal_handler(signal.SIGUSR1, connection.request_rebind)
         loop.add_signal_handler(signal.SIGUSR2, connection.request_rekey)
 

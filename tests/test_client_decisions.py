@@ -29,6 +29,7 @@ from client.core import (
     Rekey,
     Resolve,
     SendKeepalive,
+    Suspend,
     TearDown,
 )
 from client.state import ClientState as S
@@ -62,6 +63,8 @@ class World:
         self.pending: list[tuple[float, int, str, object]] = []  # (ready, seq, kind, arg)
         self.in_flight: Counter[str] = Counter()
         self.tunnel: str | None = None  # token of the session the tunnel is up for
+        self.tun_exists = False  # the TUN and its network (also held across a re-login)
+        self.tun_builds = 0  # TUNs created (a re-login must not need a new one)
         self.logins = 0
         self.rekeys: list[float] = []
         self.logged_out: list[str] = []
@@ -102,10 +105,16 @@ class World:
                     self._later("login")
                 case BringUp(session=session):
                     assert self.tunnel is None, "a second tunnel"
+                    assert self.tun_exists == core.tunnel_held
                     self.in_flight["bring_up"] += 1
                     self._later("bring_up", session.token)
                 case TearDown():
-                    assert self.tunnel is not None
+                    # make before break: the TUN goes only when the run ends
+                    assert core.state is S.DISCONNECTED, "TUN torn down while running"
+                    self.tunnel = None
+                    self.tun_exists = False
+                case Suspend():
+                    assert self.tunnel is not None and self.tun_exists
                     self.tunnel = None
                 case Logout(token=token):
                     self.sessions.pop(token, None)
@@ -171,10 +180,14 @@ class World:
             core.handle_login_result(now, result)
         elif kind == "bring_up":
             if self.setup_error is not None:
+                self.tun_exists = False  # the owner undoes everything, a held TUN too
                 self.fatal_delivered |= live and not self.setup_error.retryable
                 core.handle_bring_up_result(now, self.setup_error)
             else:
                 self.tunnel = arg
+                if not self.tun_exists:
+                    self.tun_builds += 1
+                self.tun_exists = True
                 core.handle_bring_up_result(now, self.resolves_to)
         elif kind == "rekey":
             if not self.auth_up:
@@ -311,12 +324,12 @@ def test_random_event_sequences_keep_the_invariants(rng, max_latency, events):
     if world.fatal_delivered:
         assert core.failure is not None and core.state is S.DISCONNECTED
     if core.failure is not None or core.state is S.DISCONNECTED:
-        assert core.get_timer() is None and world.tunnel is None
+        assert core.get_timer() is None and world.tunnel is None and not world.tun_exists
         assert not world.sessions  # logged out
         return
     core.stop(world.now)
     world.execute()
-    assert world.tunnel is None and not world.sessions
+    assert world.tunnel is None and not world.tun_exists and not world.sessions
 
 
 @settings(max_examples=200, deadline=None)

@@ -218,16 +218,22 @@ def test_nothing_leaves_outside_the_tunnel_until_disconnect(lab):
     held = client.address()  # make before break: the TUN and its address stay
     wait_for(lambda: gw.status(0).get("state") == "up", THROTTLE_SECONDS + 40, what="up again")
     said = log_since(gw, seen)
-    assert "held while logging in again" in said and "kept: same address" in said, said
-    assert held == address
-    assert client.address() == address  # the auth service gave alice her address back
+    kept = {
+        "TUN and address held": held == address and "held while logging in again" in said,
+        "TUN reused": "kept: same address" in said,
+        "same address again": client.address() == address,  # the auth service's doing
+    }
     assert client.run("ping", "-c", "1", "-W", "2", LAN_HOST, check=False).returncode == 0
 
     # 3. kill -9 of the client: its TUN and routes vanish, the kill switch does not.
     gw.kill(gw.client_processes.pop(0))
     assert client.address() is None
     leaks["client killed"] = client.leaked()
-    assert leaks == {"dataplane killed": 0, "re-login throttled": 0, "client killed": 0}
+    # All at once, so that a failure shows every phase (each fails on main's code).
+    assert (leaks, kept) == (
+        {"dataplane killed": 0, "re-login throttled": 0, "client killed": 0},
+        {"TUN and address held": True, "TUN reused": True, "same address again": True},
+    )
 
     # 4. `disconnect` cleans up after the crashed client: DNS and IPv6 work again.
     result = client.run(*gw.client_command(0), "disconnect")

@@ -179,6 +179,7 @@ class LinuxHost:
 
     def configure(self, tun, info: ClientSession) -> list[list[str]]:
         self._firewall_for_session(tun.name, info)
+        around = self._route_auth_around(tun.name, info)
         endpoint_ip = info.endpoint[0]
         plan = plan_network(
             tun_name=tun.name,
@@ -194,13 +195,33 @@ class LinuxHost:
             run_commands(plan.apply, check=True)
         except ClientError:
             run_commands(plan.undo, check=False)
+            run_commands([tuple(step) for step in around], check=False)
             raise
         if info.dns_servers and not plan.dns_applied:
             log.warning(
                 "pushed DNS %s not applied: resolvectl is not available",
                 ", ".join(info.dns_servers),
             )
-        return [list(command) for command in plan.undo]
+        return [list(command) for command in plan.undo] + around
+
+    def _route_auth_around(self, tun_name: str, info: ClientSession) -> list[list[str]]:
+        """Full tunnel: a host route through the original path to each auth service
+        address that is not the dataplane's (that one the plan routes around), so a
+        re-login while the TUN is held (make before break) never goes into the dead
+        tunnel. Returns its undo steps."""
+        if not full_tunnel(info.routes):
+            return []
+        undo = []
+        for endpoint in sorted(self._gateway.get(tun_name, ())):
+            address = ipaddress.ip_address(endpoint.address)
+            if endpoint.address == info.endpoint[0]:
+                continue
+            host = f"{address}/{address.max_prefixlen}"
+            path = underlay_route(endpoint.address)
+            step = ("ip", "route", "replace", host, "dev", path.dev)
+            run_commands([step + (("via", path.via) if path.via else ())], check=True)
+            undo.append(["ip", "route", "del", host, "dev", path.dev])
+        return undo
 
     def unconfigure(self, undo: list[list[str]]) -> None:
         steps = [tuple(step) for step in undo if undo_step_allowed(step)]

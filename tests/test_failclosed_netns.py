@@ -151,6 +151,8 @@ def lab(tmp_path):
         text = text.replace(
             "failure_delay_seconds = 1.0", f"failure_delay_seconds = {THROTTLE_SECONDS}.0"
         )
+        # Also on LAN_RESOLVER: an auth service whose address is not the dataplane's.
+        text = text.replace(f'listen = "{GATEWAY}:{AUTH_PORT}"', f'listen = "0.0.0.0:{AUTH_PORT}"')
         Path(gw.config).write_text(text)
         gw.add_user("alice")
         ns = gw.clients[0]
@@ -240,4 +242,33 @@ def test_nothing_leaves_outside_the_tunnel_until_disconnect(lab):
     assert "cleaned up after a client that had exited" in result.stdout
     assert client.run("nft", "list", "tables").stdout.strip() == "table inet fclwatch"
     assert re.search(r"\S", client.run("ip", "route", "show", f"{GATEWAY}/32").stdout) is None
+    assert works <= client.probe()
+
+
+def test_without_the_kill_switch_a_full_tunnel_still_blocks_ipv6_and_dns(lab):
+    """--no-lockdown: IPv4 is left to the routes, but IPv6 and DNS outside the tunnel
+    are still dropped. The auth service is reached at an address that is not the
+    dataplane's: it gets its own route around the tunnel."""
+    client, gw = lab, lab.gw
+    gw.client_processes[0] = gw.lab.start(
+        gw.clients[0],
+        [
+            *gw.client_command(0),
+            *("connect", "--server", f"{LAN_RESOLVER}:{AUTH_PORT}", "--server-name", GATEWAY),
+            *("--ca", gw.ca, "--user", "alice", "--password-file", gw.password_file),
+            "--no-lockdown",
+        ],
+        stdout=open(Path(gw.workdir, "client0.log"), "a"),  # noqa: SIM115 (the child keeps it)
+        stderr=subprocess.STDOUT,
+    )
+    wait_for(lambda: gw.status(0).get("state") == "up", 30, what="up")
+    around = client.run("ip", "route", "show", f"{LAN_RESOLVER}/32").stdout
+    assert f"{LAN_RESOLVER} dev" in around  # the auth service, around the tunnel
+    answered = client.probe()
+    assert not answered & {f"{GATEWAY}:53", f"{GATEWAY6}:53", f"{LAN_RESOLVER}:53", "ping6"}
+    tables = client.run("nft", "list", "table", "inet", "pushgate_pgc0").stdout
+    assert "chain input" not in tables and "meta nfproto ipv6" in tables  # no kill switch
+    gw.disconnect(0)
+    assert client.run("ip", "route", "show", f"{LAN_RESOLVER}/32").stdout.strip() == ""
+    works = {f"{GATEWAY}:53", f"{GATEWAY6}:53", f"{LAN_RESOLVER}:53", "ping6"}
     assert works <= client.probe()

@@ -7,6 +7,7 @@ The rule sets are also loaded into the kernel here (`nft --check`, in a namespac
 our own when root), and tests/test_failclosed_netns.py runs them against real
 traffic."""
 
+import dataclasses
 import os
 import random
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import pytest
 
 from client.auth import ClientError, SessionGone
+from client.connection import same_network
 from client.core import Login, Rekey, Suspend, TearDown
 from client.killswitch_linux import (
     Endpoint,
@@ -241,3 +243,42 @@ def test_only_stop_and_failure_tear_the_tunnel_down():
     assert TearDown() not in core.actions() and core.tunnel_held
     core.stop(world.now)
     assert TearDown() in core.actions() and not core.tunnel_held
+
+
+def test_a_held_tunnel_is_reused_only_for_the_same_network():
+    world = up_world()
+    old = world.core.session
+    same = dataclasses.replace(old, session_id=old.session_id + 1, token="new")
+    assert same_network(old, same)
+    for change in (
+        {"tunnel_address": "198.19.0.3/24"},
+        {"routes": ["198.18.2.0/24"]},
+        {"dns_servers": ["198.18.2.53"]},
+        {"endpoint": ("198.18.1.9", 51820)},
+        {"mtu": 1380},
+    ):
+        assert not same_network(old, dataclasses.replace(old, **change)), change
+    assert not same_network(None, old)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_disconnect_as_root_runs_nothing_from_a_planted_status_file(tmp_path, capsys):
+    """`--status-dir` pointing at a file another user wrote: refused, its undo steps
+    never run; one of ours with foreign undo steps: those are skipped."""
+    from client import cli
+
+    marker = tmp_path / "ran"
+    planted = status()
+    planted.pid = 2**22 + 1  # beyond pid_max: no such process
+    planted.undo = [["sh", "-c", f"touch {marker}"]]
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o755)
+    path = directory / "client-pgc9.json"
+    write_status(str(path), planted)
+    os.chown(path, 65534, 65534)
+    argv = ["--tun", "pgc9", "--status-dir", str(directory), "disconnect"]
+    assert cli.main(argv) == 2
+    assert "refusing the status file" in capsys.readouterr().err
+    os.chown(path, 0, 0)
+    assert cli.main(argv) == 0  # ours: cleaned up, but the foreign step is not run
+    assert not marker.exists() and not path.exists()

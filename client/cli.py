@@ -41,19 +41,23 @@ def _read_trusted(path: str):
         raise ClientError(f"refusing the status file: {error}", retryable=False) from None
 
 
-def _cleanup_stale(host: ClientHost, path: str) -> None:
+def _cleanup_stale(host: ClientHost, path: str) -> dict[str, str]:
     """Undo what a crashed client left behind (its TUN vanished with it); its kill
-    switch stays (a new `connect` replaces it, `disconnect` removes it)."""
+    switch stays (a new `connect` replaces it, `disconnect` removes it). Returns the
+    addresses it had resolved (the kill switch blocks lookups until a tunnel is up)."""
     try:
         stale = _read_trusted(path)
     except (OSError, ValueError, TypeError):
-        return
+        return {}
     if host.process_alive(stale.pid):
         raise ClientError(
             f"a client (pid {stale.pid}) already runs on {stale.tun_name}", retryable=False
         )
     host.unconfigure(stale.undo)
     os.unlink(path)
+    if not isinstance(stale.resolved, dict):
+        return {}
+    return {k: v for k, v in stale.resolved.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 async def _connect(host: ClientHost, options: ConnectOptions) -> None:
@@ -88,7 +92,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
     host = current_host()
     host.check_privileges()  # before asking for a password
     path = _status_path(host, args)
-    _cleanup_stale(host, path)
+    known = _cleanup_stale(host, path)
     _set_lockdown(host, args)
     options = ConnectOptions(
         server=args.server,
@@ -99,6 +103,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
         server_name=args.server_name,
         status_path=path,
         dead_after_seconds=args.dead_after,
+        known_addresses=known,
     )
     with asyncio.Runner(loop_factory=host.loop_factory) as runner:
         runner.run(_connect(host, options))

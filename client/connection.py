@@ -61,6 +61,9 @@ class ConnectOptions:
     server_name: str | None = None
     status_path: str | None = None
     dead_after_seconds: float | None = None  # default: 2 keepalives + 5 s
+    # host -> address found by an earlier client (its status file): used when a
+    # lookup fails, as while a kill switch it left blocks them
+    known_addresses: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def split_host_port(target: str) -> tuple[str, int]:
@@ -117,8 +120,8 @@ class Connection:
         self.core = ClientCore(dead_after_seconds=options.dead_after_seconds)
         self.auth: AuthClient | None = None  # opened by the first login
         self._auth_target = ""
-        self._auth_address = ""  # the auth service's address, as last resolved
-        self._resolved: dict[str, str] = {}  # the dataplane's host -> its last address
+        # host name -> its address as last resolved (auth service, dataplane)
+        self._resolved: dict[str, str] = dict(options.known_addresses)
         self.session_info: ClientSession | None = None  # as brought up (resolved endpoint)
         self.datapath: Datapath | None = None
         self.tun: TunDevice | None = None
@@ -282,16 +285,7 @@ class Connection:
     async def _login(self) -> ClientSession:
         """One connection attempt's login: the auth service's host resolved now."""
         host, port = split_host_port(self.options.server)
-        try:
-            address = await resolve(host)
-        except ClientError as error:
-            # With the kill switch on and the tunnel down no lookup gets out: the
-            # address we had is the one to try (as a failed re-resolve keeps it).
-            if not self._auth_address:
-                raise
-            log.info("%s; trying %s again", error, self._auth_address)
-            address = self._auth_address
-        self._auth_address = address
+        address = await self._resolve(host)
         lock_down = getattr(self.host, "lock_down", None)  # the kill switch lets it out
         if lock_down is not None:
             lock_down(self.options.tun_name, [(address, port, "tcp")])
@@ -305,6 +299,21 @@ class Connection:
             self._auth_target = target
         return await self.auth.login(self.options.username, self.options.password)
 
+    async def _resolve(self, host: str) -> str:
+        """`host`'s address now; when the lookup fails, the one found before: with the
+        kill switch on and the tunnel down no lookup gets out (as a failed re-resolve
+        after a dead path keeps the address)."""
+        try:
+            address = await resolve(host)
+        except ClientError as error:
+            if host not in self._resolved:
+                raise
+            log.info("%s; using %s as before", error, self._resolved[host])
+            return self._resolved[host]
+        if address != host:
+            self._resolved[host] = address
+        return address
+
     async def _bring_up(self, info: ClientSession) -> str:
         """TUN, network and datapath for `info`, the dataplane's host resolved now;
         returns the address used. On failure undoes what it did (a held TUN too).
@@ -313,13 +322,10 @@ class Connection:
         address): only the datapath is new; else it is rebuilt."""
         host, port = info.endpoint
         try:
-            address = await resolve(host)
+            address = await self._resolve(host)
         except ClientError:
-            if host not in self._resolved:
-                self._teardown()
-                raise
-            address = self._resolved[host]  # no lookup gets out (kill switch): keep it
-        self._resolved[host] = address
+            self._teardown()
+            raise
         info = dataclasses.replace(info, endpoint=(address, port))
         held = self.tun is not None and self.datapath is None
         if not (held and same_network(self.session_info, info)):
@@ -428,6 +434,7 @@ class Connection:
             status.drops = {reason.value: n for reason, n in datapath.drops.items()}
         if self.undo is not None:
             status.undo = self.undo
+        status.resolved = dict(self._resolved)
         return status
 
     def _write_status(self) -> None:

@@ -98,12 +98,16 @@ class LinuxHost:
 
     def lock_down(self, tun_name: str, endpoints: list[tuple[str, int, str]]) -> None:
         """The auth service's endpoints known now (address, port, tcp), replacing the
-        ones given before; the table is (re)loaded with them when it is on: asked for
-        (`lockdown` True) or left on by an earlier session of this TUN."""
+        ones given before. A table already loaded (by an earlier session of this TUN,
+        or left by a crashed client) is reloaded with them; a new one is loaded by
+        `configure`, once the dataplane's host is resolved too (with the kill switch
+        on, no lookup leaves outside the tunnel)."""
         self._gateway[tun_name] = {Endpoint(*endpoint) for endpoint in endpoints}
         current = self._policies.get(tun_name)
-        if current is None and self.lockdown is None and killswitch.installed(tun_name):
+        if current is None and killswitch.installed(tun_name):
             current = FirewallPolicy(tun_name, lockdown=True)  # left by a crashed client
+        if current is None or current.empty:
+            return
         self._update_firewall(
             tun_name,
             is_full_tunnel=bool(current and current.block_ipv6),

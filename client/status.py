@@ -35,6 +35,9 @@ class ClientStatus:
     last_error: str = ""
     drops: dict[str, int] = field(default_factory=dict)
     undo: list[list[str]] = field(default_factory=list)  # to clean up after a crash
+    # host name -> address as last resolved (auth service, dataplane): a client started
+    # after a crash uses them while the kill switch the dead one left blocks lookups
+    resolved: dict[str, str] = field(default_factory=dict)
     updated_at: float = 0.0
 
 

@@ -237,6 +237,13 @@ def test_nothing_leaves_outside_the_tunnel_until_disconnect(lab):
         {"TUN and address held": True, "TUN reused": True, "same address again": True},
     )
 
+    # A new client takes over the table the dead one left (and its stale route).
+    gw.connect(0, "alice", "--dead-after", "3")  # (the dead one's session holds its address)
+    assert client.address() is not None
+    assert client.run("ping", "-c", "1", "-W", "2", LAN_HOST, check=False).returncode == 0
+    gw.kill(gw.client_processes.pop(0))
+    assert client.leaked() == 0
+
     # 4. `disconnect` cleans up after the crashed client: DNS and IPv6 work again.
     result = client.run(*gw.client_command(0), "disconnect")
     assert "cleaned up after a client that had exited" in result.stdout

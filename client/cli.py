@@ -14,7 +14,7 @@ from . import profile
 from .auth import ClientError
 from .connection import Connection, ConnectOptions
 from .host import ClientHost, current_host
-from .status import format_status, read_status, status_path
+from .status import UntrustedStatusFile, format_status, read_status, status_path
 
 PASSWORD_ENV = "PUSHGATE_PASSWORD"
 
@@ -33,18 +33,31 @@ def _password(args: argparse.Namespace) -> str:
     return getpass.getpass(f"password for {args.user}: ")
 
 
-def _cleanup_stale(host: ClientHost, path: str) -> None:
-    """Undo what a crashed client left behind (its TUN vanished with it)."""
+def _read_trusted(path: str):
+    """The status file, or ClientError when it is not root's (see client/status.py)."""
     try:
-        stale = read_status(path)
+        return read_status(path)
+    except UntrustedStatusFile as error:
+        raise ClientError(f"refusing the status file: {error}", retryable=False) from None
+
+
+def _cleanup_stale(host: ClientHost, path: str) -> dict[str, str]:
+    """Undo what a crashed client left behind (its TUN vanished with it); its kill
+    switch stays (a new `connect` replaces it, `disconnect` removes it). Returns the
+    addresses it had resolved (the kill switch blocks lookups until a tunnel is up)."""
+    try:
+        stale = _read_trusted(path)
     except (OSError, ValueError, TypeError):
-        return
+        return {}
     if host.process_alive(stale.pid):
         raise ClientError(
             f"a client (pid {stale.pid}) already runs on {stale.tun_name}", retryable=False
         )
     host.unconfigure(stale.undo)
     os.unlink(path)
+    if not isinstance(stale.resolved, dict):
+        return {}
+    return {k: v for k, v in stale.resolved.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 async def _connect(host: ClientHost, options: ConnectOptions) -> None:
@@ -79,7 +92,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
     host = current_host()
     host.check_privileges()  # before asking for a password
     path = _status_path(host, args)
-    _cleanup_stale(host, path)
+    known = _cleanup_stale(host, path)
+    _set_lockdown(host, args)
     options = ConnectOptions(
         server=args.server,
         ca_path=args.ca,
@@ -89,10 +103,27 @@ def cmd_connect(args: argparse.Namespace) -> int:
         server_name=args.server_name,
         status_path=path,
         dead_after_seconds=args.dead_after,
+        known_addresses=known,
     )
     with asyncio.Runner(loop_factory=host.loop_factory) as runner:
         runner.run(_connect(host, options))
     return 0
+
+
+def _set_lockdown(host: ClientHost, args: argparse.Namespace) -> None:
+    """--lockdown/--no-lockdown (default: on for a full tunnel) and --allow-lan."""
+    if hasattr(host, "lockdown"):
+        host.lockdown = args.lockdown
+        host.allow_lan = args.allow_lan
+    elif args.lockdown:
+        raise ClientError("this system's client has no kill switch", retryable=False)
+
+
+def _release(host: ClientHost, tun_name: str) -> None:
+    release = getattr(host, "release", None)
+    if release is not None:
+        host.stop_requested = True
+        release(tun_name)  # the kill switch, also a crashed client's
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -100,7 +131,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     path = _status_path(host, args)
     while True:
         try:
-            status = read_status(path)
+            status = _read_trusted(path)
         except FileNotFoundError:
             print(f"not connected (no client on {args.tun})")
             return 1
@@ -118,12 +149,14 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
     host.check_privileges()  # stopping a client and undoing routes need them too
     path = _status_path(host, args)
     try:
-        status = read_status(path)
+        status = _read_trusted(path)
     except FileNotFoundError:
+        _release(host, args.tun)
         print(f"not connected (no client on {args.tun})")
         return 1
     if not host.process_alive(status.pid):
         _cleanup_stale(host, path)
+        _release(host, args.tun)
         print("cleaned up after a client that had exited")
         return 0
     graceful = host.request_stop(status.pid)
@@ -135,6 +168,7 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
         return 1
     if not graceful:
         _cleanup_stale(host, path)  # it was ended without undoing its routes
+    _release(host, args.tun)  # done by the client already, unless it could not
     print("disconnected")
     return 0
 
@@ -166,6 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     connect.add_argument("--server-name", help="TLS name to verify, if not the --server host")
     connect.add_argument("--dead-after", type=float, help="seconds of silence = server lost")
+    connect.add_argument(
+        "--lockdown",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="kill switch: nothing but the gateway leaves outside the tunnel, across"
+        " reconnects, re-logins and a crash, until `disconnect` (default: on for a full"
+        " tunnel; --no-lockdown: off)",
+    )
+    connect.add_argument(
+        "--allow-lan",
+        action="store_true",
+        help="with the kill switch: the local network (private, link-local and local"
+        " multicast ranges) stays reachable, except DNS",
+    )
     connect.set_defaults(func=cmd_connect)
     status = commands.add_parser("status", help="show the running client's state")
     status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every N s")

@@ -35,6 +35,7 @@ from .core import (
     Rekey,
     Resolve,
     SendKeepalive,
+    Suspend,
     TearDown,
     is_address,
 )
@@ -62,6 +63,9 @@ class ConnectOptions:
     server_name: str | None = None
     status_path: str | None = None
     dead_after_seconds: float | None = None  # default: 2 keepalives + 5 s
+    # host -> address found by an earlier client (its status file): used when a
+    # lookup fails, as while a kill switch it left blocks them
+    known_addresses: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def split_host_port(target: str) -> tuple[str, int]:
@@ -74,6 +78,23 @@ def split_host_port(target: str) -> tuple[str, int]:
 
 def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def same_network(old: ClientSession | None, new: ClientSession) -> bool:
+    """True when a TUN configured for `old` serves `new` as it is: same address,
+    MTU, routes, DNS and dataplane endpoint (its route around the tunnel)."""
+    if old is None:
+        return False
+    fields = (
+        "tunnel_address",
+        "mtu",
+        "routes",
+        "dns_servers",
+        "search_domains",
+        "match_domains",
+        "endpoint",
+    )
+    return all(getattr(old, name, None) == getattr(new, name, None) for name in fields)
 
 
 async def resolve(host: str) -> str:
@@ -101,6 +122,8 @@ class Connection:
         self.core = ClientCore(dead_after_seconds=options.dead_after_seconds)
         self.auth: AuthClient | None = None  # opened by the first login
         self._auth_target = ""
+        # host name -> its address as last resolved (auth service, dataplane)
+        self._resolved: dict[str, str] = dict(options.known_addresses)
         self.session_info: ClientSession | None = None  # as brought up (resolved endpoint)
         self.datapath: Datapath | None = None
         self.tun: TunDevice | None = None
@@ -164,6 +187,7 @@ class Connection:
                 core.stop(self.clock())
             self._execute(core.actions())
             self._teardown()  # also what a bring-up cancelled half-way left
+            self._release_if_stopped()
             if self._logouts:
                 await asyncio.wait(self._logouts)
             self._write_status()
@@ -218,6 +242,8 @@ class Connection:
                     self._spawn(self._bring_up(session), core.handle_bring_up_result)
                 case TearDown():
                     self._teardown()
+                case Suspend():
+                    self._suspend()
                 case Logout(token=token):
                     self._logout(token)
                 case Rekey(token=token):
@@ -266,7 +292,11 @@ class Connection:
     async def _login(self) -> ClientSession:
         """One connection attempt's login: the auth service's host resolved now."""
         host, port = split_host_port(self.options.server)
-        target = join_host_port(await resolve(host), port)
+        address = await self._resolve(host)
+        lock_down = getattr(self.host, "lock_down", None)  # the kill switch lets it out
+        if lock_down is not None:
+            lock_down(self.options.tun_name, [(address, port, "tcp")])
+        target = join_host_port(address, port)
         if target != self._auth_target:
             if self.auth is not None:
                 await self.auth.close()
@@ -276,16 +306,43 @@ class Connection:
             self._auth_target = target
         return await self.auth.login(self.options.username, self.options.password)
 
+    async def _resolve(self, host: str) -> str:
+        """`host`'s address now; when the lookup fails, the one found before: with the
+        kill switch on and the tunnel down no lookup gets out (as a failed re-resolve
+        after a dead path keeps the address)."""
+        try:
+            address = await resolve(host)
+        except ClientError as error:
+            if host not in self._resolved:
+                raise
+            log.info("%s; using %s as before", error, self._resolved[host])
+            return self._resolved[host]
+        if address != host:
+            self._resolved[host] = address
+        return address
+
     async def _bring_up(self, info: ClientSession) -> str:
         """TUN, network and datapath for `info`, the dataplane's host resolved now;
-        returns the address used. On failure undoes what it did."""
-        self._teardown()
+        returns the address used. On failure undoes what it did (a held TUN too).
+        A TUN held from the last session (Suspend) is reused as it is when the new
+        session's network is the same (the auth service gives a user back their
+        address): only the datapath is new; else it is rebuilt."""
         host, port = info.endpoint
-        address = await resolve(host)
-        info = dataclasses.replace(info, endpoint=(address, port))
         try:
-            self.tun = self.host.open_tun(self.options.tun_name)
-            self.undo = self.host.configure(self.tun, info)
+            address = await self._resolve(host)
+        except ClientError:
+            self._teardown()
+            raise
+        info = dataclasses.replace(info, endpoint=(address, port))
+        held = self.tun is not None and self.datapath is None
+        if not (held and same_network(self.session_info, info)):
+            self._teardown()
+        try:
+            if self.tun is None:
+                self.tun = self.host.open_tun(self.options.tun_name)
+                self.undo = self.host.configure(self.tun, info)
+            else:
+                log.info("tunnel %s kept: same address, routes and DNS", self.tun.name)
             session = TunnelSession(
                 info.session_id,
                 info.cipher,
@@ -337,6 +394,24 @@ class Connection:
             return error
         self.session_info = new
         return network
+    def _suspend(self) -> None:
+        """The datapath stops; the TUN, its address, routes and DNS stay (see Suspend)."""
+        if self.datapath is not None:
+            self.datapath.stop()
+            self.datapath = None
+        if self.tun is not None:
+            log.info("tunnel %s held while logging in again", self.tun.name)
+
+    def _release_if_stopped(self) -> None:
+        """An explicit stop (SIGINT, SIGTERM: `disconnect`) also removes the kill
+        switch; a failure or a crash leaves it for `disconnect` to remove."""
+        release = getattr(self.host, "release", None)
+        if release is None:
+            return
+        if getattr(self.host, "stop_requested", False):
+            release(self.options.tun_name)
+        elif getattr(self.host, "lockdown_engaged", lambda _: False)(self.options.tun_name):
+            log.warning("the kill switch stays on: `pushgate-client disconnect` removes it")
 
     def _teardown(self) -> None:
         if self.datapath is not None:
@@ -387,6 +462,7 @@ class Connection:
             status.drops = {reason.value: n for reason, n in datapath.drops.items()}
         if self.undo is not None:
             status.undo = self.undo
+        status.resolved = dict(self._resolved)
         return status
 
     def _write_status(self) -> None:

@@ -32,6 +32,10 @@ What it decides, all here:
   (`ApplyNetwork`: the owner adds and removes routes and DNS on the same TUN), one
   change at a time, always the newest; a change that fails is logged and not tried
   again until a different one comes (the tunnel keeps what it had).
+- make before break: a re-login (the session is gone, or the dataplane moved) keeps
+  the TUN, its address, routes and DNS (`Suspend`: only the datapath stops) until the
+  next bring-up reuses them, through any number of failed logins; packets wait in the
+  TUN meanwhile and never leave in clear. Only a stop or a failure tears it down.
 """
 
 import ipaddress
@@ -90,7 +94,15 @@ class BringUp:
 
 @dataclass(frozen=True)
 class TearDown:
-    """Stop the datapath, undo the network configuration, close the TUN."""
+    """Stop the datapath, undo the network configuration, close the TUN (also a
+    suspended one). Only when the run ends: stop or failure."""
+
+
+@dataclass(frozen=True)
+class Suspend:
+    """Stop the datapath (its keys belong to a session that is gone); keep the TUN,
+    its address, routes and DNS for the next BringUp, which reuses them when the new
+    session's network is the same (make before break: nothing leaves in clear)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,7 @@ Action = (
     Login
     | BringUp
     | TearDown
+    | Suspend
     | Logout
     | Rekey
     | InstallKeys
@@ -192,6 +205,7 @@ class ClientCore:
         self.backoff = Backoff(BACKOFF_FIRST_SECONDS, BACKOFF_MAX_SECONDS, rng)
         self.session: ClientSession | None = None  # logged in (its tunnel may be down)
         self.tunnel_up = False  # TUN, network and datapath exist for `session`
+        self.tunnel_held = False  # a suspended TUN and network wait for the next session
         self.endpoint_address: str | None = None  # where the datapath sends
         self.last_error = ""
         self.failure: ClientError | None = None  # set when the run must end
@@ -279,11 +293,13 @@ class ClientCore:
             return
         if isinstance(result, ClientError):
             # The session is of no use without its tunnel: end it now, not in 900 s.
+            self.tunnel_held = False  # the owner undid everything, a held TUN too
             self._actions.append(Logout(self.session.token))
             self.session = None
             self._login_failed(now, result)
             return
         self.tunnel_up = True
+        self.tunnel_held = False
         self.endpoint_address = result
         self._rekey_at = now + self.session.key_lifetime_seconds
         self._rekey_retry_at = 0.0
@@ -412,7 +428,7 @@ class ClientCore:
                 f"the dataplane {self.session.endpoint[0]} moved from"
                 f" {self.endpoint_address} to {result}; connecting again"
             )
-            self._close_session(logout=True)
+            self._close_session(logout=True, keep_tunnel=True)
             self._event(ClientEvent.RELOGIN)
             self._login()
             return
@@ -539,13 +555,18 @@ class ClientCore:
         self._error(
             f"the gateway no longer knows session {self.session.session_id:#010x}; logging in again"
         )
-        self._close_session(logout=False)
+        self._close_session(logout=False, keep_tunnel=True)
         self._event(ClientEvent.RELOGIN)
         self._login()
 
-    def _close_session(self, *, logout: bool) -> None:
-        if self.tunnel_up:
+    def _close_session(self, *, logout: bool, keep_tunnel: bool = False) -> None:
+        if keep_tunnel and self.tunnel_up:
+            self._actions.append(Suspend())
+            self.tunnel_held = True
+        elif self.tunnel_up or self.tunnel_held:
             self._actions.append(TearDown())
+            self.tunnel_held = False
+        if self.tunnel_up:
             self.tunnel_up = False
             self.endpoint_address = None
         if logout and self.session is not None:

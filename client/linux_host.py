@@ -1,5 +1,6 @@
 """The client on Linux: /dev/net/tun, `ip` and `resolvectl` (see client/host.py)."""
 
+import ipaddress
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import subprocess
 
 from pushgate_io.tun_linux import LinuxTun
 
+from . import killswitch_linux as killswitch
 from .auth import ClientError, ClientSession
 from .host import NetworkChangeFailed
 from .netplan import (
@@ -18,6 +20,7 @@ from .netplan import (
     plan_network,
     plan_network_update,
 )
+from .killswitch_linux import Endpoint, FirewallPolicy
 
 log = logging.getLogger("pushgate.client")
 
@@ -86,9 +89,136 @@ def update_network(
     return undo_after
 
 
+# Undo steps a status file may hold (it is trusted only when root's: client/status.py;
+# this is a second fence): `ip` on routes, addresses and links, and `resolvectl`.
+# Never `ip netns exec` or anything else that runs a program.
+_UNDO_COMMANDS = (("ip", "route"), ("ip", "-6", "route"), ("ip", "address"), ("ip", "link"))
+
+
+def undo_step_allowed(step) -> bool:
+    if not isinstance(step, (list, tuple)) or not all(isinstance(a, str) for a in step):
+        return False
+    step = tuple(step)
+    return step[:1] == ("resolvectl",) or any(step[: len(p)] == p for p in _UNDO_COMMANDS)
+
+
+def full_tunnel(routes: list[str]) -> bool:
+    return any(ipaddress.ip_network(route, strict=False).prefixlen == 0 for route in routes)
+
+
+def firewall_policy(
+    tun_name: str,
+    *,
+    lockdown: bool | None,
+    allow_lan: bool,
+    endpoints,
+    is_full_tunnel: bool,
+    engaged: bool,
+) -> FirewallPolicy:
+    """What the table must hold (pure). `lockdown` None is the default: on for a full
+    tunnel, and once on it stays on (`engaged`) until disconnect. A full tunnel always
+    blocks IPv6 (not carried yet) and DNS outside the tunnel, kill switch or not."""
+    on = lockdown if lockdown is not None else (is_full_tunnel or engaged)
+    return FirewallPolicy(
+        tun_name,
+        endpoints=tuple(sorted(set(endpoints))),
+        lockdown=on,
+        block_ipv6=is_full_tunnel,
+        block_outside_dns=is_full_tunnel,
+        allow_lan=allow_lan,
+    )
+
+
 class LinuxHost:
     status_dir = "/run/pushgate"
     loop_factory = None
+
+    def __init__(self) -> None:
+        # The kill switch (client/killswitch_linux.py): None = on for a full tunnel.
+        self.lockdown: bool | None = None
+        self.allow_lan = False
+        # Set by an explicit stop (SIGINT, SIGTERM from `disconnect`): the teardown
+        # that follows removes the table. A reconnect, a re-login or a crash never do.
+        self.stop_requested = False
+        self._gateway: dict[str, set[Endpoint]] = {}  # the auth service (lock_down)
+        self._dataplane: dict[str, Endpoint] = {}  # the session's (configure)
+        self._policies: dict[str, FirewallPolicy] = {}  # as installed, per TUN
+
+    # -- the kill switch ---------------------------------------------------------------
+
+    def lock_down(self, tun_name: str, endpoints: list[tuple[str, int, str]]) -> None:
+        """The auth service's endpoints known now (address, port, tcp), replacing the
+        ones given before. A table already loaded (by an earlier session of this TUN,
+        or left by a crashed client) is reloaded with them; a new one is loaded by
+        `configure`, once the dataplane's host is resolved too (with the kill switch
+        on, no lookup leaves outside the tunnel)."""
+        self._gateway[tun_name] = {Endpoint(*endpoint) for endpoint in endpoints}
+        current = self._policies.get(tun_name)
+        if current is None and killswitch.installed(tun_name):
+            current = FirewallPolicy(tun_name, lockdown=True)  # left by a crashed client
+        if current is None or current.empty:
+            return
+        self._update_firewall(
+            tun_name,
+            is_full_tunnel=bool(current and current.block_ipv6),
+            engaged=bool(current and current.lockdown),
+        )
+
+    def _update_firewall(self, tun_name: str, *, is_full_tunnel: bool, engaged: bool) -> None:
+        endpoints = set(self._gateway.get(tun_name, ()))
+        if tun_name in self._dataplane:
+            endpoints.add(self._dataplane[tun_name])
+        policy = firewall_policy(
+            tun_name,
+            lockdown=self.lockdown,
+            allow_lan=self.allow_lan,
+            endpoints=endpoints,
+            is_full_tunnel=is_full_tunnel,
+            engaged=engaged,
+        )
+        if policy == self._policies.get(tun_name):
+            return
+        if policy.empty and tun_name not in self._policies and self.lockdown is None:
+            return  # nothing asked for, nothing there
+        try:
+            killswitch.install(policy)
+        except OSError as error:
+            raise ClientError(
+                f"cannot install the firewall table (kill switch, IPv6, DNS): {error}",
+                retryable=False,
+            ) from None
+        self._policies[tun_name] = policy
+        log.info("firewall %s: %s", killswitch.table_name(tun_name), killswitch.describe(policy))
+
+    def _firewall_for_session(self, tun_name: str, info: ClientSession) -> None:
+        """Before the session's routes: the table lets its dataplane through and, in a
+        full tunnel, blocks IPv6 and DNS outside the tunnel (all outside it with the
+        kill switch). From here on nothing leaks, whatever fails next."""
+        address, port = info.endpoint
+        self._dataplane[tun_name] = Endpoint(address, port, "udp")
+        current = self._policies.get(tun_name)
+        self._update_firewall(
+            tun_name,
+            is_full_tunnel=full_tunnel(info.routes),
+            engaged=bool(current and current.lockdown),
+        )
+
+    def release(self, tun_name: str) -> None:
+        """Disconnect: remove the table of `tun_name` (also one a crashed client left)."""
+        try:
+            removed = killswitch.remove(tun_name)
+        except OSError as error:
+            raise ClientError(f"cannot remove the kill switch: {error}", retryable=False) from None
+        self._policies.pop(tun_name, None)
+        self._gateway.pop(tun_name, None)
+        self._dataplane.pop(tun_name, None)
+        if removed:
+            log.info("removed the firewall table %s", killswitch.table_name(tun_name))
+
+    def lockdown_engaged(self, tun_name: str) -> bool:
+        """True while the kill switch of `tun_name` is loaded."""
+        policy = self._policies.get(tun_name)
+        return bool(policy and not policy.empty)
 
     def check_privileges(self) -> None:
         # Opening /dev/net/tun says it clearly enough, and a non-root user with
@@ -102,6 +232,8 @@ class LinuxHost:
             raise ClientError(f"cannot create TUN {name}: {error}", retryable=False) from None
 
     def configure(self, tun, info: ClientSession) -> list[list[str]]:
+        self._firewall_for_session(tun.name, info)
+        around = self._route_auth_around(tun.name, info)
         endpoint_ip = info.endpoint[0]
         plan = plan_network(
             tun_name=tun.name,
@@ -119,18 +251,52 @@ class LinuxHost:
             run_commands(plan.apply, check=True)
         except ClientError:
             run_commands(plan.undo, check=False)
+            run_commands([tuple(step) for step in around], check=False)
             raise
         if missing := dns_not_applied(info.network, have_resolvectl()):
             log.warning("%s", missing)
-        return [list(command) for command in plan.undo]
+        return [list(command) for command in plan.undo] + around
+
+    def _route_auth_around(self, tun_name: str, info: ClientSession) -> list[list[str]]:
+        """Full tunnel: a host route through the original path to each auth service
+        address that is not the dataplane's (that one the plan routes around), so a
+        re-login while the TUN is held (make before break) never goes into the dead
+        tunnel. Returns its undo steps."""
+        if not full_tunnel(info.routes):
+            return []
+        undo = []
+        for endpoint in sorted(self._gateway.get(tun_name, ())):
+            address = ipaddress.ip_address(endpoint.address)
+            if endpoint.address == info.endpoint[0]:
+                continue
+            host = f"{address}/{address.max_prefixlen}"
+            path = underlay_route(endpoint.address)
+            step = ("ip", "route", "replace", host, "dev", path.dev)
+            run_commands([step + (("via", path.via) if path.via else ())], check=True)
+            undo.append(["ip", "route", "del", host, "dev", path.dev])
+        return undo
 
     def update_network(
         self, tun, old: ClientSession, new: ClientSession, undo: list[list[str]]
     ) -> list[list[str]]:
-        return update_network(tun.name, old, new, undo)
+        # The firewall follows the stricter network while routes move: a change to a
+        # full tunnel blocks IPv6 and DNS outside it before the /1 halves go in; a
+        # change to a split tunnel lifts them only once the halves are gone.
+        if full_tunnel(new.routes):
+            self._firewall_for_session(tun.name, new)
+        undo = update_network(tun.name, old, new, undo)
+        if not full_tunnel(new.routes):
+            self._firewall_for_session(tun.name, new)
+        return undo
 
     def unconfigure(self, undo: list[list[str]]) -> None:
-        run_commands([tuple(command) for command in undo], check=False)
+        steps = [tuple(step) for step in undo if undo_step_allowed(step)]
+        if len(steps) != len(undo):
+            log.warning("ignoring %d undo steps that are not ours", len(undo) - len(steps))
+        run_commands(steps, check=False)
+        if self.stop_requested:
+            for tun_name in list(self._policies):
+                self.release(tun_name)
 
     def process_alive(self, pid: int) -> bool:
         """True while `pid` runs (an exited child its parent has not reaped yet is not)."""
@@ -142,8 +308,12 @@ class LinuxHost:
         return state not in ("Z", "X")
 
     def install_stop_handlers(self, loop, connection) -> None:
+        def stop() -> None:
+            self.stop_requested = True  # an explicit stop: the kill switch may go
+            connection.stop()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, connection.stop)
+            loop.add_signal_handler(signum, stop)
         loop.add_signal_handler(signal.SIGUSR1, connection.request_rebind)
         loop.add_signal_handler(signal.SIGUSR2, connection.request_rekey)
 

@@ -2,7 +2,9 @@
 
 import json
 import os
+import stat
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -34,6 +36,9 @@ class ClientStatus:
     last_error: str = ""
     drops: dict[str, int] = field(default_factory=dict)
     undo: list[list[str]] = field(default_factory=list)  # to clean up after a crash
+    # host name -> address as last resolved (auth service, dataplane): a client started
+    # after a crash uses them while the kill switch the dead one left blocks lookups
+    resolved: dict[str, str] = field(default_factory=dict)
     updated_at: float = 0.0
 
 
@@ -71,13 +76,63 @@ def check_status_dir_windows(directory: str, security=None) -> None:
         ) from None
 
 
+class UntrustedStatusFile(OSError):
+    """A status file (or directory) someone other than root could have written."""
+
+
+def _trusted_owners() -> tuple[int, ...]:
+    # root; and a client run by a non-root user with CAP_NET_ADMIN trusts its own
+    # files (root itself trusts only root's).
+    return (0,) if os.geteuid() == 0 else (0, os.geteuid())
+
+
+def check_trusted_posix(path: str, *, directory: bool) -> None:
+    """POSIX: `path` and every directory above it must be owned by root (or by us,
+    when not root) and not writable by group or others (a directory above may be
+    world-writable if it is sticky, as /tmp); `path` must not be a symbolic link.
+    Else UntrustedStatusFile: as root we would run undo steps from it, follow its
+    links and rewrite it (issue 20)."""
+    owners = _trusted_owners()
+    info = os.lstat(path)
+    kind = "directory" if directory else "file"
+    if stat.S_ISLNK(info.st_mode) or not (
+        stat.S_ISDIR(info.st_mode) if directory else stat.S_ISREG(info.st_mode)
+    ):
+        raise UntrustedStatusFile(f"status {kind} {path} is not a plain {kind}")
+    if info.st_uid not in owners:
+        raise UntrustedStatusFile(f"status {kind} {path} is owned by uid {info.st_uid}, not root")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UntrustedStatusFile(f"status {kind} {path} is writable by others")
+    parent = os.path.dirname(os.path.abspath(path if not directory else path.rstrip("/")))
+    while True:
+        info = os.stat(parent)
+        writable = info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if info.st_uid not in owners or (writable and not info.st_mode & stat.S_ISVTX):
+            raise UntrustedStatusFile(f"{parent} (above the status file) is writable by others")
+        if parent == os.path.dirname(parent):
+            return
+        parent = os.path.dirname(parent)
+
+
+def _check_posix(path: str, *, directory: bool) -> None:
+    if os.name == "posix":
+        check_trusted_posix(path, directory=directory)
+
+
 def write_status(path: str, status: ClientStatus) -> None:
     status.updated_at = time.time()
     if sys.platform == "win32":
         secure_status_dir_windows(os.path.dirname(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp"
-    with open(temporary, "w") as handle:
+    directory = os.path.dirname(path)
+    _check_posix(directory, directory=True)
+    if os.path.lexists(path):
+        _check_posix(path, directory=False)
+    # A fresh file of ours (O_EXCL: never someone's link), renamed over the old one.
+    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".client-", suffix=".tmp")
+    with os.fdopen(descriptor, "w") as handle:
+        if os.name == "posix":
+            os.fchmod(handle.fileno(), 0o644)  # `status` works for any user
         json.dump(asdict(status), handle)
     # On Windows the replace fails while a reader (`status --watch`) has the file
     # open; it closes it within milliseconds.
@@ -92,9 +147,15 @@ def write_status(path: str, status: ClientStatus) -> None:
 
 
 def read_status(path: str) -> ClientStatus:
+    """The status file at `path`; on POSIX UntrustedStatusFile unless root's (see
+    check_trusted_posix), FileNotFoundError if there is none."""
     if sys.platform == "win32":
         check_status_dir_windows(os.path.dirname(path))
-    with open(path) as handle:
+    if os.name == "posix" and os.path.lexists(path):
+        _check_posix(os.path.dirname(path), directory=True)
+        _check_posix(path, directory=False)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(path, flags)) as handle:
         return ClientStatus(**json.load(handle))
 
 

@@ -33,6 +33,7 @@ from client.core import (
     Rekey,
     Resolve,
     SendKeepalive,
+    Suspend,
     TearDown,
 )
 from client.state import ClientState as S
@@ -66,6 +67,8 @@ class World:
         self.pending: list[tuple[float, int, str, object]] = []  # (ready, seq, kind, arg)
         self.in_flight: Counter[str] = Counter()
         self.tunnel: str | None = None  # token of the session the tunnel is up for
+        self.tun_exists = False  # the TUN and its network (also held across a re-login)
+        self.tun_builds = 0  # TUNs created (a re-login must not need a new one)
         self.logins = 0
         # the auth service's network for the user now; the tunnel's, as applied
         self.network = PushedNetwork(routes=("0.0.0.0/0",), digest="n0")
@@ -114,12 +117,18 @@ class World:
                     self._later("login")
                 case BringUp(session=session):
                     assert self.tunnel is None, "a second tunnel"
+                    assert self.tun_exists == core.tunnel_held
                     self.in_flight["bring_up"] += 1
                     self._later("bring_up", session)
                 case TearDown():
-                    assert self.tunnel is not None
+                    # make before break: the TUN goes only when the run ends
+                    assert core.state is S.DISCONNECTED, "TUN torn down while running"
                     self.tunnel = self.tunnel_network = None
+                    self.tun_exists = False
                     self.teardowns += 1
+                case Suspend():
+                    assert self.tunnel is not None and self.tun_exists
+                    self.tunnel = None
                 case Logout(token=token):
                     self.sessions.pop(token, None)
                     self.logged_out.append(token)
@@ -196,11 +205,15 @@ class World:
             core.handle_login_result(now, result)
         elif kind == "bring_up":
             if self.setup_error is not None:
+                self.tun_exists = False  # the owner undoes everything, a held TUN too
                 self.fatal_delivered |= live and not self.setup_error.retryable
                 core.handle_bring_up_result(now, self.setup_error)
             else:
                 self.tunnel = arg.token
                 self.tunnel_network = arg.network
+                if not self.tun_exists:
+                    self.tun_builds += 1
+                self.tun_exists = True
                 core.handle_bring_up_result(now, self.resolves_to)
         elif kind == "rekey":
             if not self.auth_up:
@@ -388,7 +401,7 @@ def test_random_event_sequences_keep_the_invariants(rng, max_latency, events):
     if world.fatal_delivered:
         assert core.failure is not None and core.state is S.DISCONNECTED
     if core.failure is not None or core.state is S.DISCONNECTED:
-        assert core.get_timer() is None and world.tunnel is None
+        assert core.get_timer() is None and world.tunnel is None and not world.tun_exists
         assert not world.sessions  # logged out
         return
     settled = world.auth_up and core.state in (S.UP, S.REKEYING)
@@ -396,7 +409,7 @@ def test_random_event_sequences_keep_the_invariants(rng, max_latency, events):
         assert world.tunnel_network == world.network
     core.stop(world.now)
     world.execute()
-    assert world.tunnel is None and not world.sessions
+    assert world.tunnel is None and not world.tun_exists and not world.sessions
 
 
 @settings(max_examples=200, deadline=None)

@@ -96,16 +96,18 @@ class Nrpt:
     def __init__(self, registry: Registry | None = None) -> None:
         self._registry = registry if registry is not None else Registry()
 
-    def remove(self, tun_name: str) -> int:
-        """Delete the rules of `tun_name` (keys 0, 1, ... up to the first missing)."""
-        for index in range(MAX_RULES):
+    def remove(self, tun_name: str, first: int = 0) -> int:
+        """Delete the rules of `tun_name` (keys first, first + 1, ... up to the first
+        missing); how many went."""
+        for index in range(first, MAX_RULES):
             if not self._registry.delete(rf"{LOCAL_BASE}\{rule_key(tun_name, index)}"):
-                return index
-        return MAX_RULES
+                return index - first
+        return MAX_RULES - first
 
     def apply(self, tun_name: str, rules: list[NrptRule]) -> None:
-        """Replace the rules of `tun_name` with `rules`."""
-        self.remove(tun_name)
+        """Replace the rules of `tun_name` with `rules`: each key written over in
+        place, then the keys past the new ones deleted, so a live change never
+        leaves the DNS client a moment without the tunnel's rules."""
         ours = {rule_key(tun_name, i) for i in range(MAX_RULES)}
         foreign = [k for k in self._registry.subkeys(POLICY_BASE) if k not in ours]
         if rules and foreign:
@@ -116,3 +118,4 @@ class Nrpt:
             )
         for rule in rules:
             self._registry.write(rf"{LOCAL_BASE}\{rule.key}", rule_values(rule))
+        self.remove(tun_name, first=len(rules))

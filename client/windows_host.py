@@ -16,6 +16,10 @@ Fail closed:
   which only administrators can write; NRPT rules and filters are found again
   from the tunnel name. A forged status file can make us undo nothing but a
   pushgate tunnel's own configuration.
+
+A changed pushed network is applied live (`update_network`): routes added before
+any is removed, the filters tightened before a full tunnel's routes and lifted
+after them, the undo record kept up to date at each step.
 """
 
 import asyncio
@@ -33,11 +37,13 @@ from ctypes import c_int32, c_uint32, c_void_p
 from pathlib import Path
 
 from .auth import ClientError, ClientSession
+from .host import NetworkChangeFailed
 from .iphlpapi import ERROR_NOT_FOUND, IpHelper
-from .nrpt import Nrpt, plan_nrpt
+from .netplan import is_full_tunnel
+from .nrpt import Nrpt, NrptRule, plan_nrpt
 from .status import secure_status_dir_windows
 from .wfp import Endpoint, FirewallPolicy, WfpFirewall
-from .winnet import Step, plan_windows_network
+from .winnet import Step, plan_windows_network, plan_windows_update, windows_needs_gateway_route
 from .winregistry import REG_SZ, Registry
 from .winsecurity import WinSecurity, same_image
 from .wintun import (
@@ -97,6 +103,16 @@ def flush_dns_cache() -> None:
         ctypes.WinDLL("dnsapi.dll").DnsFlushResolverCache()
     except (AttributeError, OSError) as error:
         log.debug("DNS cache not flushed: %s", error)
+
+
+def session_nrpt(tun_name: str, info: ClientSession) -> list[NrptRule]:
+    """The NRPT rules for a session's pushed DNS (IPv4 servers: the tunnel's)."""
+    return plan_nrpt(
+        tun_name,
+        dns_servers=[s for s in info.dns_servers if ipaddress.ip_address(s).version == 4],
+        match_domains=list(info.match_domains),
+        full_tunnel=is_full_tunnel(info.routes),
+    )
 
 
 def stop_event_name(pid: int) -> str:
@@ -208,15 +224,8 @@ class WindowsHost:
                 gateway_ip=gateway_ip,
                 underlay=underlay,
             )
-            full_tunnel = any(
-                ipaddress.ip_network(r, strict=False).prefixlen == 0 for r in info.routes
-            )
-            rules = plan_nrpt(
-                name,
-                dns_servers=[s for s in info.dns_servers if ipaddress.ip_address(s).version == 4],
-                match_domains=info.match_domains,
-                full_tunnel=full_tunnel,
-            )
+            full_tunnel = is_full_tunnel(info.routes)
+            rules = session_nrpt(name, info)
         except (OSError, ValueError) as error:
             raise ClientError(f"cannot plan the network: {error}", retryable=True) from None
         # The filters first: from here on nothing leaks, whatever fails next.
@@ -246,6 +255,85 @@ class WindowsHost:
         if rules:
             log.info("DNS: %s through NRPT", ", ".join(n for r in rules for n in r.names))
         return [["windows", name]]
+
+    def update_network(
+        self, tun: WintunTun, old: ClientSession, new: ClientSession, undo: list[list[str]]
+    ) -> list[list[str]]:
+        """Routes, DNS servers, NRPT rules and filters of the live tunnel from `old`'s
+        network to `new`'s (see client/host.py ClientHost.update_network), in the
+        order that never opens a way out: for a change to a full tunnel the
+        filters first, then the gateway's /32 and the new routes, the adapter's
+        DNS and the NRPT rules; the routes no longer pushed last, and for a change
+        to a split tunnel the filters relaxed only then. A failure leaves what was
+        done (the undo record covers both networks) and the filters of the
+        stricter one. `undo` stays the reference (["windows", tun])."""
+        name = checked_tun_name(tun.name)
+        reference = [["windows", name]]
+        helper = self._ip_helper()
+        gateway_ip = new.endpoint[0]
+        try:
+            outside = any(
+                windows_needs_gateway_route(new.tunnel_address, list(n.routes), gateway_ip)
+                for n in (old, new)
+            )
+            # with the /32 in place this finds it; before, the path the tunnel's packets take
+            underlay = helper.underlay_path(gateway_ip) if outside else None
+            if underlay is not None and underlay.luid == tun.luid:
+                raise ValueError(f"the gateway {gateway_ip} is routed into the tunnel")
+            update = plan_windows_update(
+                tunnel_luid=tun.luid,
+                tunnel_guid=helper.luid_to_guid(tun.luid),
+                tunnel_address=new.tunnel_address,
+                old_routes=list(old.routes),
+                old_dns=list(old.dns_servers),
+                new_routes=list(new.routes),
+                new_dns=list(new.dns_servers),
+                gateway_ip=gateway_ip,
+                underlay=underlay,
+            )
+            old_rules, new_rules = session_nrpt(name, old), session_nrpt(name, new)
+        except (OSError, ValueError) as error:
+            raise ClientError(f"cannot plan the network change: {error}", retryable=False) from None
+        old_full, new_full = is_full_tunnel(old.routes), is_full_tunnel(new.routes)
+        dataplane = Endpoint(gateway_ip, new.endpoint[1], "udp")
+        if new_full and not old_full:  # nothing changed yet if this fails
+            self._update_firewall(name, tunnel_luid=tun.luid, dataplane=dataplane, full_tunnel=True)
+        try:
+            record = self._load_undo(name)
+            for step in update.add:
+                self._apply(helper, step)
+                if step in update.recorded and step not in record:
+                    record.insert(0, step)  # newest first, as configure records
+                    self._save_undo(name, [s.to_list() for s in record])
+            if new_rules != old_rules:
+                Nrpt(self._reg()).apply(name, new_rules)
+                flush_dns_cache()  # answers cached from the old servers go
+        except OSError as error:
+            raise NetworkChangeFailed(f"network change failed: {error}", reference) from None
+        left = []  # routes that would not go: kept in the record for the teardown
+        for step in update.remove:
+            try:
+                helper.undo(step)  # a route already gone is gone
+            except (OSError, ValueError) as error:
+                log.warning("removing %s failed: %s", step.to_list(), error)
+                left.append(step)
+        try:
+            dropped = [s for s in update.dropped if s not in left]
+            self._save_undo(name, [s.to_list() for s in record if s not in dropped])
+        except OSError as error:
+            log.warning("undo record of %s not updated: %s", name, error)  # it has more
+        if old_full and not new_full:
+            try:
+                self._update_firewall(
+                    name, tunnel_luid=tun.luid, dataplane=dataplane, full_tunnel=False
+                )
+            except ClientError as error:
+                raise NetworkChangeFailed(
+                    f"{error} (the full tunnel's filters stay)", reference
+                ) from None
+        if new_rules != old_rules and new_rules:
+            log.info("DNS: %s through NRPT", ", ".join(n for r in new_rules for n in r.names))
+        return reference
 
     # -- the kill switch and DNS filters (WFP) ---------------------------------------
 

@@ -20,6 +20,11 @@ steps instead of `ip` command lines, so the plan is unit-tested on any OS and
 
 Every step is a plain record that serializes to a list of strings, so the undo
 steps go into the status file and a later run undoes what a crashed one left.
+
+A live change (`plan_windows_update`) is the difference between the route steps
+for the old and the new pushed routes on the same adapter, as netplan.py's
+`plan_network_update`: routes added before any is removed, the adapter's DNS
+servers set anew only when they changed.
 """
 
 import ipaddress
@@ -96,6 +101,51 @@ def tunnel_mtu(pushed_mtu: int, underlay: UnderlayPath, gateway_ip: str) -> int:
     return mtu
 
 
+def _tunnel_routes(tunnel_address: str, routes: list[str]) -> list[str]:
+    """The prefixes to route on the adapter for `routes` (IPv4 only: the tunnel
+    carries IPv4; the on-link tunnel network comes with the address)."""
+    interface = ipaddress.ip_interface(tunnel_address)
+    networks = [ipaddress.ip_network(prefix, strict=False) for prefix in routes]
+    if any(network.prefixlen == 0 for network in networks):
+        tunnel_routes = list(FULL_TUNNEL_HALVES)
+        tunnel_routes += [str(n) for n in networks if n.prefixlen and n.version == 4]
+    else:
+        tunnel_routes = [str(n) for n in networks if n.version == 4]
+    return [r for r in tunnel_routes if ipaddress.ip_network(r) != interface.network]
+
+
+def windows_needs_gateway_route(tunnel_address: str, routes: list[str], gateway_ip: str) -> bool:
+    """Would the adapter's routes for `routes` capture the packets to the gateway?"""
+    gateway = ipaddress.ip_address(gateway_ip)
+    return any(gateway in ipaddress.ip_network(r) for r in _tunnel_routes(tunnel_address, routes))
+
+
+def plan_windows_routes(
+    *,
+    tunnel_luid: int,
+    tunnel_address: str,
+    routes: list[str],
+    gateway_ip: str,
+    underlay: UnderlayPath | None,
+) -> list[Step]:
+    """The route steps for `routes`, in the order to add them (the gateway's /32
+    first). `underlay` is needed when windows_needs_gateway_route."""
+    steps: list[Step] = []
+    if windows_needs_gateway_route(tunnel_address, routes, gateway_ip):
+        if underlay is None:
+            raise ValueError("these routes need the route to the gateway outside the tunnel")
+        gateway = ipaddress.ip_address(gateway_ip)
+        host = f"{gateway}/{gateway.max_prefixlen}"
+        steps.append(route(underlay.luid, host, underlay.next_hop))
+    steps += [route(tunnel_luid, prefix) for prefix in _tunnel_routes(tunnel_address, routes)]
+    return steps
+
+
+def adapter_dns_servers(dns_servers: list[str]) -> list[str]:
+    """The pushed servers set on the adapter: IPv4 only (see the module's note)."""
+    return [server for server in dns_servers if ipaddress.ip_address(server).version == 4]
+
+
 def plan_windows_network(
     *,
     tunnel_luid: int,
@@ -108,29 +158,82 @@ def plan_windows_network(
     underlay: UnderlayPath,
 ) -> WindowsNetworkPlan:
     interface = ipaddress.ip_interface(tunnel_address)
-    networks = [ipaddress.ip_network(prefix, strict=False) for prefix in routes]
-    full_tunnel = any(network.prefixlen == 0 for network in networks)
-    if full_tunnel:
-        tunnel_routes = list(FULL_TUNNEL_HALVES)
-        tunnel_routes += [str(n) for n in networks if n.prefixlen and n.version == 4]
-    else:
-        tunnel_routes = [str(n) for n in networks if n.version == 4]
-    tunnel_routes = [r for r in tunnel_routes if ipaddress.ip_network(r) != interface.network]
-
     size = tunnel_mtu(mtu, underlay, gateway_ip)
     steps: list[Step] = [
         interface_settings(tunnel_luid, size, TUNNEL_INTERFACE_METRIC),
         address(tunnel_luid, str(interface)),
     ]
-    gateway = ipaddress.ip_address(gateway_ip)
-    if any(gateway in ipaddress.ip_network(r) for r in tunnel_routes):
-        host = f"{gateway}/{gateway.max_prefixlen}"
-        steps.append(route(underlay.luid, host, underlay.next_hop))
-    steps += [route(tunnel_luid, prefix) for prefix in tunnel_routes]
-    servers = [server for server in dns_servers if ipaddress.ip_address(server).version == 4]
+    steps += plan_windows_routes(
+        tunnel_luid=tunnel_luid,
+        tunnel_address=tunnel_address,
+        routes=routes,
+        gateway_ip=gateway_ip,
+        underlay=underlay,
+    )
+    servers = adapter_dns_servers(dns_servers)
     if servers:
         steps.append(dns(tunnel_luid, tunnel_guid, servers))
     # The interface settings die with the adapter; the rest is undone (routes
     # and address too, in case the adapter outlives us), newest first.
     undo = tuple(step for step in reversed(steps) if step.kind != "interface")
     return WindowsNetworkPlan(tuple(steps), undo, size)
+
+
+@dataclass(frozen=True)
+class WindowsNetworkUpdate:
+    """How to move a live tunnel from one pushed network to another.
+
+    `add` (routes, the gateway's /32 first, then the adapter's DNS) runs first and
+    must succeed; `remove` (routes, undone in this order: the tunnel's before the
+    /32 that keeps them from looping) after it, where a route already gone is no
+    failure. The undo record gains `recorded` and loses `dropped`."""
+
+    add: tuple[Step, ...]
+    remove: tuple[Step, ...]
+    recorded: tuple[Step, ...]
+    dropped: tuple[Step, ...]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.add or self.remove)
+
+
+def plan_windows_update(
+    *,
+    tunnel_luid: int,
+    tunnel_guid: str,
+    tunnel_address: str,
+    old_routes: list[str],
+    old_dns: list[str],
+    new_routes: list[str],
+    new_dns: list[str],
+    gateway_ip: str,
+    underlay: UnderlayPath | None,
+) -> WindowsNetworkUpdate:
+    """From the old pushed routes and DNS servers to the new ones on the live
+    adapter: the routes only one side has, and the adapter's DNS servers set anew
+    when they differ (to none when none is pushed any more). `underlay` (how the
+    gateway is reached outside the tunnel) is needed when either side needs the
+    gateway's /32."""
+
+    def routes_of(routes: list[str]) -> list[Step]:
+        return plan_windows_routes(
+            tunnel_luid=tunnel_luid,
+            tunnel_address=tunnel_address,
+            routes=routes,
+            gateway_ip=gateway_ip,
+            underlay=underlay,
+        )
+
+    old, new = routes_of(old_routes), routes_of(new_routes)
+    add = [step for step in new if step not in old]
+    remove = [step for step in reversed(old) if step not in new]
+    recorded, dropped = list(add), list(remove)
+    old_servers, new_servers = adapter_dns_servers(old_dns), adapter_dns_servers(new_dns)
+    if new_servers != old_servers:
+        add.append(dns(tunnel_luid, tunnel_guid, new_servers))  # [] sets none
+        if new_servers:
+            recorded.append(add[-1])
+        if old_servers:
+            dropped.append(dns(tunnel_luid, tunnel_guid, old_servers))
+    return WindowsNetworkUpdate(tuple(add), tuple(remove), tuple(recorded), tuple(dropped))

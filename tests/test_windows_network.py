@@ -242,8 +242,12 @@ class FakeIpHelper:
         gateway = ipaddress.ip_address(sockaddr_text(destination._obj))
         assert luid is None and index == 0 and source is None
         assert gateway in ipaddress.ip_network("198.18.0.0/15")
-        best._obj.InterfaceLuid = WIFI_LUID
-        best._obj.NextHop = sockaddr("198.18.5.1")
+        # The longest prefix wins; the Wi-Fi's default route is always there.
+        routes = [(WIFI_LUID, "0.0.0.0/0", "198.18.5.1"), *sorted(self.routes)]
+        matching = [r for r in routes if gateway in ipaddress.ip_network(r[1])]
+        found, _, hop = max(matching, key=lambda r: ipaddress.ip_network(r[1]).prefixlen)
+        best._obj.InterfaceLuid = found
+        best._obj.NextHop = sockaddr(hop)
         return 0
 
     def GetIpInterfaceEntry(self, row):

@@ -12,11 +12,14 @@ PROTOS := protos/auth.proto protos/control.proto protos/admin.proto
 # Debian packages the tests and the demo use (network namespaces, ping, NAT, iperf3;
 # gcc builds the fake wintun.dll, binutils' objdump is PyInstaller's; setcap, setpriv,
 # unshare, strace, Debian's python3 with venv and systemd-analyze for
-# tests/test_deploy.py's image and unit checks).
+# tests/test_deploy.py's image and unit checks; Alertmanager and amtool for its alert
+# delivery test).
 SYSTEM_TOOLS := ip ping nft iperf3 curl promtool prometheus prometheus-node-exporter docker-compose \
-                gcc objdump setcap setpriv unshare strace systemd-analyze
+                gcc objdump setcap setpriv unshare strace systemd-analyze \
+                prometheus-alertmanager amtool
 SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps prometheus \
-                   prometheus-node-exporter docker-compose gcc libc6-dev binutils \
+                   prometheus-node-exporter prometheus-alertmanager docker-compose gcc \
+                   libc6-dev binutils \
                    libcap2-bin util-linux strace python3-venv systemd
 
 # The one-file client executable and the signed WinTun DLL it bundles.
@@ -62,7 +65,8 @@ $(WINTUN_DLL): release/wintun_dll.py | $(INSTALLED)
 windows-wheels: $(INSTALLED)
 	$(PY) release/windows_wheels.py
 
-# The deploy stack checked with docker-compose, promtool and a live Prometheus.
+# The deploy stack checked with docker-compose, promtool, amtool and a live Prometheus
+# and Alertmanager (alert delivery end to end, every dashboard query answering).
 deploy-check: system-deps $(INSTALLED) $(GENERATED)
 	$(PY) -m pytest -q tests/test_deploy.py
 

@@ -180,7 +180,9 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     )
     if auth.reflection:
         reflection.enable_server_reflection((*service_names, reflection.SERVICE_NAME), public)
-    credentials = grpc.ssl_server_credentials([(_read(auth.tls_key), _read(auth.tls_cert))])
+    cert_pem = _read(auth.tls_cert)
+    credentials = grpc.ssl_server_credentials([(_read(auth.tls_key), cert_pem)])
+    metrics.served_certificate(cert_pem)
     try:
         public.add_secure_port(auth.listen, credentials)
     except RuntimeError:  # taken since the probe

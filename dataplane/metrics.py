@@ -304,17 +304,24 @@ class DataplaneCollector:
                 "own are no_buffer_space drops (ENOBUFS) or queued (EAGAIN)",
                 self._kernel_send_errors(),
             )
+        # One direction vocabulary for every family: inbound is from clients (into the
+        # gateway's networks), outbound is to clients, as in drops_total.
         packets = CounterMetricFamily(
-            prefix + "packets", "Tunnel packets by direction", labels=["direction"]
+            prefix + "packets",
+            "Tunnel packets by direction: inbound authenticated from clients, outbound "
+            "sealed and sent to clients",
+            labels=["direction"],
         )
-        packets.add_metric(["rx"], c.rx_packets)
-        packets.add_metric(["tx"], c.tx_packets)
+        packets.add_metric([INBOUND], c.rx_packets)
+        packets.add_metric([OUTBOUND], c.tx_packets)
         yield packets
         volume = CounterMetricFamily(
-            prefix + "bytes", "Inner packet bytes by direction", labels=["direction"]
+            prefix + "bytes",
+            "Inner packet bytes by direction (inbound from clients, outbound to clients)",
+            labels=["direction"],
         )
-        volume.add_metric(["rx"], c.rx_bytes)
-        volume.add_metric(["tx"], c.tx_bytes)
+        volume.add_metric([INBOUND], c.rx_bytes)
+        volume.add_metric([OUTBOUND], c.tx_bytes)
         yield volume
         yield counters_by("kind", "io_errors", "Socket and TUN errors by kind", c.io_errors.items())
         yield counters_by(

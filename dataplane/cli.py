@@ -164,6 +164,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         filter_drops,
         on_loop=lambda function: run_on_loop(loop, function, LOOP_ANSWER_SECONDS),
         kernel_send_errors=KernelSendErrors(),
+        user_metrics=cfg.dataplane.user_metrics,
     )
     device.start(loop)
     metrics_server.start()

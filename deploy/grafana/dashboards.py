@@ -8,7 +8,8 @@ scraping a gateway with a connected client passing traffic (with `$instance` as
 "all" and `$__rate_interval` as Grafana makes it for a 15 s scrape, 1m), and
 asserts that each one parses and returns data. Every query is aggregated so that it
 stays right with several gateways: sums for totals, `by (instance)` where one
-gateway's figure matters (queues, errors), never a per-session or per-user label.
+gateway's figure matters (queues, errors), never a per-session label; by user only in
+the opt-in per-account families (`user_metrics`), with topk.
 """
 
 import json
@@ -198,6 +199,32 @@ DASHBOARDS = {
                     (f"sum(rate({DP}session_rekeys_total{{{I}}}{R}))", "rekeys"),
                 ],
                 unit="ops",
+            ),
+            row("Users (opt-in: [dataplane] user_metrics = true)"),
+            panel(
+                "Top users by traffic",
+                "The ten accounts moving the most bits/s through the selected gateways, "
+                "both directions. Empty unless the dataplanes run with [dataplane] "
+                "user_metrics = true (one series per account, never per session).",
+                [
+                    (
+                        f"topk(10, sum by (user) (rate({DP}user_bytes_total{{{I}}}{R}))) * 8",
+                        "{{user}}",
+                    )
+                ],
+                unit="bps",
+            ),
+            panel(
+                "Top users by drops",
+                "The ten accounts whose sessions' packets are dropped most (any reason; "
+                "pushgate-admin session show says which). Opt-in as above.",
+                [
+                    (
+                        f"topk(10, sum by (user) (rate({DP}user_drops_total{{{I}}}{R})))",
+                        "{{user}}",
+                    )
+                ],
+                unit="pps",
             ),
         ],
     ),

@@ -194,9 +194,7 @@ def live(tmp_path_factory):
         gateway = GatewayLab(lab, str(workdir))
         # the opt-in per-user families, for the dashboards' "Users" row
         text = Path(gateway.config).read_text()
-        Path(gateway.config).write_text(
-            text.replace("[dataplane]\n", "[dataplane]\nuser_metrics = true\n", 1)
-        )
+        Path(gateway.config).write_text(text.replace("user_metrics = false", "user_metrics = true"))
         gateway.add_user("alice")
         gateway.start()
         gateway.connect(0, "alice")

@@ -29,6 +29,7 @@ CLIENT_SOURCES := $(wildcard client/*.py push_protocol/*.py pushgate_io/*.py) \
                   release/pushgate-client.spec release/client_main.py
 
 .PHONY: test test-fast demo bench bench-vpn soak fuzz lint proto venv system-deps deploy-check clean \
+        log-audit \
         client-exe windows-wheels
 
 # Run every test (creates the virtualenv, installs, generates gRPC code, builds the
@@ -69,6 +70,15 @@ windows-wheels: $(INSTALLED)
 # and Alertmanager (alert delivery end to end, every dashboard query answering).
 deploy-check: system-deps $(INSTALLED) $(GENERATED)
 	$(PY) -m pytest -q tests/test_deploy.py
+
+# The end-to-end suite with both services at debug level, in JSON; then every log it
+# left is searched for the password and private keys, and checked against the schema.
+LOG_AUDIT_DIR := build/log-audit
+log-audit: system-deps $(INSTALLED) $(GENERATED)
+	rm -rf $(LOG_AUDIT_DIR) && mkdir -p $(dir $(LOG_AUDIT_DIR))
+	PUSHGATE_SERVICE_LOG_FLAGS="--log-level debug --log-format json" $(PY) -m pytest -q \
+	    -p no:cacheprovider --basetemp=$(LOG_AUDIT_DIR) tests/test_e2e.py
+	$(PY) -m netlab.log_audit $(LOG_AUDIT_DIR)
 
 # The whole gateway on this host in network namespaces, with traffic through it.
 demo: system-deps $(INSTALLED) $(GENERATED)

@@ -141,3 +141,23 @@ def test_a_debug_run_of_the_gateway_logs_json_and_no_secret(tmp_path):
         assert any(record["level"] == "debug" for record in records), service
         for secret in secrets:
             assert secret not in text, f"{service}.log holds a secret ({secret[:6]}...)"
+
+
+def test_the_log_audit_finds_a_planted_password_key_line_and_a_stray_line(tmp_path):
+    from netlab import log_audit
+
+    (tmp_path / "gw" / "tls").mkdir(parents=True)
+    key_line = "MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg"
+    (tmp_path / "gw" / "tls" / "server.key").write_text(
+        f"-----BEGIN PRIVATE KEY-----\n{key_line}\n-----END PRIVATE KEY-----\n"
+    )
+    good = {"time": "t", "level": "info", "service": "pushgate-auth", "event": "e", "fields": {}}
+    (tmp_path / "gw" / "auth.log").write_text(json.dumps(good) + "\n")
+    (tmp_path / "gw" / "dataplane.log").write_text(json.dumps(good) + "\n")
+    assert log_audit.audit(tmp_path) == []
+    (tmp_path / "gw" / "client0.log").write_text(f"password {PASSWORD}\n")
+    (tmp_path / "gw" / "dataplane.log").write_text(f"{json.dumps(good)}\nkey {key_line}\n")
+    problems = log_audit.audit(tmp_path)
+    assert any("client0.log: holds a secret (correc" in p for p in problems)
+    assert any("dataplane.log: holds a secret (MIGHAg" in p for p in problems)
+    assert any("dataplane.log:2: not JSON" in p for p in problems)

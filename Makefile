@@ -12,11 +12,14 @@ PROTOS := protos/auth.proto protos/control.proto protos/admin.proto
 # Debian packages the tests and the demo use (network namespaces, ping, NAT, iperf3;
 # gcc builds the fake wintun.dll, binutils' objdump is PyInstaller's; setcap, setpriv,
 # unshare, strace, Debian's python3 with venv and systemd-analyze for
-# tests/test_deploy.py's image and unit checks).
+# tests/test_deploy.py's image and unit checks; Alertmanager and amtool for its alert
+# delivery test).
 SYSTEM_TOOLS := ip ping nft iperf3 curl promtool prometheus prometheus-node-exporter docker-compose \
-                gcc objdump setcap setpriv unshare strace systemd-analyze
+                gcc objdump setcap setpriv unshare strace systemd-analyze \
+                prometheus-alertmanager amtool
 SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps prometheus \
-                   prometheus-node-exporter docker-compose gcc libc6-dev binutils \
+                   prometheus-node-exporter prometheus-alertmanager docker-compose gcc \
+                   libc6-dev binutils \
                    libcap2-bin util-linux strace python3-venv systemd
 
 # The one-file client executable and the signed WinTun DLL it bundles.
@@ -26,6 +29,7 @@ CLIENT_SOURCES := $(wildcard client/*.py push_protocol/*.py pushgate_io/*.py) \
                   release/pushgate-client.spec release/client_main.py
 
 .PHONY: test test-fast demo bench bench-vpn soak fuzz lint proto venv system-deps deploy-check clean \
+        log-audit \
         client-exe windows-wheels
 
 # Run every test (creates the virtualenv, installs, generates gRPC code, builds the
@@ -62,9 +66,19 @@ $(WINTUN_DLL): release/wintun_dll.py | $(INSTALLED)
 windows-wheels: $(INSTALLED)
 	$(PY) release/windows_wheels.py
 
-# The deploy stack checked with docker-compose, promtool and a live Prometheus.
+# The deploy stack checked with docker-compose, promtool, amtool and a live Prometheus
+# and Alertmanager (alert delivery end to end, every dashboard query answering).
 deploy-check: system-deps $(INSTALLED) $(GENERATED)
 	$(PY) -m pytest -q tests/test_deploy.py
+
+# The end-to-end suite with both services at debug level, in JSON; then every log it
+# left is searched for the password and private keys, and checked against the schema.
+LOG_AUDIT_DIR := build/log-audit
+log-audit: system-deps $(INSTALLED) $(GENERATED)
+	rm -rf $(LOG_AUDIT_DIR) && mkdir -p $(dir $(LOG_AUDIT_DIR))
+	PUSHGATE_SERVICE_LOG_FLAGS="--log-level debug --log-format json" $(PY) -m pytest -q \
+	    -p no:cacheprovider --basetemp=$(LOG_AUDIT_DIR) tests/test_e2e.py
+	$(PY) -m netlab.log_audit $(LOG_AUDIT_DIR)
 
 # The whole gateway on this host in network namespaces, with traffic through it.
 demo: system-deps $(INSTALLED) $(GENERATED)

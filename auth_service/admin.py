@@ -97,6 +97,8 @@ deny_networks = [{deny_networks}]
 # ... except what this host offers them on purpose: "ping ADDRESS",
 # "udp ADDRESS:PORT", "tcp ADDRESS:PORT" (e.g. a DNS server on this host)
 offered_services = [{offered_services}]
+# traffic and drops by user name on /metrics: one series per account (opt-in)
+user_metrics = false
 """
 
 

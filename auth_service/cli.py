@@ -18,7 +18,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from push_protocol.version import add_version_argument, register_build_info
 from pushgate_api import admin_pb2_grpc, auth_pb2, control_pb2_grpc
-from pushgate_io import gateway_config
+from pushgate_io import gateway_config, logs
 from pushgate_io.control_socket import ControlSocketError, PeerPolicy, serve_private
 
 from . import health, limits
@@ -214,7 +214,9 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     )
     if auth.reflection:
         reflection.enable_server_reflection((*service_names, reflection.SERVICE_NAME), public)
-    credentials = grpc.ssl_server_credentials([(_read(auth.tls_key), _read(auth.tls_cert))])
+    cert_pem = _read(auth.tls_cert)
+    credentials = grpc.ssl_server_credentials([(_read(auth.tls_key), cert_pem)])
+    metrics.served_certificate(cert_pem)
     try:
         public.add_secure_port(auth.listen, credentials)
     except RuntimeError:  # taken since the probe
@@ -321,12 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         "SERVING, 1 if not (for container and service health checks)",
     )
     parser.add_argument("--timeout", type=float, default=3.0, help="for --check, seconds")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    logs.add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure("pushgate-auth", args)
     try:
         cfg = gateway_config.load(args.config, auth=True)
         for path in (cfg.auth.tls_cert, cfg.auth.tls_key):

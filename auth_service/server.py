@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from cryptography import x509
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import status_pb2
@@ -130,6 +131,16 @@ class AuthMetrics:
         self.health_watchers = Gauge(
             "pushgate_auth_health_watchers", "Health.Watch streams open", registry=registry
         )
+        self.certificate_not_after = Gauge(
+            "pushgate_auth_server_certificate_not_after_timestamp_seconds",
+            "When the TLS certificate the client API serves expires (Unix time)",
+            registry=registry,
+        )
+
+    def served_certificate(self, cert_pem: bytes) -> None:
+        """Export the not-after of the certificate the client API was given."""
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        self.certificate_not_after.set(cert.not_valid_after_utc.timestamp())
 
 
 def refusal(

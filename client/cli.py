@@ -3,12 +3,12 @@
 import argparse
 import asyncio
 import getpass
-import logging
 import os
 import sys
 import time
 
 from push_protocol.version import add_version_argument
+from pushgate_io import logs
 
 from . import profile
 from .auth import ClientError
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--status-dir",
         help="where the status file lives (/run/pushgate, %%ProgramData%%\\pushgate)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    logs.add_arguments(parser)
     commands = parser.add_subparsers(dest="command", required=True)
     connect = commands.add_parser(
         "connect", help="log in and bring the tunnel up (SIGUSR1: new UDP port, SIGUSR2: rekey)"
@@ -225,10 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure("pushgate-client", args)
     try:
         return args.func(args)
     except ClientError as error:

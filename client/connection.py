@@ -394,6 +394,7 @@ class Connection:
             return error
         self.session_info = new
         return network
+
     def _suspend(self) -> None:
         """The datapath stops; the TUN, its address, routes and DNS stay (see Suspend)."""
         if self.datapath is not None:

@@ -13,6 +13,7 @@ from pushgate_io.tun_linux import LinuxTun
 from . import killswitch_linux as killswitch
 from .auth import ClientError, ClientSession
 from .host import NetworkChangeFailed
+from .killswitch_linux import Endpoint, FirewallPolicy
 from .netplan import (
     dns_not_applied,
     needs_gateway_route,
@@ -20,7 +21,6 @@ from .netplan import (
     plan_network,
     plan_network_update,
 )
-from .killswitch_linux import Endpoint, FirewallPolicy
 
 log = logging.getLogger("pushgate.client")
 

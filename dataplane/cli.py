@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from push_protocol.version import add_version_argument, register_build_info
 from pushgate_api import control_pb2_grpc
-from pushgate_io import gateway_config
+from pushgate_io import gateway_config, logs
 from pushgate_io.control_socket import ControlSocketError, PeerPolicy, PrivateServer, serve_private
 from pushgate_io.tun import TUN_QUEUE_PACKETS
 from pushgate_io.tun_linux import LinuxTun
@@ -164,6 +164,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         filter_drops,
         on_loop=lambda function: run_on_loop(loop, function, LOOP_ANSWER_SECONDS),
         kernel_send_errors=KernelSendErrors(),
+        user_metrics=cfg.dataplane.user_metrics,
     )
     device.start(loop)
     metrics_server.start()
@@ -207,12 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", help="override [dataplane] listen, HOST:PORT")
     parser.add_argument("--tun-name", help="override [dataplane] tun_name")
     parser.add_argument("--metrics-listen", help="override [dataplane] metrics_listen")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    logs.add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure("pushgate-dataplane", args)
     try:
         cfg = gateway_config.load(args.config)
         overrides = {}

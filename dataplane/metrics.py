@@ -199,6 +199,43 @@ class KernelSendErrors:
         return total
 
 
+class UserTotals:
+    """Traffic and drops by user name, for the opt-in `user_*` families: one series per
+    account however many sessions it has had, so their number is bounded by the
+    accounts, never by sessions or sources. Counted from the live sessions' own
+    counters at each scrape, plus what sessions that have ended since had counted at
+    the last scrape they were seen (so a total never goes down; what a session
+    passed between that scrape and its end is not counted)."""
+
+    def __init__(self) -> None:
+        self._ended: dict[str, list[int]] = {}  # user -> [inbound, outbound bytes, drops]
+        self._seen: dict[int, tuple[str, int, int, int]] = {}  # session id -> last values
+
+    def _add(self, totals: dict[str, list[int]], user: str, values) -> None:
+        total = totals.setdefault(user, [0, 0, 0])
+        for index, value in enumerate(values):
+            total[index] += value
+
+    def update(self, records) -> dict[str, list[int]]:
+        """Per user: [inbound bytes, outbound bytes, drops]. Runs on the loop's thread."""
+        seen = {}
+        for record in records:
+            tunnel = record.tunnel
+            values = (tunnel.rx_bytes, tunnel.tx_bytes, sum(record.drops.values()))
+            before = self._seen.get(record.session_id)
+            if before is not None and any(a < b for a, b in zip(values, before[1:], strict=True)):
+                self._add(self._ended, before[0], before[1:])  # its counters started over
+            seen[record.session_id] = (record.username, *values)
+        for session_id, (user, *values) in self._seen.items():
+            if session_id not in seen:
+                self._add(self._ended, user, values)
+        self._seen = seen
+        totals = {user: list(values) for user, values in self._ended.items()}
+        for user, *values in seen.values():
+            self._add(totals, user, values)
+        return totals
+
+
 class DataplaneCollector:
     def __init__(
         self,
@@ -210,8 +247,10 @@ class DataplaneCollector:
         filter_drops: Callable[[], dict[DropReason, int]] | None = None,
         on_loop: Callable[[Callable], object] | None = None,
         kernel_send_errors: Callable[[], int] | None = None,
+        user_metrics: bool = False,
     ):
         self._c = counters
+        self._users = UserTotals() if user_metrics else None
         # runs a function on the loop's thread and returns its result (None: here)
         self._on_loop = on_loop or (lambda function: function())
         self._registry = registry
@@ -226,10 +265,11 @@ class DataplaneCollector:
     def _loop_state(self):
         """What the loop mutates, copied on its thread: counters, sessions, queues."""
         queues = [(q.name, q.capacity, len(q), q.high_water, q.overflows) for q in self._queues]
-        return self._c.snapshot(), self._registry.count_by_state(), queues
+        users = self._users.update(self._registry.by_id.values()) if self._users else None
+        return self._c.snapshot(), self._registry.count_by_state(), queues, users
 
     def collect(self):
-        c, counts, queues = self._on_loop(self._loop_state)
+        c, counts, queues, users = self._on_loop(self._loop_state)
         prefix = "pushgate_dataplane_"
 
         def counter(name, doc, value):
@@ -304,17 +344,24 @@ class DataplaneCollector:
                 "own are no_buffer_space drops (ENOBUFS) or queued (EAGAIN)",
                 self._kernel_send_errors(),
             )
+        # One direction vocabulary for every family: inbound is from clients (into the
+        # gateway's networks), outbound is to clients, as in drops_total.
         packets = CounterMetricFamily(
-            prefix + "packets", "Tunnel packets by direction", labels=["direction"]
+            prefix + "packets",
+            "Tunnel packets by direction: inbound authenticated from clients, outbound "
+            "sealed and sent to clients",
+            labels=["direction"],
         )
-        packets.add_metric(["rx"], c.rx_packets)
-        packets.add_metric(["tx"], c.tx_packets)
+        packets.add_metric([INBOUND], c.rx_packets)
+        packets.add_metric([OUTBOUND], c.tx_packets)
         yield packets
         volume = CounterMetricFamily(
-            prefix + "bytes", "Inner packet bytes by direction", labels=["direction"]
+            prefix + "bytes",
+            "Inner packet bytes by direction (inbound from clients, outbound to clients)",
+            labels=["direction"],
         )
-        volume.add_metric(["rx"], c.rx_bytes)
-        volume.add_metric(["tx"], c.tx_bytes)
+        volume.add_metric([INBOUND], c.rx_bytes)
+        volume.add_metric([OUTBOUND], c.tx_bytes)
         yield volume
         yield counters_by("kind", "io_errors", "Socket and TUN errors by kind", c.io_errors.items())
         yield counters_by(
@@ -385,6 +432,23 @@ class DataplaneCollector:
         for queue in queues:
             overflows.add_metric([queue[0]], queue[4])
         yield overflows
+        if users is not None:  # [dataplane] user_metrics = true
+            volume = CounterMetricFamily(
+                prefix + "user_bytes",
+                "Inner bytes by user name and direction (opt-in: [dataplane] user_metrics)",
+                labels=["user", "direction"],
+            )
+            drops = CounterMetricFamily(
+                prefix + "user_drops",
+                "Packets of a user's sessions dropped, any reason (opt-in: user_metrics)",
+                labels=["user"],
+            )
+            for user, (inbound, outbound, dropped) in sorted(users.items()):
+                volume.add_metric([user, INBOUND], inbound)
+                volume.add_metric([user, OUTBOUND], outbound)
+                drops.add_metric([user], dropped)
+            yield volume
+            yield drops
         cache = self._cipher_cache  # plain ints and a len(): atomic reads, in no equation
         yield gauge(
             "cipher_contexts",
@@ -420,6 +484,7 @@ def register_collectors(
     filter_drops: Callable[[], dict[DropReason, int]] | None = None,
     on_loop: Callable[[Callable], object] | None = None,
     kernel_send_errors: Callable[[], int] | None = None,
+    user_metrics: bool = False,
 ) -> None:
     """Our counters, the kernel's drops next to them, and the process' CPU, memory and
     file descriptors."""
@@ -432,6 +497,7 @@ def register_collectors(
             filter_drops=filter_drops,
             on_loop=on_loop,
             kernel_send_errors=kernel_send_errors,
+            user_metrics=user_metrics,
         )
     )
     ProcessCollector(registry=prometheus)

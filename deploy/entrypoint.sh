@@ -32,7 +32,8 @@ auth)
         echo "first start: no VPN user yet; add one (it prompts for the secret) with"
         echo "  docker-compose -f deploy/docker-compose.yml exec auth pushgate-admin user add NAME --config $CONFIG"
     fi
-    exec pushgate-auth --config "$CONFIG"
+    exec pushgate-auth --config "$CONFIG" \
+        --log-level "${PUSHGATE_LOG_LEVEL:-info}" --log-format "${PUSHGATE_LOG_FORMAT:-text}"
     ;;
 dataplane)
     # docker-compose.yml starts the dataplane once the auth service is healthy,
@@ -44,7 +45,8 @@ dataplane)
     if [ -n "${PUSHGATE_NAT_INTERFACE:-}" ]; then
         pushgate-nat --config "$CONFIG" "$PUSHGATE_NAT_INTERFACE"  # one shot, before the dataplane
     fi
-    exec pushgate-dataplane --config "$CONFIG"
+    exec pushgate-dataplane --config "$CONFIG" \
+        --log-level "${PUSHGATE_LOG_LEVEL:-info}" --log-format "${PUSHGATE_LOG_FORMAT:-text}"
     ;;
 *)
     exec "$@"

@@ -81,10 +81,10 @@ def summarise(samples) -> str:
     lines = [
         f"datagrams received {value(prefix + 'datagrams_received_total')}, delivered "
         f"{value(prefix + 'datagrams_delivered_total')}",
-        f"packets rx {value(prefix + 'packets_total', direction='rx')}, "
-        f"tx {value(prefix + 'packets_total', direction='tx')}; bytes rx "
-        f"{value(prefix + 'bytes_total', direction='rx')}, "
-        f"tx {value(prefix + 'bytes_total', direction='tx')}",
+        f"packets inbound {value(prefix + 'packets_total', direction='inbound')}, "
+        f"outbound {value(prefix + 'packets_total', direction='outbound')}; bytes inbound "
+        f"{value(prefix + 'bytes_total', direction='inbound')}, "
+        f"outbound {value(prefix + 'bytes_total', direction='outbound')}",
         f"sessions active {value(prefix + 'sessions', state='active')}, "
         f"installs {value(prefix + 'session_installs_total')}",
     ]

@@ -30,6 +30,12 @@ def tool(name: str) -> str:
     return os.path.join(os.path.dirname(sys.executable), name)
 
 
+def service_log_flags() -> list[str]:
+    """Extra logging flags for the services, from PUSHGATE_SERVICE_LOG_FLAGS (`make
+    log-audit` runs the end-to-end suite at debug level in JSON this way)."""
+    return os.environ.get("PUSHGATE_SERVICE_LOG_FLAGS", "").split()
+
+
 class GatewayLab:
     def __init__(
         self,
@@ -130,7 +136,7 @@ class GatewayLab:
     def start_auth(self) -> None:
         self.auth = self.lab.start(
             self.gw,
-            [tool("pushgate-auth"), "--config", self.config],
+            [tool("pushgate-auth"), "--config", self.config, *service_log_flags()],
             stdout=self._log("auth"),
             stderr=subprocess.STDOUT,
         )
@@ -144,6 +150,7 @@ class GatewayLab:
                 self.config,
                 "--metrics-listen",
                 f"{self.metrics_host}:{METRICS_PORT}",
+                *service_log_flags(),
             ],
             stdout=self._log("dataplane"),
             stderr=subprocess.STDOUT,

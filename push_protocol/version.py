@@ -18,7 +18,13 @@ def add_version_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def register_build_info(registry) -> None:
-    """`pushgate_build_info{version="..."} 1` in a prometheus_client registry."""
-    from prometheus_client import Info  # (not in the client executable, which has no metrics)
+    """`pushgate_build_info{version="..."} 1` in a prometheus_client registry, which every
+    service creates first: it also turns off prometheus_client's `*_created` series
+    (a timestamp sample per counter and histogram child that doubles the series count
+    and that no rule or dashboard reads)."""
+    # (imported here: the client executable has no metrics and no prometheus_client)
+    from prometheus_client import Info, disable_created_metrics
+
+    disable_created_metrics()
 
     Info("pushgate_build", "The running pushgate", registry=registry).info({"version": version()})

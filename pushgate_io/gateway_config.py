@@ -130,6 +130,9 @@ class DataplaneSection:
     deny_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     # ... except these services, offered on purpose (default: ping the gateway address).
     offered_services: tuple[OfferedService, ...]
+    # Opt-in: traffic and drops by user name on /metrics (one series per account, not per
+    # session; README, "The dataplane").
+    user_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -619,6 +622,7 @@ def _dataplane(section: _Section, gateway: GatewaySection) -> DataplaneSection:
         offered_services=section.each(
             "offered_services", [f"ping {gateway.gateway_address}"], OfferedService.parse
         ),
+        user_metrics=section.get("user_metrics", bool, False),
     )
 
 

@@ -73,8 +73,8 @@ def test_packets_flow_both_ways(gateway):
     src, sport, dport, payload = udp_payload(client.receive_inner())
     assert (src, sport, dport, payload) == (GW_TUNNEL, OBSERVER_PORT, 4000, b"hello client")
     samples = gateway.scrape()
-    assert metrics.total(samples, "pushgate_dataplane_packets_total", direction="rx") == 1
-    assert metrics.total(samples, "pushgate_dataplane_packets_total", direction="tx") >= 1
+    assert metrics.total(samples, "pushgate_dataplane_packets_total", direction="inbound") == 1
+    assert metrics.total(samples, "pushgate_dataplane_packets_total", direction="outbound") >= 1
     assert_accounted(samples)
     # the TUN's queue is longer than Linux's 500: bursts while the loop waits for a CPU
     link = gateway.lab.exec(gateway.gw, ["ip", "-o", "link", "show", "pgdp0"]).stdout

@@ -4,7 +4,9 @@ docker-compose validates the compose file (no engine needed), promtool checks
 the Prometheus config and rules and runs the rules' unit tests, and a real
 Prometheus (Debian's) scrapes a live gateway in namespaces, with a connected
 client passing traffic, while every dashboard panel's query is evaluated
-through Prometheus' HTTP API.
+through Prometheus' HTTP API; its alerts go to a real Alertmanager (Debian's
+prometheus-alertmanager, with deploy/alertmanager/alertmanager.yml), which
+delivers them to a webhook receiver the test runs, firing and resolved.
 """
 
 import contextlib
@@ -25,9 +27,13 @@ import pytest
 
 from netlab import Lab, directories_opened, http_get, metrics, wait_for
 from netlab.gateway import LAN_HOST, METRICS_PORT, GatewayLab
+from netlab.webhook import notifications
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS_PORT = 9090
+ALERTMANAGER_PORT = 9093
+WEBHOOK_PORT = 9095
+AUTH_METRICS_PORT = 9101
 
 
 def run(*command: str) -> subprocess.CompletedProcess:
@@ -41,6 +47,7 @@ def test_compose_file_validates():
         "auth",
         "dataplane",
         "prometheus",
+        "alertmanager",
         "node-exporter",
         "grafana",
     }
@@ -75,6 +82,44 @@ def test_prometheus_config_and_rules_pass_promtool():
     assert f"SUCCESS: {len(alert_names())} rules found" in out
 
 
+def test_alerts_reach_alertmanager_from_a_pinned_image_with_a_valid_config():
+    config = DEPLOY / "alertmanager" / "alertmanager.yml"
+    run("amtool", "check-config", str(config))
+    services = compose_services(**REQUIRED_SETTINGS)
+    image = services["alertmanager"]["image"]
+    assert re.fullmatch(r"prom/alertmanager:v\d+\.\d+\.\d+", image), image
+    assert any(config.name in str(volume) for volume in services["alertmanager"]["volumes"])
+    from ruamel.yaml import YAML
+
+    prometheus = YAML(typ="safe").load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    [alertmanager] = prometheus["alerting"]["alertmanagers"]
+    assert alertmanager["static_configs"] == [{"targets": ["alertmanager:9093"]}]
+    assert "send_resolved: true" in config.read_text()
+
+
+def alert_annotations() -> dict[str, dict[str, str]]:
+    """Each alert's annotations in the rules file."""
+    from ruamel.yaml import YAML
+
+    rules = YAML(typ="safe").load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    return {
+        rule["alert"]: rule["annotations"] for group in rules["groups"] for rule in group["rules"]
+    }
+
+
+def test_every_alert_says_what_it_means_and_links_its_runbook():
+    """docs/operations.md has a section per alert (its heading is the alert's name,
+    so the anchor is the name in lower case) and runbook_url points at it."""
+    operations = (DEPLOY.parent / "docs" / "operations.md").read_text()
+    headings = {line[4:].strip() for line in operations.splitlines() if line.startswith("### ")}
+    annotations = alert_annotations()
+    assert set(annotations) == set(alert_names())
+    for alert, notes in annotations.items():
+        assert len(notes.get("description", "")) > 40, alert
+        assert notes.get("runbook_url") == f"docs/operations.md#{alert.lower()}", alert
+        assert alert in headings, f"docs/operations.md has no '### {alert}'"
+
+
 def test_every_alert_fires_in_the_rule_unit_tests():
     run("promtool", "test", "rules", str(DEPLOY / "prometheus" / "rules_test.yml"))
     tests = (DEPLOY / "prometheus" / "rules_test.yml").read_text()
@@ -88,14 +133,53 @@ def test_dashboards_match_their_generator():
     run(sys.executable, str(DEPLOY / "grafana" / "dashboards.py"), "--check")
 
 
+def dashboards() -> list[dict]:
+    return [
+        json.loads(path.read_text())
+        for path in sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
+    ]
+
+
 def dashboard_queries() -> list[tuple[str, str, str]]:
-    queries = []
-    for path in sorted((DEPLOY / "grafana" / "dashboards").glob("*.json")):
-        dashboard = json.loads(path.read_text())
-        for panel in dashboard["panels"]:
+    return [
+        (dashboard["title"], panel["title"], target["expr"])
+        for dashboard in dashboards()
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])  # rows have none
+    ]
+
+
+def evaluable(expr: str) -> str:
+    """A panel's query as Grafana sends it with every instance picked and a 15 s
+    scrape interval ($__rate_interval: four of them)."""
+    return expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
+
+
+def test_dashboards_are_portable_and_right_for_several_gateways():
+    """Imported anywhere: the datasource is a variable; every query is limited to the
+    picked instances and uses $__rate_interval (a fixed [1m] is empty at a 60 s
+    scrape); panels are grouped in rows and say what they show; no query groups by a
+    label that grows with clients."""
+    for dashboard in dashboards():
+        variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+        assert variables["datasource"]["type"] == "datasource"
+        assert variables["instance"]["includeAll"] and variables["instance"]["multi"]
+        panels = dashboard["panels"]
+        assert panels[0]["type"] == "row"
+        for panel in panels:
+            if panel["type"] == "row":
+                continue
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+            assert len(panel["description"]) > 20, panel["title"]
             for target in panel["targets"]:
-                queries.append((dashboard["title"], panel["title"], target["expr"]))
-    return queries
+                expr = target["expr"]
+                assert 'instance=~"$instance"' in expr, (panel["title"], expr)
+                assert not re.search(r"\[\d+[smh]\]", expr), (panel["title"], expr)
+                if "rate(" in expr:
+                    assert "[$__rate_interval]" in expr, (panel["title"], expr)
+                assert not re.search(r"\b(session|source|endpoint|address)\b", expr), expr
+                if re.search(r"\buser\b", expr):  # the opt-in per-account families only
+                    assert expr.startswith("topk(10, ") and "_user_" in expr, expr
 
 
 def query(ns: str, expr: str) -> dict:
@@ -108,6 +192,9 @@ def live(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("deploy")
     with Lab("pgdeploy") as lab:
         gateway = GatewayLab(lab, str(workdir))
+        # the opt-in per-user families, for the dashboards' "Users" row
+        text = Path(gateway.config).read_text()
+        Path(gateway.config).write_text(text.replace("user_metrics = false", "user_metrics = true"))
         gateway.add_user("alice")
         gateway.start()
         gateway.connect(0, "alice")
@@ -115,6 +202,9 @@ def live(tmp_path_factory):
         config.write_text(
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
             f"rule_files: [{DEPLOY / 'prometheus' / 'rules.yml'}]\n"
+            "alerting:\n"
+            "  alertmanagers:\n"
+            f"    - static_configs: [{{targets: ['127.0.0.1:{ALERTMANAGER_PORT}']}}]\n"
             "scrape_configs:\n"
             "  - job_name: pushgate-auth\n"
             "    static_configs: [{targets: ['127.0.0.1:9101']}]\n"
@@ -130,6 +220,7 @@ def live(tmp_path_factory):
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        gateway.alerts = start_alert_delivery(lab, gateway.gw, workdir)
         with open(workdir / "prometheus.log", "w") as log:
             lab.start(
                 gateway.gw,
@@ -151,6 +242,54 @@ def live(tmp_path_factory):
         yield gateway
 
 
+def start_alert_delivery(lab: Lab, ns: str, workdir: Path) -> Path:
+    """Debian's Alertmanager with the stack's configuration, its receiver's URL set to
+    a webhook receiver run here and its waits shortened from minutes to a second
+    (the routing, grouping and inhibition are the file's); returns the file the
+    receiver writes each notification to."""
+    shipped = (DEPLOY / "alertmanager" / "alertmanager.yml").read_text()
+    url = re.search(r"- url: (\S+)", shipped).group(1)
+    config = shipped.replace(url, f"http://127.0.0.1:{WEBHOOK_PORT}/pushgate")
+    for wait in ("group_wait", "group_interval"):
+        config = re.sub(rf"{wait}: \S+", f"{wait}: 1s", config)
+    (workdir / "alertmanager.yml").write_text(config)
+    received = workdir / "alerts.jsonl"
+    with open(workdir / "webhook.log", "w") as log:
+        lab.start(
+            ns,
+            [
+                *(sys.executable, "-m", "netlab.webhook"),
+                *("--listen", f"127.0.0.1:{WEBHOOK_PORT}", "--out", str(received)),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=DEPLOY.parent,
+        )
+    with open(workdir / "alertmanager.log", "w") as log:
+        lab.start(
+            ns,
+            [
+                "prometheus-alertmanager",
+                f"--config.file={workdir / 'alertmanager.yml'}",
+                f"--storage.path={workdir / 'alertmanager'}",
+                f"--web.listen-address=127.0.0.1:{ALERTMANAGER_PORT}",
+                "--cluster.listen-address=",  # one instance: no gossip port
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    wait_for(lambda: _answers(ns, ALERTMANAGER_PORT, "/-/ready"), 30, what="Alertmanager")
+    return received
+
+
+def _answers(ns: str, port: int, path: str) -> bool:
+    try:
+        http_get(ns, port, path)
+    except OSError:
+        return False
+    return True
+
+
 def _up_targets(ns: str) -> int:
     try:
         result = query(ns, "sum(up)")
@@ -167,7 +306,7 @@ def _up_targets(ns: str) -> int:
     ids=[f"{d}/{p}/{i}" for i, (d, p, _) in enumerate(dashboard_queries())],
 )
 def test_dashboard_query_returns_live_data(live, dashboard, panel, expr):
-    result = query(live.gw, expr)
+    result = query(live.gw, evaluable(expr))
     assert result["status"] == "success", result
     assert result["data"]["result"], f"{dashboard} / {panel}: no data for {expr}"
 
@@ -179,6 +318,77 @@ def test_rules_load_in_the_live_prometheus(live):
     assert names == set(alert_names())
     firing = json.loads(http_get(live.gw, PROMETHEUS_PORT, "/api/v1/alerts"))
     assert firing["data"]["alerts"] == []  # a healthy gateway raises nothing
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("port", [AUTH_METRICS_PORT, METRICS_PORT], ids=["auth", "dataplane"])
+def test_live_metrics_pass_promtool_check_metrics(live, port):
+    """Both endpoints as Prometheus' own linter reads them: names, units, suffixes,
+    help texts; and no `_created` series (prometheus_client's default, turned off)."""
+    text = http_get(live.gw, port, "/metrics").decode()
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+    assert "_created" not in text
+    assert "process_cpu_seconds_total" in text and "pushgate_build_info" in text
+
+
+@pytest.mark.netns
+def test_both_services_export_process_metrics_and_one_direction_vocabulary(live):
+    jobs = query(live.gw, "count by (job) (process_resident_memory_bytes)")["data"]["result"]
+    assert {sample["metric"]["job"] for sample in jobs} >= {"pushgate-auth", "pushgate-dataplane"}
+    directions = query(live.gw, 'count by (direction) ({direction!=""})')["data"]["result"]
+    assert {sample["metric"]["direction"] for sample in directions} == {"inbound", "outbound"}
+    left = query(live.gw, "pushgate_auth_server_certificate_not_after_timestamp_seconds - time()")
+    days = float(left["data"]["result"][0]["value"][1]) / 86400
+    assert 800 < days <= 825  # `init`'s server certificate (auth_service/pki.py SERVER_DAYS)
+
+
+def delivered(received: Path, alertname: str, status: str) -> list[dict]:
+    """The alerts named `alertname` with `status` in the webhook's notifications."""
+    return [
+        alert
+        for notification in notifications(received)
+        for alert in notification["alerts"]
+        if alert["labels"]["alertname"] == alertname and alert["status"] == status
+    ]
+
+
+@pytest.mark.netns
+def test_a_stopped_dataplane_is_alerted_to_the_webhook_and_resolved(live):
+    """The whole path: the dataplane stops, Prometheus' PushgateDataplaneDown (for: 1m)
+    fires, Alertmanager delivers it to the webhook; the dataplane comes back and the
+    resolution is delivered too. (Runs last: it stops the dataplane of the module's
+    gateway.)"""
+    assert delivered(live.alerts, "PushgateDataplaneDown", "firing") == []
+    live.lab.stop(live.dataplane)
+    firing = wait_for(
+        lambda: delivered(live.alerts, "PushgateDataplaneDown", "firing"),
+        150,
+        interval=1,
+        what="PushgateDataplaneDown at the webhook",
+    )
+    alert = firing[0]
+    assert alert["labels"]["instance"] == f"127.0.0.1:{METRICS_PORT}"
+    assert alert["labels"]["severity"] == "critical"
+    assert alert["annotations"]["runbook_url"] == "docs/operations.md#pushgatedataplanedown"
+    # the inhibition: nothing else about this instance went out with it
+    others = [
+        a
+        for n in notifications(live.alerts)
+        for a in n["alerts"]
+        if a["labels"]["alertname"] != "PushgateDataplaneDown"
+    ]
+    assert others == []
+    live.start_dataplane()
+    resolved = wait_for(
+        lambda: delivered(live.alerts, "PushgateDataplaneDown", "resolved"),
+        60,
+        interval=1,
+        what="the resolution at the webhook",
+    )
+    assert resolved[0]["fingerprint"] == alert["fingerprint"]
 
 
 # -- the image, without a container engine: its build context, wheel and entry point --

@@ -113,10 +113,10 @@ def test_udp_through_the_tunnel(gateway):
 
 def test_two_clients_reach_each_other_through_the_gateway(gateway):
     bob = gateway.status(1)["tunnel"].split()[1].split("/")[0]
-    before = dataplane(gateway, "packets_total", direction="tx")
+    before = dataplane(gateway, "packets_total", direction="outbound")
     result = gateway.ping(0, bob, count=3)
     assert result.returncode == 0, result.stdout
-    assert dataplane(gateway, "packets_total", direction="tx") >= before + 6  # hub, counted
+    assert dataplane(gateway, "packets_total", direction="outbound") >= before + 6  # hub, counted
 
 
 def test_roaming_mid_transfer(gateway):

@@ -1045,7 +1045,9 @@ def test_tun_write_failures_are_counted_and_traffic_resumes(h):
         h.lab.exec(gw.gw, ["ip", "link", "set", "pg0", "up"])
     failed = int(delta(during, before, drops, "tun_write_error"))
     inner = int(
-        delta(during, before, metrics.total, "pushgate_dataplane_packets_total", direction="rx")
+        delta(
+            during, before, metrics.total, "pushgate_dataplane_packets_total", direction="inbound"
+        )
     )
     wait_for(lambda: gw.ping(0, LAN_HOST, count=1).returncode == 0, 20, what="traffic again")
     record("TUN write failures", inner_packets_while_down=inner, tun_write_error=failed)

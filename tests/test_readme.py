@@ -238,13 +238,13 @@ def test_the_readme_sets_up_a_gateway_and_a_client_that_tunnel(readme_lab):
         # Traffic flows through the tunnel: the lan host answers (it has no route back
         # but through the gateway's NAT) and the dataplane counted the packets.
         before = metrics.total(
-            world.dataplane_metrics(), "pushgate_dataplane_packets_total", direction="rx"
+            world.dataplane_metrics(), "pushgate_dataplane_packets_total", direction="inbound"
         )
         ping = world.lab.exec(
             world.client, ["ping", "-c", "5", "-i", "0.2", "-W", "2", LAN_HOST], check=False
         )
         after = metrics.total(
-            world.dataplane_metrics(), "pushgate_dataplane_packets_total", direction="rx"
+            world.dataplane_metrics(), "pushgate_dataplane_packets_total", direction="inbound"
         )
         assert ping.returncode == 0 and " 0% packet loss" in ping.stdout, ping.stdout
         assert after - before >= 5, (before, after)

@@ -10,7 +10,6 @@ traffic."""
 import dataclasses
 import os
 import random
-import shutil
 import subprocess
 
 import pytest
@@ -101,7 +100,7 @@ def test_the_table_is_replaced_in_one_transaction_and_names_are_checked():
     assert "kill switch on" in describe(FirewallPolicy("pgc0", (AUTH,), lockdown=True))
 
 
-@pytest.mark.skipif(shutil.which("nft") is None or os.geteuid() != 0, reason="needs nft and root")
+@pytest.mark.netns  # root: nft asks the kernel
 def test_every_rule_set_is_one_the_kernel_takes():
     policies = [
         FirewallPolicy("pgc0", (AUTH, DATA), lockdown=True, allow_lan=lan, block_ipv6=True)
@@ -187,7 +186,7 @@ def test_a_status_file_others_could_write_is_refused(tmp_path):
         os.chmod(tmp_path, 0o700)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+@pytest.mark.netns  # root: files of another uid
 def test_root_refuses_a_status_file_another_user_owns(tmp_path):
     path = tmp_path / "client-pgc0.json"
     write_status(str(path), status())
@@ -261,7 +260,7 @@ def test_a_held_tunnel_is_reused_only_for_the_same_network():
     assert not same_network(None, old)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+@pytest.mark.netns  # root: files of another uid
 def test_disconnect_as_root_runs_nothing_from_a_planted_status_file(tmp_path, capsys):
     """`--status-dir` pointing at a file another user wrote: refused, its undo steps
     never run; one of ours with foreign undo steps: those are skipped."""

@@ -191,7 +191,8 @@ def describe_rpc_error(error: grpc.RpcError, target: str, ca_path: str) -> Clien
         refusal is None and code is grpc.StatusCode.UNAUTHENTICATED
     ):
         return ClientError(
-            "login refused: wrong user name, password or one-time code, or the account is disabled",
+            "login refused: wrong user name or password (or one-time code), or the account "
+            "is disabled",
             retryable=False,
         )
     if reason == auth_pb2.REFUSAL_REASON_NO_FREE_ADDRESS:

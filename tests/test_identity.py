@@ -8,7 +8,9 @@ the test itself (discovery document and JWKS), whose keys the test holds.
 """
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import re
 import sqlite3
@@ -37,8 +39,9 @@ from auth_service.oidc import (
     TokenRejected,
     identity_from_claims,
 )
+from client import profile
 from client.auth import AuthClient, refusal_of
-from client.sso import SsoOptions, sso_login
+from client.sso import SsoOptions, callback_result, pkce_pair, sso_login
 from netlab import metrics, wait_for
 from netlab.auth import AuthServer, admin, free_port
 from pushgate_api import auth_pb2
@@ -616,3 +619,30 @@ def test_sso_with_a_real_provider_then_renewals_without_it(tmp_path):
     finally:
         provider.stop()
         server.stop()
+
+
+# -- the client's pieces ---------------------------------------------------------------
+
+
+def test_pkce_and_the_loopback_callback():
+    verifier, challenge = pkce_pair()
+    digest = hashlib.sha256(verifier.encode()).digest()
+    assert challenge == base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+    assert 43 <= len(verifier) <= 128
+    assert callback_result("/callback?code=abc&state=s1", "s1") == ("abc", None)
+    assert callback_result("/callback?code=abc&state=other", "s1") == (None, None)  # not ours
+    assert callback_result("/favicon.ico", "s1") == (None, None)
+    code, problem = callback_result("/callback?error=access_denied&state=s1", "s1")
+    assert code is None and "access_denied" in problem
+    assert callback_result("/callback?state=s1", "s1")[1] is not None
+
+
+def test_an_sso_profile_needs_no_user():
+    ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
+    written = profile.Profile(server="vpn.example.net:7443", user="", ca_pem=ca, login="sso")
+    loaded = profile.parse(written.to_toml())
+    assert loaded.login == "sso" and loaded.user == ""
+    with pytest.raises(profile.ProfileError):
+        profile.parse(written.to_toml().replace('login = "sso"', 'login = "magic"'))
+    with pytest.raises(profile.ProfileError):  # a password profile names its user
+        profile.parse(written.to_toml().replace('login = "sso"\n', ""))

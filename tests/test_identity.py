@@ -646,3 +646,31 @@ def test_an_sso_profile_needs_no_user():
         profile.parse(written.to_toml().replace('login = "sso"', 'login = "magic"'))
     with pytest.raises(profile.ProfileError):  # a password profile names its user
         profile.parse(written.to_toml().replace('login = "sso"\n', ""))
+
+
+@pytest.mark.processes
+def test_disabling_revokes_the_renewal_of_a_session_that_already_ended(tmp_path):
+    """The laptop slept through its session's end: disabling (and enabling) the user
+    meanwhile still revokes the renewal token, though no session was live to end."""
+    server = AuthServer(str(tmp_path / "gw"), settings={"session_lifetime_seconds": "1"})
+    server.add_user("alice", PASSWORD)
+    server.start()
+    try:
+        login = server.login("alice", PASSWORD)
+        info = auth_pb2.SessionInfoRequest(session_token=login.session_token)
+
+        def ended() -> bool:
+            try:
+                server.stub().SessionInfo(info, timeout=30)
+            except grpc.RpcError as error:
+                return refusal_of(error).reason == auth_pb2.REFUSAL_REASON_SESSION_UNKNOWN
+            return False
+
+        wait_for(ended, 10, what="the session to expire")
+        for action in ("disable", "enable"):
+            assert admin("user", action, "alice", "--config", server.config).returncode == 0
+        _code, refusal = _refusal(lambda: _renew(server.stub(), login.renewal_token))
+        assert refusal.reason == auth_pb2.REFUSAL_REASON_SESSION_REVOKED
+        assert refusal.revocation == auth_pb2.REVOCATION_CAUSE_USER_DISABLED
+    finally:
+        server.stop()

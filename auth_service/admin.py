@@ -451,7 +451,9 @@ def cmd_user_totp(args: argparse.Namespace) -> int:
     return 0
 
 
-def client_profile(cfg: gateway_config.GatewayConfig, user: str, server: str | None) -> str:
+def client_profile(
+    cfg: gateway_config.GatewayConfig, user: str, server: str | None, login: str = "password"
+) -> str:
     """The profile file for `user` (client/profile.py): the auth service's address
     (`server`, or the server certificate's first name and the listen port), the TLS
     name to check if that address is not one the certificate names, and the CA."""
@@ -466,7 +468,7 @@ def client_profile(cfg: gateway_config.GatewayConfig, user: str, server: str | N
     host, _ = gateway_config.parse_host_port(server, "--server")
     server_name = None if host in names else names[0]
     return profile.Profile(
-        server=server, user=user, ca_pem=ca_pem, server_name=server_name
+        server=server, user=user, ca_pem=ca_pem, server_name=server_name, login=login
     ).to_toml()
 
 
@@ -495,7 +497,9 @@ def cmd_user(args: argparse.Namespace) -> int:
                 raise NoSuchUser(args.name)
         finally:
             store.close()
-        sys.stdout.write(client_profile(cfg, args.name, args.server))
+        sys.stdout.write(
+            client_profile(cfg, args.name, args.server, "sso" if args.sso else "password")
+        )
         return 0
     if args.action == "add" and (problem := user_name_problem(args.name)):
         print(
@@ -773,6 +777,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="profile: the auth service's address for clients (default: the server "
         "certificate's first name and [auth] listen's port)",
+    )
+    user.add_argument(
+        "--sso",
+        action="store_true",
+        help="profile: the client signs in by single sign-on ([oidc]), not with a password",
     )
     user.set_defaults(func=cmd_user)
     session = commands.add_parser(

@@ -674,3 +674,14 @@ def test_disabling_revokes_the_renewal_of_a_session_that_already_ended(tmp_path)
         assert refusal.revocation == auth_pb2.REVOCATION_CAUSE_USER_DISABLED
     finally:
         server.stop()
+
+
+@pytest.mark.processes
+def test_admin_writes_an_sso_profile(tmp_path):
+    server = AuthServer(str(tmp_path / "gw"))
+    server.add_user("alice", PASSWORD)
+    result = admin("user", "profile", "alice", "--sso", "--config", server.config)
+    assert result.returncode == 0, result.stderr
+    assert profile.parse(result.stdout).login == "sso"
+    plain = admin("user", "profile", "alice", "--config", server.config)
+    assert profile.parse(plain.stdout).login == "password" and "login" not in plain.stdout

@@ -58,12 +58,10 @@ def _refusal(call) -> tuple[grpc.StatusCode, auth_pb2.Refusal]:
     return caught.value.code(), refusal
 
 
-def _configure(server: AuthServer, auth: dict[str, str] | None = None, oidc: str = "") -> None:
-    """Add [auth] keys the init template lacks, and an [oidc] table."""
-    text = Path(server.config).read_text()
-    extra = "".join(f"{key} = {value}\n" for key, value in (auth or {}).items())
-    text = text.replace("[auth]\n", "[auth]\n" + extra, 1)
-    Path(server.config).write_text(text + ("\n[oidc]\n" + oidc if oidc else ""))
+def _configure(server: AuthServer, oidc: str) -> None:
+    """Add an [oidc] table to the config."""
+    with open(server.config, "a") as handle:
+        handle.write("\n[oidc]\n" + oidc)
 
 
 # -- one-time codes: pure, fixed clock --------------------------------------------
@@ -246,8 +244,7 @@ def test_disable_remove_and_kick_revoke_the_renewal_token(tmp_path, change, caus
 
 @pytest.mark.processes
 def test_renewal_lifetime_ends_and_zero_issues_none(tmp_path):
-    server = AuthServer(str(tmp_path / "gw"))
-    _configure(server, {"renewal_lifetime_seconds": "2"})
+    server = AuthServer(str(tmp_path / "gw"), settings={"renewal_lifetime_seconds": "2"})
     server.add_user("alice", PASSWORD)
     server.start()
     try:
@@ -258,8 +255,7 @@ def test_renewal_lifetime_ends_and_zero_issues_none(tmp_path):
         assert refusal.reason == auth_pb2.REFUSAL_REASON_RENEWAL_REFUSED
     finally:
         server.stop()
-    off = AuthServer(str(tmp_path / "gw2"))
-    _configure(off, {"renewal_lifetime_seconds": "0"})
+    off = AuthServer(str(tmp_path / "gw2"), settings={"renewal_lifetime_seconds": "0"})
     off.add_user("alice", PASSWORD)
     off.start()
     try:
@@ -366,7 +362,7 @@ def _nonce(stub) -> str:
 @pytest.mark.processes
 def test_id_token_checks_against_the_issuer(tmp_path, issuer):
     server = AuthServer(str(tmp_path / "gw"))
-    _configure(server, oidc=_oidc_table(issuer.url))
+    _configure(server, _oidc_table(issuer.url))
     server.add_user("alice", PASSWORD)
     server.start()
     try:
@@ -430,7 +426,7 @@ def refusal_details(call) -> str:
 @pytest.mark.processes
 def test_auto_provisioning_and_an_unreachable_provider(tmp_path, issuer):
     server = AuthServer(str(tmp_path / "gw"))
-    _configure(server, oidc=_oidc_table(issuer.url, auto_provision=True))
+    _configure(server, _oidc_table(issuer.url, auto_provision=True))
     server.add_user("alice", PASSWORD)
     server.start()
     try:
@@ -452,7 +448,7 @@ def test_auto_provisioning_and_an_unreachable_provider(tmp_path, issuer):
         server.stop()
     # the provider gone: a clear refusal; password users are not affected
     down = AuthServer(str(tmp_path / "gw2"))
-    _configure(down, oidc=_oidc_table(f"http://127.0.0.1:{free_port()}"))
+    _configure(down, _oidc_table(f"http://127.0.0.1:{free_port()}"))
     down.add_user("alice", PASSWORD)
     down.start()
     try:
@@ -581,7 +577,7 @@ def test_sso_with_a_real_provider_then_renewals_without_it(tmp_path):
     )
     server = AuthServer(str(tmp_path / "gw"))
     # the mock takes no public client (token endpoint auth "none"): a public secret
-    _configure(server, oidc=_oidc_table(provider.url) + 'public_client_secret = "public"\n')
+    _configure(server, _oidc_table(provider.url) + 'public_client_secret = "public"\n')
     server.add_user("alice", PASSWORD)
     server.start()
     problems, browsers = [], []

@@ -20,6 +20,7 @@ import sys
 import time
 
 import grpc
+import segno
 from cryptography import x509
 
 from client import profile
@@ -27,6 +28,7 @@ from push_protocol.version import add_version_argument
 from pushgate_api import admin_pb2, admin_pb2_grpc, control_pb2, control_pb2_grpc
 from pushgate_io import gateway_config
 
+from . import totp
 from .access import AccessModel, group_listing, joining_problem
 from .audit import AuditLog
 from .passwords import hash_password
@@ -84,6 +86,8 @@ reflection = false                     # gRPC server reflection on the client AP
 admin_socket = {admin_socket}        # pushgate-admin's API, Unix socket, mode 0600
 audit_log = "audit.log"                # JSON lines: logins, session ends, admin changes
                                        # ("-": stdout)
+renewal_lifetime_seconds = 604800      # a login renews its session without the password or
+                                       # the identity provider this long (0: never)
 
 [dataplane]
 listen = {dataplane_listen}
@@ -99,6 +103,19 @@ deny_networks = [{deny_networks}]
 offered_services = [{offered_services}]
 # traffic and drops by user name on /metrics: one series per account (opt-in)
 user_metrics = false
+
+# Single sign-on with an OpenID Connect provider (README, "Single sign-on"):
+# uncomment and fill in to offer `pushgate-client connect --sso`.
+# [oidc]
+# issuer = "https://idp.example.com/realms/main"   # discovery is read from here
+# client_id = "pushgate"               # a public client: PKCE, loopback redirect
+# public_client_secret = ""            # only where native-app "secrets" are public
+# scopes = ["openid", "profile", "email"]
+# username_claim = "preferred_username"   # the claim naming the pushgate user
+# groups_claim = "groups"              # "" : ignore the provider's groups
+# auto_provision = false               # create unknown users at their first sign-on
+# http_timeout_seconds = 5
+
 """
 
 
@@ -399,7 +416,57 @@ def _user_offline(args: argparse.Namespace, store: Store) -> str:
     return f"user {args.name} removed" + later
 
 
-def client_profile(cfg: gateway_config.GatewayConfig, user: str, server: str | None) -> str:
+def cmd_user_totp(args: argparse.Namespace) -> int:
+    """`user totp enroll NAME`: a new TOTP secret for NAME, printed as an otpauth URI
+    (and a QR code on a terminal) for their authenticator app; `user totp remove NAME`."""
+    what, name = args.name, args.totp_user
+    if what not in ("enroll", "remove") or not name:
+        print("pushgate-admin: user totp enroll|remove NAME", file=sys.stderr)
+        return 2
+    cfg = gateway_config.load(args.config, auth=True)
+    secret = totp.new_secret() if what == "enroll" else None
+    try:
+        channel = admin_channel(cfg.auth.admin_socket)
+    except ServiceDown:
+        channel = None
+    if channel is not None:
+        with channel:
+            stub = admin_pb2_grpc.AdminStub(channel)
+            try:
+                if secret is not None:
+                    stub.EnrollTotp(
+                        admin_pb2.EnrollTotpRequest(username=name, secret=secret), timeout=30
+                    )
+                else:
+                    stub.RemoveTotp(admin_pb2.RemoveTotpRequest(username=name), timeout=30)
+            except grpc.RpcError as error:
+                raise _api_error(error, cfg.auth.admin_socket) from None
+    else:
+        store = Store(cfg.auth.database)
+        try:
+            store.set_totp(name, secret)
+        finally:
+            store.close()
+        if cfg.auth.audit_log is not None:
+            audit = AuditLog.open(cfg.auth.audit_log)
+            try:
+                audit.admin(f"user_totp_{what}", os.getuid(), user=name, offline=True)
+            finally:
+                audit.close()
+    if secret is None:
+        print(f"one-time codes of {name} removed: the password alone logs in")
+        return 0
+    uri = totp.provisioning_uri(secret, name)
+    print(f"one-time codes enrolled for {name}; add this to their authenticator app:")
+    print(uri)
+    if sys.stdout.isatty():
+        segno.make(uri, error="m").terminal(out=sys.stdout, compact=True)
+    return 0
+
+
+def client_profile(
+    cfg: gateway_config.GatewayConfig, user: str, server: str | None, login: str = "password"
+) -> str:
     """The profile file for `user` (client/profile.py): the auth service's address
     (`server`, or the server certificate's first name and the listen port), the TLS
     name to check if that address is not one the certificate names, and the CA."""
@@ -414,7 +481,7 @@ def client_profile(cfg: gateway_config.GatewayConfig, user: str, server: str | N
     host, _ = gateway_config.parse_host_port(server, "--server")
     server_name = None if host in names else names[0]
     return profile.Profile(
-        server=server, user=user, ca_pem=ca_pem, server_name=server_name
+        server=server, user=user, ca_pem=ca_pem, server_name=server_name, login=login
     ).to_toml()
 
 
@@ -433,6 +500,8 @@ def _audit_offline(cfg: gateway_config.GatewayConfig, args: argparse.Namespace) 
 
 
 def cmd_user(args: argparse.Namespace) -> int:
+    if args.action == "totp":
+        return cmd_user_totp(args)
     if args.action == "profile":
         cfg = gateway_config.load(args.config, auth=True)
         store = Store(cfg.auth.database)
@@ -441,7 +510,9 @@ def cmd_user(args: argparse.Namespace) -> int:
                 raise NoSuchUser(args.name)
         finally:
             store.close()
-        sys.stdout.write(client_profile(cfg, args.name, args.server))
+        sys.stdout.write(
+            client_profile(cfg, args.name, args.server, "sso" if args.sso else "password")
+        )
         return 0
     if args.action == "add" and (problem := user_name_problem(args.name)):
         print(
@@ -819,9 +890,11 @@ def build_parser() -> argparse.ArgumentParser:
     cert.set_defaults(func=cmd_cert_renew)
     user = commands.add_parser("user", help="manage users")
     user.add_argument(
-        "action", choices=["add", "passwd", "disable", "enable", "remove", "list", "profile"]
+        "action",
+        choices=["add", "passwd", "disable", "enable", "remove", "list", "profile", "totp"],
     )
-    user.add_argument("name", nargs="?")
+    user.add_argument("name", nargs="?", help="the user; for totp: enroll or remove")
+    user.add_argument("totp_user", nargs="?", metavar="NAME", help="totp: the user")
     user.add_argument("--config", required=True)
     user.add_argument("--password-file")
     user.add_argument(
@@ -835,6 +908,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="profile: the auth service's address for clients (default: the server "
         "certificate's first name and [auth] listen's port)",
+    )
+    user.add_argument(
+        "--sso",
+        action="store_true",
+        help="profile: the client signs in by single sign-on ([oidc]), not with a password",
     )
     user.set_defaults(func=cmd_user)
     group = commands.add_parser(

@@ -14,6 +14,7 @@ import grpc
 from pushgate_api import admin_pb2, admin_pb2_grpc, auth_pb2
 from pushgate_io.control_socket import PeerCredentials
 
+from . import totp
 from .access import group_listing, joining_problem
 from .audit import AuditLog
 from .sessions import SessionManager
@@ -177,6 +178,22 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             lambda: self.store.set_password(name, password_hash, time.time()),
         )
         return admin_pb2.UserChangeResponse(ended_session_ids=ended)
+
+    async def EnrollTotp(self, request, context):
+        name, secret = request.username, request.secret
+        if problem := totp.secret_problem(secret):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"TOTP secret: {problem}")
+        await self._user_change(
+            context, "user_totp_enroll", name, lambda: self.store.set_totp(name, secret)
+        )
+        return admin_pb2.UserChangeResponse()
+
+    async def RemoveTotp(self, request, context):
+        name = request.username
+        await self._user_change(
+            context, "user_totp_remove", name, lambda: self.store.set_totp(name, None)
+        )
+        return admin_pb2.UserChangeResponse()
 
     def _summary(self, s: StoredSession) -> admin_pb2.SessionSummary:
         return admin_pb2.SessionSummary(

@@ -54,9 +54,20 @@ class AuditLog:
         self._stream.write(json.dumps(line, ensure_ascii=False) + "\n")
         self._stream.flush()
 
-    def login(self, result: str, user: str, source: str, session: StoredSession | None) -> None:
-        """`result` is the pushgate_auth_logins_total label for this attempt."""
+    def login(
+        self,
+        result: str,
+        user: str,
+        source: str,
+        session: StoredSession | None,
+        *,
+        method: str | None = None,
+    ) -> None:
+        """`result` is the pushgate_auth_logins_total label for this attempt; `method`
+        how the user proved who they are (pushgate_auth_logins_by_method)."""
         fields = {"result": result, "user": user, "source": source}
+        if method is not None:
+            fields["method"] = method
         if session is not None:
             fields |= {"session": f"{session.session_id:#010x}", "address": session.address}
         self.record("login", **fields)

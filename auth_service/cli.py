@@ -21,7 +21,7 @@ from pushgate_api import admin_pb2_grpc, auth_pb2, control_pb2_grpc
 from pushgate_io import gateway_config, logs
 from pushgate_io.control_socket import ControlSocketError, PeerPolicy, serve_private
 
-from . import health, limits
+from . import health, limits, oidc
 from .access import AccessModel
 from .admin_api import AdminServicer
 from .audit import REMOVAL_NAMES, REVOCATION_NAMES, AuditLog
@@ -134,6 +134,26 @@ async def reload_access(path: str, sessions: SessionManager) -> bool:
     return True
 
 
+def _provider(section: gateway_config.OidcSection | None) -> oidc.Provider | None:
+    """The OpenID provider of [oidc], if there is one (discovery waits for the first
+    single sign-on: a provider that is down must not keep the auth service from starting)."""
+    if section is None:
+        return None
+    log.info("single sign-on with %s (client id %s)", section.issuer, section.client_id)
+    return oidc.Provider(
+        oidc.OidcSettings(
+            issuer=section.issuer,
+            client_id=section.client_id,
+            public_client_secret=section.public_client_secret,
+            scopes=section.scopes,
+            username_claim=section.username_claim,
+            groups_claim=section.groups_claim or None,
+            auto_provision=section.auto_provision,
+            http_timeout_seconds=section.http_timeout_seconds,
+        )
+    )
+
+
 async def run(cfg: gateway_config.GatewayConfig) -> None:
     gw, auth = cfg.gateway, cfg.auth
     registry = CollectorRegistry()
@@ -198,6 +218,9 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
             "endpoint": auth_pb2.Endpoint(host=host, port=port),
         },
         audit=audit,
+        renewal_lifetime=auth.renewal_lifetime_seconds,
+        provider=_provider(cfg.oidc),
+        auto_provision=cfg.oidc is not None and cfg.oidc.auto_provision,
     )
     servicer.update_gauges()
 

@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -17,14 +18,26 @@ from push_protocol.aead import CipherSuite
 from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
 from pushgate_io.rate_limited_log import RateLimitedLog
 
+from . import totp
 from .audit import AuditLog
+from .oidc import (
+    SSO_ONLY_PASSWORD_HASH,
+    Identity,
+    NonceBook,
+    Provider,
+    ProviderUnreachable,
+    TokenRejected,
+)
 from .passwords import verify_password
+from .renewal import DEFAULT_RENEWAL_LIFETIME_SECONDS, new_token, renewal_verdict
 from .sessions import (
     MAX_COUNTER_RANGES_PER_LEASE,
     AllocationKind,
     PoolExhausted,
     SessionManager,
+    token_hash,
 )
+from .store import Renewal, UserExists
 from .throttle import Outcome, SprayWatch, Throttle, Verdict, login_keys
 from .user_names import MAX_USERNAME_BYTES, user_name_problem
 
@@ -35,6 +48,20 @@ GENERIC_LOGIN_ERROR = "invalid user name or password"
 REVOKED_MESSAGE = "access revoked by the administrator"
 MAX_CLIENT_VERSION_CHARS = 64  # what the admin listing keeps of LoginRequest.client_version
 LOGIN_RESULTS = ("success", "bad_credentials", "throttled", "invalid", "pool_exhausted", "busy")
+# pushgate_auth_logins_by_method: how the user proved who they are ("renewal": a
+# renewal token, Renew), and the results beyond LOGIN_RESULTS that only some have.
+LOGIN_METHODS = ("password", "totp", "sso", "renewal")
+IDENTITY_RESULTS = (
+    "otp_required",  # the password was right, the account needs a code: none was sent
+    "sso_unavailable",  # not configured, or the provider could not be reached
+    "sso_rejected",  # the ID token was refused
+    "unknown_user",  # valid ID token, no such (enabled) account
+    "renewal_refused",  # renewal token unknown, used or expired
+    "revoked",  # renewal token of a disabled/removed user or a kicked session
+)
+MAX_ID_TOKEN_BYTES = 16384
+MAX_OTP_CODE_CHARS = 16
+SSO_HTTP_WORKERS = 2
 FAILURE_LOG_SECONDS = 10.0  # at most one "login failed" line per user name this often
 FAILURE_LOG_NAMES = 1024  # names remembered for that; beyond, one line for all the rest
 
@@ -136,6 +163,15 @@ class AuthMetrics:
             "When the TLS certificate the client API serves expires (Unix time)",
             registry=registry,
         )
+        self.logins_by_method = Counter(
+            "pushgate_auth_logins_by_method",
+            "Login attempts by how the user proved who they are (password, totp: password "
+            "and one-time code, sso, renewal: a renewal token) and result",
+            ["method", "result"],
+            registry=registry,
+        )
+        for method in LOGIN_METHODS:
+            self.logins_by_method.labels(method, "success")
 
     def served_certificate(self, cert_pem: bytes) -> None:
         """Export the not-after of the certificate the client API was given."""
@@ -174,6 +210,10 @@ def peer_ip(context) -> str:
     return peer
 
 
+class _CodeMissing(Exception):
+    """A password login of a TOTP user came without a code (the throttle counts nothing)."""
+
+
 class AuthServicer:
     """pushgate.auth.v1.Auth. Registered by hand (see `generic_handler`) so that
     a request that does not even parse (e.g. a non-UTF-8 user name) gets
@@ -191,7 +231,18 @@ class AuthServicer:
         default_cipher: int,
         response_template: dict,
         audit: AuditLog,
+        renewal_lifetime: float = DEFAULT_RENEWAL_LIFETIME_SECONDS,
+        provider: Provider | None = None,
+        auto_provision: bool = False,
+        identity_seen: Callable[[Identity], None] | None = None,
     ) -> None:
+        self.renewal_lifetime = renewal_lifetime  # 0: no renewal tokens
+        self.provider = provider  # None: no single sign-on
+        self.auto_provision = auto_provision
+        # Told every identity a single sign-on proved (its groups claim included).
+        self.identity_seen = identity_seen or (lambda identity: None)
+        self.nonces = NonceBook()
+        self._http_pool = ThreadPoolExecutor(SSO_HTTP_WORKERS, thread_name_prefix="oidc")
         self.sessions = sessions
         self.audit = audit
         self.metrics = metrics
@@ -219,6 +270,8 @@ class AuthServicer:
         """Forget what the throttle, spray watch and failure log no longer need
         (`now` is time.monotonic(), their clock); called every second."""
         self.throttle.prune(now)
+        self.nonces.prune(time.time())
+        self.sessions.store.forget_expired_renewals(time.time())
         self._failure_log.prune()
         self.metrics.accounts_targeted.set(self.spray_watch.targeted(now))
         self._throttle_gauges()
@@ -236,12 +289,15 @@ class AuthServicer:
         code,
         message: str,
         reason: int,
+        *,
+        method: str = "password",
         **extra,
     ):
         """Refuse a login (`attempt` is its user name and source): counted by `result`
-        in the metric and the audit log alike."""
+        (and `method`) in the metrics and the audit log alike."""
         self.metrics.logins.labels(result).inc()
-        self.audit.login(result, *attempt, None)
+        self.metrics.logins_by_method.labels(method, result).inc()
+        self.audit.login(result, *attempt, None, method=method)
         await context.abort_with_status(refusal(code, message, reason, **extra))
 
     async def _admit(self, keys) -> Verdict:
@@ -271,6 +327,8 @@ class AuthServicer:
                 "malformed request",
                 invalid,
             )
+        if request.id_token:
+            return await self._sso_login(request, context, source)
         name, password = request.username, request.password
         attempt = (name[:MAX_USERNAME_BYTES], source)
         if problem := user_name_problem(name):
@@ -284,6 +342,15 @@ class AuthServicer:
                 "invalid",
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"password must be 1-{MAX_PASSWORD_BYTES} bytes",
+                invalid,
+            )
+        if len(request.otp_code) > MAX_OTP_CODE_CHARS:
+            await self._refuse(
+                context,
+                attempt,
+                "invalid",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "malformed one-time code",
                 invalid,
             )
         cipher = request.preferred_cipher
@@ -321,6 +388,7 @@ class AuthServicer:
                     retry_after=verdict.retry_after,
                 )
             outcome = Outcome.ABANDONED
+            method, otp = "password", None
             try:
                 user = self.sessions.store.get_user(name)
                 self.metrics.password_checks.inc()
@@ -328,7 +396,14 @@ class AuthServicer:
                     self._hash_pool, verify_password, user.password_hash if user else None, password
                 )
                 good = ok and user is not None and not user.disabled
+                if good and (otp := self._check_otp(name, request.otp_code)) is not None:
+                    method = "totp"
+                    good = otp == "ok"
+                    if otp == "missing":  # neither a failure nor a success: a code is asked
+                        raise _CodeMissing
                 outcome = Outcome.SUCCEEDED if good else Outcome.FAILED
+            except _CodeMissing:
+                pass
             finally:
                 self.throttle.finish(keys, time.monotonic(), outcome)
                 self._throttle_gauges()
@@ -336,6 +411,16 @@ class AuthServicer:
                     self._settled.notify_all()
         finally:
             self._pending -= 1
+        if otp == "missing":
+            await self._refuse(
+                context,
+                attempt,
+                "otp_required",
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this account needs a one-time code",
+                auth_pb2.REFUSAL_REASON_OTP_REQUIRED,
+                method=method,
+            )
         if outcome is Outcome.FAILED:
             now = time.monotonic()
             if user is not None:
@@ -346,13 +431,237 @@ class AuthServicer:
                 attempt,
                 "bad_credentials",
                 grpc.StatusCode.UNAUTHENTICATED,
-                GENERIC_LOGIN_ERROR,
+                GENERIC_LOGIN_ERROR if otp is None else "wrong or already used one-time code",
                 auth_pb2.REFUSAL_REASON_BAD_CREDENTIALS,
+                method=method,
             )
+        now = time.time()
+        return await self._start(
+            context,
+            request,
+            source,
+            Identity(name, method),
+            authenticated_at=now,
+            renewal_until=now + self.renewal_lifetime,
+        )
+
+    def _check_otp(self, name: str, code: str) -> str | None:
+        """None if `name` has no TOTP secret; else "ok" (and the code's step is used
+        up), "missing" or "wrong" (wrong, or used before)."""
+        store = self.sessions.store
+        enrolled = store.totp(name)
+        if enrolled is None:
+            return None
+        if not code:
+            return "missing"
+        secret, last_used = enrolled
+        step = totp.matching_step(secret, code, time.time(), last_used)
+        return "ok" if step is not None and store.use_totp_step(name, step) else "wrong"
+
+    async def _sso_login(self, request, context, source: str):
+        """Login with an ID token from the configured OpenID provider (auth_service/oidc.py)."""
+        attempt, unavailable = ("", source), auth_pb2.REFUSAL_REASON_SSO_UNAVAILABLE
+
+        async def refuse(result, code, message, reason):
+            await self._refuse(context, attempt, result, code, message, reason, method="sso")
+
+        if self.provider is None:
+            await refuse(
+                "sso_unavailable",
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "single sign-on is not set up on this gateway",
+                unavailable,
+            )
+        if len(request.id_token) > MAX_ID_TOKEN_BYTES or request.username or request.password:
+            await refuse(
+                "invalid",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "an ID token login has no user name or password, and an ID token of at most "
+                f"{MAX_ID_TOKEN_BYTES} bytes",
+                auth_pb2.REFUSAL_REASON_INVALID_REQUEST,
+            )
+        cipher = request.preferred_cipher
+        if cipher and CipherSuite.from_api_code(cipher) is None:
+            await refuse(
+                "invalid",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "unknown cipher",
+                auth_pb2.REFUSAL_REASON_INVALID_REQUEST,
+            )
+        if self._pending >= self._max_pending:
+            await refuse(
+                "busy",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "the auth service is busy; try again shortly",
+                auth_pb2.REFUSAL_REASON_BUSY,
+            )
+        self._pending += 1
+        try:
+            identity, nonce = await asyncio.get_running_loop().run_in_executor(
+                self._http_pool, self.provider.validate, request.id_token
+            )
+            if not self.nonces.take(nonce, time.time()):
+                raise TokenRejected("the ID token's nonce is unknown, used or expired (a replay?)")
+        except ProviderUnreachable as error:
+            log.warning("single sign-on: %s", error)
+            await refuse(
+                "sso_unavailable",
+                grpc.StatusCode.UNAVAILABLE,
+                "the single sign-on provider cannot be reached; try again later",
+                unavailable,
+            )
+        except TokenRejected as error:
+            self._failure_log.warning(source, "single sign-on refused peer=%s: %s", source, error)
+            await refuse(
+                "sso_rejected",
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"single sign-on refused: {error}",
+                auth_pb2.REFUSAL_REASON_SSO_REJECTED,
+            )
+        finally:
+            self._pending -= 1
+        attempt = (identity.username, source)
+        store = self.sessions.store
+        user = store.get_user(identity.username)
+        if user is None and self.auto_provision:
+            try:
+                store.add_user(identity.username, SSO_ONLY_PASSWORD_HASH, time.time())
+            except UserExists:  # another login of theirs just did
+                pass
+            else:
+                self.audit.admin("user_add", None, user=identity.username, source="sso")
+                log.info("single sign-on: user %r created (auto_provision)", identity.username)
+            user = store.get_user(identity.username)
+        if user is None or user.disabled:
+            what = "is disabled" if user is not None else "does not exist here"
+            await refuse(
+                "unknown_user",
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"the account {identity.username!r} {what}; ask the gateway's administrator",
+                auth_pb2.REFUSAL_REASON_SSO_UNKNOWN_USER,
+            )
+        log.info(
+            "single sign-on user=%r groups=%s",
+            identity.username,
+            "(no groups claim)" if identity.groups is None else ",".join(identity.groups),
+        )
+        self.identity_seen(identity)
+        await self._take_provider_groups(identity)
+        now = time.time()
+        return await self._start(
+            context,
+            request,
+            source,
+            identity,
+            authenticated_at=now,
+            renewal_until=now + self.renewal_lifetime,
+        )
+
+    async def Renew(self, request, context):
+        started = time.perf_counter()
+        try:
+            return await self._renew(request, context)
+        finally:
+            self.metrics.login_seconds.observe(time.perf_counter() - started)
+
+    async def _renew(self, request, context):
+        source = peer_ip(context)
+        attempt = ("", source)
+        if (
+            request is None
+            or not request.renewal_token
+            or (
+                request.preferred_cipher
+                and CipherSuite.from_api_code(request.preferred_cipher) is None
+            )
+        ):
+            await self._refuse(
+                context,
+                attempt,
+                "invalid",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a renewal token and a known cipher are required",
+                auth_pb2.REFUSAL_REASON_INVALID_REQUEST,
+                method="renewal",
+            )
+        store, now = self.sessions.store, time.time()
+        with store.transaction():  # taken and deleted at once: two uses cannot both pass
+            renewal = store.take_renewal(token_hash(request.renewal_token))
+        user = store.get_user(renewal.username) if renewal is not None else None
+        if renewal is not None:
+            attempt = (renewal.username, source)
+        verdict = renewal_verdict(renewal, user, now)
+        if isinstance(verdict, int):
+            await self._refuse(
+                context,
+                attempt,
+                "revoked",
+                grpc.StatusCode.PERMISSION_DENIED,
+                REVOKED_MESSAGE,
+                auth_pb2.REFUSAL_REASON_SESSION_REVOKED,
+                method="renewal",
+                revocation=verdict,
+            )
+        if verdict is not None:
+            await self._refuse(
+                context,
+                attempt,
+                "renewal_refused",
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"renewal refused ({verdict}): log in again",
+                auth_pb2.REFUSAL_REASON_RENEWAL_REFUSED,
+                method="renewal",
+            )
+        old = store.session_by_id(renewal.session_id)
+        if old is not None and old.username == renewal.username:
+            await self.sessions.remove(old, control_pb2.REMOVAL_REASON_REPLACED, now)
+        return await self._start(
+            context,
+            request,
+            source,
+            Identity(renewal.username, renewal.method),
+            authenticated_at=renewal.authenticated_at,
+            renewal_until=renewal.expires_at,
+            label="renewal",
+        )
+
+    async def _take_provider_groups(self, identity: Identity) -> None:
+        """The provider's groups claim is the user's "idp" membership (the admin's is
+        kept beside it): groups the config declares; the others are only logged. Live
+        sessions of the user get the new policy at once, the new one is made with it."""
+        access = self.sessions.access
+        if identity.groups is None or access is None or access.groups is None:
+            return
+        groups = [group for group in identity.groups if group in access.groups]
+        if ignored := sorted(set(identity.groups) - set(groups)):
+            log.debug(
+                "single sign-on user=%r: groups not in the config: %s", identity.username, ignored
+            )
+        store = self.sessions.store
+        with store.transaction():
+            changed = store.replace_user_groups(identity.username, groups, "idp")
+        if changed:
+            await self.sessions.update_policies({identity.username})
+
+    async def _start(
+        self,
+        context,
+        request,
+        source: str,
+        identity: Identity,
+        *,
+        authenticated_at: float,
+        renewal_until: float,
+        label: str | None = None,
+    ):
+        """The session (and renewal token) for a login that proved `identity`; `label`
+        is the method the metrics count it under (default: the identity's)."""
+        name, method = identity.username, label or identity.method
+        attempt = (name, source)
         try:
             session, token, replaced = await self.sessions.create(
                 name,
-                cipher or self.default_cipher,
+                request.preferred_cipher or self.default_cipher,
                 time.time(),
                 client_version=request.client_version[:MAX_CLIENT_VERSION_CHARS],
                 login_source=source,
@@ -365,9 +674,25 @@ class AuthServicer:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 str(error),
                 auth_pb2.REFUSAL_REASON_NO_FREE_ADDRESS,
+                method=method,
             )
-        self.audit.login("success", name, source, session)
+        renewal_token, renewal_expires = "", 0.0
+        if self.renewal_lifetime > 0 and renewal_until > time.time():
+            renewal_token, renewal_expires = new_token(), renewal_until
+            self.sessions.store.add_renewal(
+                token_hash(renewal_token),
+                Renewal(
+                    username=name,
+                    session_id=session.session_id,
+                    method=identity.method,
+                    authenticated_at=authenticated_at,
+                    expires_at=renewal_until,
+                    revoked=0,
+                ),
+            )
+        self.audit.login("success", name, source, session, method=method)
         self.metrics.logins.labels("success").inc()
+        self.metrics.logins_by_method.labels(method, "success").inc()
         self.metrics.replaced.inc(len(replaced))
         self.update_gauges()
         for old in replaced:
@@ -378,8 +703,9 @@ class AuthServicer:
                 self.sessions.max_sessions_per_user,
             )
         log.info(
-            "login ok user=%r session=%#010x address=%s peer=%s",
+            "login ok user=%r method=%s session=%#010x address=%s peer=%s",
             name,
+            method,
             session.session_id,
             session.address,
             source,
@@ -398,6 +724,45 @@ class AuthServicer:
             key_lifetime_seconds=t["key_lifetime"],
             dataplane_endpoint=t["endpoint"],
             expires_at_unix_ms=int(session.expires_at * 1000),
+            renewal_token=renewal_token,
+            renewal_expires_at_unix_ms=int(renewal_expires * 1000),
+            username=name,
+        )
+
+    async def BeginSso(self, request, context):
+        unavailable = auth_pb2.REFUSAL_REASON_SSO_UNAVAILABLE
+        if self.provider is None:
+            await context.abort_with_status(
+                refusal(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "single sign-on is not set up on this gateway",
+                    unavailable,
+                )
+            )
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(
+                self._http_pool, self.provider.metadata
+            )
+        except ProviderUnreachable as error:
+            log.warning("single sign-on: %s", error)
+            await context.abort_with_status(
+                refusal(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the single sign-on provider cannot be reached; try again later",
+                    unavailable,
+                )
+            )
+        nonce, expires = self.nonces.issue(time.time())
+        settings = self.provider.settings
+        return auth_pb2.BeginSsoResponse(
+            issuer=settings.issuer,
+            authorization_endpoint=found["authorization_endpoint"],
+            token_endpoint=found["token_endpoint"],
+            client_id=settings.client_id,
+            client_secret=settings.public_client_secret,
+            scopes=settings.scopes,
+            nonce=nonce,
+            nonce_expires_at_unix_ms=int(expires * 1000),
         )
 
     @staticmethod
@@ -463,6 +828,7 @@ class AuthServicer:
     async def Logout(self, request, context):
         session = await self._session(request, context)
         await self.sessions.remove(session, control_pb2.REMOVAL_REASON_LOGOUT, time.time())
+        self.sessions.store.drop_renewals(session.session_id)  # logged out: no renewal
         self.metrics.logouts.inc()
         self.update_gauges()
         log.info("logout session=%#010x user=%r", session.session_id, session.username)
@@ -497,6 +863,8 @@ class AuthServicer:
             "Rekey": (auth_pb2.RekeyRequest, auth_pb2.RekeyResponse),
             "Logout": (auth_pb2.LogoutRequest, auth_pb2.LogoutResponse),
             "SessionInfo": (auth_pb2.SessionInfoRequest, auth_pb2.SessionInfoResponse),
+            "BeginSso": (auth_pb2.BeginSsoRequest, auth_pb2.BeginSsoResponse),
+            "Renew": (auth_pb2.RenewRequest, auth_pb2.LoginResponse),
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(

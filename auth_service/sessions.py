@@ -442,6 +442,8 @@ class SessionManager:
             removed.append(self.store.delete_session(session.session_id, released_at))
             if cause and removed[0]:
                 self.store.remember_revoked(session, cause, released_at)
+            if cause:  # its renewal token goes with it (auth_service/renewal.py)
+                self.store.revoke_renewals(session.username, cause, session.session_id)
 
         await self._commit(
             change,

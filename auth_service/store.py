@@ -79,9 +79,30 @@ MIGRATIONS = [
     );
     CREATE INDEX group_members_by_user ON group_members (username);
     """,
+    # 5: identity (issue 19): TOTP secrets and the last time step used (a code is
+    # accepted once), renewal tokens (hashed; `revoked` holds the auth_pb2.RevocationCause
+    # that ended them, so their client is told)
+    """
+    ALTER TABLE users ADD COLUMN totp_secret TEXT;
+    ALTER TABLE users ADD COLUMN totp_last_step INTEGER;
+    CREATE TABLE renewal_tokens (
+        token_hash BLOB PRIMARY KEY,
+        username TEXT NOT NULL,
+        session_id INTEGER NOT NULL,
+        method TEXT NOT NULL,
+        authenticated_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        revoked INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX renewal_tokens_user ON renewal_tokens (username);
+    """,
 ]
 
 MEMBERSHIP_SOURCES = ("admin", "idp")
+
+
+# auth_pb2.RevocationCause values (the store does not import the generated code)
+_CAUSE_USER_DISABLED, _CAUSE_USER_REMOVED, _CAUSE_PASSWORD_CHANGED = 2, 3, 4
 
 
 class UserExists(Exception):
@@ -117,6 +138,18 @@ class Release:
 
     username: str
     released_at: float
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """A renewal token's record (the token itself is never stored, only its hash)."""
+
+    username: str
+    session_id: int  # the session it was issued with
+    method: str  # how the user first authenticated: "password" or "sso"
+    authenticated_at: float  # then; the token's successors keep it
+    expires_at: float  # no renewal after this, successors included
+    revoked: int  # auth_pb2.RevocationCause, or 0
 
 
 @dataclass
@@ -216,14 +249,18 @@ class Store:
             "UPDATE users SET password_hash=?, password_changed_at=? WHERE name=?",
             (password_hash, now, name),
         )
+        self.revoke_renewals(name, _CAUSE_PASSWORD_CHANGED)
 
     def set_disabled(self, name: str, disabled: bool) -> None:
         self._update_user("UPDATE users SET disabled=? WHERE name=?", (int(disabled), name))
+        if disabled:
+            self.revoke_renewals(name, _CAUSE_USER_DISABLED)
 
     def remove_user(self, name: str) -> None:
         """The user and their group memberships (a namesake added later has none)."""
         self._update_user("DELETE FROM users WHERE name=?", (name,))
         self.db.execute("DELETE FROM group_members WHERE username=?", (name,))
+        self.revoke_renewals(name, _CAUSE_USER_REMOVED)
 
     # -- group membership ----------------------------------------------------------
 
@@ -298,6 +335,79 @@ class Store:
         for group_name, username, source in rows.fetchall():
             found.setdefault(group_name, {}).setdefault(username, []).append(source)
         return found
+
+    # -- one-time codes (auth_service/totp.py decides) -------------------------------
+
+    def set_totp(self, name: str, secret: str | None) -> None:
+        """Give `name` a TOTP secret (None: take it away); no step is used yet."""
+        self._update_user(
+            "UPDATE users SET totp_secret=?, totp_last_step=NULL WHERE name=?", (secret, name)
+        )
+
+    def totp(self, name: str) -> tuple[str, int | None] | None:
+        """The user's TOTP secret and the last time step a code was accepted for."""
+        row = self.db.execute(
+            "SELECT totp_secret, totp_last_step FROM users WHERE name=?", (name,)
+        ).fetchone()
+        return (row[0], row[1]) if row and row[0] else None
+
+    def use_totp_step(self, name: str, step: int) -> bool:
+        """Record that a code of time step `step` was accepted; False if that step or a
+        later one already was (one write: two logins cannot both use one code)."""
+        return (
+            self.db.execute(
+                "UPDATE users SET totp_last_step=? WHERE name=? AND totp_secret IS NOT NULL "
+                "AND (totp_last_step IS NULL OR totp_last_step < ?)",
+                (step, name, step),
+            ).rowcount
+            == 1
+        )
+
+    # -- renewal tokens ------------------------------------------------------------
+
+    def add_renewal(self, token_hash: bytes, renewal: Renewal) -> None:
+        self.db.execute(
+            "INSERT INTO renewal_tokens (token_hash, username, session_id, method, "
+            "authenticated_at, expires_at, revoked) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                token_hash,
+                renewal.username,
+                renewal.session_id,
+                renewal.method,
+                renewal.authenticated_at,
+                renewal.expires_at,
+                renewal.revoked,
+            ),
+        )
+
+    def take_renewal(self, token_hash: bytes) -> Renewal | None:
+        """The record of a renewal token, deleted: a token is used once."""
+        row = self.db.execute(
+            "SELECT username, session_id, method, authenticated_at, expires_at, revoked "
+            "FROM renewal_tokens WHERE token_hash=?",
+            (token_hash,),
+        ).fetchone()
+        if row is None:
+            return None
+        self.db.execute("DELETE FROM renewal_tokens WHERE token_hash=?", (token_hash,))
+        return Renewal(*row)
+
+    def revoke_renewals(self, name: str, cause: int, session_id: int | None = None) -> None:
+        """Mark the renewal tokens of `name` (or of one session of theirs) revoked."""
+        sql, args = "UPDATE renewal_tokens SET revoked=? WHERE username=?", (cause, name)
+        if session_id is not None:
+            sql, args = sql + " AND session_id=?", (*args, session_id)
+        self.db.execute(sql, args)
+
+    def drop_renewals(self, session_id: int) -> None:
+        """Forget the renewal tokens of a session its user logged out of."""
+        self.db.execute("DELETE FROM renewal_tokens WHERE session_id=?", (session_id,))
+
+    def forget_expired_renewals(self, now: float) -> int:
+        old = "FROM renewal_tokens WHERE expires_at <= ?"
+        if self.db.execute(f"SELECT 1 {old} LIMIT 1", (now,)).fetchone() is None:
+            return 0
+        return self.db.execute(f"DELETE {old}", (now,)).rowcount
 
     @contextlib.contextmanager
     def transaction(self):

@@ -1,4 +1,4 @@
-"""Talking to the auth service: login, rekey, session info, logout (gRPC over TLS).
+"""Talking to the auth service: login, renewal, rekey, session info, logout (gRPC over TLS).
 
 Every failure becomes a `ClientError` with a message a person can act on, a
 flag saying whether retrying can help, and the exit code pushgate-client ends
@@ -10,6 +10,7 @@ from its message text.
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import NamedTuple
@@ -73,6 +74,29 @@ class AccessRevoked(ClientError):
         self.cause = cause
 
 
+class CodeRequired(ClientError):
+    """The password was right and the account needs a one-time code."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this account needs a one-time code from its authenticator app: run "
+            "pushgate-client in a terminal to be asked for it, or set PUSHGATE_OTP_CODE",
+            retryable=False,
+        )
+
+
+class RenewalRefused(ClientError):
+    """The renewal token is no longer accepted (its lifetime ended, or the gateway
+    forgot it): only a new login (password, code or single sign-on) helps."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the gateway no longer renews this login (its renewal lifetime ended): "
+            "connect again to log in",
+            retryable=False,
+        )
+
+
 class SessionGone(ClientError):
     """The auth service no longer knows our session: only a new login helps."""
 
@@ -81,6 +105,17 @@ class SessionGone(ClientError):
             "the gateway no longer knows this session (it expired or was ended there)",
             retryable=True,
         )
+
+
+@dataclass
+class PasswordLogin:
+    """A password login's credentials, held only until the first login that brings a
+    renewal token (client/connection.py drops them then)."""
+
+    username: str
+    password: str = field(repr=False)
+    otp_code: str = field(default="", repr=False)  # given up front (PUSHGATE_OTP_CODE)
+    ask_code: Callable[[], str] | None = None  # asks a person for the one-time code
 
 
 @dataclass(frozen=True)
@@ -150,6 +185,9 @@ class ClientSession:
     search_domains: list[str] = field(default_factory=list)
     match_domains: list[str] = field(default_factory=list)  # split DNS
     network_digest: str = ""
+    renewal_token: str = ""  # a new session without the password (AuthClient.renew)
+    renewal_expires_at: float = 0.0  # unix seconds; 0: no renewal token
+    username: str = ""  # the account (from the ID token, for single sign-on)
 
     @property
     def network(self) -> PushedNetwork:
@@ -204,11 +242,27 @@ def describe_rpc_error(error: grpc.RpcError, target: str, ca_path: str) -> Clien
         return AccessRevoked(refusal.revocation)
     if reason == auth_pb2.REFUSAL_REASON_SESSION_UNKNOWN:
         return SessionGone()
+    if reason == auth_pb2.REFUSAL_REASON_OTP_REQUIRED:
+        return CodeRequired()
+    if reason == auth_pb2.REFUSAL_REASON_RENEWAL_REFUSED:
+        return RenewalRefused()
+    if reason == auth_pb2.REFUSAL_REASON_SSO_UNAVAILABLE:
+        if code is grpc.StatusCode.FAILED_PRECONDITION:
+            return ClientError("this gateway does not offer single sign-on", retryable=False)
+        return ClientError(
+            "the gateway cannot reach its single sign-on provider; trying again", retryable=True
+        )
+    if reason in (
+        auth_pb2.REFUSAL_REASON_SSO_REJECTED,
+        auth_pb2.REFUSAL_REASON_SSO_UNKNOWN_USER,
+    ):
+        return ClientError(details or "single sign-on refused", retryable=False)
     if reason == auth_pb2.REFUSAL_REASON_BAD_CREDENTIALS or (
         refusal is None and code is grpc.StatusCode.UNAUTHENTICATED
     ):
         return ClientError(
-            "login refused: wrong user name or password, or the account is disabled",
+            "login refused: wrong user name or password (or one-time code), or the account "
+            "is disabled",
             retryable=False,
         )
     if reason == auth_pb2.REFUSAL_REASON_NO_FREE_ADDRESS:
@@ -281,13 +335,45 @@ class AuthClient:
                 raise SessionGone() from None
             raise described from None
 
-    async def login(self, username: str, password: str) -> ClientSession:
-        response = await self._call(
-            self._stub.Login,
-            auth_pb2.LoginRequest(
-                username=username, password=password, client_version=client_version()
-            ),
+    async def login(self, username: str, password: str, otp_code: str = "") -> ClientSession:
+        """Log in with a password (and a one-time code, if the account has one:
+        CodeRequired says so)."""
+        return self._session(
+            await self._call(
+                self._stub.Login,
+                auth_pb2.LoginRequest(
+                    username=username,
+                    password=password,
+                    otp_code=otp_code,
+                    client_version=client_version(),
+                ),
+            )
         )
+
+    async def begin_sso(self) -> auth_pb2.BeginSsoResponse:
+        """Where to send the user for single sign-on, and the nonce to send along."""
+        return await self._call(self._stub.BeginSso, auth_pb2.BeginSsoRequest())
+
+    async def login_sso(self, id_token: str) -> ClientSession:
+        """Log in with the ID token the provider gave us (client/sso.py)."""
+        return self._session(
+            await self._call(
+                self._stub.Login,
+                auth_pb2.LoginRequest(id_token=id_token, client_version=client_version()),
+            )
+        )
+
+    async def renew(self, renewal_token: str) -> ClientSession:
+        """A new session for a renewal token; the answer holds the token's successor.
+        RenewalRefused: log in again; AccessRevoked: an administrator said no."""
+        return self._session(
+            await self._call(
+                self._stub.Renew,
+                auth_pb2.RenewRequest(renewal_token=renewal_token, client_version=client_version()),
+            )
+        )
+
+    def _session(self, response: auth_pb2.LoginResponse) -> ClientSession:
         cipher = CipherSuite.from_api_code(response.cipher)
         if cipher is None:
             raise ClientError(f"server chose an unknown cipher {response.cipher}", retryable=False)
@@ -309,6 +395,9 @@ class AuthClient:
             search_domains=list(response.network.search_domains),
             match_domains=list(response.network.match_domains),
             network_digest=response.network.digest,
+            renewal_token=response.renewal_token,
+            renewal_expires_at=response.renewal_expires_at_unix_ms / 1000,
+            username=response.username,
         )
 
     async def rekey(self, token: str) -> RekeyAnswer:

@@ -11,12 +11,35 @@ from push_protocol.version import add_version_argument
 from pushgate_io import logs
 
 from . import profile
-from .auth import ClientError
+from .auth import ClientError, PasswordLogin
 from .connection import Connection, ConnectOptions
 from .host import ClientHost, current_host
+from .sso import SsoOptions
 from .status import UntrustedStatusFile, format_status, read_status, status_path
 
 PASSWORD_ENV = "PUSHGATE_PASSWORD"
+OTP_CODE_ENV = "PUSHGATE_OTP_CODE"
+
+
+def _ask_code() -> str:
+    """Asks the person at the terminal for the one-time code (on the controlling
+    terminal: standard output may be a log)."""
+    return getpass.getpass("one-time code from your authenticator app: ").strip()
+
+
+def _credentials(args: argparse.Namespace) -> PasswordLogin | SsoOptions:
+    if args.sso:
+        return SsoOptions(
+            open_browser=not args.no_browser,
+            redirect_port=args.sso_port,
+            announce=lambda text: print(text, file=sys.stderr, flush=True),
+        )
+    return PasswordLogin(
+        args.user,
+        _password(args),
+        otp_code=os.environ.get(OTP_CODE_ENV, ""),
+        ask_code=_ask_code if sys.stdin.isatty() else None,
+    )
 
 
 def _password(args: argparse.Namespace) -> str:
@@ -80,9 +103,11 @@ def _apply_profile(args: argparse.Namespace) -> None:
             raise ClientError(str(error), retryable=False) from None
         args.server = args.server or loaded.server
         args.ca = args.ca or args.profile
-        args.user = args.user or loaded.user
+        args.user = args.user or loaded.user or None
         args.server_name = args.server_name or loaded.server_name
-    missing = [f"--{name}" for name in ("server", "ca", "user") if not getattr(args, name)]
+        args.sso = args.sso or loaded.login == "sso"
+    needed = ("server", "ca") if args.sso else ("server", "ca", "user")
+    missing = [f"--{name}" for name in needed if not getattr(args, name)]
     if missing:
         raise ClientError(f"connect needs --profile FILE, or {', '.join(missing)}", retryable=False)
 
@@ -97,8 +122,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
     options = ConnectOptions(
         server=args.server,
         ca_path=args.ca,
-        username=args.user,
-        password=_password(args),
+        credentials=_credentials(args),
         tun_name=args.tun,
         server_name=args.server_name,
         status_path=path,
@@ -199,6 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--password-file", help=f"read the password from here (or set {PASSWORD_ENV})"
     )
     connect.add_argument("--server-name", help="TLS name to verify, if not the --server host")
+    connect.add_argument(
+        "--sso",
+        action="store_true",
+        help="single sign-on: sign in at the gateway's identity provider in a browser",
+    )
+    connect.add_argument(
+        "--sso-port",
+        type=int,
+        default=0,
+        help="--sso: 127.0.0.1 port for the provider's redirect (default: any free one)",
+    )
+    connect.add_argument(
+        "--no-browser", action="store_true", help="--sso: only print the URL to open"
+    )
     connect.add_argument("--dead-after", type=float, help="seconds of silence = server lost")
     connect.add_argument(
         "--lockdown",

@@ -21,7 +21,15 @@ from push_protocol.keys import Role
 from push_protocol.session import TunnelSession
 from pushgate_io.tun import TunDevice
 
-from .auth import AuthClient, ClientError, ClientSession, PushedNetwork
+from .auth import (
+    AuthClient,
+    ClientError,
+    ClientSession,
+    CodeRequired,
+    PasswordLogin,
+    PushedNetwork,
+    RenewalRefused,
+)
 from .core import (
     ApplyNetwork,
     BringUp,
@@ -41,6 +49,7 @@ from .core import (
 )
 from .datapath import Datapath
 from .host import ClientHost, NetworkChangeFailed, UndoSteps, current_host
+from .sso import SsoOptions, sso_login
 from .state import ClientState
 from .status import ClientStatus, write_status
 
@@ -57,8 +66,9 @@ STATUS_INTERVAL_SECONDS = 1.0
 class ConnectOptions:
     server: str  # auth service host:port
     ca_path: str
-    username: str
-    password: str
+    # How the first login proves who we are; dropped once a login brings a renewal
+    # token: later logins renew with that, never with the password again.
+    credentials: PasswordLogin | SsoOptions | None
     tun_name: str = "pgc0"
     server_name: str | None = None
     status_path: str | None = None
@@ -121,6 +131,7 @@ class Connection:
         self.host = host or current_host()  # the OS: TUN backend and network config
         self.core = ClientCore(dead_after_seconds=options.dead_after_seconds)
         self.auth: AuthClient | None = None  # opened by the first login
+        self._renewal_token = ""  # from the last login: the next one renews with it
         self._auth_target = ""
         # host name -> its address as last resolved (auth service, dataplane)
         self._resolved: dict[str, str] = dict(options.known_addresses)
@@ -304,7 +315,38 @@ class Connection:
             server_name = self.options.server_name or (None if is_address(host) else host)
             self.auth = AuthClient(target, self.options.ca_path, server_name)
             self._auth_target = target
-        return await self.auth.login(self.options.username, self.options.password)
+        info = None
+        if self._renewal_token:
+            try:
+                info = await self.auth.renew(self._renewal_token)
+                log.info("session renewed without a new sign-in")
+            except RenewalRefused:
+                # e.g. the first login's tunnel could not be set up and was logged out
+                # (which ends its renewal); the credentials are still here until a
+                # tunnel was up once
+                if self.options.credentials is None:
+                    raise
+            self._renewal_token = ""
+        if info is None:
+            info = await self._sign_in()
+        self._renewal_token = info.renewal_token
+        return info
+
+    async def _sign_in(self) -> ClientSession:
+        credentials = self.options.credentials
+        if isinstance(credentials, SsoOptions):
+            return await sso_login(self.auth, credentials)
+        if credentials is None:  # cannot happen: a renewal token replaced them
+            raise ClientError("no credentials left to log in with", retryable=False)
+        try:
+            return await self.auth.login(
+                credentials.username, credentials.password, credentials.otp_code
+            )
+        except CodeRequired:
+            if credentials.ask_code is None or credentials.otp_code:
+                raise
+        code = await asyncio.get_running_loop().run_in_executor(None, credentials.ask_code)
+        return await self.auth.login(credentials.username, credentials.password, code)
 
     async def _resolve(self, host: str) -> str:
         """`host`'s address now; when the lookup fails, the one found before: with the
@@ -364,6 +406,8 @@ class Connection:
             self._teardown()
             raise
         self.session_info = info
+        if self._renewal_token:
+            self.options.credentials = None  # from now on renewals only: not kept
         log.info(
             "tunnel %s up with %s, session %#010x, dataplane %s:%d",
             self.tun.name,

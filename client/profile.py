@@ -2,8 +2,10 @@
 password (`pushgate-admin user profile NAME > NAME.pushgate`).
 
 TOML, one [profile] table: `server` (the auth service, HOST:PORT), `server_name`
-(the TLS name to verify, if not the server's host), `user`, and `ca` (the
-gateway's CA certificate, PEM). No secret: the CA certificate is public.
+(the TLS name to verify, if not the server's host), `user`, `ca` (the gateway's CA
+certificate, PEM) and `login`: "password" (the default) or "sso" (single sign-on:
+the gateway names the provider; `user` may then be left out). No secret: the CA
+certificate is public.
 """
 
 import tomllib
@@ -22,6 +24,7 @@ class Profile:
     user: str
     ca_pem: str
     server_name: str | None = None
+    login: str = "password"  # or "sso"
 
     def to_toml(self) -> str:
         lines = [
@@ -32,7 +35,11 @@ class Profile:
         ]
         if self.server_name:
             lines.append(f"server_name = {_quote(self.server_name)}")
-        lines += [f"user = {_quote(self.user)}", f'ca = """\n{self.ca_pem.strip()}\n"""', ""]
+        if self.login != "password":
+            lines.append(f"login = {_quote(self.login)}")
+        if self.user:
+            lines.append(f"user = {_quote(self.user)}")
+        lines += [f'ca = """\n{self.ca_pem.strip()}\n"""', ""]
         return "\n".join(lines)
 
 
@@ -52,7 +59,15 @@ def parse(text: str, origin: str = "profile") -> Profile:
     if not isinstance(table, dict):
         raise ProfileError(f"{origin} has no [profile] table")
     values = {}
-    for key, required in (("server", True), ("user", True), ("ca", True), ("server_name", False)):
+    sso = table.get("login") == "sso"
+    if table.get("login", "password") not in ("password", "sso"):
+        raise ProfileError(f'{origin}: [profile] login must be "password" or "sso"')
+    for key, required in (
+        ("server", True),
+        ("user", not sso),
+        ("ca", True),
+        ("server_name", False),
+    ):
         value = table.get(key)
         if value is None and not required:
             continue
@@ -63,9 +78,10 @@ def parse(text: str, origin: str = "profile") -> Profile:
         raise ProfileError(f"{origin}: [profile] ca holds no PEM certificate")
     return Profile(
         server=values["server"],
-        user=values["user"],
+        user=values.get("user", ""),
         ca_pem=values["ca"],
         server_name=values.get("server_name"),
+        login="sso" if sso else "password",
     )
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tomllib
+import urllib.parse
 from dataclasses import dataclass
 
 from push_protocol.aead import CipherSuite
@@ -87,6 +88,7 @@ class AuthSection:
     reflection: bool  # gRPC server reflection on the client API port
     admin_socket: str  # the admin API (pushgate-admin), Unix socket, mode 0600
     audit_log: str | None  # JSON lines of logins, session ends, admin changes; None: stdout
+    renewal_lifetime_seconds: float = 7 * 86400  # renewal tokens (Renew); 0: none issued
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,22 @@ class Group:
 
 
 @dataclass(frozen=True)
+class OidcSection:
+    """Single sign-on with an OpenID Connect provider (README, "Single sign-on")."""
+
+    issuer: str  # the provider's issuer URL; discovery is read from it
+    client_id: str  # a public client (no secret): the pushgate client uses PKCE
+    # Handed to every client with BeginSso: only for providers whose native-app clients
+    # have a "secret" that is public by design. Never a confidential client's secret.
+    public_client_secret: str
+    scopes: tuple[str, ...]
+    username_claim: str  # the claim that names the pushgate user
+    groups_claim: str  # "" : groups are not taken from the provider
+    auto_provision: bool  # create an unknown user at their first single sign-on
+    http_timeout_seconds: float
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: str
     gateway: GatewaySection
@@ -180,9 +198,15 @@ class GatewayConfig:
     # The [groups.*] tables (read with the [auth] section), in file order; None if the
     # file has none: every user then reaches [auth] routes (the compatibility mode).
     groups: tuple[Group, ...] | None = None
+    oidc: OidcSection | None = None  # no [oidc] table: no single sign-on
 
 
-SECTIONS = {"gateway": GatewaySection, "auth": AuthSection, "dataplane": DataplaneSection}
+SECTIONS = {
+    "gateway": GatewaySection,
+    "auth": AuthSection,
+    "dataplane": DataplaneSection,
+    "oidc": OidcSection,
+}
 
 # A tunnel network must leave this many addresses for clients (its hosts but the
 # gateway's): fewer is almost surely a mistyped prefix (/30 for /24), and with one
@@ -427,6 +451,7 @@ class _Section:
         if not isinstance(value, dict):
             raise source.error(name, None, "must be a table")
         self.source, self.values, self.name, self.base = source, value, name, base
+        self.source_table = table
 
     def error(self, key: str, problem: str) -> ConfigError:
         return self.source.error(self.name, key, problem)
@@ -605,6 +630,32 @@ def _auth(section: _Section) -> AuthSection:
             if section.get("audit_log", str, "audit.log") == "-"
             else section.path("audit_log", "audit.log")
         ),
+        renewal_lifetime_seconds=float(
+            section.number("renewal_lifetime_seconds", 7 * 86400, 0, 365 * 86400)
+        ),
+    )
+
+
+def _oidc(section: _Section) -> OidcSection | None:
+    if "oidc" not in section.source_table:
+        return None
+    issuer = section.get("issuer", str)
+    parsed = urllib.parse.urlsplit(issuer)
+    local = parsed.hostname in ("127.0.0.1", "::1", "localhost")
+    if parsed.scheme != "https" and not (parsed.scheme == "http" and local):
+        raise section.error("issuer", f"{issuer!r} must be an https:// URL")
+    scopes = section.strings("scopes", ["openid", "profile", "email"])
+    if "openid" not in scopes:
+        raise section.error("scopes", 'must include "openid"')
+    return OidcSection(
+        issuer=issuer,
+        client_id=section.get("client_id", str),
+        public_client_secret=section.get("public_client_secret", str, ""),
+        scopes=scopes,
+        username_claim=section.get("username_claim", str, "preferred_username"),
+        groups_claim=section.get("groups_claim", str, "groups"),
+        auto_provision=section.get("auto_provision", bool, False),
+        http_timeout_seconds=float(section.number("http_timeout_seconds", 5, 0.1, 60)),
     )
 
 
@@ -896,6 +947,7 @@ def parse(text: str, path: str, *, auth: bool = False) -> GatewayConfig:
         auth=_auth(_Section(source, table, "auth", base)) if auth else None,
         dataplane=dataplane,
         groups=_groups(source, table, gateway, dataplane) if auth else None,
+        oidc=_oidc(_Section(source, table, "oidc", base)) if auth else None,
     )
 
 

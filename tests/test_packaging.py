@@ -27,7 +27,7 @@ def test_generated_stubs_expose_the_apis():
     assert hasattr(control_pb2_grpc, "SessionFeedStub")
     assert hasattr(control_pb2_grpc, "DataplaneStatsStub")
     rpcs = {m.name for m in auth_pb2.DESCRIPTOR.services_by_name["Auth"].methods}
-    assert rpcs == {"Login", "Rekey", "Logout", "SessionInfo"}
+    assert rpcs == {"Login", "Rekey", "Logout", "SessionInfo", "BeginSso", "Renew"}
     feed = control_pb2.DESCRIPTOR.services_by_name["SessionFeed"]
     assert {m.name for m in feed.methods} == {"ListSessions", "WatchSessions", "LeaseCounterRanges"}
 

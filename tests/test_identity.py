@@ -44,7 +44,7 @@ from client.auth import AuthClient, refusal_of
 from client.sso import SsoOptions, callback_result, pkce_pair, sso_login
 from netlab import metrics, wait_for
 from netlab.auth import AuthServer, admin, free_port
-from pushgate_api import auth_pb2
+from pushgate_api import auth_pb2, control_pb2
 
 PASSWORD = "correct horse battery staple"
 CLIENT_ID = "pushgate-test"
@@ -578,6 +578,8 @@ def test_sso_with_a_real_provider_then_renewals_without_it(tmp_path):
     server = AuthServer(str(tmp_path / "gw"))
     # the mock takes no public client (token endpoint auth "none"): a public secret
     _configure(server, _oidc_table(provider.url) + 'public_client_secret = "public"\n')
+    with open(server.config, "a") as handle:  # eng is declared, ops is not
+        handle.write('\n[groups.eng]\nallow = ["198.18.2.10/32 tcp 22"]\n')
     server.add_user("alice", PASSWORD)
     server.start()
     problems, browsers = [], []
@@ -612,6 +614,16 @@ def test_sso_with_a_real_provider_then_renewals_without_it(tmp_path):
         assert not problems, problems
         log = Path(server.directory, "auth.log").read_text()
         assert "single sign-on user='alice' groups=eng,ops" in log  # the groups claim
+        # ... is alice's membership from the provider (declared groups only), and
+        # her live session's policy follows it
+        listed = admin("group", "list", "--json", "--config", server.config)
+        assert listed.returncode == 0, listed.stderr
+        assert [(g["group"], g["members"]) for g in json.loads(listed.stdout)] == [
+            ("eng", [{"user": "alice", "sources": ["idp"]}])
+        ]
+        listing = server.feed().ListSessions(control_pb2.ListSessionsRequest(), timeout=10)
+        (session,) = listing.sessions
+        assert ("198.18.2.10/32", 6) in [(r.destination, r.protocol) for r in session.policy.allow]
     finally:
         provider.stop()
         server.stop()

@@ -23,6 +23,7 @@ from dataplane.registry import Registry, SessionRecord
 from netlab.packets import ipv4_udp
 from push_protocol.aead import CipherSuite
 from push_protocol.keys import KeyMaterial, Role
+from push_protocol.policy import ALLOW_ALL
 from push_protocol.session import TunnelSession
 from pushgate_io import udp
 from pushgate_io.memory import MemoryNetwork, MemoryTun
@@ -65,7 +66,9 @@ def batches(kind: str, keys: KeyMaterial, now: float) -> list[list[bytes]]:
 def run(kind: str, keys: KeyMaterial, sealed: list, now: float) -> float:
     server = TunnelSession(7, CipherSuite.AES_256_GCM, Role.SERVER, keys)
     registry = Registry()
-    registry.add(SessionRecord(server, (ipaddress.IPv4Address(CLIENT).packed,), 0.0))
+    registry.add(
+        SessionRecord(server, (ipaddress.IPv4Address(CLIENT).packed,), 0.0, policy=ALLOW_ALL)
+    )
     network = MemoryNetwork()
     gateway = network.socket(host=GATEWAY[0])
     gateway.bind(GATEWAY)

@@ -17,6 +17,7 @@ from push_protocol.aead import CipherSuite
 from push_protocol.codec import parse_header
 from push_protocol.drops import PacketRejected
 from push_protocol.keys import KeyMaterial, Role
+from push_protocol.policy import ALLOW_ALL
 from push_protocol.session import TunnelSession
 
 KEYS = KeyMaterial(0, bytes(range(32)), bytes(range(32, 64)), 0.0)
@@ -28,7 +29,7 @@ def fresh_session() -> TunnelSession:
 
 
 REGISTRY = Registry()
-RECORD = SessionRecord(fresh_session(), (packed_address("198.19.0.2"),), 0.0)
+RECORD = SessionRecord(fresh_session(), (packed_address("198.19.0.2"),), 0.0, policy=ALLOW_ALL)
 REGISTRY.add(RECORD)
 ROUTER = Router(
     REGISTRY, ipaddress.ip_network("198.19.0.0/24"), ipaddress.ip_address("198.19.0.1"), 1420

@@ -105,7 +105,7 @@ EVERYTHING = _Everything()
 _MISSING = object()
 
 # An allowance is EVERYTHING, None (nothing), or a dict protocol -> ports, where
-# ports is None (every port) or (starts, ends), sorted disjoint inclusive ranges.
+# ports is None (every port) or something `port in ports` answers (`_ports`).
 # Built from canonical keys: EVERYTHING, or a tuple of (protocol, ranges or None).
 
 
@@ -198,21 +198,36 @@ class _Family:
         return self.allowances[bisect_right(self.starts, value) - 1]
 
 
+class PortRanges:
+    """Sorted disjoint inclusive port ranges, for `port in ranges` (bisection)."""
+
+    __slots__ = ("ends", "starts")
+
+    def __init__(self, ranges: tuple[tuple[int, int], ...]) -> None:
+        self.starts = tuple(first for first, _ in ranges)
+        self.ends = tuple(last for _, last in ranges)
+
+    def __contains__(self, port: int) -> bool:
+        index = bisect_right(self.starts, port) - 1
+        return index >= 0 and port <= self.ends[index]
+
+
+PORT_SET_MAX = 1024  # several ranges of at most this many ports in all: a frozenset
+
+
+def _ports(ranges: tuple[tuple[int, int], ...]):
+    """The fastest `in` for these ranges: a range, a frozenset or PortRanges."""
+    if len(ranges) == 1:
+        return range(ranges[0][0], ranges[0][1] + 1)
+    if sum(last - first + 1 for first, last in ranges) <= PORT_SET_MAX:
+        return frozenset(port for first, last in ranges for port in range(first, last + 1))
+    return PortRanges(ranges)
+
+
 def _allowance(key):
     if key is None or key is EVERYTHING:
         return key
-    return {
-        protocol: None
-        if ranges is None
-        else (tuple(r[0] for r in ranges), tuple(r[1] for r in ranges))
-        for protocol, ranges in key
-    }
-
-
-def _port_allowed(ports, port: int) -> bool:
-    starts, ends = ports
-    index = bisect_right(starts, port) - 1
-    return index >= 0 and port <= ends[index]
+    return {protocol: None if ranges is None else _ports(ranges) for protocol, ranges in key}
 
 
 def transport(packet: bytes) -> tuple[int, int, bool]:
@@ -262,15 +277,17 @@ class CompiledPolicy:
 
     def allowance(self, destination: bytes):
         """What is allowed to `destination` (4 or 16 raw bytes): EVERYTHING, None
-        (nothing) or a table protocol -> None (every port) or (starts, ends)."""
+        (nothing) or a table protocol -> None (every port) or ports (`port in`)."""
+        found = self._cache.get(destination, _MISSING)
+        return self._look_up(destination) if found is _MISSING else found
+
+    def _look_up(self, destination: bytes):
         cache = self._cache
-        found = cache.get(destination, _MISSING)
-        if found is _MISSING:
-            family = self._v4 if len(destination) == 4 else self._v6
-            found = family.lookup(int.from_bytes(destination, "big"))
-            if len(cache) >= CACHE_ENTRIES:
-                cache.clear()
-            cache[destination] = found
+        family = self._v4 if len(destination) == 4 else self._v6
+        found = family.lookup(int.from_bytes(destination, "big"))
+        if len(cache) >= CACHE_ENTRIES:
+            cache.clear()
+        cache[destination] = found
         return found
 
     def allows(self, destination: bytes, protocol: int, port: int | None = None) -> bool:
@@ -286,27 +303,39 @@ class CompiledPolicy:
             return True
         if ports is _MISSING or port is None:
             return False
-        return _port_allowed(ports, port)
+        return port in ports
 
     def allows_packet(self, packet: bytes, destination: bytes) -> bool:
         """Whether an IP packet (header checked) to `destination` (its raw
         destination address) passes: the check for every packet from a client."""
-        found = self.allowance(destination)
+        found = self._cache.get(destination, _MISSING)  # allowance(), inline: per packet
+        if found is _MISSING:
+            found = self._look_up(destination)
         if found is EVERYTHING:
             return True
         if found is None:
             return False
-        protocol, header, later = transport(packet)
-        ports = found.get(protocol, _MISSING)
-        if ports is None:
-            return True
-        if ports is _MISSING:
-            return False
-        if later:  # no ports in it; the first fragment was checked with them
-            return True
+        if len(destination) == 4:
+            ports = found.get(packet[9], _MISSING)
+            if ports is None:
+                return True
+            if ports is _MISSING:
+                return False
+            if packet[6] & 0x1F or packet[7]:  # a later fragment: the first had the ports
+                return True
+            header = (packet[0] & 0x0F) * 4
+        else:
+            protocol, header, later = transport(packet)
+            ports = found.get(protocol, _MISSING)
+            if ports is None:
+                return True
+            if ports is _MISSING:
+                return False
+            if later:
+                return True
         if len(packet) < header + 4:
             return False
-        return _port_allowed(ports, packet[header + 2] << 8 | packet[header + 3])
+        return (packet[header + 2] << 8 | packet[header + 3]) in ports
 
     def allows_reply(self, packet: bytes, source: bytes) -> bool:
         """Whether `packet`, from `source` (raw) to the owner of this policy, is a
@@ -326,8 +355,7 @@ class CompiledPolicy:
                 return True
             ports = found.get(protocol, _MISSING)
             return ports is None or (
-                ports is not _MISSING
-                and _port_allowed(ports, packet[header] << 8 | packet[header + 1])
+                ports is not _MISSING and (packet[header] << 8 | packet[header + 1]) in ports
             )
         if protocol in (ICMP, ICMPV6):
             if later or len(packet) <= header:

@@ -309,3 +309,44 @@ def test_ten_thousand_rules_compile_into_few_intervals_per_rule():
         destination = (V4_BASE + (i << 4) + 3).to_bytes(4, "big")
         assert policy.allows(destination, TCP, i % 1000)
         assert not policy.allows(destination, TCP, i % 1000 + 1)
+
+
+@st.composite
+def any_packets(draw):
+    """An IP header that passes dataplane/inner.py's check, then anything."""
+    if draw(st.booleans()):
+        head = bytes([0x40 | draw(st.integers(5, 15))]) + draw(st.binary(min_size=19, max_size=19))
+    else:
+        head = bytes([0x60 | draw(st.integers(0, 15))]) + draw(st.binary(min_size=39, max_size=39))
+    body = bytearray(head + draw(st.binary(max_size=80)))
+    if draw(st.booleans()):  # often a protocol (or extension header) the checks look into
+        index = 9 if body[0] >> 4 == 4 else 6
+        body[index] = draw(st.sampled_from((0, 1, 6, 17, 43, 44, 51, 58, 60)))
+    return bytes(body)
+
+
+# every address, only some protocols and ports: every packet's transport is read
+EVERYWHERE_SOME = compile_policy(
+    [
+        Rule.make("0.0.0.0/0", TCP, [(22, 22), (80, 90)]),
+        Rule.make("0.0.0.0/0", ICMP),
+        Rule.make("::/0", UDP, [(53, 53), (1000, 3000)]),
+        Rule.make("::/0", ICMP),
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(any_packets())
+def test_no_packet_makes_the_checks_raise(packet):
+    source, destination = (
+        (packet[12:16], packet[16:20])
+        if packet[0] >> 4 == 4
+        else (
+            packet[8:24],
+            packet[24:40],
+        )
+    )
+    for policy in (ENG, ALLOW_ALL, NO_POLICY, EVERYWHERE_SOME):
+        assert isinstance(policy.allows_packet(packet, destination), bool)
+        assert isinstance(policy.allows_reply(packet, source), bool)

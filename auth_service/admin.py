@@ -27,6 +27,7 @@ from push_protocol.version import add_version_argument
 from pushgate_api import admin_pb2, admin_pb2_grpc, control_pb2, control_pb2_grpc
 from pushgate_io import gateway_config
 
+from .access import AccessModel, group_listing, joining_problem
 from .audit import AuditLog
 from .passwords import hash_password
 from .pki import load_ca, make_ca, make_server_cert, server_names, verification_problem
@@ -351,10 +352,12 @@ def _user_via_api(args: argparse.Namespace, channel: grpc.Channel) -> str:
     stub = admin_pb2_grpc.AdminStub(channel)
     if args.action == "add":
         request = admin_pb2.AddUserRequest(
-            username=args.name, password_hash=hash_password(_new_password(args))
+            username=args.name,
+            password_hash=hash_password(_new_password(args)),
+            groups=args.group or [],
         )
         stub.AddUser(request, timeout=30)
-        return f"user {args.name} added"
+        return f"user {args.name} added" + _joined(args.group)
     if args.action == "passwd":
         request = admin_pb2.SetPasswordRequest(
             username=args.name, password_hash=hash_password(_new_password(args))
@@ -371,11 +374,19 @@ def _user_via_api(args: argparse.Namespace, channel: grpc.Channel) -> str:
     return f"user {args.name} removed" + _ended(response)
 
 
+def _joined(groups: list[str] | None) -> str:
+    return f" to group(s) {', '.join(groups)}" if groups else ""
+
+
 def _user_offline(args: argparse.Namespace, store: Store) -> str:
     later = " (the auth service is not running: its sessions end when it starts)"
     if args.action == "add":
-        store.add_user(args.name, hash_password(_new_password(args)), time.time())
-        return f"user {args.name} added"
+        password_hash = hash_password(_new_password(args))
+        with store.transaction():
+            store.add_user(args.name, password_hash, time.time())
+            for group in args.group or []:
+                store.add_members(group, [args.name])
+        return f"user {args.name} added" + _joined(args.group)
     if args.action == "passwd":
         store.set_password(args.name, hash_password(_new_password(args)), time.time())
         return f"password of {args.name} changed" + later
@@ -436,6 +447,11 @@ def cmd_user(args: argparse.Namespace) -> int:
         )
         return 2
     cfg = gateway_config.load(args.config, auth=True)
+    if args.group and args.action != "add":
+        raise ValueError("--group is for user add (then: group add GROUP USER...)")
+    for group in args.group or []:  # checked here too: the service may not run
+        if problem := joining_problem(AccessModel.from_config(cfg), group):
+            raise ValueError(problem)
     if args.action in CHANGES:
         try:
             channel = admin_channel(cfg.auth.admin_socket)
@@ -457,6 +473,112 @@ def cmd_user(args: argparse.Namespace) -> int:
             for user in store.list_users():
                 state = "disabled" if user.disabled else "enabled"
                 print(f"{user.name}\t{state}")
+    finally:
+        store.close()
+    return 0
+
+
+def _group_via_api(args: argparse.Namespace, channel: grpc.Channel) -> str:
+    stub = admin_pb2_grpc.AdminStub(channel)
+    if args.action == "list":
+        response = stub.ListGroups(admin_pb2.ListGroupsRequest(group=args.group or ""), timeout=30)
+        return format_groups(args, list(response.groups), response.compatibility_mode)
+    request = admin_pb2.GroupMembersRequest(group=args.group, usernames=args.users)
+    if args.action == "add":
+        response = stub.AddGroupMembers(request, timeout=30)
+    else:
+        response = stub.RemoveGroupMembers(request, timeout=30)
+    return _members_changed(args, list(response.changed)) + _updated(response.updated_session_ids)
+
+
+def _members_changed(args: argparse.Namespace, changed: list[str]) -> str:
+    if not changed:
+        return f"group {args.group}: no change"
+    verb = "added to" if args.action == "add" else "removed from"
+    return f"{', '.join(changed)} {verb} group {args.group}"
+
+
+def _updated(session_ids) -> str:
+    count = len(session_ids)
+    return f"; {count} live session{'s' if count != 1 else ''} got the new access" if count else ""
+
+
+def _group_offline(args: argparse.Namespace, cfg, store: Store) -> str:
+    model = AccessModel.from_config(cfg)
+    if args.action == "list":
+        memberships = store.memberships(args.group or None)
+        groups = group_listing(model, memberships, args.group or "")
+        return format_groups(args, groups, model.compatibility)
+    # (members of a group the config no longer declares may be removed)
+    adding = args.action == "add" or not store.memberships(args.group)
+    if adding and (problem := joining_problem(model, args.group)):
+        raise ValueError(problem)
+    with store.transaction():
+        if args.action == "add":
+            changed = store.add_members(args.group, args.users)
+        else:
+            changed = store.remove_members(args.group, args.users)
+    if cfg.auth.audit_log is not None:
+        audit = AuditLog.open(cfg.auth.audit_log)
+        try:
+            audit.admin(
+                f"group_{args.action}", os.getuid(), group=args.group, users=changed, offline=True
+            )
+        finally:
+            audit.close()
+    return _members_changed(args, changed) + (
+        " (the auth service is not running: live sessions get it when it starts)" if changed else ""
+    )
+
+
+def format_groups(args: argparse.Namespace, groups: list, compatibility: bool) -> str:
+    if args.group and not groups:
+        raise LookupError(f"no group {args.group!r}")
+    rows = [
+        {
+            "group": g.name,
+            "declared": g.declared,
+            "rules": g.rules,
+            "members": [{"user": m.username, "sources": list(m.sources)} for m in g.members],
+        }
+        for g in groups
+    ]
+    if args.json:
+        return json.dumps(rows[0] if args.group else rows, indent=2)
+    if compatibility and not rows:
+        return "no groups: the config declares no [groups.*] (every user reaches [auth] routes)"
+    lines = []
+    for row in rows:
+        note = "" if row["declared"] else " (not in the config: its members get nothing from it)"
+        members = ", ".join(
+            m["user"] + ("" if m["sources"] == ["admin"] else f" ({'+'.join(m['sources'])})")
+            for m in row["members"]
+        )
+        lines.append(f"{row['group']}\t{row['rules']} rules\t{members or '-'}{note}")
+    return "\n".join(lines)
+
+
+def cmd_group(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        if args.users:
+            raise ValueError("group list takes at most one GROUP")
+    elif not args.group or not args.users:
+        raise ValueError(f"group {args.action} needs GROUP and at least one USER")
+    cfg = gateway_config.load(args.config, auth=True)
+    try:
+        channel = admin_channel(cfg.auth.admin_socket)
+    except ServiceDown:
+        channel = None
+    if channel is not None:
+        with channel:
+            try:
+                print(_group_via_api(args, channel))
+            except grpc.RpcError as error:
+                raise _api_error(error, cfg.auth.admin_socket) from None
+        return 0
+    store = Store(cfg.auth.database)
+    try:
+        print(_group_offline(args, cfg, store))
     finally:
         store.close()
     return 0
@@ -614,7 +736,8 @@ def cmd_session(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pushgate-admin", description="gateway administration (init, cert, users, sessions)"
+        prog="pushgate-admin",
+        description="gateway administration (init, cert, users, groups, sessions)",
     )
     add_version_argument(parser)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -700,12 +823,28 @@ def build_parser() -> argparse.ArgumentParser:
     user.add_argument("--config", required=True)
     user.add_argument("--password-file")
     user.add_argument(
+        "--group",
+        action="append",
+        metavar="GROUP",
+        help="add: the new user joins this group of the config (repeatable)",
+    )
+    user.add_argument(
         "--server",
         metavar="HOST:PORT",
         help="profile: the auth service's address for clients (default: the server "
         "certificate's first name and [auth] listen's port)",
     )
     user.set_defaults(func=cmd_user)
+    group = commands.add_parser(
+        "group",
+        help="group membership (the groups and their rules are the config's [groups.NAME])",
+    )
+    group.add_argument("action", choices=["add", "remove", "list"])
+    group.add_argument("group", nargs="?", metavar="GROUP")
+    group.add_argument("users", nargs="*", metavar="USER")
+    group.add_argument("--config", required=True)
+    group.add_argument("--json", action="store_true", help="list: machine-readable output")
+    group.set_defaults(func=cmd_group)
     session = commands.add_parser(
         "session", help="live sessions: list, show one, kick (needs the running auth service)"
     )

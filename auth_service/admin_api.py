@@ -14,6 +14,7 @@ import grpc
 from pushgate_api import admin_pb2, admin_pb2_grpc, auth_pb2
 from pushgate_io.control_socket import PeerCredentials
 
+from .access import group_listing, joining_problem
 from .audit import AuditLog
 from .sessions import SessionManager
 from .store import NoSuchUser, StoredSession, UserExists
@@ -75,16 +76,79 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "password_hash must be an argon2 hash"
             )
 
+    async def _check_groups(self, context, groups) -> None:
+        for group in groups:
+            if self.sessions.access is not None and (
+                problem := joining_problem(self.sessions.access, group)
+            ):
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+
     async def AddUser(self, request, context):
         name, password_hash = request.username, request.password_hash
+        groups = list(request.groups)
         await self._check_hash(context, password_hash)
-        await self._user_change(
-            context,
-            "user_add",
-            name,
-            lambda: self.store.add_user(name, password_hash, time.time()),
-        )
+        await self._check_groups(context, groups)
+
+        def change() -> None:
+            with self.store.transaction():
+                self.store.add_user(name, password_hash, time.time())
+                for group in groups:
+                    self.store.add_members(group, [name])
+
+        await self._user_change(context, "user_add", name, change)
+        if groups:
+            self.audit.admin("group_add", self._uid(context), group=groups, users=[name])
         return admin_pb2.UserChangeResponse()
+
+    async def _members_change(self, context, action: str, request, change):
+        group, users = request.group, list(dict.fromkeys(request.usernames))
+        if not group or not users:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "a group and at least one user are required"
+            )
+        try:
+            with self.store.transaction():
+                changed = change(group, users)
+        except NoSuchUser as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no such user {error}")
+        updated = await self.sessions.update_policies(set(changed))
+        self.on_change()
+        self.audit.admin(
+            action,
+            self._uid(context),
+            group=group,
+            users=changed,
+            updated_sessions=[f"{i:#010x}" for i in updated],
+        )
+        log.info(
+            "admin: %s %r %s; %d live session(s) got a new access policy",
+            action,
+            group,
+            ", ".join(changed) or "(no change)",
+            len(updated),
+        )
+        return admin_pb2.GroupChangeResponse(changed=changed, updated_session_ids=updated)
+
+    async def AddGroupMembers(self, request, context):
+        await self._check_groups(context, [request.group])
+        return await self._members_change(context, "group_add", request, self.store.add_members)
+
+    async def RemoveGroupMembers(self, request, context):
+        # (members of a group the config no longer declares may be removed too)
+        if not self.store.memberships(request.group):
+            await self._check_groups(context, [request.group])
+        return await self._members_change(
+            context, "group_remove", request, self.store.remove_members
+        )
+
+    async def ListGroups(self, request, context):
+        access = self.sessions.access
+        if access is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no access rules loaded")
+        groups = group_listing(access, self.store.memberships(request.group or None), request.group)
+        if request.group and not groups:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no group {request.group!r}")
+        return admin_pb2.ListGroupsResponse(groups=groups, compatibility_mode=access.compatibility)
 
     async def SetUserDisabled(self, request, context):
         name, disabled = request.username, request.disabled

@@ -22,6 +22,7 @@ from pushgate_io import gateway_config
 from pushgate_io.control_socket import ControlSocketError, PeerPolicy, serve_private
 
 from . import health, limits
+from .access import AccessModel
 from .admin_api import AdminServicer
 from .audit import REMOVAL_NAMES, REVOCATION_NAMES, AuditLog
 from .server import AuthMetrics, AuthServicer, SessionFeedServicer
@@ -99,6 +100,40 @@ def probe_listen(endpoint: tuple[str, int], key: str) -> None:
         probe.bind(endpoint)
 
 
+def access_model(cfg: gateway_config.GatewayConfig) -> AccessModel:
+    """The config's access rules, said in the log."""
+    model = AccessModel.from_config(cfg)
+    if model.compatibility:
+        log.warning(
+            "no [groups.*] in %s: every user reaches [auth] routes (%s), any protocol, and "
+            "no other client (the compatibility mode); declare groups for per-group rules",
+            cfg.path,
+            ", ".join(cfg.auth.routes) or "none",
+        )
+    else:
+        log.info(
+            "access: %d group(s) (%s), %d rule(s)",
+            len(model.groups),
+            ", ".join(model.groups),
+            sum(len(group.allow) for group in model.groups.values()),
+        )
+    return model
+
+
+async def reload_access(path: str, sessions: SessionManager) -> bool:
+    """SIGHUP: read the config's groups (and [auth] routes and dns, offered services)
+    again and tell live sessions whose policy changed. A wrong file changes nothing:
+    the last good rules stay, and the log says where the file is wrong."""
+    try:
+        cfg = gateway_config.load(path, auth=True)
+    except gateway_config.ConfigError as error:
+        log.error("reload refused, the last good access rules stay: %s", error)
+        return False
+    told = await sessions.set_access(access_model(cfg))
+    log.info("reloaded %s: %d live session(s) got a new access policy", path, len(told))
+    return True
+
+
 async def run(cfg: gateway_config.GatewayConfig) -> None:
     gw, auth = cfg.gateway, cfg.auth
     registry = CollectorRegistry()
@@ -134,6 +169,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         allocated=lambda kind: metrics.allocations.labels(kind.value).inc(),
         max_sessions_per_user=auth.max_sessions_per_user,
         ended=ended,
+        access=access_model(cfg),
     )
     host, port = auth.dataplane_endpoint
     servicer = AuthServicer(
@@ -156,8 +192,6 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         response_template={
             "prefix": gw.tunnel_network.prefixlen,
             "gateway": str(gw.gateway_address),
-            "routes": list(auth.routes),
-            "dns": list(auth.dns),
             "mtu": gw.mtu,
             "keepalive": int(gw.keepalive_seconds),
             "key_lifetime": int(auth.key_lifetime_seconds),
@@ -237,6 +271,14 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def reload() -> None:
+        task = loop.create_task(reload_access(cfg.path, sessions))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), SWEEP_SECONDS)

@@ -381,7 +381,7 @@ class AuthServicer:
             keys=self._keys(session),
             tunnel_address=f"{session.address}/{t['prefix']}",
             gateway_tunnel_address=t["gateway"],
-            network=auth_pb2.NetworkConfig(routes=t["routes"], dns_servers=t["dns"]),
+            network=self.sessions.network_of(name),
             mtu=t["mtu"],
             keepalive_seconds=t["keepalive"],
             key_lifetime_seconds=t["key_lifetime"],
@@ -439,6 +439,7 @@ class AuthServicer:
             keys=self._keys(session),
             key_lifetime_seconds=self.template["key_lifetime"],
             expires_at_unix_ms=int(session.expires_at * 1000),
+            network=self.sessions.network_of(session.username),
         )
 
     async def _rekey(self, session):
@@ -467,6 +468,7 @@ class AuthServicer:
             expires_at_unix_ms=int(s.expires_at * 1000),
             last_rekey_at_unix_ms=int(s.last_rekey_at * 1000),
             cipher=s.cipher,
+            network=self.sessions.network_of(s.username),
         )
 
     def generic_handler(self) -> grpc.GenericRpcHandler:

@@ -25,6 +25,7 @@ from push_protocol.session import next_epoch
 from pushgate_api import auth_pb2, control_pb2
 from pushgate_io.gateway_config import DEFAULT_ADDRESS_QUARANTINE_SECONDS
 
+from .access import AccessModel
 from .store import Release, Revocation, Store, StoredSession, User
 
 log = logging.getLogger("pushgate.auth")
@@ -210,8 +211,14 @@ class SessionManager:
         allocated: Callable[[AllocationKind], None] | None = None,
         max_sessions_per_user: int = 3,
         ended: SessionEnded | None = None,
+        access: AccessModel | None = None,
     ) -> None:
         self.store = store
+        # Who may reach what (None: nothing; tests of other parts). Policies by the
+        # user's groups, and the digest the feed last carried for each live session.
+        self.access = access
+        self._policies: dict[tuple[str, ...], control_pb2.AccessPolicy] = {}
+        self._sent: dict[int, str] = {}
         self.ended = ended or (lambda session, reason, cause: None)
         self.max_sessions_per_user = max_sessions_per_user
         self.pool = pool
@@ -234,8 +241,55 @@ class SessionManager:
     def _expiry(self, created_at: float, keys_at: float) -> float:
         return min(keys_at + self.key_expiry, created_at + self.session_lifetime)
 
+    def policy_of(self, username: str) -> control_pb2.AccessPolicy:
+        """The user's AccessPolicy, from their groups as they are now."""
+        if self.access is None:
+            return control_pb2.AccessPolicy()
+        groups = tuple(self.store.groups_of(username))
+        if groups not in self._policies:
+            self._policies[groups] = self.access.policy(groups)
+        return self._policies[groups]
+
+    def network_of(self, username: str) -> auth_pb2.NetworkConfig:
+        """What the user's client sets up (routes, DNS), from their groups as they are now."""
+        if self.access is None:
+            return auth_pb2.NetworkConfig()
+        return self.access.network(self.store.groups_of(username))
+
+    async def set_access(self, access: AccessModel) -> list[int]:
+        """New rules (a reload): every live session whose policy changed is told."""
+        self.access = access
+        self._policies.clear()
+        return await self.update_policies()
+
+    async def update_policies(self, usernames=None) -> list[int]:
+        """Tell the dataplane the policy of every live session (of `usernames`, or
+        everyone's) whose policy is not what the feed last carried for it: a
+        PolicyChange each, in one transaction. The ids of the sessions told."""
+        changes = []
+        for session_id, owner, _ in self.store.session_owners():
+            if usernames is not None and owner not in usernames:
+                continue
+            policy = self.policy_of(owner)
+            if self._sent.get(session_id) != policy.digest:
+                changes.append(control_pb2.PolicyChange(session_id=session_id, policy=policy))
+        if not changes:
+            return []
+        events = []
+        with self.store.transaction():
+            for change in changes:
+                revision = self.store.next_revision()
+                events.append(control_pb2.SessionEvent(revision=revision, policy_changed=change))
+        for change in changes:
+            self._sent[change.session_id] = change.policy.digest
+        await self.feed.publish(*events)
+        return [change.session_id for change in changes]
+
     def to_message(self, s: StoredSession, now: float) -> control_pb2.Session:
+        policy = self.policy_of(s.username)
+        self._sent[s.session_id] = policy.digest
         message = control_pb2.Session(
+            policy=policy,
             session_id=s.session_id,
             cipher=s.cipher,
             tunnel_addresses=[s.address],
@@ -350,6 +404,7 @@ class SessionManager:
             events.append(control_pb2.SessionEvent(revision=revision, installed=installed))
         await self.feed.publish(*events)
         for old in replaced:
+            self._sent.pop(old.session_id, None)
             self.ended(old, control_pb2.REMOVAL_REASON_REPLACED, 0)
         return session, token, replaced
 
@@ -392,6 +447,7 @@ class SessionManager:
             change,
             removed=control_pb2.SessionRemoval(session_id=session.session_id, reason=reason),
         )
+        self._sent.pop(session.session_id, None)
         if removed[0]:
             self.ended(session, reason, cause)
         return removed[0]

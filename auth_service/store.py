@@ -68,7 +68,20 @@ MIGRATIONS = [
         revoked_at REAL NOT NULL
     );
     """,
+    # 4: group membership (issue 18): given by an administrator or by the identity
+    # provider's claims at login; a user is a member if either source says so
+    """
+    CREATE TABLE group_members (
+        group_name TEXT NOT NULL,
+        username TEXT NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('admin', 'idp')),
+        PRIMARY KEY (group_name, username, source)
+    );
+    CREATE INDEX group_members_by_user ON group_members (username);
+    """,
 ]
+
+MEMBERSHIP_SOURCES = ("admin", "idp")
 
 
 class UserExists(Exception):
@@ -208,7 +221,83 @@ class Store:
         self._update_user("UPDATE users SET disabled=? WHERE name=?", (int(disabled), name))
 
     def remove_user(self, name: str) -> None:
+        """The user and their group memberships (a namesake added later has none)."""
         self._update_user("DELETE FROM users WHERE name=?", (name,))
+        self.db.execute("DELETE FROM group_members WHERE username=?", (name,))
+
+    # -- group membership ----------------------------------------------------------
+
+    def _check_users(self, usernames: list[str]) -> None:
+        for name in usernames:
+            if self.get_user(name) is None:
+                raise NoSuchUser(name)
+
+    def add_members(self, group: str, usernames: list[str], source: str = "admin") -> list[str]:
+        """Make `usernames` (existing users) members of `group`; those not already
+        members from `source`."""
+        self._check_users(usernames)
+        return [
+            name
+            for name in dict.fromkeys(usernames)
+            if self.db.execute(
+                "INSERT OR IGNORE INTO group_members VALUES (?, ?, ?)", (group, name, source)
+            ).rowcount
+        ]
+
+    def remove_members(self, group: str, usernames: list[str], source: str = "admin") -> list[str]:
+        """Membership of `group` from `source` ended for `usernames`; those that had it."""
+        self._check_users(usernames)
+        return [
+            name
+            for name in dict.fromkeys(usernames)
+            if self.db.execute(
+                "DELETE FROM group_members WHERE group_name=? AND username=? AND source=?",
+                (group, name, source),
+            ).rowcount
+        ]
+
+    def replace_user_groups(self, username: str, groups, source: str) -> bool:
+        """Set the groups `source` ("admin" or "idp") gives `username` to exactly
+        `groups` (the other source's are kept: membership is the union of both);
+        whether anything changed. The identity provider's login calls this with "idp"."""
+        if source not in MEMBERSHIP_SOURCES:
+            raise ValueError(f"membership source must be one of {MEMBERSHIP_SOURCES}")
+        self._check_users([username])
+        wanted = set(groups)
+        rows = self.db.execute(
+            "SELECT group_name FROM group_members WHERE username=? AND source=?",
+            (username, source),
+        )
+        current = {row[0] for row in rows.fetchall()}
+        self.db.executemany(
+            "DELETE FROM group_members WHERE group_name=? AND username=? AND source=?",
+            [(group, username, source) for group in current - wanted],
+        )
+        self.db.executemany(
+            "INSERT INTO group_members VALUES (?, ?, ?)",
+            [(group, username, source) for group in wanted - current],
+        )
+        return wanted != current
+
+    def groups_of(self, username: str) -> list[str]:
+        """The groups `username` is a member of (from either source), by name."""
+        rows = self.db.execute(
+            "SELECT DISTINCT group_name FROM group_members WHERE username=? ORDER BY group_name",
+            (username,),
+        )
+        return [row[0] for row in rows.fetchall()]
+
+    def memberships(self, group: str | None = None) -> dict[str, dict[str, list[str]]]:
+        """{group: {user: [sources]}} of every group with members (or of `group`)."""
+        sql = "SELECT group_name, username, source FROM group_members"
+        rows = self.db.execute(
+            sql + (" WHERE group_name=?" if group else "") + " ORDER BY 1, 2, 3",
+            (group,) if group else (),
+        )
+        found: dict[str, dict[str, list[str]]] = {}
+        for group_name, username, source in rows.fetchall():
+            found.setdefault(group_name, {}).setdefault(username, []).append(source)
+        return found
 
     @contextlib.contextmanager
     def transaction(self):

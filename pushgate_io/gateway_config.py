@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import difflib
 import ipaddress
+import itertools
+import json
 import os
 import re
 import tomllib
@@ -131,11 +133,50 @@ class DataplaneSection:
 
 
 @dataclass(frozen=True)
+class AccessRule:
+    """One `allow` entry of a group: "PREFIX [PROTOCOL [PORTS]]"."""
+
+    destination: ipaddress.IPv4Network
+    protocol: int  # IP protocol number; 0 = any
+    ports: tuple[tuple[int, int], ...]  # inclusive ranges, sorted and merged; () = every port
+
+    def covers(self, other: "AccessRule") -> bool:
+        """Whether every packet `other` allows, this rule allows too."""
+        if not other.destination.subnet_of(self.destination):
+            return False
+        if self.protocol and self.protocol != other.protocol:
+            return False
+        if not self.ports:
+            return True
+        if not other.ports:
+            return False
+        return all(
+            any(first <= low and high <= last for first, last in self.ports)
+            for low, high in other.ports
+        )
+
+
+@dataclass(frozen=True)
+class Group:
+    """A [groups.NAME] table: what its members may reach, and what their clients set up."""
+
+    name: str
+    allow: tuple[AccessRule, ...]
+    routes: tuple[ipaddress.IPv4Network, ...] | None  # None: derived from `allow`
+    dns_servers: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
+    search_domains: tuple[str, ...]
+    match_domains: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: str
     gateway: GatewaySection
     auth: AuthSection
     dataplane: DataplaneSection
+    # The [groups.*] tables (read with the [auth] section), in file order; None if the
+    # file has none: every user then reaches [auth] routes (the compatibility mode).
+    groups: tuple[Group, ...] | None = None
 
 
 SECTIONS = {"gateway": GatewaySection, "auth": AuthSection, "dataplane": DataplaneSection}
@@ -298,6 +339,22 @@ class _Source:
     def __init__(self, path: str, text: str) -> None:
         self.path = path
         self.lines = definition_lines(text)
+        self.text_lines = text.splitlines()
+
+    def item_line(self, path: tuple[str, ...], item: str, nth: int = 0) -> int | None:
+        """The line of the list element `item` of the key at `path` (the `nth` line
+        after the first at or after the key's that holds it as a string), else the
+        key's."""
+        start = self.lines.get(path)
+        if start is None:
+            return None
+        quoted = (json_quoted(item), f"'{item}'")
+        for number in range(start, len(self.text_lines) + 1):
+            if any(q in self.text_lines[number - 1] for q in quoted):
+                if not nth:
+                    return number
+                nth -= 1
+        return start
 
     def where(self, *path: str) -> str:
         line = self.lines.get(path) or self.lines.get(path[:1])
@@ -309,6 +366,10 @@ class _Source:
         return ConfigError(f"{where}: {place}: {problem}", key=place, problem=problem)
 
 
+def json_quoted(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
 def _suggestion(word: str, choices: list[str], form: str) -> str:
     match = difflib.get_close_matches(word, choices, n=1)
     return f"; did you mean {form.format(match[0])}?" if match else ""
@@ -318,6 +379,8 @@ def _check_names(table: dict, source: _Source) -> None:
     """Every section and key is one the code reads: a typo is refused, not ignored."""
     unknown = []  # (line, section, key or None)
     for name, value in table.items():
+        if name == GROUPS:  # its tables and keys are checked as they are read (_groups)
+            continue
         if name not in SECTIONS:
             unknown.append((source.lines.get((name,), 0), name, None))
         elif isinstance(value, dict):
@@ -340,6 +403,7 @@ def _check_names(table: dict, source: _Source) -> None:
                 "unknown section"
                 + (
                     _suggestion(name, list(SECTIONS), "[{}]")
+                    or _suggestion(name, [GROUPS], "[{}.NAME]")
                     or "; the sections are " + ", ".join(f"[{section}]" for section in SECTIONS)
                 ),
             )
@@ -558,6 +622,257 @@ def _dataplane(section: _Section, gateway: GatewaySection) -> DataplaneSection:
     )
 
 
+# -- [groups.NAME]: access policy (README, "Groups and access rules") ---------------
+
+GROUPS = "groups"
+GROUP_KEYS = ("allow", "routes", "dns_servers", "search_domains", "match_domains")
+_GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+PROTOCOLS = {"any": 0, "icmp": 1, "tcp": 6, "udp": 17}
+PORT_PROTOCOLS = (6, 17)  # ports are only checked for these
+_PROTOCOL_NAMES = {number: name for name, number in PROTOCOLS.items()}
+
+
+def group_name_problem(name: str) -> str | None:
+    if _GROUP_NAME.fullmatch(name):
+        return None
+    return "a group name is 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+
+
+def protocol_name(number: int) -> str:
+    return _PROTOCOL_NAMES.get(number, str(number))
+
+
+def rule_text(rule: AccessRule) -> str:
+    """The rule as it is written in the config ("198.18.3.0/24 tcp 22,8000-8999")."""
+    parts = [str(rule.destination)]
+    if rule.protocol or rule.ports:
+        parts.append(protocol_name(rule.protocol))
+    if rule.ports:
+        parts.append(",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in rule.ports))
+    return " ".join(parts)
+
+
+def _prefix(text: str) -> ipaddress.IPv4Network:
+    """An IPv4 prefix (a bare address is a /32); ValueError says what is wrong."""
+    try:
+        network = ipaddress.ip_network(text)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a prefix (e.g. 198.18.2.0/24)") from None
+        raise ValueError(f"{text!r} has host bits set; did you mean {loose}?") from None
+    if network.version != 4:
+        raise ValueError(f"{text!r} is IPv6; the tunnel carries IPv4 only")
+    return network
+
+
+def merge_ports(ranges) -> tuple[tuple[int, int], ...]:
+    """Port ranges sorted, with overlapping and adjacent ones merged."""
+    merged: list[list[int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    return tuple((first, last) for first, last in merged)
+
+
+def _ports(text: str) -> tuple[tuple[int, int], ...]:
+    ranges = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"{part.strip()!r} is not a port or a range FIRST-LAST")
+        first, last = int(low), int(high) if dash else int(low)
+        if not 0 < first <= 65535 or not 0 < last <= 65535:
+            raise ValueError(f"port {part.strip()} is out of range 1..65535")
+        if first > last:
+            raise ValueError(
+                f"port range {part.strip()} is backwards; did you mean {last}-{first}?"
+            )
+        ranges.append((first, last))
+    ordered = sorted(ranges)
+    for (_, last), (first, _) in itertools.pairwise(ordered):
+        if first <= last:
+            raise ValueError(f"port ranges overlap in {text!r}")
+    return merge_ports(ranges)
+
+
+def parse_rule(text: str) -> AccessRule:
+    """A rule from "PREFIX [PROTOCOL [PORTS]]"; ValueError says what is wrong."""
+    words = text.split()
+    if not 1 <= len(words) <= 3:
+        raise ValueError('expected "PREFIX [PROTOCOL [PORTS]]", e.g. "198.18.3.0/24 tcp 22,443"')
+    destination = _prefix(words[0])
+    protocol = 0
+    if len(words) > 1:
+        name = words[1].lower()
+        if name in PROTOCOLS:
+            protocol = PROTOCOLS[name]
+        elif name.isdigit() and 0 < int(name) <= 255:
+            protocol = int(name)
+        else:
+            raise ValueError(
+                f"unknown protocol {words[1]!r}: use tcp, udp, icmp, any or a number 1..255"
+            )
+    ports: tuple[tuple[int, int], ...] = ()
+    if len(words) > 2:
+        if protocol not in PORT_PROTOCOLS:
+            raise ValueError(f"ports apply to tcp and udp only, not {words[1]}")
+        ports = _ports(words[2])
+    return AccessRule(destination, protocol, ports)
+
+
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _domain(text: str) -> str:
+    name = text.removesuffix(".").lower()
+    if not name or len(name) > 253 or not all(_DNS_LABEL.fullmatch(x) for x in name.split(".")):
+        raise ValueError(f"{text!r} is not a domain name")
+    return name
+
+
+class _GroupSection(_Section):
+    """One [groups.NAME] table; errors name it and, for a list element, its own line."""
+
+    def __init__(self, source: _Source, name: str, value: dict) -> None:
+        self.source, self.values, self.name, self.base = source, value, f"{GROUPS}.{name}", ""
+        self.group = name
+
+    def error(self, key: str, problem: str, item: str | None = None, nth: int = 0) -> ConfigError:
+        path = (GROUPS, self.group, key)
+        line = self.source.item_line(path, item, nth) if item is not None else None
+        line = line or self.source.lines.get(path) or self.source.lines.get(path[:2])
+        place = f"[{self.name}] {key}"
+        where = f"{self.source.path}:{line}" if line else self.source.path
+        return ConfigError(f"{where}: {place}: {problem}", key=place, problem=problem)
+
+    def items(self, key: str, parse) -> tuple | None:
+        """`parse` applied to each string of the list at `key` (None if absent)."""
+        if key not in self.values:
+            return None
+        parsed = []
+        for item in self.strings(key, []):
+            try:
+                parsed.append(parse(item))
+            except ValueError as error:
+                raise self.error(key, f"{item!r}: {error}", item) from None
+        return tuple(parsed)
+
+
+def _check_rules(section: _GroupSection, texts: tuple[str, ...], rules: tuple, context) -> None:
+    """Refuse rules that cannot do what they say: ones another rule of the group already
+    allows (a duplicate or a narrower one), and ones the dataplane refuses anyway."""
+    gateway, offered, denied = context
+    by_prefix: dict[ipaddress.IPv4Network, list[int]] = {}
+    for index, rule in enumerate(rules):
+        by_prefix.setdefault(rule.destination, []).append(index)
+    for index, rule in enumerate(rules):
+        text, nth = texts[index], texts[:index].count(texts[index])
+        # a rule covering this one has a prefix containing this rule's
+        for length in range(rule.destination.prefixlen, -1, -1):
+            for other in by_prefix.get(rule.destination.supernet(new_prefix=length), ()):
+                if other == index or not rules[other].covers(rule):
+                    continue
+                if rules[other] == rule and other > index:
+                    continue  # the later duplicate is the one refused
+                what = "repeats" if rules[other] == rule else "is already allowed by"
+                line = section.source.item_line((GROUPS, section.group, "allow"), texts[other])
+                raise section.error(
+                    "allow",
+                    f"{text!r} {what} {texts[other]!r} (line {line}); remove one",
+                    text,
+                    nth,
+                )
+        if rule.destination.prefixlen == 32 and rule.destination.network_address == gateway:
+            allowed = offered.get(gateway, ())
+            if not rule_allows_only(rule, allowed):
+                services = ", ".join(allowed) or "nothing"
+                raise section.error(
+                    "allow",
+                    f"{text!r}: {gateway} is the gateway's own address; clients reach it only "
+                    f"for [dataplane] offered_services ({services}): allow those alone",
+                    text,
+                )
+        for network in denied:
+            if rule.destination.version == network.version and rule.destination.subnet_of(network):
+                raise section.error(
+                    "allow",
+                    f"{text!r} is inside [dataplane] deny_networks {network}: never reachable",
+                    text,
+                )
+
+
+def rule_allows_only(rule: AccessRule, services: tuple[str, ...]) -> bool:
+    """Whether every (protocol, port) `rule` allows is one of `services` ("ping",
+    "tcp PORT", "udp PORT") on its address."""
+    if rule.protocol == 1:
+        return "ping" in services
+    if rule.protocol in PORT_PROTOCOLS and rule.ports:
+        name = protocol_name(rule.protocol)
+        return all(
+            f"{name} {port}" in services
+            for first, last in rule.ports
+            for port in range(first, last + 1)
+        )
+    return False
+
+
+def _groups(
+    source: _Source, table: dict, gateway: GatewaySection, dataplane: DataplaneSection
+) -> tuple[Group, ...] | None:
+    if GROUPS not in table:
+        return None
+    value = table[GROUPS]
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"{source.where(GROUPS)}: [{GROUPS}]: must be tables [groups.NAME]",
+            key=f"[{GROUPS}]",
+            problem="must be tables [groups.NAME]",
+        )
+    offered: dict = {}
+    for service in dataplane.offered_services:
+        offered.setdefault(service.address, ())
+        text = service.protocol if service.port is None else f"{service.protocol} {service.port}"
+        offered[service.address] += (text,)
+    context = (gateway.gateway_address, offered, dataplane.deny_networks)
+    groups = []
+    for name, body in value.items():
+        where = source.where(GROUPS, name)
+        if not isinstance(body, dict):
+            problem = "must be a table: [groups.NAME] with allow = [...]"
+            raise ConfigError(
+                f"{where}: [groups] {name}: {problem}", key=f"[groups] {name}", problem=problem
+            )
+        if problem := group_name_problem(name):
+            raise ConfigError(
+                f"{where}: [groups.{name}]: {problem}", key=f"[groups.{name}]", problem=problem
+            )
+        section = _GroupSection(source, name, body)
+        for key in body:
+            if key not in GROUP_KEYS:
+                hint = _suggestion(key, list(GROUP_KEYS), "{}")
+                raise section.error(
+                    key, f"unknown key{hint or '; a group has ' + ', '.join(GROUP_KEYS)}"
+                )
+        texts = section.strings("allow", []) if "allow" in body else ()
+        rules = section.items("allow", parse_rule) or ()
+        _check_rules(section, texts, rules, context)
+        groups.append(
+            Group(
+                name=name,
+                allow=rules,
+                routes=section.items("routes", _prefix),
+                dns_servers=section.items("dns_servers", ipaddress.ip_address) or (),
+                search_domains=section.items("search_domains", _domain) or (),
+                match_domains=section.items("match_domains", _domain) or (),
+            )
+        )
+    return tuple(groups)
+
+
 def parse(text: str, path: str, *, auth: bool = False) -> GatewayConfig:
     """Check the config `text` as if read from `path` (relative paths in it are relative
     to `path`'s directory); the [auth] section's values are checked only if `auth`."""
@@ -569,11 +884,13 @@ def parse(text: str, path: str, *, auth: bool = False) -> GatewayConfig:
     _check_names(table, source)
     base = os.path.dirname(os.path.abspath(path))
     gateway = _gateway(_Section(source, table, "gateway", base))
+    dataplane = _dataplane(_Section(source, table, "dataplane", base), gateway)
     return GatewayConfig(
         path=os.path.abspath(path),
         gateway=gateway,
         auth=_auth(_Section(source, table, "auth", base)) if auth else None,
-        dataplane=_dataplane(_Section(source, table, "dataplane", base), gateway),
+        dataplane=dataplane,
+        groups=_groups(source, table, gateway, dataplane) if auth else None,
     )
 
 

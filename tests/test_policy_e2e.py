@@ -23,7 +23,7 @@ pytestmark = pytest.mark.netns  # needs root: see the netns marker in pyproject.
 TUNNEL_GATEWAY = "198.19.0.1"
 PROBES = 10  # UDP datagrams per refused target
 
-GROUPS = """
+GROUPS = """{everyone}
 [groups.eng]
 allow = ["{eng}/32"]
 routes = ["0.0.0.0/0"]
@@ -55,12 +55,12 @@ except OSError as error:
 """
 
 
-def write_groups(gw: GatewayLab, eng: str, sales: str) -> None:
+def write_groups(gw: GatewayLab, eng: str, sales: str, everyone: str = "") -> None:
     with open(gw.config) as handle:
         text = handle.read()
     base = text.split("\n[groups.", 1)[0].rstrip("\n") + "\n"
     with open(gw.config + ".new", "w") as handle:
-        handle.write(base + GROUPS.format(eng=eng, sales=sales))
+        handle.write(base + GROUPS.format(eng=eng, sales=sales, everyone=everyone))
     os.replace(gw.config + ".new", gw.config)
 
 
@@ -184,3 +184,29 @@ def test_editing_a_groups_rules_and_a_reload_flips_live_sessions_within_a_second
     assert tunnel(gateway, 0)[1] == session_before
     assert gateway.status(0)["state"] == "up"
     assert metrics.total(gateway.scrape(), "pushgate_dataplane_session_installs_total") == installs
+
+
+def test_a_rule_for_the_tunnel_network_lets_clients_reach_each_other(gateway):
+    """Group `all` (every user) allows ICMP to the tunnel network: alice and bob
+    ping each other through the gateway (hub), and only ICMP."""
+    alice, bob = tunnel(gateway, 0)[0], tunnel(gateway, 1)[0]
+    assert pings(gateway, 0, bob, 1) == 0
+    write_groups(
+        gateway,
+        eng=LAN_HOST,
+        sales=LAN2_HOST,
+        everyone='\n[groups.all]\nallow = ["198.19.0.0/24 icmp"]\n',
+    )
+    os.kill(gateway.auth.pid, signal.SIGHUP)
+    wait_for(lambda: pings(gateway, 0, bob, 1) == 1 or None, 5, what="alice to reach bob")
+    before = metrics.total(gateway.scrape(), "pushgate_dataplane_packets_total", direction="tx")
+    assert pings(gateway, 1, alice, 3) == 3
+    after = metrics.total(gateway.scrape(), "pushgate_dataplane_packets_total", direction="tx")
+    assert after >= before + 6  # each request and reply sealed for the other client
+    denied = dropped(gateway, "policy_denied")
+    send(gateway, 0, f"{bob}:7")  # UDP is still refused
+    wait_for(
+        lambda: dropped(gateway, "policy_denied") == denied + PROBES or None,
+        5,
+        what="the UDP probes refused",
+    )

@@ -770,7 +770,7 @@ def _check_rules(section: _GroupSection, texts: tuple[str, ...], rules: tuple, c
     for index, rule in enumerate(rules):
         by_prefix.setdefault(rule.destination, []).append(index)
     for index, rule in enumerate(rules):
-        text, nth = texts[index], texts[:index].count(texts[index])
+        text = texts[index]
         # a rule covering this one has a prefix containing this rule's
         for length in range(rule.destination.prefixlen, -1, -1):
             for other in by_prefix.get(rule.destination.supernet(new_prefix=length), ()):
@@ -780,6 +780,7 @@ def _check_rules(section: _GroupSection, texts: tuple[str, ...], rules: tuple, c
                     continue  # the later duplicate is the one refused
                 what = "repeats" if rules[other] == rule else "is already allowed by"
                 line = section.source.item_line((GROUPS, section.group, "allow"), texts[other])
+                nth = texts[:index].count(text)  # its line: the nth of equal texts
                 raise section.error(
                     "allow",
                     f"{text!r} {what} {texts[other]!r} (line {line}); remove one",

@@ -110,6 +110,7 @@ bench: system-deps $(INSTALLED) $(GENERATED)
 	PYTHONPATH=. $(PY) bench/throttle_memory_bench.py
 	PYTHONPATH=. $(PY) bench/dataplane_bench.py
 	PYTHONPATH=. $(PY) bench/receive_path_bench.py
+	PYTHONPATH=. $(PY) bench/policy_bench.py
 	mkdir -p bench/results
 	PYTHONPATH=. $(PY) bench/noise_bench.py --results bench/results/noise-last.txt
 	PYTHONPATH=. $(PY) bench/direction_bench.py --results bench/results/direction-last.txt

@@ -27,7 +27,7 @@ import time
 
 from dataplane.metrics import INBOUND
 from netlab import Lab, metrics
-from netlab.gateway import DATAPLANE_PORT, GATEWAY, GatewayLab
+from netlab.gateway import DATAPLANE_PORT, GATEWAY, LAN_HOST, GatewayLab, tool
 
 TUNNEL_GATEWAY = "198.19.0.1"
 
@@ -63,21 +63,66 @@ print(sent)
 """
 
 
+def policy_groups(rules: int) -> str:
+    """Config groups for the side-by-side policy run: `plain` allows the lan network
+    whole (the cost of "allow all"), `policy` only the lan host's TCP port 5201,
+    among `rules - 1` other /29 prefixes with ports of their own. The gateway's
+    iperf3 port stays reachable for both: it is an offered service."""
+    decoys = [
+        f'"198.18.{128 + i // 32}.{i % 32 * 8}/29 tcp {22 + i % 4}"' for i in range(rules - 1)
+    ]
+    policy = ", ".join([f'"{LAN_HOST}/32 tcp 5201"', *decoys])
+    routes = f'routes = ["{TUNNEL_GATEWAY}/32", "{LAN_HOST}/32"]\n'
+    return (
+        f'\n[groups.plain]\nallow = ["{LAN_HOST.rsplit(".", 1)[0]}.0/24"]\n{routes}'
+        f"\n[groups.policy]\nallow = [{policy}]\n{routes}"
+    )
+
+
 @contextlib.contextmanager
-def gateway_with_iperf(lab_name: str, clients: int = 1):
+def gateway_with_iperf(lab_name: str, clients: int = 1, policy_rules: int = 0):
     """A whole gateway in namespaces with client 0 connected (a route to the
-    gateway's tunnel address only) and an iperf3 server on that address."""
+    gateway's tunnel address only) and an iperf3 server on that address. With
+    `policy_rules`, client 1 is connected too, as a user whose access policy has
+    that many rules (`policy_groups`), and an iperf3 server runs on the lan host
+    too."""
     with tempfile.TemporaryDirectory() as workdir, Lab(lab_name) as lab:
         gateway = GatewayLab(
             lab,
             workdir,
-            clients=clients,
+            clients=max(clients, 2) if policy_rules else clients,
             routes=(f"{TUNNEL_GATEWAY}/32",),
             offered_services=(f"tcp {TUNNEL_GATEWAY}:5201", f"udp {TUNNEL_GATEWAY}:5201"),
         )
         gateway.add_user("bench")
+        if policy_rules:
+            with open(gateway.config, "a") as handle:
+                handle.write(policy_groups(policy_rules))
+            gateway.add_user("bench-policy")
+            for group, user in (("plain", "bench"), ("policy", "bench-policy")):
+                subprocess.run(
+                    [
+                        tool("pushgate-admin"),
+                        "group",
+                        "add",
+                        group,
+                        user,
+                        "--config",
+                        gateway.config,
+                    ],
+                    check=True,
+                    capture_output=True,
+                )
         gateway.start()
         gateway.connect(0, "bench")
+        if policy_rules:
+            gateway.connect(1, "bench-policy")
+            lab.start(
+                gateway.lan,
+                ["iperf3", "-s", "-B", LAN_HOST],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         server = lab.start(
             gateway.gw,
             ["iperf3", "-s", "-B", TUNNEL_GATEWAY],
@@ -99,12 +144,14 @@ def save_results(lines: list[str], path: str | None) -> list[dict]:
     return [dict(item.split("=", 1) for item in line.split()[1:]) for line in lines]
 
 
-def iperf(gateway: GatewayLab, seconds: float, *extra: str) -> dict:
-    """A single-stream iperf3 TCP test from client 0 to the gateway's tunnel
-    address (`-R`: the other way); its JSON report's "end"."""
+def iperf(
+    gateway: GatewayLab, seconds: float, *extra: str, client: int = 0, to: str = TUNNEL_GATEWAY
+) -> dict:
+    """A single-stream iperf3 TCP test from client `client` to the gateway's tunnel
+    address or `to` (`-R`: the other way); its JSON report's "end"."""
     result = gateway.lab.exec(
-        gateway.clients[0],
-        ["iperf3", "-c", TUNNEL_GATEWAY, "-t", str(seconds), "-O", "1", "-J", *extra],
+        gateway.clients[client],
+        ["iperf3", "-c", to, "-t", str(seconds), "-O", "1", "-J", *extra],
         timeout=seconds + 30,
     )
     return json.loads(result.stdout)["end"]

@@ -98,23 +98,28 @@ class DestinationPolicy:
                     break
             else:
                 return False
+        return not self.offers(packet, destination)
+
+    def offers(self, packet: bytes, destination: bytes) -> bool:
+        """Whether `packet` is for a service the gateway offers on purpose at
+        `destination`: reachable whatever the session's access policy says."""
         offered = self._offered.get(destination)
         if offered is None:
-            return True
+            return False
         # protocol << 16 | port or ICMP type, as plain integers: this runs for every
         # packet to the gateway's own services
         if len(destination) == 4:
             header = (packet[0] & 0x0F) * 4
             if packet[6] & 0x1F or packet[7]:  # a later fragment: no port in it
-                return True
+                return False
             protocol = packet[9]
         else:  # IPv6: only a transport header right after the fixed one
             header, protocol = 40, packet[6]
         if protocol in _PORTS and len(packet) >= header + 4:
-            return (protocol << 16 | packet[header + 2] << 8 | packet[header + 3]) not in offered
+            return (protocol << 16 | packet[header + 2] << 8 | packet[header + 3]) in offered
         if protocol in _ICMP and len(packet) > header:
-            return (protocol << 16 | packet[header]) not in offered
-        return True
+            return (protocol << 16 | packet[header]) in offered
+        return False
 
 
 def parse_ip_addresses(text: str) -> set:

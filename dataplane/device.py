@@ -50,6 +50,10 @@ REFUSED_ADDRESS = {
         1,
         "session %#010x sent a packet to %s, which clients may not reach",
     ),
+    DropReason.POLICY_DENIED: (
+        1,
+        "session %#010x sent a packet to %s, which its access policy does not allow",
+    ),
 }
 
 

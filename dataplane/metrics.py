@@ -91,6 +91,8 @@ class Counters:
     icmp_too_big_sent: int = 0
     rekey_requests_sent: int = 0
     keys_refused: int = 0
+    policy_compiles: int = 0  # distinct access policies compiled (sessions share them)
+    policies_refused: int = 0  # access policies from the feed that cannot be enforced
     mss_clamped: int = 0
     session_installs: int = 0
     session_removals: int = 0
@@ -385,6 +387,17 @@ class DataplaneCollector:
             "keys_refused",
             "Session keys from the auth service not installed (created in the future)",
             c.keys_refused,
+        )
+        yield counter(
+            "policy_compiles",
+            "Access policies compiled (one per distinct policy; sessions share them)",
+            c.policy_compiles,
+        )
+        yield counter(
+            "policies_refused",
+            "Access policies from the auth service that cannot be enforced (the session"
+            " reaches nothing)",
+            c.policies_refused,
         )
         yield counter("mss_clamped", "TCP SYNs whose MSS was lowered", c.mss_clamped)
         yield counter("session_installs", "Sessions installed", c.session_installs)

@@ -13,6 +13,7 @@ from collections import Counter
 
 from push_protocol.drops import DropReason, UsageError
 from push_protocol.lifecycle import SessionEnd, SessionState
+from push_protocol.policy import NO_POLICY, CompiledPolicy
 from push_protocol.session import TunnelSession
 
 
@@ -24,6 +25,7 @@ class SessionRecord:
         "expires_at",
         "installed_at",
         "last_drop_reason",
+        "policy",
         "stalled",
         "tunnel",
         "username",
@@ -36,12 +38,14 @@ class SessionRecord:
         expires_at: float,
         username: str = "",
         installed_at: float = 0.0,
+        policy: CompiledPolicy = NO_POLICY,
     ) -> None:
         self.tunnel = tunnel
         self.installed_at = installed_at
         self.addresses = addresses  # raw 4- or 16-byte addresses the session owns
         self.expires_at = expires_at  # 0: no expiry
         self.username = username
+        self.policy = policy  # what it may reach (shared with sessions of the same rules)
         self.endpoint: tuple[str, int] | None = None  # follows authenticated packets
         self.last_drop_reason: DropReason | None = None
         self.drops: Counter[DropReason] = Counter()  # this session's, by reason (admin listing)

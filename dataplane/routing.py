@@ -2,9 +2,14 @@
 
 A decrypted packet must come from an address its session owns; it goes to the
 session that owns its destination (hub), or to the TUN unless the destination is forbidden
-(destinations.py: the gateway host itself, link-local, denied networks). A packet
-read from the TUN goes only to the session that owns its destination. Addresses
-are raw header bytes, as the registry indexes them.
+(destinations.py: the gateway host itself, link-local, denied networks). Either way
+its session's access policy must allow it (push_protocol/policy.py), except a
+service the gateway offers on purpose; a packet to another client also passes as a
+reply: when the receiving session's policy allows the flow the other way (a
+stateless reverse check, docs/protocol.md "Access policy"). A packet read from the
+TUN goes only to the session that owns its destination, unchecked: replies to what
+a client reached are never refused. Addresses are raw header bytes, as the
+registry indexes them.
 """
 
 from enum import IntEnum
@@ -35,6 +40,7 @@ TO_TUN = Decision(Action.TUN)
 NO_ROUTE = Decision(Action.DROP, reason=DropReason.NO_ROUTE)
 SPOOFED = Decision(Action.DROP, reason=DropReason.SPOOFED_SOURCE)
 FORBIDDEN = Decision(Action.DROP, reason=DropReason.FORBIDDEN_DESTINATION)
+POLICY_DENIED = Decision(Action.DROP, reason=DropReason.POLICY_DENIED)
 
 
 class Router:
@@ -64,8 +70,12 @@ class Router:
         if len(packet) > self.mtu:
             return Decision(Action.TOO_BIG, record, DropReason.TOO_BIG)
         target = self.registry.by_address.get(destination)
-        if target is not None:
-            return Decision(Action.SESSION, target)
+        if target is not None:  # client to client: allowed, or a reply to an allowed flow
+            if record.policy.allows_packet(packet, destination) or target.policy.allows_reply(
+                packet, source
+            ):
+                return Decision(Action.SESSION, target)
+            return POLICY_DENIED
         if self.destinations.refuses(packet, destination):
             return FORBIDDEN
         if (  # in the tunnel network, but nobody's: not for the TUN either
@@ -74,7 +84,11 @@ class Router:
             and int.from_bytes(destination, "big") & self._mask == self._net
         ):
             return NO_ROUTE
-        return TO_TUN
+        if record.policy.allows_packet(packet, destination) or self.destinations.offers(
+            packet, destination
+        ):
+            return TO_TUN
+        return POLICY_DENIED
 
     def from_tun(self, packet: bytes) -> Decision:
         try:

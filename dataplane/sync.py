@@ -11,11 +11,16 @@ windows are gone: they are installed *re-learned* (authenticated packets under
 them are refused and answered with REKEY_REQUIRED). Keys from watch events were
 minted after the listing and are fresh. Every keypair seals in its own
 send-counter range, leased from the auth service (docs/protocol.md, "Restarts").
+
+Each session carries its access policy; sessions whose policies are equal share
+one compiled lookup (`PolicyBook`), and a policy change applies at once. A
+session without a policy, or with one that does not compile, reaches nothing.
 """
 
 import asyncio
 import logging
 import time
+import weakref
 from collections import deque
 
 import grpc
@@ -25,6 +30,7 @@ from push_protocol.backoff import Backoff
 from push_protocol.drops import UsageError
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.lifecycle import SessionEnd
+from push_protocol.policy import NO_POLICY, CompiledPolicy, PolicyError, rules_from_messages
 from push_protocol.session import TunnelSession
 from pushgate_api import auth_pb2, control_pb2, control_pb2_grpc
 from pushgate_io.control_socket import PeerPolicy, checked_target
@@ -88,6 +94,45 @@ class CounterRangePool:
         return counter_range
 
 
+class PolicyBook:
+    """One compiled policy per distinct AccessPolicy (its digest and its rules: the
+    digest names the rule set, the rules are what is enforced), shared by every
+    session that has it, forgotten when no session holds it any more."""
+
+    def __init__(self, counters: Counters) -> None:
+        self.counters = counters
+        self._compiled: weakref.WeakValueDictionary[bytes, CompiledPolicy] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def __len__(self) -> int:
+        return len(self._compiled)
+
+    def get(self, session: control_pb2.Session | control_pb2.PolicyChange) -> CompiledPolicy:
+        """The compiled policy of a feed session or policy change; NO_POLICY when it
+        has none or one that cannot be enforced (logged: the auth service's error)."""
+        if not session.HasField("policy"):
+            return NO_POLICY
+        message = session.policy
+        key = message.SerializeToString(deterministic=True)
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            try:
+                compiled = CompiledPolicy(rules_from_messages(message.allow), message.digest)
+            except PolicyError as error:
+                self.counters.policies_refused += 1
+                log.error(
+                    "session %#010x: access policy %s refused, it reaches nothing: %s",
+                    session.session_id,
+                    message.digest or "(no digest)",
+                    error,
+                )
+                return NO_POLICY
+            self._compiled[key] = compiled
+            self.counters.policy_compiles += 1
+        return compiled
+
+
 class SessionSync:
     def __init__(
         self,
@@ -105,6 +150,7 @@ class SessionSync:
         self.revision = 0
         self.synced = asyncio.Event()
         self.counter_ranges = CounterRangePool()
+        self.policies = PolicyBook(counters)
 
     def _refused(self) -> None:
         self.counters.control_peers_refused["feed"] += 1
@@ -202,6 +248,10 @@ class SessionSync:
                 if reason == control_pb2.REMOVAL_REASON_EXPIRED
                 else SessionEnd.CLOSED,
             )
+        elif change == "policy_changed":
+            record = self.registry.by_id.get(event.policy_changed.session_id)
+            if record is not None:
+                self._set_policy(record, event.policy_changed)
         self.revision = self.counters.feed_revision = event.revision
 
     def _key_material(
@@ -264,6 +314,7 @@ class SessionSync:
                 session.expires_at_unix_ms / 1000,
                 session.username,
                 installed_at=now,
+                policy=self.policies.get(session),
             )
         )
         self.counters.session_installs += 1
@@ -280,6 +331,7 @@ class SessionSync:
     ) -> None:
         """Make an installed session match what the auth service says about it."""
         record.expires_at = session.expires_at_unix_ms / 1000
+        self._set_policy(record, session)
         try:
             addresses = tuple(packed_address(a) for a in session.tunnel_addresses)
         except ValueError as error:
@@ -288,6 +340,19 @@ class SessionSync:
         if addresses != record.addresses:
             self.registry.readdress(record, addresses)
         self._rotate(record, session.current_keys, relearned=relearned)
+
+    def _set_policy(
+        self, record: SessionRecord, source: control_pb2.Session | control_pb2.PolicyChange
+    ) -> None:
+        policy = self.policies.get(source)
+        if policy is not record.policy:
+            record.policy = policy
+            log.info(
+                "session %#010x: access policy %s (%d rules)",
+                record.session_id,
+                policy.digest or "(none)",
+                policy.rule_count,
+            )
 
     def _rotate(
         self, record: SessionRecord, keys: auth_pb2.SessionKeys, *, relearned: bool

@@ -1,6 +1,7 @@
 """The dataplane alone in namespaces, fed by netlab.feed instead of the auth service.
 
     client ns 198.18.10.2 --veth-- 198.18.10.1 gateway ns (pushgate-dataplane, TUN 198.19.10.1/24)
+                                              198.18.11.1 --veth-- 198.18.11.2 lan ns (`lan()`)
 
 The caller's process holds sockets inside both namespaces (netlab.socket_in): a
 push client built on the shared TunnelSession in the client namespace, and an
@@ -27,6 +28,7 @@ from .packets import ipv4_udp
 
 GW_UNDERLAY, CLIENT_UNDERLAY = "198.18.10.1", "198.18.10.2"
 GW_TUNNEL = "198.19.10.1"
+GW_LAN, LAN_HOST = "198.18.11.1", "198.18.11.2"
 PORT = 51820
 OBSERVER_PORT = 9999
 METRICS_PORT = 9102
@@ -70,10 +72,15 @@ class PushClient:
         self.sock.sendto(datagram, (GW_UNDERLAY, PORT))
         return datagram
 
-    def send_udp(self, payload: bytes, sport: int = 4000, src: str | None = None) -> bytes:
-        return self.send_inner(
-            ipv4_udp(src or self.address, GW_TUNNEL, sport, OBSERVER_PORT, payload)
-        )
+    def send_udp(
+        self,
+        payload: bytes,
+        sport: int = 4000,
+        src: str | None = None,
+        dst: str = GW_TUNNEL,
+        dport: int = OBSERVER_PORT,
+    ) -> bytes:
+        return self.send_inner(ipv4_udp(src or self.address, dst, sport, dport, payload))
 
     def receive_inner(self) -> bytes:
         while True:
@@ -113,6 +120,7 @@ class Gateway:
         self.log = open(os.path.join(workdir, "dataplane.log"), "w")  # noqa: SIM115 - fixture closes it
         self.process = None
         self.observer = None
+        self.lan_ns: str | None = None
 
     def start_dataplane(self) -> None:
         self.process = self.lab.start(
@@ -136,6 +144,20 @@ class Gateway:
         for sess in sessions:
             self.feed.install(sess)
         self.wait_sessions(len(sessions))
+
+    def lan(self, port: int = OBSERVER_PORT) -> socket.socket:
+        """A host behind the gateway (LAN_HOST, routed, no NAT): a UDP socket bound
+        there on `port`. What reaches it went through the dataplane's TUN and the
+        gateway's forwarding, not to a service the gateway offers."""
+        if self.lan_ns is None:
+            self.lan_ns = self.lab.namespace("lan")
+            self.lab.link(self.gw, f"{GW_LAN}/24", self.lan_ns, f"{LAN_HOST}/24")
+            self.lab.exec(self.gw, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+            self.lab.exec(self.lan_ns, ["ip", "route", "add", "198.19.10.0/24", "via", GW_LAN])
+        sock = socket_in(self.lan_ns)
+        sock.bind((LAN_HOST, port))
+        sock.settimeout(5)
+        return sock
 
     def _scrape_or_none(self):
         try:

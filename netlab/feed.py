@@ -25,13 +25,45 @@ def key_epoch(epoch: int = 0, created_at: float | None = None) -> auth_pb2.Sessi
     )
 
 
+def access_policy(*rules: str, digest: str | None = None) -> control_pb2.AccessPolicy:
+    """An AccessPolicy from rules as the config writes them, "PREFIX [PROTOCOL [PORTS]]"
+    (PROTOCOL tcp, udp, icmp, any or a number; PORTS "22,443,8000-8999"). The digest
+    defaults to the rules joined: equal rule lists, equal digests."""
+    names = {"any": 0, "icmp": 1, "tcp": 6, "udp": 17}
+    allow = []
+    for rule in rules:
+        destination, *rest = rule.split()
+        protocol = rest[0] if rest else "any"
+        ports = []
+        for part in rest[1].split(",") if len(rest) > 1 else ():
+            first, _, last = part.partition("-")
+            ports.append(control_pb2.PortRange(first=int(first), last=int(last or first)))
+        allow.append(
+            control_pb2.AccessRule(
+                destination=destination,
+                protocol=names[protocol] if protocol in names else int(protocol),
+                ports=ports,
+            )
+        )
+    return control_pb2.AccessPolicy(allow=allow, digest=digest or "|".join(rules))
+
+
+def allow_all() -> control_pb2.AccessPolicy:
+    """Every destination, every protocol: for tests of everything but the policy."""
+    return access_policy("0.0.0.0/0", "::/0")
+
+
 def session(
     session_id: int,
     address: str,
     keys: auth_pb2.SessionKeys | None = None,
     keepalive: int = 10,
     expires_at: float = 0.0,
+    policy: control_pb2.AccessPolicy | None = None,
 ) -> control_pb2.Session:
+    """A feed session; its policy allows everything unless `policy` is given
+    (`control_pb2.AccessPolicy()` for one that allows nothing). Without a policy
+    at all a session reaches nothing: clear the field for that."""
     return control_pb2.Session(
         session_id=session_id,
         cipher=auth_pb2.CIPHER_SUITE_AES_256_GCM,
@@ -40,6 +72,7 @@ def session(
         keepalive_seconds=keepalive,
         expires_at_unix_ms=int(expires_at * 1000),
         username=f"user{session_id}",
+        policy=allow_all() if policy is None else policy,
     )
 
 
@@ -83,6 +116,10 @@ class FeedServer(control_pb2_grpc.SessionFeedServicer):
         sess.previous_keys_until_unix_ms = int((time.time() + PREVIOUS_KEY_GRACE_SECONDS) * 1000)
         sess.current_keys.CopyFrom(keys)
         self._publish(rotated=control_pb2.KeyRotation(session_id=session_id, keys=keys))
+
+    def change_policy(self, session_id: int, policy: control_pb2.AccessPolicy) -> None:
+        self.sessions[session_id].policy.CopyFrom(policy)
+        self._publish(policy_changed=control_pb2.PolicyChange(session_id=session_id, policy=policy))
 
     def remove(self, session_id: int) -> None:
         del self.sessions[session_id]

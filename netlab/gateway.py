@@ -2,6 +2,8 @@
 
     client-N ns 198.18.1.N+1 --bridge-- 198.18.1.1  gw ns  198.18.2.1 --lan-- 198.18.2.2  lan ns
                 pgcN 198.19.0.x  (tunnel)          pg0 198.19.0.1, NAT out to the lan
+                                                          198.18.3.1 --lan2-- 198.18.3.2  lan2 ns
+                                                          (`lan_hosts=2`: routed, no NAT)
 
 The gateway namespace runs pushgate-auth and pushgate-dataplane; each client
 namespace runs pushgate-client (full tunnel by default); the lan host has no
@@ -19,6 +21,8 @@ from .transfer import expected_sha256
 GATEWAY = "198.18.1.1"
 LAN_GATEWAY = "198.18.2.1"
 LAN_HOST = "198.18.2.2"
+LAN2_GATEWAY = "198.18.3.1"
+LAN2_HOST = "198.18.3.2"
 AUTH_PORT = 7443
 DATAPLANE_PORT = 51820
 METRICS_PORT = 9102
@@ -47,6 +51,7 @@ class GatewayLab:
         offered_services: tuple[str, ...] = (),
         metrics_host: str = "127.0.0.1",
         host_name: str | None = None,
+        lan_hosts: int = 1,
     ) -> None:
         self.lab = lab
         # Clients reach auth service and dataplane by this name (each client namespace
@@ -67,6 +72,11 @@ class GatewayLab:
             lab.exec(self.gw, ["ip", "link", "set", port, "master", "br0"])
             self.clients.append(ns)
         self.lan_dev, _ = lab.link(self.gw, f"{LAN_GATEWAY}/24", self.lan, f"{LAN_HOST}/24")
+        self.lan2 = None
+        if lan_hosts > 1:  # a second host behind the gateway, which routes to it (no NAT)
+            self.lan2 = lab.namespace("lan2")
+            lab.link(self.gw, f"{LAN2_GATEWAY}/24", self.lan2, f"{LAN2_HOST}/24")
+            lab.exec(self.lan2, ["ip", "route", "add", "198.19.0.0/16", "via", LAN2_GATEWAY])
         self.config = os.path.join(workdir, "pushgate.toml")
         self.ca = os.path.join(workdir, "tls", "ca.crt")
         self.password_file = os.path.join(workdir, "password")

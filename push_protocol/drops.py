@@ -48,6 +48,7 @@ class DropReason(StrEnum):
     SOURCE_OVER_BUDGET = "source_over_budget"  # its source forged too many tags lately
     FORBIDDEN_DESTINATION = "forbidden_destination"  # the gateway host, link-local, denied nets
     NO_BUFFER_SPACE = "no_buffer_space"  # a UDP send refused (ENOBUFS): transmit queue full
+    POLICY_DENIED = "policy_denied"  # its session's access policy does not allow it
 
 
 class PacketRejected(Exception):

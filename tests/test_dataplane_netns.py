@@ -19,12 +19,13 @@ from netlab.dataplane_lab import (
     CLIENT_UNDERLAY,
     GW_TUNNEL,
     GW_UNDERLAY,
+    LAN_HOST,
     OBSERVER_PORT,
     PORT,
     Gateway,
     dataplane_gateway,
 )
-from netlab.feed import FeedServer, key_epoch, session
+from netlab.feed import FeedServer, access_policy, key_epoch, session
 from netlab.packets import ipv4_udp, udp_payload
 from push_protocol.codec import PacketType, parse_header
 from push_protocol.keys import KeyMaterial
@@ -79,6 +80,55 @@ def test_packets_flow_both_ways(gateway):
     # the TUN's queue is longer than Linux's 500: bursts while the loop waits for a CPU
     link = gateway.lab.exec(gateway.gw, ["ip", "-o", "link", "show", "pgdp0"]).stdout
     assert f" qlen {TUN_QUEUE_PACKETS}" in link, link
+
+
+def test_the_access_policy_from_the_feed_decides_and_a_change_applies_at_once(gateway):
+    """Through the real feed and process: a session reaches the lan host's port
+    its policy allows, every other probe is a policy_denied drop (the accounting
+    holds), and a PolicyChange on the feed flips it without a new session."""
+    lan = gateway.lan(5000)
+    other_port = gateway.lan(5001)
+    sess = session(0x1010, "198.19.10.2", policy=access_policy(f"{LAN_HOST}/32 udp 5000"))
+    gateway.start_with(sess)
+    client = gateway.client(sess)
+    client.send_udp(b"allowed", dst=LAN_HOST, dport=5000)
+    assert lan.recvfrom(100) == (b"allowed", ("198.19.10.2", 4000))
+    before = drops(gateway.scrape(), "policy_denied")
+    for probe in range(3):
+        client.send_udp(b"refused %d" % probe, dst=LAN_HOST, dport=5001)
+    client.send_udp(b"allowed again", dst=LAN_HOST, dport=5000)
+    assert lan.recvfrom(100)[0] == b"allowed again"
+
+    def three_refused():
+        samples = gateway.scrape()
+        return samples if drops(samples, "policy_denied") == before + 3 else None
+
+    samples = wait_for(three_refused, 5, what="three policy_denied drops")
+    assert_accounted(samples)
+    other_port.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        other_port.recvfrom(100)
+
+    revision = metrics.total(samples, "pushgate_dataplane_feed_revision")
+    gateway.feed.change_policy(0x1010, access_policy(f"{LAN_HOST}/32 udp 5001"))
+    wait_for(
+        lambda: metrics.total(gateway.scrape(), "pushgate_dataplane_feed_revision") > revision,
+        5,
+        what="the policy change to reach the dataplane",
+    )
+    client.send_udp(b"now allowed", dst=LAN_HOST, dport=5001)
+    client.send_udp(b"now refused", dst=LAN_HOST, dport=5000)
+    other_port.settimeout(5)
+    assert other_port.recvfrom(100)[0] == b"now allowed"
+    wait_for(
+        lambda: drops(gateway.scrape(), "policy_denied") == before + 4,
+        5,
+        what="the refused probe after the change",
+    )
+    lan.settimeout(0.2)
+    with pytest.raises(TimeoutError):
+        lan.recvfrom(100)
+    assert metrics.total(gateway.scrape(), "pushgate_dataplane_policy_compiles_total") == 2
 
 
 def test_hostile_datagrams_are_counted_by_reason_and_valid_traffic_flows(gateway):

@@ -20,6 +20,7 @@ from push_protocol.ciphercache import CipherCache
 from push_protocol.drops import DropReason, UsageError
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.lifecycle import SessionEnd, SessionState
+from push_protocol.policy import ALLOW_ALL
 from push_protocol.session import TunnelSession
 from pushgate_io import gateway_config as config
 
@@ -135,8 +136,9 @@ def test_config_errors_name_the_key(tmp_path, text, message):
 
 def _router():
     registry = Registry()
-    alice = SessionRecord(_tunnel(1), (packed_address("198.19.0.2"),), 0.0)
-    bob = SessionRecord(_tunnel(2), (packed_address("198.19.0.3"),), 0.0)
+    # both may reach everything: the access policy's own cases are in test_policy.py
+    alice = SessionRecord(_tunnel(1), (packed_address("198.19.0.2"),), 0.0, policy=ALLOW_ALL)
+    bob = SessionRecord(_tunnel(2), (packed_address("198.19.0.3"),), 0.0, policy=ALLOW_ALL)
     registry.add(alice)
     registry.add(bob)
     router = Router(

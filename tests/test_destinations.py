@@ -16,6 +16,7 @@ from netlab.packets import ipv4, ipv4_tcp_syn, ipv4_udp
 from push_protocol.aead import CipherSuite
 from push_protocol.drops import DropReason
 from push_protocol.keys import Role
+from push_protocol.policy import ALLOW_ALL
 from push_protocol.session import TunnelSession
 from pushgate_io import gateway_config as config
 
@@ -122,7 +123,7 @@ def test_the_first_byte_table_decides_as_the_networks_do(v4, v6, extra_len):
 def test_the_router_counts_forbidden_destinations_apart(key_material):
     def record(session_id: int, address: str) -> SessionRecord:
         tunnel = TunnelSession(session_id, CipherSuite.AES_256_GCM, Role.SERVER, key_material)
-        return SessionRecord(tunnel, (packed_address(address),), 0.0)
+        return SessionRecord(tunnel, (packed_address(address),), 0.0, policy=ALLOW_ALL)
 
     registry = Registry()
     alice, bob = record(1, CLIENT), record(2, "198.19.0.3")

@@ -23,6 +23,7 @@ from netlab.packets import ipv4_tcp_syn, ipv4_udp
 from push_protocol.aead import CipherSuite
 from push_protocol.drops import DropReason
 from push_protocol.keys import KeyMaterial, Role
+from push_protocol.policy import ALLOW_ALL, CompiledPolicy, Rule
 from push_protocol.session import TunnelSession
 from pushgate_io.memory import MemoryNetwork, MemoryTun
 from pushgate_io.tun import TunDevice
@@ -75,6 +76,7 @@ class Gateway:
             (packed_address(CLIENT),),
             expires_at,
             installed_at=self.clock.now,
+            policy=ALLOW_ALL,
         )
         self.registry.add(self.record)
         self.counters = Counters()
@@ -178,6 +180,32 @@ async def test_packets_flow_both_ways_and_every_datagram_is_accounted(gateway):
     assert c.inbound_drops[DropReason.TOO_SHORT] + c.inbound_drops[DropReason.BAD_VERSION] == 2
     assert (c.rx_packets, c.tx_packets) == (5, 3)
     assert gateway.inbound_balanced() and gateway.outbound_balanced()
+
+
+@running
+async def test_packets_the_policy_refuses_are_counted_drops_and_replies_still_flow(gateway):
+    gateway.record.policy = CompiledPolicy([Rule.make(f"{LAN_HOST}/32", 17, [(9, 9)])])
+    client = gateway.client()
+    allowed = to_lan(3)
+    refused = [
+        ipv4_udp(CLIENT, LAN_HOST, 4000, 10, b"other port"),
+        ipv4_udp(CLIENT, "198.18.2.3", 4000, 9, b"other host"),
+        ipv4_tcp_syn(CLIENT, LAN_HOST, 4000, 9, 1300),
+    ]
+    client.send(*client.seal(*allowed, *refused))
+    await until(lambda: gateway.counters.datagrams_received == 6)
+    await until(lambda: len(gateway.tun.written) == 3)
+    assert gateway.tun.written == allowed
+    c = gateway.counters
+    assert c.inbound_drops[DropReason.POLICY_DENIED] == 3
+    assert gateway.record.drops[DropReason.POLICY_DENIED] == 3  # per session too
+    assert gateway.record.last_drop_reason is DropReason.POLICY_DENIED
+    assert c.datagrams_delivered == 3 and gateway.inbound_balanced()
+    # the TUN side's replies are never checked: even from a port no rule names
+    gateway.tun.inject(ipv4_udp(LAN_HOST, CLIENT, 7, 4000, b"reply"))
+    await until(lambda: gateway.counters.outbound_delivered == 1)
+    assert client.received() == [ipv4_udp(LAN_HOST, CLIENT, 7, 4000, b"reply")]
+    assert gateway.outbound_balanced()
 
 
 @running

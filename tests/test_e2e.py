@@ -111,12 +111,15 @@ def test_udp_through_the_tunnel(gateway):
     assert int(result.stdout) >= 48  # one datagram at a time: nothing should be lost
 
 
-def test_two_clients_reach_each_other_through_the_gateway(gateway):
+def test_two_clients_do_not_reach_each_other_without_a_rule(gateway):
+    """No [groups] in this config (the compatibility mode): client-to-client is off,
+    each refused packet counted (tests/test_policy_e2e.py has it allowed by a rule)."""
     bob = gateway.status(1)["tunnel"].split()[1].split("/")[0]
-    before = dataplane(gateway, "packets_total", direction="outbound")
+    before = dataplane(gateway, "drops_total", direction="inbound", reason="policy_denied")
     result = gateway.ping(0, bob, count=3)
-    assert result.returncode == 0, result.stdout
-    assert dataplane(gateway, "packets_total", direction="outbound") >= before + 6  # hub, counted
+    assert result.returncode != 0, result.stdout
+    after = dataplane(gateway, "drops_total", direction="inbound", reason="policy_denied")
+    assert after == before + 3
 
 
 def test_roaming_mid_transfer(gateway):

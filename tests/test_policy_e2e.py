@@ -199,9 +199,13 @@ def test_a_rule_for_the_tunnel_network_lets_clients_reach_each_other(gateway):
     )
     os.kill(gateway.auth.pid, signal.SIGHUP)
     wait_for(lambda: pings(gateway, 0, bob, 1) == 1 or None, 5, what="alice to reach bob")
-    before = metrics.total(gateway.scrape(), "pushgate_dataplane_packets_total", direction="tx")
+    before = metrics.total(
+        gateway.scrape(), "pushgate_dataplane_packets_total", direction="outbound"
+    )
     assert pings(gateway, 1, alice, 3) == 3
-    after = metrics.total(gateway.scrape(), "pushgate_dataplane_packets_total", direction="tx")
+    after = metrics.total(
+        gateway.scrape(), "pushgate_dataplane_packets_total", direction="outbound"
+    )
     assert after >= before + 6  # each request and reply sealed for the other client
     denied = dropped(gateway, "policy_denied")
     send(gateway, 0, f"{bob}:7")  # UDP is still refused

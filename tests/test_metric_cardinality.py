@@ -20,6 +20,7 @@ from dataplane.registry import Registry, SessionRecord, packed_address
 from netlab.packets import ipv4_udp
 from push_protocol.aead import CipherSuite
 from push_protocol.keys import KeyMaterial, Role
+from push_protocol.policy import ALLOW_ALL
 from push_protocol.session import TunnelSession
 from push_protocol.version import register_build_info
 from pushgate_io.memory import RECEIVE_QUEUE_LENGTH, MemoryNetwork, MemoryTun
@@ -58,7 +59,9 @@ class Client:
     def record(self) -> SessionRecord:
         server = TunnelSession(self.session_id, CipherSuite.AES_256_GCM, Role.SERVER, self.keys)
         user = f"user{self.session_id % ACCOUNTS}"
-        return SessionRecord(server, (packed_address(self.address),), 0.0, user, installed_at=NOW)
+        return SessionRecord(
+            server, (packed_address(self.address),), 0.0, user, installed_at=NOW, policy=ALLOW_ALL
+        )
 
     def datagram(self) -> bytes:
         return self.session.seal(ipv4_udp(self.address, LAN_HOST, 4000, 9, b"x" * 64), NOW)

@@ -151,6 +151,11 @@ def lab(tmp_path):
         text = text.replace(
             "failure_delay_seconds = 1.0", f"failure_delay_seconds = {THROTTLE_SECONDS}.0"
         )
+        # No renewal tokens: the client keeps the password and logs in again with it,
+        # the one kind of re-login a throttled account can keep failing (a renewal
+        # token is not throttled: it cannot be guessed).
+        text = text.replace("renewal_lifetime_seconds = 604800", "renewal_lifetime_seconds = 0")
+        assert "renewal_lifetime_seconds = 0" in text
         # Also on LAN_RESOLVER: an auth service whose address is not the dataplane's.
         text = text.replace(f'listen = "{GATEWAY}:{AUTH_PORT}"', f'listen = "0.0.0.0:{AUTH_PORT}"')
         Path(gw.config).write_text(text)

@@ -362,6 +362,21 @@ def _api_error(error: grpc.RpcError, path: str) -> Exception:
     return ValueError(error.details() or error.code().name)
 
 
+def via_running_service(cfg: gateway_config.GatewayConfig, call) -> str | None:
+    """`call(channel)` against the running auth service's admin API (which makes the
+    change and tells live sessions), what it says; None if the service is not running:
+    the caller then changes the database itself."""
+    try:
+        channel = admin_channel(cfg.auth.admin_socket)
+    except ServiceDown:
+        return None
+    with channel:
+        try:
+            return call(channel)
+        except grpc.RpcError as error:
+            raise _api_error(error, cfg.auth.admin_socket) from None
+
+
 def _ended(response) -> str:
     count = len(response.ended_session_ids)
     return f"; {count} live session{'s' if count != 1 else ''} ended" if count else ""
@@ -425,23 +440,16 @@ def cmd_user_totp(args: argparse.Namespace) -> int:
         return 2
     cfg = gateway_config.load(args.config, auth=True)
     secret = totp.new_secret() if what == "enroll" else None
-    try:
-        channel = admin_channel(cfg.auth.admin_socket)
-    except ServiceDown:
-        channel = None
-    if channel is not None:
-        with channel:
-            stub = admin_pb2_grpc.AdminStub(channel)
-            try:
-                if secret is not None:
-                    stub.EnrollTotp(
-                        admin_pb2.EnrollTotpRequest(username=name, secret=secret), timeout=30
-                    )
-                else:
-                    stub.RemoveTotp(admin_pb2.RemoveTotpRequest(username=name), timeout=30)
-            except grpc.RpcError as error:
-                raise _api_error(error, cfg.auth.admin_socket) from None
-    else:
+
+    def change(channel: grpc.Channel) -> str:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        if secret is not None:
+            stub.EnrollTotp(admin_pb2.EnrollTotpRequest(username=name, secret=secret), timeout=30)
+        else:
+            stub.RemoveTotp(admin_pb2.RemoveTotpRequest(username=name), timeout=30)
+        return ""
+
+    if via_running_service(cfg, change) is None:
         store = Store(cfg.auth.database)
         try:
             store.set_totp(name, secret)
@@ -526,16 +534,9 @@ def cmd_user(args: argparse.Namespace) -> int:
         if problem := joining_problem(AccessModel.from_config(cfg), group):
             raise ValueError(problem)
     if args.action in CHANGES:
-        try:
-            channel = admin_channel(cfg.auth.admin_socket)
-        except ServiceDown:
-            channel = None
-        if channel is not None:
-            with channel:
-                try:
-                    print(_user_via_api(args, channel))
-                except grpc.RpcError as error:
-                    raise _api_error(error, cfg.auth.admin_socket) from None
+        said = via_running_service(cfg, lambda channel: _user_via_api(args, channel))
+        if said is not None:
+            print(said)
             return 0
     store = Store(cfg.auth.database)
     try:
@@ -638,16 +639,9 @@ def cmd_group(args: argparse.Namespace) -> int:
     elif not args.group or not args.users:
         raise ValueError(f"group {args.action} needs GROUP and at least one USER")
     cfg = gateway_config.load(args.config, auth=True)
-    try:
-        channel = admin_channel(cfg.auth.admin_socket)
-    except ServiceDown:
-        channel = None
-    if channel is not None:
-        with channel:
-            try:
-                print(_group_via_api(args, channel))
-            except grpc.RpcError as error:
-                raise _api_error(error, cfg.auth.admin_socket) from None
+    said = via_running_service(cfg, lambda channel: _group_via_api(args, channel))
+    if said is not None:
+        print(said)
         return 0
     store = Store(cfg.auth.database)
     try:

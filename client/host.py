@@ -19,6 +19,21 @@ from .auth import ClientError, ClientSession
 
 UndoSteps = list[list[str]]  # kept in the status file to clean up after a crash
 
+# What `--allow-lan` keeps reachable beside the kill switch, on every platform (as
+# Mullvad's "local network sharing"): private, link-local and local multicast ranges
+# only, never a public prefix a hostile LAN might announce.
+LAN_PREFIXES = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "224.0.0.0/24",
+    "239.255.255.250/32",  # SSDP
+    "fe80::/10",
+    "fc00::/7",
+    "ff02::/16",
+)
+
 
 class NetworkChangeFailed(ClientError):
     """A live network change failed part-way; `undo` covers both networks' steps."""

@@ -32,26 +32,14 @@ import re
 import subprocess
 from dataclasses import dataclass
 
+from .host import LAN_PREFIXES
+
 log = logging.getLogger("pushgate.client")
 
 TABLE_PREFIX = "pushgate_"
 # Linux interface names (IFNAMSIZ - 1), and only characters safe in an nft string.
 _TUN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 PROTOCOLS = ("tcp", "udp")
-
-# Opt-in LAN (`--allow-lan`): as Mullvad's "local network sharing" and the Windows
-# client (client/wfp.py), private, link-local and local multicast ranges only.
-LAN_PREFIXES = (
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "169.254.0.0/16",
-    "224.0.0.0/24",
-    "239.255.255.250/32",  # SSDP
-    "fe80::/10",
-    "fc00::/7",
-    "ff02::/16",
-)
 
 
 @dataclass(frozen=True, order=True)

@@ -30,6 +30,7 @@ import uuid
 from ctypes import POINTER, c_uint8, c_uint16, c_uint32, c_uint64, c_void_p
 from dataclasses import dataclass
 
+from .host import LAN_PREFIXES
 from .wintun import GUID, wide
 
 # -- constants (fwptypes.h, fwpmtypes.h, fwpmu.h, winerror.h) -----------------------
@@ -93,21 +94,6 @@ WEIGHT_TUNNEL_DNS = 14  # DNS through the tunnel
 WEIGHT_BLOCK_DNS = 13  # DNS anywhere else
 WEIGHT_PERMIT = 12  # loopback, the tunnel, DHCP, neighbour discovery, LAN
 WEIGHT_BLOCK_ALL = 0
-
-# Opt-in LAN: what an operator of a VPN client expects "local network" to mean
-# (as Mullvad's "local network sharing"): private, link-local and local
-# multicast ranges, never a public prefix a hostile LAN might announce.
-LAN_PREFIXES = (
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "169.254.0.0/16",
-    "224.0.0.0/24",
-    "239.255.255.250/32",  # SSDP
-    "fe80::/10",
-    "fc00::/7",
-    "ff02::/16",
-)
 
 
 def sublayer_key(tun_name: str) -> uuid.UUID:

@@ -109,16 +109,20 @@ _MISSING = object()
 # Built from canonical keys: EVERYTHING, or a tuple of (protocol, ranges or None).
 
 
-def _merge_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...] | None:
+def merge_ports(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """Port ranges sorted, with overlapping and adjacent ones merged."""
     merged: list[list[int]] = []
     for first, last in sorted(ranges):
         if merged and first <= merged[-1][1] + 1:
             merged[-1][1] = max(merged[-1][1], last)
         else:
             merged.append([first, last])
-    if merged == [list(ALL_PORTS)]:
-        return None
     return tuple((first, last) for first, last in merged)
+
+
+def _merge_ranges(ranges: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...] | None:
+    merged = merge_ports(ranges)
+    return None if merged == (ALL_PORTS,) else merged
 
 
 def _rule_key(rule: Rule, version: int):

@@ -27,6 +27,7 @@ from push_protocol.constants import (
     REJECT_AFTER_SECONDS,
     REKEY_AFTER_SECONDS,
 )
+from push_protocol.policy import merge_ports
 
 # How long a freed tunnel address is kept from other users. Linux keeps a UDP flow's
 # conntrack (NAT) entry 120 s after its last packet once both directions were seen
@@ -720,17 +721,6 @@ def _prefix(text: str) -> ipaddress.IPv4Network:
     if network.version != 4:
         raise ValueError(f"{text!r} is IPv6; the tunnel carries IPv4 only")
     return network
-
-
-def merge_ports(ranges) -> tuple[tuple[int, int], ...]:
-    """Port ranges sorted, with overlapping and adjacent ones merged."""
-    merged: list[list[int]] = []
-    for first, last in sorted(ranges):
-        if merged and first <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], last)
-        else:
-            merged.append([first, last])
-    return tuple((first, last) for first, last in merged)
 
 
 def _ports(text: str) -> tuple[tuple[int, int], ...]:

@@ -13,14 +13,15 @@ PROTOS := protos/auth.proto protos/control.proto protos/admin.proto
 # gcc builds the fake wintun.dll, binutils' objdump is PyInstaller's; setcap, setpriv,
 # unshare, strace, Debian's python3 with venv and systemd-analyze for
 # tests/test_deploy.py's image and unit checks; Alertmanager and amtool for its alert
-# delivery test).
+# delivery test; PostgreSQL's server for the shared-store tests, which start their own
+# in a temporary directory: netlab/postgres.py).
 SYSTEM_TOOLS := ip ping nft iperf3 curl promtool prometheus prometheus-node-exporter docker-compose \
                 gcc objdump setcap setpriv unshare strace systemd-analyze \
-                prometheus-alertmanager amtool
+                prometheus-alertmanager amtool pg_ctlcluster
 SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps prometheus \
                    prometheus-node-exporter prometheus-alertmanager docker-compose gcc \
                    libc6-dev binutils \
-                   libcap2-bin util-linux strace python3-venv systemd
+                   libcap2-bin util-linux strace python3-venv systemd postgresql
 
 # The one-file client executable and the signed WinTun DLL it bundles.
 CLIENT_EXE := dist/pushgate-client

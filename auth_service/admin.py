@@ -57,7 +57,7 @@ tls_cert = "tls/server.crt"
 tls_key = "tls/server.key"
 ca_cert = "tls/ca.crt"                 # give this file to clients
 database = {database}
-dataplane_endpoint = {dataplane_endpoint}   # UDP endpoint handed to clients
+{database_url_file}dataplane_endpoint = {dataplane_endpoint}   # UDP endpoint handed to clients
 routes = [{routes}]                    # "0.0.0.0/0" = full tunnel
 dns = [{dns}]
 metrics_listen = {auth_metrics_listen}
@@ -155,6 +155,7 @@ INIT_FLAGS = {
     "[auth] routes": "--route",
     "[auth] dns": "--dns",
     "[auth] database": "--database",
+    "[auth] database_url_file": "--database-url-file",
     "[auth] metrics_listen": "--auth-metrics-listen",
     "[gateway] control_socket": "--run-dir",
     "[dataplane] stats_socket": "--run-dir",
@@ -206,6 +207,11 @@ def _init_config(args: argparse.Namespace, config_path: str) -> str:
         dataplane_endpoint=_toml_string(args.dataplane_endpoint),
         dataplane_listen=_toml_string(args.dataplane_listen),
         database=_toml_string(args.database),
+        database_url_file=(
+            f"database_url_file = {_toml_string(args.database_url_file)}  # PostgreSQL instead\n"
+            if args.database_url_file
+            else ""
+        ),
         control_socket=_toml_string(f"{args.run_dir}/control.sock"),
         stats_socket=_toml_string(f"{args.run_dir}/dataplane.sock"),
         admin_socket=_toml_string(f"{args.run_dir}/admin.sock"),
@@ -450,7 +456,7 @@ def cmd_user_totp(args: argparse.Namespace) -> int:
         return ""
 
     if via_running_service(cfg, change) is None:
-        store = Store(cfg.auth.database)
+        store = Store(gateway_config.database_location(cfg.auth))
         try:
             store.set_totp(name, secret)
         finally:
@@ -512,7 +518,7 @@ def cmd_user(args: argparse.Namespace) -> int:
         return cmd_user_totp(args)
     if args.action == "profile":
         cfg = gateway_config.load(args.config, auth=True)
-        store = Store(cfg.auth.database)
+        store = Store(gateway_config.database_location(cfg.auth))
         try:
             if store.get_user(args.name) is None:
                 raise NoSuchUser(args.name)
@@ -538,7 +544,7 @@ def cmd_user(args: argparse.Namespace) -> int:
         if said is not None:
             print(said)
             return 0
-    store = Store(cfg.auth.database)
+    store = Store(gateway_config.database_location(cfg.auth))
     try:
         if args.action in CHANGES:
             print(_user_offline(args, store))
@@ -643,7 +649,7 @@ def cmd_group(args: argparse.Namespace) -> int:
     if said is not None:
         print(said)
         return 0
-    store = Store(cfg.auth.database)
+    store = Store(gateway_config.database_location(cfg.auth))
     try:
         print(_group_offline(args, cfg, store))
     finally:
@@ -824,6 +830,11 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--dataplane-listen", default="0.0.0.0:51820")
     init.add_argument("--tunnel-network", default="198.19.0.0/24")
     init.add_argument("--database", default="pushgate.db", help="user database, relative to DIR")
+    init.add_argument(
+        "--database-url-file",
+        help="a file (mode 0600) holding a postgresql:// URL: users and sessions live there, "
+        "shared with other gateways, instead of in --database",
+    )
     init.add_argument(
         "--run-dir",
         default="run",

@@ -6,7 +6,6 @@ import logging
 import resource
 import signal
 import socket
-import sqlite3
 import sys
 import time
 
@@ -25,7 +24,8 @@ from . import health, limits, oidc
 from .access import AccessModel
 from .admin_api import AdminServicer
 from .audit import REMOVAL_NAMES, REVOCATION_NAMES, AuditLog
-from .server import AuthMetrics, AuthServicer, SessionFeedServicer
+from .database import DatabaseUnavailable
+from .server import AuthMetrics, AuthServicer, DatabaseGuard, SessionFeedServicer
 from .sessions import AddressPool, SessionManager
 from .store import Store
 from .throttle import Limits, SprayWatch, Throttle
@@ -64,15 +64,19 @@ async def housekeeping(sessions, servicer, metrics, self_check, probe) -> None:
     """Expiry, revocation of what users changed outside the admin API, the
     throttle's pruning, ended keys out of the WAL, and the self-check, on the event
     loop: if this stops running, so do logins."""
-    servicer.sweep(time.monotonic())
     try:
+        servicer.sweep(time.monotonic())
+        # what other auth services on a shared database changed (also told by NOTIFY)
+        if await sessions.catch_up():
+            servicer.update_gauges()
         expired = await sessions.expire(time.time())
         if await sessions.revoke_stale():
             servicer.update_gauges()
         sessions.forget_old_revocations(time.time())
+        sessions.forget_old_changes()
         sessions.store.wipe_replaced_keys()  # ended and replaced keys leave the WAL
-    except sqlite3.Error as error:
-        log.error("session expiry failed: %s", error)
+    except DatabaseUnavailable as error:
+        log.error("housekeeping: %s", error)
         expired, ok = 0, False
     else:
         ok = await probe.writable()
@@ -164,7 +168,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     listen = gateway_config.parse_host_port(auth.listen, "[auth] listen")
     probe_listen(listen, "[auth] listen")
     plan = raise_fd_limit(auth.max_connections)
-    store = Store(auth.database)
+    store = Store(gateway_config.database_location(auth))
     ProcessCollector(registry=registry)  # process_open_fds against process_max_fds
     metrics = AuthMetrics(registry)
     metrics.connections_limit.set(plan.connections)
@@ -191,6 +195,9 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         ended=ended,
         access=access_model(cfg),
     )
+    # another gateway's auth service on a shared database changed sessions: catch up
+    loop = asyncio.get_running_loop()
+    store.db.listen(lambda: loop.call_soon_threadsafe(sessions.changed_elsewhere))
     host, port = auth.dataplane_endpoint
     servicer = AuthServicer(
         sessions,
@@ -225,7 +232,9 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     servicer.update_gauges()
 
     public = grpc.aio.server(
-        options=limits.server_options(plan), maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS
+        options=limits.server_options(plan),
+        maximum_concurrent_rpcs=limits.MAX_CONCURRENT_RPCS,
+        interceptors=[DatabaseGuard()],
     )
     public.add_generic_rpc_handlers((servicer.generic_handler(),))
     health_servicer = health.BoundedHealthServicer(limits.MAX_HEALTH_WATCHERS)
@@ -248,11 +257,11 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         ) from None
     self_check = health.SelfCheck(health_servicer, ("", service_names[0]))
     metrics.self_check_age.set_function(self_check.age)
-    probe = health.DatabaseProbe(auth.database)
+    probe = health.DatabaseProbe(store.db)
     await housekeeping(sessions, servicer, metrics, self_check, probe)
     await public.start()
 
-    admin = grpc.aio.server()
+    admin = grpc.aio.server(interceptors=[DatabaseGuard()])
     admin_servicer = AdminServicer(
         sessions,
         audit,
@@ -270,7 +279,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         on_refused=metrics.admin_peers_refused.inc,
         identify_callers=True,
     )
-    control = grpc.aio.server()
+    control = grpc.aio.server(interceptors=[DatabaseGuard()])
     control_pb2_grpc.add_SessionFeedServicer_to_server(
         SessionFeedServicer(sessions, servicer.update_gauges), control
     )
@@ -293,7 +302,6 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     health.notify_systemd("READY=1")
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     reloads: set[asyncio.Task] = set()
@@ -353,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = gateway_config.load(args.config, auth=True)
         for path in (cfg.auth.tls_cert, cfg.auth.tls_key):
             _read(path)
+        gateway_config.database_location(cfg.auth)
     except gateway_config.ConfigError as error:
         print(f"pushgate-auth: {error}", file=sys.stderr)
         return 2
@@ -366,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ControlSocketError, gateway_config.ListenError) as error:
         print(f"pushgate-auth: {error}", file=sys.stderr)
         return 2
+    except DatabaseUnavailable as error:  # at start; once up, it waits for the database
+        print(f"pushgate-auth: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,13 +14,14 @@ also pets the watchdog, so a service that stops passing is restarted.
 import asyncio
 import os
 import socket
-import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from .database import DatabaseUnavailable
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -51,28 +52,25 @@ class BoundedHealthServicer(health.aio.HealthServicer):
 
 
 class DatabaseProbe:
-    """Takes and releases the database's write lock on a connection of its own."""
+    """Asks the database for a write (SQLite: its write lock on a connection of its
+    own) or a round trip (PostgreSQL), on a thread of its own."""
 
-    def __init__(self, path: str) -> None:
-        self.db = sqlite3.connect(
-            path, timeout=PROBE_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
-        )
+    def __init__(self, database) -> None:
+        self.database = database
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="self-check")
 
     def _probe(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-        self.db.execute("ROLLBACK")
+        self.database.probe(PROBE_TIMEOUT_SECONDS)
 
     async def writable(self) -> bool:
         try:
             await asyncio.get_running_loop().run_in_executor(self._thread, self._probe)
-        except sqlite3.Error:
+        except DatabaseUnavailable:
             return False
         return True
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)
-        self.db.close()
 
 
 def notify_systemd(message: str) -> None:

@@ -20,6 +20,7 @@ from pushgate_io.rate_limited_log import RateLimitedLog
 
 from . import totp
 from .audit import AuditLog
+from .database import DatabaseUnavailable
 from .oidc import (
     SSO_ONLY_PASSWORD_HASH,
     Identity,
@@ -263,7 +264,7 @@ class AuthServicer:
         self.metrics.sessions.set(used)
         self.metrics.pool.labels("used").set(used)
         self.metrics.pool.labels("free").set(self.sessions.pool.size - used)
-        self.metrics.revision.set(store.revision)
+        self.metrics.revision.set(self.sessions.published)
         self.metrics.watchers.set(self.sessions.feed.watchers)
 
     def sweep(self, now: float) -> None:
@@ -877,6 +878,31 @@ class AuthServicer:
         return grpc.method_handlers_generic_handler("pushgate.auth.v1.Auth", handlers)
 
 
+class DatabaseGuard(grpc.aio.ServerInterceptor):
+    """A call the database cannot serve now ends UNAVAILABLE with a plain message (the
+    log has the cause; the caller never sees the database's address)."""
+
+    _failure_log = RateLimitedLog(log, 10.0, 16)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method, name = handler.unary_unary, handler_call_details.method
+
+        async def guarded(request, context):
+            try:
+                return await method(request, context)
+            except DatabaseUnavailable as error:
+                self._failure_log.warning(name, "%s refused: %s", name, error)
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the gateway's user database is unreachable; try again shortly",
+                )
+
+        return handler._replace(unary_unary=guarded)
+
+
 class SessionFeedServicer(control_pb2_grpc.SessionFeedServicer):
     def __init__(self, sessions: SessionManager, on_change) -> None:
         self.sessions = sessions
@@ -896,20 +922,24 @@ class SessionFeedServicer(control_pb2_grpc.SessionFeedServicer):
     async def WatchSessions(self, request, context):
         feed = self.sessions.feed
         after = request.after_revision
-        if after > self.sessions.store.revision or after < feed.oldest_replayable:
+        if after > self.sessions.published or after < feed.oldest_replayable:
             await context.abort(
                 grpc.StatusCode.OUT_OF_RANGE, f"cannot replay from revision {after}; list again"
             )
         feed.watchers += 1
         self.on_change()
+        generation = feed.generation
         try:
-            while True:
+            while feed.generation == generation:
                 for event in feed.since(after):
                     yield event
                     after = event.revision
                 async with feed.changed:
                     await feed.changed.wait_for(
-                        lambda seen=after: bool(feed.events) and feed.events[-1].revision > seen
+                        lambda seen=after: (
+                            feed.generation != generation
+                            or (bool(feed.events) and feed.events[-1].revision > seen)
+                        )
                     )
         finally:
             feed.watchers -= 1

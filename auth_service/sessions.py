@@ -1,8 +1,13 @@
 """Sessions: creation at login, rekey, logout, expiry, the address pool, the feed.
 
-Everything here runs on the auth service's event loop thread; each change is
-one SQLite transaction that also bumps the feed revision, and is then published
-to the dataplane watchers (SessionFeed).
+Everything here runs on the auth service's event loop thread. Each change is one
+store transaction that also bumps the feed revision and logs the change
+(`session_changes`); the feed then publishes what the log holds after the last
+change it published (`catch_up`), built from the store as it is now. That one path
+serves this auth service's own changes (at once) and those other auth services on a
+shared PostgreSQL made (when one NOTIFYs, and every second in the sweep), in
+revision order: revisions commit in order (the revision row stays locked until
+commit), so the log has no hole behind the newest change one can read.
 """
 
 import asyncio
@@ -26,6 +31,7 @@ from pushgate_api import auth_pb2, control_pb2
 from pushgate_io.gateway_config import DEFAULT_ADDRESS_QUARANTINE_SECONDS
 
 from .access import AccessModel
+from .database import Conflict, DatabaseUnavailable
 from .store import Release, Revocation, Store, StoredSession, User
 
 log = logging.getLogger("pushgate.auth")
@@ -42,6 +48,11 @@ EVENT_LOG_SIZE = 10000  # events a reconnecting dataplane can catch up on withou
 # for more (LeaseCounterRanges) only after this many installs and rekeys.
 COUNTER_RANGES_AHEAD = 4096
 MAX_COUNTER_RANGES_PER_LEASE = 65536
+# Changes kept in the store's log beyond the newest: an auth service that falls further
+# behind (cut off from a shared database) has its dataplane list everything again.
+CHANGE_LOG_KEEP = 100_000
+# A login whose address or session id another auth service took meanwhile tries again.
+ALLOCATION_ATTEMPTS = 8
 
 
 class PoolExhausted(Exception):
@@ -149,6 +160,7 @@ class SessionFeed:
         self.oldest_replayable = first_revision  # events after this are in the log
         self.changed = asyncio.Condition()
         self.watchers = 0
+        self.generation = 0  # bumped by `restart`: every watch then ends
 
     async def publish(self, *events: control_pb2.SessionEvent) -> None:
         # Appended before the first await, so events of one change stay together and
@@ -157,6 +169,15 @@ class SessionFeed:
             if len(self.events) == self.events.maxlen:
                 self.oldest_replayable = self.events[0].revision
             self.events.append(event)
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def restart(self, revision: int) -> None:
+        """Changes up to `revision` cannot be replayed: end every watch, so that its
+        dataplane lists the sessions again."""
+        self.events.clear()
+        self.oldest_replayable = revision
+        self.generation += 1
         async with self.changed:
             self.changed.notify_all()
 
@@ -236,7 +257,10 @@ class SessionManager:
                 self.session_lifetime,
             )
         self.key_expiry = min(key_expiry_seconds, REJECT_AFTER_SECONDS)
-        self.feed = SessionFeed(store.revision)
+        self.published = store.revision  # the feed holds every change up to this one
+        self.feed = SessionFeed(self.published)
+        self._following: asyncio.Task | None = None
+        self._follow_again = False
 
     def _expiry(self, created_at: float, keys_at: float) -> float:
         return min(keys_at + self.key_expiry, created_at + self.session_lifetime)
@@ -275,14 +299,10 @@ class SessionManager:
                 changes.append(control_pb2.PolicyChange(session_id=session_id, policy=policy))
         if not changes:
             return []
-        events = []
         with self.store.transaction():
             for change in changes:
-                revision = self.store.next_revision()
-                events.append(control_pb2.SessionEvent(revision=revision, policy_changed=change))
-        for change in changes:
-            self._sent[change.session_id] = change.policy.digest
-        await self.feed.publish(*events)
+                self._log(change.session_id, "policy_changed")
+        await self.catch_up()
         return [change.session_id for change in changes]
 
     def to_message(self, s: StoredSession, now: float) -> control_pb2.Session:
@@ -315,11 +335,14 @@ class SessionManager:
 
     def listing(self, now: float) -> control_pb2.ListSessionsResponse:
         """Every live session, the revision to watch from, and counter ranges for
-        every listed key and COUNTER_RANGES_AHEAD more."""
+        every listed key and COUNTER_RANGES_AHEAD more. The sessions are read after
+        the revision is taken: a change between the two is in the listing and in the
+        feed, and the dataplane applies it twice to the same effect."""
+        revision = self.published
         sessions = [self.to_message(s, now) for s in self.store.list_sessions()]
         return control_pb2.ListSessionsResponse(
             sessions=sessions,
-            revision=self.store.revision,
+            revision=revision,
             counter_ranges=self.lease_counter_ranges(2 * len(sessions) + COUNTER_RANGES_AHEAD),
         )
 
@@ -330,12 +353,91 @@ class SessionManager:
             if candidate and candidate not in taken:
                 return candidate
 
-    async def _commit(self, change, **event) -> None:
-        """Run `change` and bump the revision in one transaction, then publish."""
+    def _log(self, session_id: int, kind: str, reason: int = 0) -> int:
+        """Within a transaction: the change's revision, logged for every feed."""
+        revision = self.store.next_revision()
+        self.store.log_change(revision, session_id, kind, reason)
+        return revision
+
+    async def _commit(self, change, session_id: int, kind: str, reason: int = 0) -> None:
+        """Run `change` and log it in one transaction, then publish."""
         with self.store.transaction():
             change()
-            revision = self.store.next_revision()
-        await self.feed.publish(control_pb2.SessionEvent(revision=revision, **event))
+            self._log(session_id, kind, reason)
+            self.store.db.notify(kind)
+        await self.catch_up()
+
+    def _event(self, revision: int, session_id: int, kind: str, reason: int, now: float):
+        """The feed's event for a logged change, from the session as it is now (None
+        if it has ended since: its removal follows in the log)."""
+        if kind == "removed":
+            self._sent.pop(session_id, None)
+            removal = control_pb2.SessionRemoval(session_id=session_id, reason=reason)
+            return control_pb2.SessionEvent(revision=revision, removed=removal)
+        session = self.store.session_by_id(session_id)
+        if session is None:
+            return None
+        if kind == "installed":
+            installed = self.to_message(session, now)
+            return control_pb2.SessionEvent(revision=revision, installed=installed)
+        if kind == "rotated":
+            rotation = control_pb2.KeyRotation(
+                session_id=session_id,
+                keys=key_epoch_message(
+                    session.key_epoch, session.c2s_key, session.s2c_key, session.keys_created_at
+                ),
+                expires_at_unix_ms=_ms(session.expires_at),
+            )
+            return control_pb2.SessionEvent(revision=revision, rotated=rotation)
+        policy = self.policy_of(session.username)
+        self._sent[session_id] = policy.digest
+        change = control_pb2.PolicyChange(session_id=session_id, policy=policy)
+        return control_pb2.SessionEvent(revision=revision, policy_changed=change)
+
+    async def catch_up(self) -> int:
+        """Publish every logged change after the last one published (this auth
+        service's and other auth services'); how many. If the log no longer holds
+        them all (this service was cut off longer than CHANGE_LOG_KEEP changes), the
+        watching dataplanes are made to list again."""
+        changes = self.store.changes_after(self.published)
+        if not changes:
+            return 0
+        if changes[0][0] > self.published + 1 and self.store.oldest_change() > self.published:
+            log.warning(
+                "session changes %d..%d are no longer logged; the dataplane lists again",
+                self.published + 1,
+                changes[0][0] - 1,
+            )
+            self.published = changes[-1][0]
+            await self.feed.restart(self.published)
+            return len(changes)
+        now = time.time()
+        events = [event for change in changes if (event := self._event(*change, now))]
+        # Read and advanced before the first await: two catch-ups never publish a change twice.
+        self.published = changes[-1][0]
+        if events:
+            await self.feed.publish(*events)
+        return len(changes)
+
+    def changed_elsewhere(self) -> None:
+        """Another auth service changed sessions (its NOTIFY, on the loop thread):
+        catch up now; a notice during a catch-up runs one more."""
+        self._follow_again = True
+        if self._following is None or self._following.done():
+            self._following = asyncio.get_running_loop().create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while self._follow_again:
+            self._follow_again = False
+            try:
+                await self.catch_up()
+            except DatabaseUnavailable as error:  # the sweep tries again each second
+                log.warning("catching up with session changes: %s", error)
+                return
+
+    def forget_old_changes(self) -> int:
+        """Trim the change log to the last CHANGE_LOG_KEEP changes."""
+        return self.store.forget_changes(self.published - CHANGE_LOG_KEEP)
 
     async def create(
         self,
@@ -349,16 +451,70 @@ class SessionManager:
         """A new session for `username`, and the sessions it replaced: the user's oldest
         ones beyond `max_sessions_per_user` (one transaction; the feed gets each removal,
         reason REPLACED, before the install, so the dataplane ends them too)."""
-        existing = self.store.sessions_of(username)
-        replaced = existing[: max(0, len(existing) + 1 - self.max_sessions_per_user)]
-        freed = {old.address for old in replaced}
-        token = secrets.token_urlsafe(32)
-        released = self.store.released_addresses()
-        for old in replaced:  # its address is this user's to take again
-            released[old.address] = Release(username, now)
-        address, kind = self.pool.allocate(
-            username, self.store.used_addresses() - freed, released, now
-        )
+        for attempt in range(ALLOCATION_ATTEMPTS):
+            try:
+                created = self._create(
+                    username,
+                    cipher,
+                    now,
+                    client_version=client_version,
+                    login_source=login_source,
+                )
+                break
+            except Conflict:  # another auth service took the address or the id first
+                if attempt == ALLOCATION_ATTEMPTS - 1:
+                    raise
+        await self.catch_up()
+        session, token, replaced, kind = created
+        if self.allocated is not None:
+            self.allocated(kind)
+        for old in replaced:
+            self.ended(old, control_pb2.REMOVAL_REASON_REPLACED, 0)
+        return session, token, replaced
+
+    def _create(self, username, cipher, now, *, client_version, login_source):
+        """One attempt at `create`, in one transaction. The allocation lock makes
+        auth services sharing a database take turns (none starves retrying); the
+        unique constraints on address, id and token are what guarantee it."""
+        with self.store.transaction():
+            self.store.lock_allocation()
+            existing = self.store.sessions_of(username)
+            replaced = existing[: max(0, len(existing) + 1 - self.max_sessions_per_user)]
+            freed = {old.address for old in replaced}
+            token = secrets.token_urlsafe(32)
+            released = self.store.released_addresses()
+            for old in replaced:  # its address is this user's to take again
+                released[old.address] = Release(username, now)
+            address, kind = self.pool.allocate(
+                username, self.store.used_addresses() - freed, released, now
+            )
+            session = StoredSession(
+                session_id=self._new_session_id(),
+                token_hash=token_hash(token),
+                username=username,
+                address=address,
+                cipher=cipher,
+                key_epoch=0,
+                c2s_key=os.urandom(KEY_LEN),
+                s2c_key=os.urandom(KEY_LEN),
+                keys_created_at=now,
+                previous_epoch=None,
+                previous_c2s_key=None,
+                previous_s2c_key=None,
+                previous_created_at=None,
+                previous_until=None,
+                created_at=now,
+                expires_at=self._expiry(now, now),
+                last_rekey_at=now,
+                client_version=client_version,
+                login_source=login_source,
+            )
+            for old in replaced:
+                if self.store.delete_session(old.session_id, now):
+                    self._log(old.session_id, "removed", control_pb2.REMOVAL_REASON_REPLACED)
+            self.store.add_session(session)
+            self._log(session.session_id, "installed")
+            self.store.db.notify("installed")
         if kind is AllocationKind.QUARANTINED:
             log.warning(
                 "every free tunnel address was freed less than %g s ago; %s goes to user %r",
@@ -366,47 +522,7 @@ class SessionManager:
                 address,
                 username,
             )
-        if self.allocated is not None:
-            self.allocated(kind)
-        session = StoredSession(
-            session_id=self._new_session_id(),
-            token_hash=token_hash(token),
-            username=username,
-            address=address,
-            cipher=cipher,
-            key_epoch=0,
-            c2s_key=os.urandom(KEY_LEN),
-            s2c_key=os.urandom(KEY_LEN),
-            keys_created_at=now,
-            previous_epoch=None,
-            previous_c2s_key=None,
-            previous_s2c_key=None,
-            previous_created_at=None,
-            previous_until=None,
-            created_at=now,
-            expires_at=self._expiry(now, now),
-            last_rekey_at=now,
-            client_version=client_version,
-            login_source=login_source,
-        )
-        events = []
-        with self.store.transaction():
-            for old in replaced:
-                self.store.delete_session(old.session_id, now)
-                removal = control_pb2.SessionRemoval(
-                    session_id=old.session_id, reason=control_pb2.REMOVAL_REASON_REPLACED
-                )
-                revision = self.store.next_revision()
-                events.append(control_pb2.SessionEvent(revision=revision, removed=removal))
-            self.store.add_session(session)
-            revision = self.store.next_revision()
-            installed = self.to_message(session, now)
-            events.append(control_pb2.SessionEvent(revision=revision, installed=installed))
-        await self.feed.publish(*events)
-        for old in replaced:
-            self._sent.pop(old.session_id, None)
-            self.ended(old, control_pb2.REMOVAL_REASON_REPLACED, 0)
-        return session, token, replaced
+        return session, token, replaced, kind
 
     def by_token(self, token: str) -> StoredSession | None:
         return self.store.session_by_token(token_hash(token)) if token else None
@@ -420,12 +536,7 @@ class SessionManager:
         session.c2s_key, session.s2c_key = os.urandom(KEY_LEN), os.urandom(KEY_LEN)
         session.keys_created_at = session.last_rekey_at = now
         session.expires_at = self._expiry(session.created_at, now)
-        rotation = control_pb2.KeyRotation(
-            session_id=session.session_id,
-            keys=key_epoch_message(session.key_epoch, session.c2s_key, session.s2c_key, now),
-            expires_at_unix_ms=_ms(session.expires_at),
-        )
-        await self._commit(lambda: self.store.save_session(session), rotated=rotation)
+        await self._commit(lambda: self.store.save_session(session), session.session_id, "rotated")
         return session
 
     async def remove(
@@ -445,11 +556,7 @@ class SessionManager:
             if cause:  # its renewal token goes with it (auth_service/renewal.py)
                 self.store.revoke_renewals(session.username, cause, session.session_id)
 
-        await self._commit(
-            change,
-            removed=control_pb2.SessionRemoval(session_id=session.session_id, reason=reason),
-        )
-        self._sent.pop(session.session_id, None)
+        await self._commit(change, session.session_id, "removed", reason)
         if removed[0]:
             self.ended(session, reason, cause)
         return removed[0]

@@ -1,19 +1,27 @@
-"""Users and sessions in SQLite (the embedded default store).
+"""Users, sessions, the address pool's records and the session change log, in
+SQLite (the embedded default) or PostgreSQL (several auth services sharing them;
+auth_service/database.py).
 
-Schema changes are numbered migrations; `meta.schema_version` says which have
-run. Session keys are stored so that a restarted auth service can hand every
-live session to the dataplane again: the file is created mode 0600. Keys that
-were deleted or replaced leave no copy behind once `wipe_replaced_keys` has run:
-secure_delete zeroes freed content in the database file, and a truncating
-checkpoint removes the old page images the write-ahead log still holds.
+Schema changes are numbered migrations, one list for both databases;
+`meta.schema_version` says which have run. Session keys are stored so that a
+restarted auth service can hand every live session to the dataplane again: a
+SQLite file is created mode 0600. In SQLite, keys that were deleted or replaced
+leave no copy behind once `wipe_replaced_keys` has run: secure_delete zeroes freed
+content in the database file, and a truncating checkpoint removes the old page
+images the write-ahead log still holds.
+
+Every write that several auth services could race on is decided by the database:
+unique constraints on a session's id, token and address (the loser gets `Conflict`
+and tries again), `UPDATE ... RETURNING` for the revision and the counter-range
+lease, `DELETE ... RETURNING` for a renewal token's single use.
 """
 
-import contextlib
 import os
-import sqlite3
 from dataclasses import dataclass
 
 from push_protocol.constants import SEND_COUNTER_RANGES
+
+from .database import Conflict, open_database
 
 MIGRATIONS = [
     # 1: users, sessions, the feed revision
@@ -95,6 +103,24 @@ MIGRATIONS = [
         revoked INTEGER NOT NULL DEFAULT 0
     );
     CREATE INDEX renewal_tokens_user ON renewal_tokens (username);
+    """,
+    # 6: whether the session's client completes partial checksums (issue 23)
+    """
+    ALTER TABLE sessions ADD COLUMN partial_checksums INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 7: several auth services on one database (issue 22): the change log every auth
+    # service follows to tell its own dataplane (`kind` is the SessionEvent's change,
+    # `reason` a removal's control_pb2.RemovalReason), and the counter-range lease as a
+    # row of its own (taken with UPDATE ... RETURNING)
+    """
+    CREATE TABLE session_changes (
+        revision INTEGER PRIMARY KEY,
+        session_id INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        reason INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO meta (key, value) VALUES ('counter_ranges_leased', '1')
+        ON CONFLICT (key) DO NOTHING;
     """,
 ]
 
@@ -182,33 +208,26 @@ _SESSION_COLUMNS = ", ".join(StoredSession.__dataclass_fields__)
 
 
 class Store:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        if path != ":memory:" and not os.path.exists(path):
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        # Deleted and overwritten rows are zeroed in the file (the default is a
-        # compile-time choice, so it is set here explicitly).
-        self.db.execute("PRAGMA secure_delete=ON")
+    def __init__(self, location: str) -> None:
+        """The store at `location`: a postgresql:// URL, or a SQLite file's path
+        (created mode 0600)."""
+        self.location = location
+        postgres = location.startswith(("postgresql://", "postgres://"))
+        if not postgres and location != ":memory:" and not os.path.exists(location):
+            os.makedirs(os.path.dirname(os.path.abspath(location)), exist_ok=True)
+            os.close(os.open(location, os.O_CREAT | os.O_WRONLY, 0o600))
+        self.db = open_database(location)
         # old key bytes may be in the WAL (since the last wipe, or left by an earlier run)
         self._keys_replaced = True
-        self._migrate()
+        self.db.migrate(MIGRATIONS)
+
+    @property
+    def shared(self) -> bool:
+        """Whether other auth services write this database too."""
+        return self.db.shared
 
     def close(self) -> None:
         self.db.close()
-
-    def _migrate(self) -> None:
-        self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        version = int(row[0]) if row else 0
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self.db.executescript(
-                "BEGIN;" + script + "INSERT OR REPLACE INTO meta (key, value) VALUES "
-                f"('schema_version', '{number}'); COMMIT;"
-            )
 
     @property
     def schema_version(self) -> int:
@@ -224,7 +243,7 @@ class Store:
                 "INSERT INTO users (name, password_hash, disabled, created_at) VALUES (?, ?, 0, ?)",
                 (name, password_hash, now),
             )
-        except sqlite3.IntegrityError:
+        except Conflict:
             raise UserExists(name) from None
 
     _USER_COLUMNS = "name, password_hash, disabled, created_at, password_changed_at"
@@ -277,7 +296,8 @@ class Store:
             name
             for name in dict.fromkeys(usernames)
             if self.db.execute(
-                "INSERT OR IGNORE INTO group_members VALUES (?, ?, ?)", (group, name, source)
+                "INSERT INTO group_members VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (group, name, source),
             ).rowcount
         ]
 
@@ -381,16 +401,14 @@ class Store:
         )
 
     def take_renewal(self, token_hash: bytes) -> Renewal | None:
-        """The record of a renewal token, deleted: a token is used once."""
+        """The record of a renewal token, deleted: a token is used once (one statement,
+        so two auth services cannot both take it)."""
         row = self.db.execute(
-            "SELECT username, session_id, method, authenticated_at, expires_at, revoked "
-            "FROM renewal_tokens WHERE token_hash=?",
+            "DELETE FROM renewal_tokens WHERE token_hash=? RETURNING username, session_id, "
+            "method, authenticated_at, expires_at, revoked",
             (token_hash,),
         ).fetchone()
-        if row is None:
-            return None
-        self.db.execute("DELETE FROM renewal_tokens WHERE token_hash=?", (token_hash,))
-        return Renewal(*row)
+        return Renewal(*row) if row is not None else None
 
     def revoke_renewals(self, name: str, cause: int, session_id: int | None = None) -> None:
         """Mark the renewal tokens of `name` (or of one session of theirs) revoked."""
@@ -409,26 +427,56 @@ class Store:
             return 0
         return self.db.execute(f"DELETE {old}", (now,)).rowcount
 
-    @contextlib.contextmanager
     def transaction(self):
-        """One write transaction (taken at once, so readers never see half of it)."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        """One write transaction (readers never see half of it)."""
+        return self.db.transaction()
 
     # -- sessions and the feed revision ----------------------------------------------
 
     def next_revision(self) -> int:
-        self.db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='revision'")
-        return self.revision
+        """The next feed revision. In a transaction, the row stays locked until it
+        ends: revisions commit in order, on every auth service."""
+        row = self.db.execute(
+            "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) "
+            "WHERE key='revision' RETURNING value"
+        ).fetchone()
+        return int(row[0])
 
     @property
     def revision(self) -> int:
         return int(self.db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()[0])
+
+    def lock_allocation(self) -> None:
+        """In a transaction: wait for other auth services' logins to commit first."""
+        self.db.lock("allocation")
+
+    def log_change(self, revision: int, session_id: int, kind: str, reason: int = 0) -> None:
+        """Record a session change for every auth service's feed (`changes_after`)."""
+        self.db.execute(
+            "INSERT INTO session_changes (revision, session_id, kind, reason) VALUES (?, ?, ?, ?)",
+            (revision, session_id, kind, reason),
+        )
+
+    def changes_after(self, revision: int) -> list[tuple[int, int, str, int]]:
+        """(revision, session id, kind, reason) of every change after `revision`."""
+        return self.db.execute(
+            "SELECT revision, session_id, kind, reason FROM session_changes "
+            "WHERE revision > ? ORDER BY revision",
+            (revision,),
+        ).fetchall()
+
+    def forget_changes(self, before: int) -> int:
+        """Forget the changes up to `before`; writes only if there are any (the sweep
+        calls this every second, and must not wait on a locked database)."""
+        old = "FROM session_changes WHERE revision <= ?"
+        if self.db.execute(f"SELECT 1 {old} LIMIT 1", (before,)).fetchone() is None:
+            return 0
+        return self.db.execute(f"DELETE {old}", (before,)).rowcount
+
+    def oldest_change(self) -> int:
+        """The revision before the oldest change still logged (or the current one)."""
+        row = self.db.execute("SELECT MIN(revision) FROM session_changes").fetchone()
+        return row[0] - 1 if row and row[0] is not None else self.revision
 
     def add_session(self, session: StoredSession) -> None:
         values = tuple(getattr(session, f) for f in StoredSession.__dataclass_fields__)
@@ -478,7 +526,9 @@ class Store:
 
     def remember_revoked(self, session: StoredSession, cause: int, now: float) -> None:
         self.db.execute(
-            "INSERT OR REPLACE INTO revoked_sessions VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO revoked_sessions VALUES (?, ?, ?, ?, ?) ON CONFLICT (token_hash) "
+            "DO UPDATE SET session_id=excluded.session_id, username=excluded.username, "
+            "cause=excluded.cause, revoked_at=excluded.revoked_at",
             (session.token_hash, session.session_id, session.username, cause, now),
         )
 
@@ -502,8 +552,10 @@ class Store:
         """Delete a session and record its address as released by its user at `now`."""
         self._keys_replaced = True
         self.db.execute(
-            "INSERT OR REPLACE INTO released_addresses (address, username, released_at) "
-            "SELECT address, username, ? FROM sessions WHERE session_id=?",
+            "INSERT INTO released_addresses (address, username, released_at) "
+            "SELECT address, username, ? FROM sessions WHERE session_id=? "
+            "ON CONFLICT (address) DO UPDATE SET username=excluded.username, "
+            "released_at=excluded.released_at",
             (now, session_id),
         )
         return (
@@ -518,23 +570,22 @@ class Store:
         (it is tried again next time)."""
         if not self._keys_replaced:
             return True
-        busy, _, _ = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        self._keys_replaced = bool(busy)
-        return not busy
+        self._keys_replaced = not self.db.wipe_freed()
+        return not self._keys_replaced
 
     def lease_counter_ranges(self, count: int) -> int:
         """The first of `count` send-counter ranges that were never leased before
         (push_protocol/constants.py, SEND_COUNTER_RANGE), within a transaction.
         Range 0 is the clients'; the store keeps the lease beside the keys it covers,
         so no range is handed out twice while those keys exist."""
-        row = self.db.execute("SELECT value FROM meta WHERE key='counter_ranges_leased'").fetchone()
-        first = int(row[0]) if row else 1
-        if first + count > SEND_COUNTER_RANGES:
+        row = self.db.execute(
+            "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + ? AS TEXT) "
+            "WHERE key='counter_ranges_leased' RETURNING value",
+            (count,),
+        ).fetchone()
+        first = int(row[0]) - count
+        if int(row[0]) > SEND_COUNTER_RANGES:
             raise RuntimeError("every send-counter range has been leased")
-        self.db.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('counter_ranges_leased', ?)",
-            (str(first + count),),
-        )
         return first
 
     def released_addresses(self) -> dict[str, Release]:

@@ -51,6 +51,7 @@ class AuthServer:
         namespace: str | None = None,
         server_names: tuple[str, ...] = ("localhost",),
         init_args: tuple[str, ...] = (),
+        database_url: str | None = None,
     ) -> None:
         refuse_in_fast_tier("starts a pushgate-auth (netlab.auth.AuthServer)", "processes")
         self.directory = directory
@@ -81,6 +82,11 @@ class AuthServer:
         for key, value in (settings or {}).items():
             text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
             assert count == 1, key
+        if database_url is not None:  # a shared PostgreSQL instead of the SQLite file
+            url_file = os.path.join(directory, "database-url")
+            with open(os.open(url_file, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "w") as f:
+                f.write(database_url + "\n")
+            text = text.replace("[auth]\n", f'[auth]\ndatabase_url_file = "{url_file}"\n', 1)
         with open(self.config, "w") as handle:
             handle.write(text)
         self.ca = Path(directory, "tls", "ca.crt").read_bytes()

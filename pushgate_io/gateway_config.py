@@ -90,6 +90,9 @@ class AuthSection:
     admin_socket: str  # the admin API (pushgate-admin), Unix socket, mode 0600
     audit_log: str | None  # JSON lines of logins, session ends, admin changes; None: stdout
     renewal_lifetime_seconds: float = 7 * 86400  # renewal tokens (Renew); 0: none issued
+    # A file (mode 0600) holding a postgresql:// URL: users, sessions and the address pool
+    # then live in PostgreSQL, shared by every gateway's auth service; None: `database`
+    database_url_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -634,7 +637,34 @@ def _auth(section: _Section) -> AuthSection:
         renewal_lifetime_seconds=float(
             section.number("renewal_lifetime_seconds", 7 * 86400, 0, 365 * 86400)
         ),
+        database_url_file=(
+            section.path("database_url_file") if "database_url_file" in section.values else None
+        ),
     )
+
+
+def database_location(auth: AuthSection) -> str:
+    """Where the auth service's store is: the PostgreSQL URL `database_url_file` holds
+    (a secret: the file must not be readable by group or others), else the SQLite
+    file `database`. ConfigError says what is wrong, never the URL's password."""
+    if auth.database_url_file is None:
+        return auth.database
+    where = f"[auth] database_url_file {auth.database_url_file}"
+    try:
+        with open(auth.database_url_file, encoding="utf-8") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            url = file.read().strip()
+    except OSError as error:
+        raise ConfigError(
+            f"{where}: {error.strerror}", key="[auth] database_url_file", problem=error.strerror
+        ) from None
+    if mode & 0o077:
+        problem = f"is readable by group or others (mode {mode & 0o777:o}); chmod 600 it"
+        raise ConfigError(f"{where}: {problem}", key="[auth] database_url_file", problem=problem)
+    if not url.startswith(("postgresql://", "postgres://")):
+        problem = "must hold one postgresql:// URL"
+        raise ConfigError(f"{where}: {problem}", key="[auth] database_url_file", problem=problem)
+    return url
 
 
 def _oidc(section: _Section) -> OidcSection | None:

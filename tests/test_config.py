@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,9 +115,16 @@ def test_both_services_refuse_a_typo_with_one_line_and_status_2(written, tmp_pat
         assert result.stderr == f"{tool}: {expected}\n"
 
 
-def test_every_key_init_writes_is_read_and_every_key_read_is_written(written):
+def test_every_key_init_writes_is_read_and_every_key_read_is_written(tmp_path):
     """The sections' fields are the keys: the check and the code cannot disagree."""
-    path, text = written
+    result = init(
+        tmp_path,
+        *("--control-group", "pushgate", "--dataplane-user", "pgdp"),
+        *("--database-url-file", "/etc/pushgate/database-url"),
+    )
+    assert result.returncode == 0, result.stderr
+    path = str(tmp_path / "pushgate.toml")
+    text = Path(path).read_text()
     lines = config.definition_lines(text)
     for section, kind in config.SECTIONS.items():
         fields = {field.name for field in dataclasses.fields(kind)}
@@ -365,3 +373,33 @@ def test_dataplane_port_in_use_is_one_line_and_status_2(tmp_path, key):
         f"([dataplane] {key}): address already in use\n"
     )
     assert tun == ""  # it stopped before making its TUN
+
+
+def test_the_database_url_file_must_be_private_and_hold_a_postgresql_url(tmp_path):
+    """`[auth] database_url_file` is a secret: a file others can read is refused, and so
+    is one that holds no postgresql:// URL; the error never shows what the file holds."""
+    url_file = tmp_path / "database-url"
+    path = tmp_path / "pushgate.toml"
+    path.write_text(
+        '[gateway]\ntunnel_network = "198.19.0.0/24"\ngateway_address = "198.19.0.1"\n'
+        '[auth]\ndataplane_endpoint = "198.18.0.1:51820"\n'
+        f'database_url_file = "{url_file}"\n'
+    )
+    auth = config.load(str(path), auth=True).auth
+    assert auth.database_url_file == str(url_file)
+    with pytest.raises(config.ConfigError, match="No such file"):
+        config.database_location(auth)
+    url_file.write_text("postgresql://gw:s3cret@db.example.net/pushgate\n")
+    url_file.chmod(0o640)
+    with pytest.raises(config.ConfigError, match="readable by group or others") as caught:
+        config.database_location(auth)
+    assert "s3cret" not in str(caught.value)
+    url_file.chmod(0o600)
+    assert config.database_location(auth) == "postgresql://gw:s3cret@db.example.net/pushgate"
+    url_file.write_text("mysql://gw:s3cret@db/pushgate\n")
+    with pytest.raises(config.ConfigError, match="postgresql:// URL") as caught:
+        config.database_location(auth)
+    assert "s3cret" not in str(caught.value)
+    path.write_text(path.read_text().replace(f'database_url_file = "{url_file}"\n', ""))
+    plain = config.load(str(path), auth=True).auth
+    assert config.database_location(plain) == plain.database  # SQLite, the default

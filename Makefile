@@ -68,9 +68,10 @@ windows-wheels: $(INSTALLED)
 	$(PY) release/windows_wheels.py
 
 # The deploy stack checked with docker-compose, promtool, amtool and a live Prometheus
-# and Alertmanager (alert delivery end to end, every dashboard query answering).
+# and Alertmanager (alert delivery end to end, every dashboard query answering); the
+# Kubernetes manifests against the Kubernetes schema, offline (kubernetes-validate).
 deploy-check: system-deps $(INSTALLED) $(GENERATED)
-	$(PY) -m pytest -q tests/test_deploy.py
+	$(PY) -m pytest -q tests/test_deploy.py tests/test_kubernetes.py
 
 # The end-to-end suite with both services at debug level, in JSON; then every log it
 # left is searched for the password and private keys, and checked against the schema.

@@ -645,8 +645,9 @@ def _auth(section: _Section) -> AuthSection:
 
 def database_location(auth: AuthSection) -> str:
     """Where the auth service's store is: the PostgreSQL URL `database_url_file` holds
-    (a secret: the file must not be readable by group or others), else the SQLite
-    file `database`. ConfigError says what is wrong, never the URL's password."""
+    (a secret: the file must not be readable by others nor writable by anyone but its
+    owner; its group may read it, as Kubernetes' fsGroup needs), else the SQLite file
+    `database`. ConfigError says what is wrong, never the URL's password."""
     if auth.database_url_file is None:
         return auth.database
     where = f"[auth] database_url_file {auth.database_url_file}"
@@ -658,8 +659,10 @@ def database_location(auth: AuthSection) -> str:
         raise ConfigError(
             f"{where}: {error.strerror}", key="[auth] database_url_file", problem=error.strerror
         ) from None
-    if mode & 0o077:
-        problem = f"is readable by group or others (mode {mode & 0o777:o}); chmod 600 it"
+    if mode & 0o027:
+        problem = (
+            f"is open to others or writable by its group (mode {mode & 0o777:o}); chmod 600 it"
+        )
         raise ConfigError(f"{where}: {problem}", key="[auth] database_url_file", problem=problem)
     if not url.startswith(("postgresql://", "postgres://")):
         problem = "must hold one postgresql:// URL"

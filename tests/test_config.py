@@ -376,8 +376,9 @@ def test_dataplane_port_in_use_is_one_line_and_status_2(tmp_path, key):
 
 
 def test_the_database_url_file_must_be_private_and_hold_a_postgresql_url(tmp_path):
-    """`[auth] database_url_file` is a secret: a file others can read is refused, and so
-    is one that holds no postgresql:// URL; the error never shows what the file holds."""
+    """`[auth] database_url_file` is a secret: a file others can read (or its group
+    write) is refused, and so is one that holds no postgresql:// URL; the error never
+    shows what the file holds. Its group may read it (Kubernetes' fsGroup)."""
     url_file = tmp_path / "database-url"
     path = tmp_path / "pushgate.toml"
     path.write_text(
@@ -390,12 +391,14 @@ def test_the_database_url_file_must_be_private_and_hold_a_postgresql_url(tmp_pat
     with pytest.raises(config.ConfigError, match="No such file"):
         config.database_location(auth)
     url_file.write_text("postgresql://gw:s3cret@db.example.net/pushgate\n")
-    url_file.chmod(0o640)
-    with pytest.raises(config.ConfigError, match="readable by group or others") as caught:
-        config.database_location(auth)
-    assert "s3cret" not in str(caught.value)
-    url_file.chmod(0o600)
+    for mode in (0o644, 0o660, 0o604):
+        url_file.chmod(mode)
+        with pytest.raises(config.ConfigError, match="open to others or writable") as caught:
+            config.database_location(auth)
+        assert "s3cret" not in str(caught.value)
+    url_file.chmod(0o440)
     assert config.database_location(auth) == "postgresql://gw:s3cret@db.example.net/pushgate"
+    url_file.chmod(0o600)
     url_file.write_text("mysql://gw:s3cret@db/pushgate\n")
     with pytest.raises(config.ConfigError, match="postgresql:// URL") as caught:
         config.database_location(auth)

@@ -106,16 +106,22 @@ BENCH_HARNESS := ../shared/bench/netns-tunnels.sh
 BENCH_REPEATS ?= 3
 BENCH_PACKAGES := wireguard-go wireguard-tools openvpn openssl iperf3
 
+# Every table is printed after the machine it ran on (bench/machine.py): figures from
+# different machines are never compared, only ratios within one run.
+BENCH_PY := PYTHONPATH=. $(PY) bench/machine.py --header && PYTHONPATH=. $(PY)
+
 bench: system-deps $(INSTALLED) $(GENERATED)
-	PYTHONPATH=. $(PY) bench/codec_bench.py
-	PYTHONPATH=. $(PY) bench/login_bench.py
-	PYTHONPATH=. $(PY) bench/throttle_memory_bench.py
-	PYTHONPATH=. $(PY) bench/dataplane_bench.py
-	PYTHONPATH=. $(PY) bench/receive_path_bench.py
-	PYTHONPATH=. $(PY) bench/policy_bench.py
 	mkdir -p bench/results
-	PYTHONPATH=. $(PY) bench/noise_bench.py --results bench/results/noise-last.txt
-	PYTHONPATH=. $(PY) bench/direction_bench.py --results bench/results/direction-last.txt
+	PYTHONPATH=. $(PY) bench/machine.py
+	$(BENCH_PY) bench/codec_bench.py
+	$(BENCH_PY) bench/login_bench.py
+	$(BENCH_PY) bench/store_scale_bench.py
+	$(BENCH_PY) bench/throttle_memory_bench.py
+	$(BENCH_PY) bench/dataplane_bench.py
+	$(BENCH_PY) bench/receive_path_bench.py
+	$(BENCH_PY) bench/policy_bench.py
+	$(BENCH_PY) bench/noise_bench.py --results bench/results/noise-last.txt
+	$(BENCH_PY) bench/direction_bench.py --results bench/results/direction-last.txt
 	$(MAKE) --no-print-directory bench-vpn
 
 bench-vpn: system-deps $(INSTALLED) $(GENERATED)
@@ -127,6 +133,7 @@ bench-vpn: system-deps $(INSTALLED) $(GENERATED)
 	@if [ -f bench/results/vpn-last.txt ]; then cp bench/results/vpn-last.txt bench/results/vpn-previous.txt; fi
 	bash $(BENCH_HARNESS) -t 5 -r $(BENCH_REPEATS) --extra pushgate=bench/pushgate-hook.sh \
 	    > bench/results/vpn-last.txt
+	PYTHONPATH=. $(PY) bench/machine.py --header
 	$(PY) bench/vpn_table.py bench/results/vpn-last.txt \
 	    $$(test -f bench/results/vpn-previous.txt && echo bench/results/vpn-previous.txt)
 

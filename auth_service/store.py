@@ -111,7 +111,8 @@ MIGRATIONS = [
     # 7: several auth services on one database (issue 22): the change log every auth
     # service follows to tell its own dataplane (`kind` is the SessionEvent's change,
     # `reason` a removal's control_pb2.RemovalReason), and the counter-range lease as a
-    # row of its own (taken with UPDATE ... RETURNING)
+    # row of its own (taken with UPDATE ... RETURNING); a login reads the user's
+    # sessions by name
     """
     CREATE TABLE session_changes (
         revision INTEGER PRIMARY KEY,
@@ -121,6 +122,7 @@ MIGRATIONS = [
     );
     INSERT INTO meta (key, value) VALUES ('counter_ranges_leased', '1')
         ON CONFLICT (key) DO NOTHING;
+    CREATE INDEX sessions_by_user ON sessions (username);
     """,
 ]
 
@@ -501,9 +503,6 @@ class Store:
     def sessions_of(self, username: str) -> list[StoredSession]:
         """The user's sessions, oldest first."""
         return self._sessions("WHERE username=? ORDER BY created_at, session_id", (username,))
-
-    def session_ids(self) -> set[int]:
-        return {row[0] for row in self.db.execute("SELECT session_id FROM sessions")}
 
     def used_addresses(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT address FROM sessions")}

@@ -111,6 +111,29 @@ def test_the_pool_holds_exactly_the_hosts_it_hands_out(network):
     assert "198.18.0.1" not in addresses and "not an address" not in addresses
 
 
+@pytest.mark.parametrize(
+    "network",
+    [
+        "198.19.0.0/24",
+        "198.19.0.0/29",
+        "198.19.0.0/31",
+        "198.19.0.7/32",
+        "2001:db8::/120",
+        "2001:db8::/127",
+        "2001:db8::/128",
+    ],
+)
+def test_the_candidates_are_network_hosts_less_the_gateway_lowest_first(network):
+    """The pool counts hosts as integers (fast); it yields what `hosts()` yields."""
+    network = ipaddress.ip_network(network)
+    hosts = list(network.hosts())
+    for gateway in (hosts[0], hosts[-1], network.network_address):
+        pool = AddressPool(network, gateway)
+        expected = [str(host) for host in hosts if host != gateway]
+        assert list(pool._candidates()) == expected
+        assert pool.size == len(expected)
+
+
 # -- the store and the session manager -----------------------------------------------
 
 

@@ -141,12 +141,65 @@ class AddressPool:
             return False
         return network.version == 6 or host != network.broadcast_address
 
+    def _text(self, number: int) -> str:
+        if self.network.version == 4:
+            return socket.inet_ntoa(number.to_bytes(4, "big"))
+        return str(ipaddress.IPv6Address(number))
+
+    def first_never_held(self, held) -> int:
+        """The number of the lowest candidate not in `held` (texts), or past the last:
+        where `never_held_from` starts walking (once, from a full read of the store)."""
+        gateway = int(self.gateway)
+        hosts = self._host_numbers()
+        for number in hosts:
+            if number != gateway and self._text(number) not in held:
+                return number
+        return hosts.stop
+
+    def never_held_from(self, start: int, is_held) -> tuple[str | None, int]:
+        """The lowest candidate from number `start` on that `is_held` (a store lookup)
+        says nobody ever held, and where to start next time. Every candidate below
+        `start` has been held: an address once held stays on record (live, or released),
+        so the walk only ever moves up, one lookup per address over the pool's life."""
+        gateway = int(self.gateway)
+        hosts = self._host_numbers()
+        for number in range(max(start, hosts.start), hosts.stop):
+            if number == gateway:
+                continue
+            address = self._text(number)
+            if not is_held(address):
+                return address, number + 1
+        return None, hosts.stop
+
+    def decide(
+        self,
+        previous: str | None,
+        never_held: str | None,
+        oldest_freed: tuple[str, float] | None,
+        now: float,
+    ) -> tuple[str, AllocationKind]:
+        """`allocate`'s rule on what the store found by index: the user's own newest
+        freed address not in use, the lowest address nobody held, the address freed
+        longest ago not in use (tests/test_address_pool.py holds both to the same
+        answers)."""
+        if previous is not None:
+            return previous, AllocationKind.PREVIOUS
+        if never_held is not None:
+            return never_held, AllocationKind.UNUSED
+        if oldest_freed is None:
+            raise PoolExhausted(f"no free tunnel address in {self.network}")
+        address, released_at = oldest_freed
+        if now - released_at >= self.quarantine:
+            return address, AllocationKind.RELEASED
+        return address, AllocationKind.QUARANTINED
+
     def allocate(
         self, username: str, used: set[str], released: Mapping[str, Release], now: float
     ) -> tuple[str, AllocationKind]:
-        """The address for a new session of `username`. `used` holds the addresses of
-        live sessions; `released` says who last held a freed address, and when (only
-        addresses of this pool: see `SessionManager`)."""
+        """The address for a new session of `username` (the rule, stated on whole sets:
+        the reference the store's indexed path, `SessionManager._allocate`, must match).
+        `used` holds the addresses of live sessions; `released` says who last held a
+        freed address, and when (only addresses of this pool: see `SessionManager`)."""
         mine = [
             (release.released_at, address)
             for address, release in released.items()
@@ -490,6 +543,25 @@ class SessionManager:
             self.ended(old, control_pb2.REMOVAL_REASON_REPLACED, 0)
         return session, token, replaced
 
+    def _allocate(self, username: str, now: float) -> tuple[str, AllocationKind]:
+        """Within the allocation lock: the pool's rule (`AddressPool.allocate`) answered
+        by indexed lookups, so a login costs the same with 100 or 100,000 live
+        sessions. The lowest address nobody held is found by walking up from a mark
+        kept in the store (with the network it belongs to; a new network starts over
+        from a full read)."""
+        store, pool = self.store, self.pool
+        previous = store.previous_address(username)
+        never_held = None
+        if previous is None:
+            network, start = store.never_held_mark()
+            if network != str(pool.network):
+                held = store.used_addresses() | store.released_addresses().keys()
+                start = pool.first_never_held(held)
+            never_held, mark = pool.never_held_from(start, store.is_held)
+            store.set_never_held_mark(str(pool.network), mark)
+        oldest = store.oldest_freed() if previous is None and never_held is None else None
+        return pool.decide(previous, never_held, oldest, now)
+
     def _create(self, username, cipher, now, *, client_version, login_source):
         """One attempt at `create`, in one transaction. The allocation lock makes
         auth services sharing a database take turns (none starves retrying); the
@@ -498,14 +570,11 @@ class SessionManager:
             self.store.lock_allocation()
             existing = self.store.sessions_of(username)
             replaced = existing[: max(0, len(existing) + 1 - self.max_sessions_per_user)]
-            freed = {old.address for old in replaced}
+            for old in replaced:  # first: its address becomes this user's to take again
+                if self.store.delete_session(old.session_id, now):
+                    self._log(old.session_id, "removed", control_pb2.REMOVAL_REASON_REPLACED)
             token = secrets.token_urlsafe(32)
-            released = self.store.released_addresses()
-            for old in replaced:  # its address is this user's to take again
-                released[old.address] = Release(username, now)
-            address, kind = self.pool.allocate(
-                username, self.store.used_addresses() - freed, released, now
-            )
+            address, kind = self._allocate(username, now)
             session = StoredSession(
                 session_id=self._new_session_id(),
                 token_hash=token_hash(token),
@@ -527,9 +596,6 @@ class SessionManager:
                 client_version=client_version,
                 login_source=login_source,
             )
-            for old in replaced:
-                if self.store.delete_session(old.session_id, now):
-                    self._log(old.session_id, "removed", control_pb2.REMOVAL_REASON_REPLACED)
             self.store.add_session(session)
             self._log(session.session_id, "installed")
             self.store.db.notify("installed")

@@ -111,8 +111,8 @@ MIGRATIONS = [
     # 7: several auth services on one database (issue 22): the change log every auth
     # service follows to tell its own dataplane (`kind` is the SessionEvent's change,
     # `reason` a removal's control_pb2.RemovalReason), and the counter-range lease as a
-    # row of its own (taken with UPDATE ... RETURNING); a login reads the user's
-    # sessions by name
+    # row of its own (taken with UPDATE ... RETURNING); the indexes a login's
+    # allocation reads by (SessionManager._allocate)
     """
     CREATE TABLE session_changes (
         revision INTEGER PRIMARY KEY,
@@ -123,6 +123,8 @@ MIGRATIONS = [
     INSERT INTO meta (key, value) VALUES ('counter_ranges_leased', '1')
         ON CONFLICT (key) DO NOTHING;
     CREATE INDEX sessions_by_user ON sessions (username);
+    CREATE INDEX released_by_user ON released_addresses (username, released_at);
+    CREATE INDEX released_by_age ON released_addresses (released_at);
     """,
 ]
 
@@ -503,6 +505,51 @@ class Store:
     def sessions_of(self, username: str) -> list[StoredSession]:
         """The user's sessions, oldest first."""
         return self._sessions("WHERE username=? ORDER BY created_at, session_id", (username,))
+
+    _FREE = "NOT EXISTS (SELECT 1 FROM sessions s WHERE s.address = r.address)"
+
+    def previous_address(self, username: str) -> str | None:
+        """The address `username` freed last that nobody uses now."""
+        row = self.db.execute(
+            f"SELECT r.address FROM released_addresses r WHERE r.username=? AND {self._FREE} "
+            "ORDER BY r.released_at DESC, r.address DESC LIMIT 1",
+            (username,),
+        ).fetchone()
+        return row[0] if row else None
+
+    def oldest_freed(self) -> tuple[str, float] | None:
+        """The address freed longest ago that nobody uses now, and when it was freed."""
+        row = self.db.execute(
+            f"SELECT r.address, r.released_at FROM released_addresses r WHERE {self._FREE} "
+            "ORDER BY r.released_at, r.address LIMIT 1"
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def is_held(self, address: str) -> bool:
+        """Whether `address` is live or on record as freed."""
+        return (
+            self.db.execute(
+                "SELECT 1 FROM sessions WHERE address=? "
+                "UNION ALL SELECT 1 FROM released_addresses WHERE address=? LIMIT 1",
+                (address, address),
+            ).fetchone()
+            is not None
+        )
+
+    def never_held_mark(self) -> tuple[str | None, int]:
+        """(tunnel network, number) below which every address of that network was held."""
+        row = self.db.execute("SELECT value FROM meta WHERE key='never_held_from'").fetchone()
+        if row is None:
+            return None, 0
+        network, _, number = row[0].rpartition(" ")
+        return network, int(number)
+
+    def set_never_held_mark(self, network: str, number: int) -> None:
+        self.db.execute(
+            "INSERT INTO meta (key, value) VALUES ('never_held_from', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+            (f"{network} {number}",),
+        )
 
     def used_addresses(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT address FROM sessions")}

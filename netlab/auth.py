@@ -40,6 +40,15 @@ def admin(*args: str, password: str | None = None) -> subprocess.CompletedProces
     )
 
 
+def use_database(config_text: str, directory: str, url: str) -> str:
+    """`config_text` with the auth service's store in PostgreSQL at `url` (written to
+    `directory`/database-url, mode 0600, as an operator would)."""
+    url_file = os.path.join(directory, "database-url")
+    with open(os.open(url_file, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "w") as handle:
+        handle.write(url + "\n")
+    return config_text.replace("[auth]\n", f'[auth]\ndatabase_url_file = "{url_file}"\n', 1)
+
+
 class AuthServer:
     def __init__(
         self,
@@ -83,10 +92,7 @@ class AuthServer:
             text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
             assert count == 1, key
         if database_url is not None:  # a shared PostgreSQL instead of the SQLite file
-            url_file = os.path.join(directory, "database-url")
-            with open(os.open(url_file, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600), "w") as f:
-                f.write(database_url + "\n")
-            text = text.replace("[auth]\n", f'[auth]\ndatabase_url_file = "{url_file}"\n', 1)
+            text = use_database(text, directory, database_url)
         with open(self.config, "w") as handle:
             handle.write(text)
         self.ca = Path(directory, "tls", "ca.crt").read_bytes()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 from . import Lab, http_get, metrics, wait_for
+from .auth import use_database
 from .transfer import expected_sha256
 
 GATEWAY = "198.18.1.1"
@@ -52,6 +53,7 @@ class GatewayLab:
         metrics_host: str = "127.0.0.1",
         host_name: str | None = None,
         lan_hosts: int = 1,
+        database_url: str | None = None,
     ) -> None:
         self.lab = lab
         # Clients reach auth service and dataplane by this name (each client namespace
@@ -106,6 +108,8 @@ class GatewayLab:
         if offered_services:  # besides ping to the gateway's tunnel address, as init writes
             offered = ", ".join(f'"{service}"' for service in offered_services)
             text = text.replace("offered_services = [", f"offered_services = [{offered}, ")
+        if database_url is not None:  # users and sessions in PostgreSQL
+            text = use_database(text, workdir, database_url)
         with open(self.config, "w") as handle:
             handle.write(text)
         self.auth = self.dataplane = None

@@ -5,10 +5,14 @@ released_addresses, a real auth service over gRPC/TLS across a restart)."""
 import asyncio
 import contextlib
 import ipaddress
+import os
 import sqlite3
+import tempfile
 import urllib.request
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from auth_service.sessions import AddressPool, AllocationKind, PoolExhausted, SessionManager
 from auth_service.store import MIGRATIONS, Release, Store
@@ -249,3 +253,63 @@ def test_logins_get_sticky_addresses_and_quarantine_from_a_real_auth_service(tmp
         assert 'pushgate_auth_address_allocations_total{kind="quarantined"} 0.0' in metrics
     finally:
         server.stop()
+
+
+class _Rollback(Exception):
+    pass
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["login", "logout"]), st.integers(0, 15), st.integers(0, 200)),
+        min_size=1,
+        max_size=50,
+    )
+)
+def test_the_stores_indexed_allocation_gives_the_rules_answer(steps):
+    """Whatever happened before (logins, logouts, time passing, the pool running out),
+    `SessionManager._allocate` (indexed lookups and a mark) answers exactly as
+    `AddressPool.allocate` (the rule, on whole sets)."""
+    network = ipaddress.ip_network("198.19.0.0/29")  # 5 addresses: it runs out
+    with tempfile.TemporaryDirectory() as directory:
+        sessions = SessionManager(
+            Store(os.path.join(directory, "db")),
+            AddressPool(network, ipaddress.ip_address("198.19.0.5"), 180),
+            keepalive_seconds=10,
+            session_lifetime_seconds=86400,
+            max_sessions_per_user=1000,
+        )
+        store, live, now = sessions.store, [], 1000.0
+
+        async def run():
+            nonlocal now
+            for action, user, pause in steps:
+                now += pause
+                if action == "logout" and live:
+                    session = live.pop(user % len(live))
+                    await sessions.remove(session, control_pb2.REMOVAL_REASON_LOGOUT, now)
+                    continue
+                name = f"user{user}"
+                answers = []
+                for allocate in ("rule", "store"):
+                    try:
+                        with store.transaction():
+                            if allocate == "rule":
+                                used, released = store.used_addresses(), store.released_addresses()
+                                answers.append(sessions.pool.allocate(name, used, released, now))
+                            else:
+                                answers.append(sessions._allocate(name, now))
+                            raise _Rollback
+                    except _Rollback:
+                        pass
+                    except PoolExhausted:
+                        answers.append("exhausted")
+                assert answers[0] == answers[1]
+                if answers[0] != "exhausted":
+                    live.append(
+                        (await sessions.create(name, auth_pb2.CIPHER_SUITE_AES_256_GCM, now))[0]
+                    )
+            store.close()
+
+        asyncio.run(run())

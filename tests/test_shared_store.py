@@ -4,6 +4,9 @@ services cannot race, and session changes that reach every auth service's feed."
 
 import asyncio
 import ipaddress
+import re
+import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,8 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from auth_service.database import Conflict, open_database
 from auth_service.sessions import AddressPool, SessionManager
 from auth_service.store import MIGRATIONS, Release, Renewal, Store, StoredSession
-from netlab import wait_for
+from netlab import Lab, wait_for
 from netlab.auth import AuthServer, admin
+from netlab.gateway import LAN_HOST, GatewayLab
 from pushgate_api import auth_pb2, control_pb2
 
 pytestmark = pytest.mark.netns  # PostgreSQL runs as another user (nobody)
@@ -290,3 +294,42 @@ def _login(server: AuthServer, user: str):
         if error.code() != grpc.StatusCode.UNAVAILABLE:
             raise
         return None
+
+
+def _ping_counts(output: str) -> tuple[int, int]:
+    match = re.search(r"(\d+) packets transmitted, (\d+) received", output)
+    assert match, output
+    return int(match.group(1)), int(match.group(2))
+
+
+def test_a_tunnel_outlives_postgresql_and_its_auth_service_going_away(tmp_path, postgres):
+    """A real gateway on PostgreSQL, a client pinging through it: PostgreSQL stopped
+    and started again, then the auth service killed and started again; the tunnel
+    carries the pings throughout and the client keeps its session (no new login)."""
+    url = postgres.create_database("tunnel")
+    with Lab("pgsh") as lab:
+        gw = GatewayLab(lab, str(tmp_path), clients=1, keepalive_seconds=2, database_url=url)
+        gw.add_user("alice")
+        gw.start()
+        gw.connect(0, "alice")
+        wait_for(lambda: gw.status(0).get("state") == "up", 30, what="the client up")
+        session = gw.status(0)["tunnel"]
+        pinger = lab.start(
+            gw.clients[0],
+            ["ping", "-i", "0.2", "-W", "1", LAN_HOST],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1)
+        postgres.stop()
+        time.sleep(3)  # the auth service notices (health) while the tunnel carries on
+        postgres.start()
+        gw.kill(gw.auth)
+        time.sleep(2)
+        gw.start_auth()
+        time.sleep(1)
+        lab.stop(pinger, sig=signal.SIGINT)
+        sent, received = _ping_counts(pinger.stdout.read())
+        assert sent >= 30 and received >= sent - 1, (sent, received)
+        assert gw.status(0)["tunnel"] == session  # the same session: no new login
+        assert gw.status(0).get("state") == "up"

@@ -575,24 +575,14 @@ class SessionManager:
                     self._log(old.session_id, "removed", control_pb2.REMOVAL_REASON_REPLACED)
             token = secrets.token_urlsafe(32)
             address, kind = self._allocate(username, now)
-            session = StoredSession(
-                session_id=self._new_session_id(),
-                token_hash=token_hash(token),
-                username=username,
-                address=address,
-                cipher=cipher,
-                key_epoch=0,
-                c2s_key=os.urandom(KEY_LEN),
-                s2c_key=os.urandom(KEY_LEN),
-                keys_created_at=now,
-                previous_epoch=None,
-                previous_c2s_key=None,
-                previous_s2c_key=None,
-                previous_created_at=None,
-                previous_until=None,
-                created_at=now,
-                expires_at=self._expiry(now, now),
-                last_rekey_at=now,
+            session = StoredSession.begun(
+                self._new_session_id(),
+                token_hash(token),
+                username,
+                address,
+                cipher,
+                now,
+                self._expiry(now, now),
                 client_version=client_version,
                 login_source=login_source,
             )

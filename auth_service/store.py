@@ -19,7 +19,7 @@ lease, `DELETE ... RETURNING` for a renewal token's single use.
 import os
 from dataclasses import dataclass
 
-from push_protocol.constants import SEND_COUNTER_RANGES
+from push_protocol.constants import KEY_LEN, SEND_COUNTER_RANGES
 
 from .database import Conflict, open_database
 
@@ -206,6 +206,40 @@ class StoredSession:
 
     def __repr__(self) -> str:  # keys and token never reach a log line
         return f"StoredSession(id={self.session_id:#010x}, user={self.username!r})"
+
+    @classmethod
+    def begun(
+        cls,
+        session_id: int,
+        token_hash: bytes,
+        username: str,
+        address: str,
+        cipher: int,
+        now: float,
+        expires_at: float,
+        **client,  # client_version, login_source
+    ) -> "StoredSession":
+        """A session that begins at `now`: fresh keys of epoch 0, none before them."""
+        return cls(
+            session_id=session_id,
+            token_hash=token_hash,
+            username=username,
+            address=address,
+            cipher=cipher,
+            key_epoch=0,
+            c2s_key=os.urandom(KEY_LEN),
+            s2c_key=os.urandom(KEY_LEN),
+            keys_created_at=now,
+            previous_epoch=None,
+            previous_c2s_key=None,
+            previous_s2c_key=None,
+            previous_created_at=None,
+            previous_until=None,
+            created_at=now,
+            expires_at=expires_at,
+            last_rekey_at=now,
+            **client,
+        )
 
 
 _SESSION_COLUMNS = ", ".join(StoredSession.__dataclass_fields__)

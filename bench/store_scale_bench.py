@@ -35,24 +35,14 @@ def fill(store: Store, count: int, start: int) -> None:
     with store.transaction():
         for n in range(start, start + count):
             store.add_session(
-                StoredSession(
-                    session_id=n + 1,
-                    token_hash=n.to_bytes(32, "big"),
-                    username=f"user{n}",
-                    address=str(next(hosts)),
-                    cipher=CIPHER,
-                    key_epoch=0,
-                    c2s_key=os.urandom(32),
-                    s2c_key=os.urandom(32),
-                    keys_created_at=now,
-                    previous_epoch=None,
-                    previous_c2s_key=None,
-                    previous_s2c_key=None,
-                    previous_created_at=None,
-                    previous_until=None,
-                    created_at=now,
-                    expires_at=now + 900,
-                    last_rekey_at=now,
+                StoredSession.begun(
+                    n + 1,
+                    n.to_bytes(32, "big"),
+                    f"user{n}",
+                    str(next(hosts)),
+                    CIPHER,
+                    now,
+                    now + 900,
                 )
             )
 

@@ -38,25 +38,7 @@ def location(request, tmp_path) -> str:
 
 
 def session(session_id: int, address: str, token: bytes, now: float) -> StoredSession:
-    return StoredSession(
-        session_id=session_id,
-        token_hash=token,
-        username="alice",
-        address=address,
-        cipher=CIPHER,
-        key_epoch=0,
-        c2s_key=bytes(32),
-        s2c_key=bytes(range(32)),
-        keys_created_at=now,
-        previous_epoch=None,
-        previous_c2s_key=None,
-        previous_s2c_key=None,
-        previous_created_at=None,
-        previous_until=None,
-        created_at=now,
-        expires_at=now + 900,
-        last_rekey_at=now,
-    )
+    return StoredSession.begun(session_id, token, "alice", address, CIPHER, now, now + 900)
 
 
 def test_the_store_behaves_alike_on_both_databases(location):
@@ -70,7 +52,7 @@ def test_the_store_behaves_alike_on_both_databases(location):
     stored = session(0xFFFFFFF0, "198.19.0.2", b"t" * 32, now)  # ids are unsigned 32-bit
     with store.transaction():
         store.add_session(stored)
-    assert store.session_by_id(0xFFFFFFF0).s2c_key == bytes(range(32))
+    assert store.session_by_id(0xFFFFFFF0).s2c_key == stored.s2c_key
     with pytest.raises(Conflict):  # the address is taken: another auth service lost
         store.add_session(session(7, "198.19.0.2", b"u" * 32, now))
     with pytest.raises(Conflict):  # so is the id

@@ -296,7 +296,6 @@ class PostgresDatabase:
         while not self._closing:
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=2) as connection:
-                    self._listening = connection
                     connection.execute(f"LISTEN {POSTGRES_NOTIFY_CHANNEL}")
                     changed()
                     while not self._closing:

@@ -374,6 +374,7 @@ class SessionManager:
         with self.store.transaction():
             for change in changes:
                 self._log(change.session_id, "policy_changed")
+            self.store.db.notify("policy_changed")
         await self.catch_up()
         return [change.session_id for change in changes]
 

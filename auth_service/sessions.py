@@ -318,7 +318,14 @@ class SessionManager:
         self.allocated = allocated  # told which rule picked each login's address
         # Records of addresses the pool no longer holds (the tunnel network changed)
         # would only confuse `allocate`'s count of addresses ever held.
-        store.forget_released([a for a in store.released_addresses() if a not in pool])
+        released = store.released_addresses()
+        store.forget_released([a for a in released if a not in pool])
+        # Where the walk for an address nobody held starts: found anew at every start
+        # from the whole store, so rows changed while the service was down (a session
+        # deleted by hand leaves no record) cannot hide an address below the mark.
+        store.set_never_held_mark(
+            str(pool.network), pool.first_never_held(store.used_addresses() | released.keys())
+        )
         self.keepalive_seconds = keepalive_seconds
         self.session_lifetime = session_lifetime(session_lifetime_seconds)
         if self.session_lifetime != session_lifetime_seconds:
@@ -548,8 +555,8 @@ class SessionManager:
         """Within the allocation lock: the pool's rule (`AddressPool.allocate`) answered
         by indexed lookups, so a login costs the same with 100 or 100,000 live
         sessions. The lowest address nobody held is found by walking up from a mark
-        kept in the store (with the network it belongs to; a new network starts over
-        from a full read)."""
+        kept in the store (set at start from a full read; with the network it belongs
+        to, so that another gateway's different network starts over from one)."""
         store, pool = self.store, self.pool
         previous = store.previous_address(username)
         never_held = None

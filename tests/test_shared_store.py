@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -196,15 +197,24 @@ def test_two_real_auth_services_share_sessions_through_postgresql(tmp_path, post
     B's session feed, a kick on A ends the session in B's feed within 1 s; while
     PostgreSQL restarts, B's feed stays up (its dataplane keeps every session), logins
     are refused UNAVAILABLE with a plain message and health says NOT_SERVING; then
-    both go on."""
+    both go on. First, 200 logins at once spread over both get 200 distinct addresses."""
     # the server trusts local connections, so the password is never checked: it is
     # here to show that it reaches no log line and no error
     url = postgres.create_database("two_services").replace("pushgate@", "pushgate:dbs3cret@")
-    a = AuthServer(str(tmp_path / "a"), network=str(NETWORK), database_url=url)
-    b = AuthServer(str(tmp_path / "b"), network=str(NETWORK), database_url=url)
+    many = {"max_sessions_per_user": "1000"}  # one user's 200 sessions, all kept
+    a = AuthServer(str(tmp_path / "a"), network=str(NETWORK), database_url=url, settings=many)
+    b = AuthServer(str(tmp_path / "b"), network=str(NETWORK), database_url=url, settings=many)
     a.add_user("alice", PASSWORD)  # straight into PostgreSQL: no service is up yet
     a.add_user("bob", PASSWORD)
+    a.add_user("crowd", PASSWORD)
     a.start(), b.start()
+    servers = (a, b)
+    with ThreadPoolExecutor(16) as pool:
+        crowd = list(pool.map(lambda n: servers[n % 2].login("crowd", PASSWORD), range(200)))
+    assert len({login.tunnel_address for login in crowd}) == 200
+    assert len({login.session_id for login in crowd}) == 200
+    listed = b.feed().ListSessions(control_pb2.ListSessionsRequest(), timeout=10).sessions
+    assert sorted(s.session_id for s in listed) == sorted(login.session_id for login in crowd)
     events: list[tuple[float, control_pb2.SessionEvent]] = []
     feed = b.feed()
     listing = feed.ListSessions(control_pb2.ListSessionsRequest(), timeout=10)

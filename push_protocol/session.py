@@ -82,12 +82,17 @@ class TunnelSession:
         self, keys: KeyMaterial, now: float, *, counter_range: int = 0, relearned: bool = False
     ) -> None:
         """New keys from a rekey: accepted at once, sent with once confirmed, or at
-        once if the peer asked for them (it refuses the current keys anyway)."""
+        once if the peer asked for them (it refuses the current keys anyway). Keys
+        still pending from an earlier rekey are promoted first."""
         if keys.epoch == self.current.epoch:
             raise UsageError(f"key epoch {keys.epoch} is already current")
-        self._lifecycle.handle(SessionEvent.ROTATE)
         if self.next is not None:
-            self.next.release()
+            # A rekey while one is pending: the peer may already send with the pending
+            # keys (it promoted them on its timer), so they become current here too,
+            # with the old current accepted for the grace period, instead of being
+            # dropped and every packet under them with them.
+            self._promote_next(now)
+        self._lifecycle.handle(SessionEvent.ROTATE)
         self.next = self._keypair(keys, counter_range, relearned)
         asked = self._rekey_requested_epoch == self.current.epoch
         self._promote_next_at = now if asked else now + NEXT_KEY_PROMOTE_SECONDS

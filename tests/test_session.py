@@ -118,6 +118,33 @@ def test_rekey_loses_no_packet_in_either_order():
         server.open(late, promoted_at + constants.PREVIOUS_KEY_GRACE_SECONDS)
 
 
+def test_a_second_rekey_keeps_the_keys_the_peer_may_already_use():
+    """Two rekeys in quick succession: the server promoted the first new keys (its
+    timer) and replies with them, while the client, which never saw a packet under
+    them, gets the second new keys. The client must still open those replies: the
+    keys it had as next become current, not released."""
+    client, server = _pair(_keys(0))
+    first, second = _keys(1, created_at=10.0), _keys(2, created_at=10.5)
+    client.install_next(first, 10.0)
+    server.install_next(first, 10.0)
+    promoted_at = 10.0 + constants.NEXT_KEY_PROMOTE_SECONDS
+    server.handle_timer(promoted_at)  # no proof came: promoted anyway
+    reply = server.seal(b"under the first new keys", promoted_at)
+    assert parse_header(reply).key_epoch == 1
+    client.install_next(second, promoted_at)
+    assert client.open(reply, promoted_at) == b"under the first new keys"
+    # the client sends with the keys the server has as current; then the second
+    # rekey completes as any other
+    request = client.seal(b"request", promoted_at)
+    assert parse_header(request).key_epoch == 1
+    assert server.open(request, promoted_at) == b"request"
+    server.install_next(second, promoted_at + 0.1)
+    later = promoted_at + 0.1 + constants.NEXT_KEY_PROMOTE_SECONDS
+    assert parse_header(client.seal(b"x", later)).key_epoch == 2
+    assert server.open(client.seal(b"y", later), later) == b"y"
+    assert client.open(server.seal(b"z", later), later) == b"z"
+
+
 def test_timers_report_the_next_deadline():
     client, _ = _pair(_keys())
     assert client.get_timer() is None

@@ -121,6 +121,12 @@ def child(lab: Lab, ns: str, *wrapper: str) -> subprocess.Popen:
     )
 
 
+def stopped(pid: int) -> bool:
+    """Whether process `pid` is stopped (state T in /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0] == "T"
+
+
 def until(loop: asyncio.AbstractEventLoop, predicate, timeout: float = 10, what: str = "it"):
     """Run the event loop (the cleaner's pipes) until `predicate()` holds."""
 
@@ -221,6 +227,9 @@ def test_forget_never_waits_on_the_child_and_counts_what_it_could_not_queue(ns):
         until(loop, lambda: cleaner.ready, what="the child to say ready")
         fcntl.fcntl(cleaner.process.stdin.fileno(), F_SETPIPE_SZ, 4096)  # a small pipe
         os.kill(cleaner.process.pid, signal.SIGSTOP)  # a child that answers nothing
+        # stopped before the first write: SIGSTOP takes effect when the child is next
+        # scheduled, and a child still running on the other core reads what comes first
+        wait_for(lambda: stopped(cleaner.process.pid), 10, 0.01, what="the child stopped")
         addresses = [str(host) for host in NETWORK.hosts() if host != GATEWAY] * 3
         slowest = 0.0
         for address in addresses:

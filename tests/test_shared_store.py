@@ -106,11 +106,15 @@ def test_two_auth_services_logging_in_at_once_never_share_an_address(postgres_ur
     database's constraints; every change logged once, in order, without a hole."""
     Store(postgres_url).close()  # migrated once, before both start
     results: dict[str, list] = {}
+    # Both start before either logs in: a manager publishes only the changes after its
+    # start (earlier sessions reach its dataplane in the listing, not the feed).
+    both_started = threading.Barrier(2, timeout=120)
     both_done = threading.Barrier(2, timeout=120)
 
     def host(name: str) -> None:
         async def logins():
             sessions = manager(postgres_url)
+            both_started.wait()
             created = [
                 (await sessions.create(f"{name}-{n}", CIPHER, 1000.0))[0] for n in range(100)
             ]

@@ -116,6 +116,15 @@ user_metrics = false
 # auto_provision = false               # create unknown users at their first sign-on
 # http_timeout_seconds = 5
 
+# Several gateways on one PostgreSQL (docs/scaling.md): clients move between them
+# without a new login. Every gateway lists them all; each names itself.
+# [cluster]
+# gateway_id = "gw-a"                  # this one; PUSHGATE_GATEWAY_ID overrides it
+# gateways = [                          # lower preference first (clients are told these)
+#  {{ id = "gw-a", auth = "gw-a.example:8443", dataplane = "gw-a.example:51820", preference = 10}},
+#  {{ id = "gw-b", auth = "gw-b.example:8443", dataplane = "gw-b.example:51820", preference = 20}},
+# ]
+
 """
 
 

@@ -60,6 +60,23 @@ def raise_fd_limit(max_connections: int) -> limits.Limits:
     return plan
 
 
+def gateway_list(cluster, endpoint) -> list:
+    """The gateways a login answer names: the cluster's, by preference, or this lone
+    gateway (no id: its keys are used as minted; no auth endpoint: the client's
+    server is it)."""
+    if cluster is None:
+        return [auth_pb2.Gateway(dataplane_endpoint=endpoint)]
+    return [
+        auth_pb2.Gateway(
+            id=g.id,
+            auth_endpoint=auth_pb2.Endpoint(host=g.auth[0], port=g.auth[1]),
+            dataplane_endpoint=auth_pb2.Endpoint(host=g.dataplane[0], port=g.dataplane[1]),
+            preference=g.preference,
+        )
+        for g in cluster.gateways
+    ]
+
+
 async def housekeeping(sessions, servicer, metrics, self_check, probe) -> None:
     """Expiry, revocation of what users changed outside the admin API, the
     throttle's pruning, ended keys out of the WAL, and the self-check, on the event
@@ -194,11 +211,12 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         max_sessions_per_user=auth.max_sessions_per_user,
         ended=ended,
         access=access_model(cfg),
+        gateway_id=cfg.cluster.gateway_id if cfg.cluster else "",
     )
     # another gateway's auth service on a shared database changed sessions: catch up
     loop = asyncio.get_running_loop()
     store.db.listen(lambda: loop.call_soon_threadsafe(sessions.changed_elsewhere))
-    host, port = auth.dataplane_endpoint
+    host, port = cfg.cluster.this.dataplane if cfg.cluster else auth.dataplane_endpoint
     servicer = AuthServicer(
         sessions,
         metrics,
@@ -223,6 +241,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
             "keepalive": int(gw.keepalive_seconds),
             "key_lifetime": int(auth.key_lifetime_seconds),
             "endpoint": auth_pb2.Endpoint(host=host, port=port),
+            "gateways": gateway_list(cfg.cluster, auth_pb2.Endpoint(host=host, port=port)),
         },
         audit=audit,
         renewal_lifetime=auth.renewal_lifetime_seconds,

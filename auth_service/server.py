@@ -728,6 +728,8 @@ class AuthServicer:
             renewal_token=renewal_token,
             renewal_expires_at_unix_ms=int(renewal_expires * 1000),
             username=name,
+            gateways=t["gateways"],
+            gateway_id=self.sessions.gateway_id,
         )
 
     async def BeginSso(self, request, context):

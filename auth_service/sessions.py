@@ -27,6 +27,7 @@ from push_protocol.constants import (
     PREVIOUS_KEY_GRACE_SECONDS,
     REJECT_AFTER_SECONDS,
 )
+from push_protocol.keys import gateway_key
 from push_protocol.session import next_epoch
 from pushgate_api import auth_pb2, control_pb2
 from pushgate_io.gateway_config import DEFAULT_ADDRESS_QUARANTINE_SECONDS
@@ -305,8 +306,12 @@ class SessionManager:
         max_sessions_per_user: int = 3,
         ended: SessionEnded | None = None,
         access: AccessModel | None = None,
+        gateway_id: str = "",
     ) -> None:
         self.store = store
+        # This gateway's id in a cluster ("" alone): its dataplane gets the session
+        # keys as this gateway uses them on the wire (push_protocol.keys.gateway_key).
+        self.gateway_id = gateway_id
         # Who may reach what (None: nothing; tests of other parts). Policies by the
         # user's groups, and the digest the feed last carried for each live session.
         self.access = access
@@ -393,19 +398,26 @@ class SessionManager:
             session_id=s.session_id,
             cipher=s.cipher,
             tunnel_addresses=[s.address],
-            current_keys=key_epoch_message(s.key_epoch, s.c2s_key, s.s2c_key, s.keys_created_at),
+            current_keys=self._wire_keys(s.key_epoch, s.c2s_key, s.s2c_key, s.keys_created_at),
             expires_at_unix_ms=_ms(s.expires_at),
             keepalive_seconds=int(self.keepalive_seconds),
             username=s.username,
         )
         if s.previous_epoch is not None and s.previous_until and s.previous_until > now:
             message.previous_keys.CopyFrom(
-                key_epoch_message(
+                self._wire_keys(
                     s.previous_epoch, s.previous_c2s_key, s.previous_s2c_key, s.previous_created_at
                 )
             )
             message.previous_keys_until_unix_ms = _ms(s.previous_until)
         return message
+
+    def _wire_keys(self, epoch, c2s, s2c, created_at) -> auth_pb2.SessionKeys:
+        """Keys of one epoch for this gateway's dataplane (the client derives the same
+        from the keys its login and rekeys give it)."""
+        if self.gateway_id:
+            c2s, s2c = gateway_key(c2s, self.gateway_id), gateway_key(s2c, self.gateway_id)
+        return key_epoch_message(epoch, c2s, s2c, created_at)
 
     def lease_counter_ranges(self, count: int) -> control_pb2.CounterRanges:
         """`count` send-counter ranges for a dataplane, never leased before."""
@@ -462,7 +474,7 @@ class SessionManager:
         if kind == "rotated":
             rotation = control_pb2.KeyRotation(
                 session_id=session_id,
-                keys=key_epoch_message(
+                keys=self._wire_keys(
                     session.key_epoch, session.c2s_key, session.s2c_key, session.keys_created_at
                 ),
                 expires_at_unix_ms=_ms(session.expires_at),

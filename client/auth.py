@@ -166,6 +166,34 @@ class RekeyAnswer(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Gateway:
+    """One gateway the session may use (auth_pb2.Gateway)."""
+
+    id: str  # "" for a lone gateway: its wire keys are the session keys as minted
+    auth: tuple[str, int] | None  # its auth service; None: the one logged in to
+    dataplane: tuple[str, int]
+    preference: int  # lower is preferred
+
+
+def gateways_of(response: auth_pb2.LoginResponse) -> tuple[Gateway, ...]:
+    """The login answer's gateways, most preferred first (ties in listed order); an
+    auth service from before clusters names only its dataplane."""
+    listed = [
+        Gateway(
+            g.id,
+            (g.auth_endpoint.host, g.auth_endpoint.port) if g.auth_endpoint.host else None,
+            (g.dataplane_endpoint.host, g.dataplane_endpoint.port),
+            g.preference,
+        )
+        for g in response.gateways
+    ]
+    if not listed:
+        endpoint = response.dataplane_endpoint
+        listed = [Gateway("", None, (endpoint.host, endpoint.port), 0)]
+    return tuple(sorted(listed, key=lambda g: g.preference))
+
+
+@dataclass(frozen=True)
 class ClientSession:
     """What a login gave us."""
 
@@ -188,6 +216,18 @@ class ClientSession:
     renewal_token: str = ""  # a new session without the password (AuthClient.renew)
     renewal_expires_at: float = 0.0  # unix seconds; 0: no renewal token
     username: str = ""  # the account (from the ID token, for single sign-on)
+    # Every gateway the session may use, most preferred first; the one that answered
+    # the login (its dataplane is `endpoint`). `keys` are as minted: each gateway's
+    # wire keys are derived from them (push_protocol.keys.for_gateway).
+    gateways: tuple[Gateway, ...] = ()
+    gateway_id: str = ""
+
+    @property
+    def answering_gateway(self) -> Gateway:
+        for gateway in self.gateways:
+            if gateway.id == self.gateway_id:
+                return gateway
+        return Gateway(self.gateway_id, None, self.endpoint, 0)
 
     @property
     def network(self) -> PushedNetwork:
@@ -398,6 +438,8 @@ class AuthClient:
             renewal_token=response.renewal_token,
             renewal_expires_at=response.renewal_expires_at_unix_ms / 1000,
             username=response.username,
+            gateways=gateways_of(response),
+            gateway_id=response.gateway_id,
         )
 
     async def rekey(self, token: str) -> RekeyAnswer:

@@ -17,15 +17,17 @@ import socket
 import time
 from dataclasses import dataclass
 
-from push_protocol.keys import Role
+from push_protocol.keys import KeyMaterial, Role, for_gateway
 from push_protocol.session import TunnelSession
 from pushgate_io.tun import TunDevice
 
 from .auth import (
+    RPC_TIMEOUT_SECONDS,
     AuthClient,
     ClientError,
     ClientSession,
     CodeRequired,
+    Gateway,
     PasswordLogin,
     PushedNetwork,
     RenewalRefused,
@@ -39,15 +41,17 @@ from .core import (
     InstallKeys,
     Login,
     Logout,
+    ProbeGateway,
     Rebind,
     Rekey,
     Resolve,
     SendKeepalive,
     Suspend,
     TearDown,
+    UseGateway,
     is_address,
 )
-from .datapath import Datapath
+from .datapath import Datapath, GatewayProbe
 from .host import ClientHost, NetworkChangeFailed, UndoSteps, current_host
 from .sso import SsoOptions, sso_login
 from .state import ClientState
@@ -137,6 +141,14 @@ class Connection:
         self._resolved: dict[str, str] = dict(options.known_addresses)
         self.session_info: ClientSession | None = None  # as brought up (resolved endpoint)
         self.datapath: Datapath | None = None
+        # The session's keys as minted (newest), and a TunnelSession per gateway used
+        # or probed with them: its send counters go on where they stopped when the
+        # tunnel comes back to it, so no (key, nonce) pair is ever sent twice.
+        self._keys: KeyMaterial | None = None
+        self._tunnels: dict[str, TunnelSession] = {}
+        self._probes: dict[str, GatewayProbe] = {}
+        self._retired_auth: list[AuthClient] = []  # a gateway's, after a move
+        self.gateway: Gateway | None = None  # the one the datapath sends to
         self.tun: TunDevice | None = None
         self.undo: UndoSteps | None = None  # how to undo the network configuration
         self._stop = asyncio.Event()
@@ -204,6 +216,8 @@ class Connection:
             self._write_status()
             if self.auth is not None:
                 await self.auth.close()
+            for auth in self._retired_auth:
+                await auth.close()
 
     # -- waiting -------------------------------------------------------------------
 
@@ -260,8 +274,14 @@ class Connection:
                 case Rekey(token=token):
                     self._spawn(self.auth.rekey(token), core.handle_rekey_result)
                 case InstallKeys(keys=keys):
-                    self.datapath.session.install_next(keys, self.clock())
+                    self._keys = keys
+                    for gateway_id, tunnel in self._tunnels.items():
+                        tunnel.install_next(for_gateway(keys, gateway_id), self.clock())
                     log.info("rekeyed: key epoch %d", keys.epoch)
+                case UseGateway(gateway=gateway):
+                    self._use_gateway(gateway)
+                case ProbeGateway(gateway=gateway):
+                    self._probe(gateway)
                 case CheckSession(token=token):
                     self._spawn(self.auth.session_alive(token), core.handle_session_check)
                 case CheckNetwork(token=token):
@@ -311,6 +331,8 @@ class Connection:
         if target != self._auth_target:
             if self.auth is not None:
                 await self.auth.close()
+            for auth in self._retired_auth:
+                await auth.close()
             # TLS still checks the name given (or --server-name), not the address.
             server_name = self.options.server_name or (None if is_address(host) else host)
             self.auth = AuthClient(target, self.options.ca_path, server_name)
@@ -376,6 +398,7 @@ class Connection:
             self._teardown()
             raise
         info = dataclasses.replace(info, endpoint=(address, port))
+        await self._resolve_gateways(info)
         held = self.tun is not None and self.datapath is None
         if not (held and same_network(self.session_info, info)):
             self._teardown()
@@ -385,13 +408,9 @@ class Connection:
                 self.undo = self.host.configure(self.tun, info)
             else:
                 log.info("tunnel %s kept: same address, routes and DNS", self.tun.name)
-            session = TunnelSession(
-                info.session_id,
-                info.cipher,
-                Role.CLIENT,
-                info.keys,
-                keepalive_interval=info.keepalive_seconds,
-            )
+            self._keys, self._tunnels = info.keys, {}
+            self.gateway = info.answering_gateway
+            session = self._tunnel_for(info, self.gateway)
             self.datapath = Datapath(
                 asyncio.get_running_loop(),
                 session,
@@ -417,6 +436,113 @@ class Connection:
         )
         log.info("network: %s", info.network.describe())
         return address
+
+    async def _resolve_gateways(self, info: ClientSession) -> None:
+        """Every gateway's hosts resolved now (a move after a dead path must not wait
+        for a lookup, nor make one outside the tunnel), and let through the kill switch
+        and, in a full tunnel, routed around it: the auth services over TCP, the other
+        dataplanes over UDP (the session's own is the bring-up's)."""
+        host, port = split_host_port(self.options.server)
+        endpoints = [(self._resolved.get(host, host), port, "tcp")]
+        for gateway in info.gateways:
+            for what, protocol in ((gateway.auth, "tcp"), (gateway.dataplane, "udp")):
+                if what is None or (protocol == "udp" and gateway.id == info.gateway_id):
+                    continue
+                try:
+                    endpoints.append((await self._resolve(what[0]), what[1], protocol))
+                except ClientError as error:
+                    log.warning("gateway %s: %s", gateway.id, error)
+        lock_down = getattr(self.host, "lock_down", None)
+        if lock_down is not None and len(endpoints) > 1:
+            lock_down(self.options.tun_name, endpoints)
+
+    def _tunnel_for(self, info: ClientSession, gateway: Gateway) -> TunnelSession:
+        """The session as `gateway` knows it (its wire keys), made at its first use."""
+        tunnel = self._tunnels.get(gateway.id)
+        if tunnel is None:
+            tunnel = self._tunnels[gateway.id] = TunnelSession(
+                info.session_id,
+                info.cipher,
+                Role.CLIENT,
+                for_gateway(self._keys, gateway.id),
+                keepalive_interval=info.keepalive_seconds,
+            )
+        return tunnel
+
+    def _use_gateway(self, gateway: Gateway) -> None:
+        """The datapath moves to `gateway` (core.UseGateway); so do the auth calls."""
+        info, address = self.session_info, self._resolved.get(gateway.dataplane[0])
+        if is_address(gateway.dataplane[0]):
+            address = gateway.dataplane[0]
+        if info is None or self.datapath is None or address is None:
+            log.warning("gateway %s not used: its host was not resolved", gateway.id)
+            return
+        self._close_probe(gateway.id)
+        self.datapath.move(self._tunnel_for(info, gateway), (address, gateway.dataplane[1]))
+        self.gateway = gateway
+        self._use_auth(gateway)
+        self.datapath.send_keepalive()
+        log.info(
+            "now through gateway %s: dataplane %s, UDP source port %d",
+            gateway.id,
+            join_host_port(address, gateway.dataplane[1]),
+            self.datapath.local_port,
+        )
+
+    def _use_auth(self, gateway: Gateway) -> None:
+        """Rekeys, session checks and logouts go to `gateway`'s auth service (its host
+        may be down with its dataplane); a lone gateway's is the one logged in to."""
+        host, port = gateway.auth or split_host_port(self.options.server)
+        address = host if is_address(host) else self._resolved.get(host)
+        if address is None:
+            return
+        target = join_host_port(address, port)
+        if target == self._auth_target:
+            return
+        old, self._auth_target = self.auth, target
+        server_name = self.options.server_name or (None if is_address(host) else host)
+        self.auth = AuthClient(target, self.options.ca_path, server_name)
+        if old is not None:  # closed once calls in flight on it are answered or timed out
+            self._retired_auth.append(old)
+            self._spawn_quiet(self._retire(old))
+
+    async def _retire(self, auth: AuthClient) -> None:
+        await asyncio.sleep(RPC_TIMEOUT_SECONDS + 1)
+        self._retired_auth.remove(auth)
+        await auth.close()
+
+    def _spawn_quiet(self, work) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _probe(self, gateway: Gateway) -> None:
+        """A keepalive to `gateway`'s dataplane beside the tunnel (core.ProbeGateway)."""
+        info, host = self.session_info, gateway.dataplane[0]
+        address = host if is_address(host) else self._resolved.get(host)
+        if info is None or address is None:
+            return
+        self._close_probe(gateway.id)
+
+        def answered() -> None:
+            self._probes.pop(gateway.id, None)
+            self.core.handle_probe_answer(self.clock(), gateway.id)
+            self._wake.set()
+
+        probe = GatewayProbe(
+            asyncio.get_running_loop(),
+            self._tunnel_for(info, gateway),
+            (address, gateway.dataplane[1]),
+            self.clock,
+            answered,
+        )
+        self._probes[gateway.id] = probe
+        probe.send()
+
+    def _close_probe(self, gateway_id: str) -> None:
+        probe = self._probes.pop(gateway_id, None)
+        if probe is not None:
+            probe.close()
 
     def _apply_network(self, network: PushedNetwork) -> PushedNetwork | ClientError:
         """The live tunnel's routes and DNS moved to `network`, on the same TUN while
@@ -444,6 +570,7 @@ class Connection:
         if self.datapath is not None:
             self.datapath.stop()
             self.datapath = None
+        self._forget_gateways()
         if self.tun is not None:
             log.info("tunnel %s held while logging in again", self.tun.name)
 
@@ -458,10 +585,17 @@ class Connection:
         elif getattr(self.host, "lockdown_engaged", lambda _: False)(self.options.tun_name):
             log.warning("the kill switch stays on: `pushgate-client disconnect` removes it")
 
+    def _forget_gateways(self) -> None:
+        """The session's keys, its per-gateway tunnels and probes: gone with it."""
+        for gateway_id in list(self._probes):
+            self._close_probe(gateway_id)
+        self._keys, self._tunnels, self.gateway = None, {}, None
+
     def _teardown(self) -> None:
         if self.datapath is not None:
             self.datapath.stop()
             self.datapath = None
+        self._forget_gateways()
         if self.undo is not None:
             self.host.unconfigure(self.undo)
             self.undo = None
@@ -496,6 +630,9 @@ class Connection:
             status.tunnel_address = info.tunnel_address
             status.endpoint = join_host_port(*info.endpoint)
             status.session_id = info.session_id
+        if datapath is not None and self.gateway is not None:
+            status.gateway = self.gateway.id
+            status.endpoint = join_host_port(*datapath.server)
         if datapath is not None:
             session = datapath.session
             status.local_port = datapath.local_port

@@ -32,6 +32,14 @@ What it decides, all here:
   (`ApplyNetwork`: the owner adds and removes routes and DNS on the same TUN), one
   change at a time, always the newest; a change that fails is logged and not tried
   again until a different one comes (the tunnel keeps what it had).
+- failover between the session's gateways (a cluster, docs/scaling.md): a dead path
+  moves the tunnel to the most preferred gateway not tried since it died
+  (`UseGateway`: its dataplane, its wire keys, its auth service; the TUN, routes and
+  DNS stay), each given HANDSHAKE_TIMEOUT_SECONDS to answer, no new login; once all
+  were tried, the session check and a new source port as with one gateway. While on
+  a less preferred gateway, the more preferred ones are probed every
+  FAILBACK_PROBE_SECONDS (`ProbeGateway`: a keepalive with their keys) and the first
+  that answers takes the tunnel back;
 - make before break: a re-login (the session is gone, or the dataplane moved) keeps
   the TUN, its address, routes and DNS (`Suspend`: only the datapath stops) until the
   next bring-up reuses them, through any number of failed logins; packets wait in the
@@ -47,7 +55,7 @@ from dataclasses import dataclass
 from push_protocol.backoff import Backoff
 from push_protocol.keys import KeyMaterial
 
-from .auth import ClientError, ClientSession, PushedNetwork, RekeyAnswer, SessionGone
+from .auth import ClientError, ClientSession, Gateway, PushedNetwork, RekeyAnswer, SessionGone
 from .state import ClientEvent, ClientState, ClientStateMachine
 
 log = logging.getLogger("pushgate.client")
@@ -73,6 +81,9 @@ DEAD_AFTER_KEEPALIVES = 2
 # client per 30 s (10,000 clients: about 400 calls/s, each one store read).
 NETWORK_CHECK_SECONDS = 30.0
 NETWORK_CHECK_JITTER = 0.25
+# On a less preferred gateway, the more preferred ones are probed this often: back
+# within this long after the preferred one heals, at one keepalive each per probe.
+FAILBACK_PROBE_SECONDS = 10.0
 
 
 # -- actions: what the owner executes, in order ------------------------------------
@@ -163,6 +174,22 @@ class SendKeepalive:
     pass
 
 
+@dataclass(frozen=True)
+class UseGateway:
+    """Send to `gateway` from now on: its dataplane, with its wire keys, and its auth
+    service; the TUN, its routes and DNS stay as they are."""
+
+    gateway: Gateway
+
+
+@dataclass(frozen=True)
+class ProbeGateway:
+    """Send `gateway`'s dataplane a keepalive with its wire keys, beside the tunnel;
+    an authenticated answer comes back as handle_probe_answer."""
+
+    gateway: Gateway
+
+
 Action = (
     Login
     | BringUp
@@ -177,6 +204,8 @@ Action = (
     | Resolve
     | Rebind
     | SendKeepalive
+    | UseGateway
+    | ProbeGateway
 )
 
 
@@ -232,6 +261,9 @@ class ClientCore:
         self._apply_for: ClientSession | None = None  # the session a pending apply is for
         self._applying: PushedNetwork | None = None
         self._network_check_at = 0.0
+        self.gateway: Gateway | None = None  # the one the tunnel uses
+        self._tried: set[str] = set()  # gateways tried since the path died
+        self._failback_probe_at = 0.0
 
     @property
     def state(self) -> ClientState:
@@ -308,6 +340,8 @@ class ClientCore:
         self.network = self.session.network  # as configured by the bring-up
         self._network_wanted = self._network_failed = None
         self._schedule_network_check(now)
+        self.gateway = self.session.answering_gateway
+        self._failback_probe_at = now + FAILBACK_PROBE_SECONDS
         self._event(ClientEvent.LOGGED_IN)
         self._wait_for_answer(now, HANDSHAKE_TIMEOUT_SECONDS)
 
@@ -410,7 +444,9 @@ class ClientCore:
             self._log_in_again()
             return
         host = self.session.endpoint[0]
-        if is_address(host):
+        if is_address(host) or self.gateway != self.session.answering_gateway:
+            # another gateway's host was resolved at the bring-up (the move is the
+            # way out of a dead path there)
             self._try_new_port(now)
         else:
             self.resolve_pending = True
@@ -433,6 +469,18 @@ class ClientCore:
             self._login()
             return
         self._try_new_port(now)  # a failed lookup keeps the address we have
+
+    def handle_probe_answer(self, now: float, gateway_id: str) -> None:
+        """A gateway we probed (ProbeGateway) answered: back to it if it is preferred."""
+        if self.state is not ClientState.UP or not self.tunnel_up:
+            return
+        better = self._preferred_over_current()
+        for gateway in better:
+            if gateway.id == gateway_id:
+                log.info("gateway %s answers again: moving back to it", gateway.id)
+                self._use(gateway)
+                self._last_received = now  # it just answered
+                return
 
     # -- timers ----------------------------------------------------------------------
 
@@ -461,6 +509,8 @@ class ClientCore:
             deadlines.append(self._last_received + self._dead_after())
             if not self.network_check_pending:
                 deadlines.append(self._network_check_at)
+            if state is ClientState.UP and self._preferred_over_current():
+                deadlines.append(self._failback_probe_at)
         else:
             deadlines.append(self._probe_at)
             if not (self.check_pending or self.resolve_pending):
@@ -481,21 +531,28 @@ class ClientCore:
             silent = now - self._last_received
             if silent >= self._dead_after():
                 self._error(f"no packet from the dataplane for {silent:.0f} s")
-                self._event(ClientEvent.SERVER_LOST)
-                self._wait_for_answer(now, HANDSHAKE_TIMEOUT_SECONDS)
+                self._lost(now)
                 return
             if now >= self._network_check_at and not self.network_check_pending:
                 self.network_check_pending = True
                 self._network_check_for = self.session
                 self._actions.append(CheckNetwork(self.session.token))
+            better = self._preferred_over_current() if state is ClientState.UP else []
+            if better and now >= self._failback_probe_at:
+                self._failback_probe_at = now + FAILBACK_PROBE_SECONDS
+                self._actions.extend(ProbeGateway(gateway) for gateway in better)
         else:
             if now >= self._wait_until and not (self.check_pending or self.resolve_pending):
                 if state is ClientState.CONNECTING:
                     self._error("no answer from the dataplane")
-                    self._event(ClientEvent.SERVER_LOST)
+                    self._lost(now)
+                    return
+                if self._move_to_untried():
                     self._wait_for_answer(now, HANDSHAKE_TIMEOUT_SECONDS)
                     return
-                # Reconnecting: is the session still there? Then a new source port.
+                # Reconnecting, every gateway tried: is the session still there?
+                # Then a new source port (and another round of the gateways).
+                self._tried = {self.gateway.id}
                 self.check_pending = True
                 self._actions.append(CheckSession(self.session.token))
             if now >= self._probe_at:
@@ -524,6 +581,37 @@ class ClientCore:
         self._wait_until = now + seconds
         self._probe_at = now + PROBE_INTERVAL_SECONDS
         self._actions.append(SendKeepalive())
+
+    def _lost(self, now: float) -> None:
+        """The dataplane in use is silent: the next gateway if there is one, and wait
+        for an answer."""
+        self._event(ClientEvent.SERVER_LOST)
+        self._tried = {self.gateway.id}
+        self._move_to_untried()
+        self._wait_for_answer(now, HANDSHAKE_TIMEOUT_SECONDS)
+
+    def _move_to_untried(self) -> bool:
+        """Move to the most preferred gateway not tried since the path died, if any."""
+        for gateway in self.session.gateways:
+            if gateway.id not in self._tried:
+                self._error(f"moving to gateway {gateway.id} ({gateway.dataplane[0]})")
+                self._tried.add(gateway.id)
+                self._use(gateway)
+                return True
+        return False
+
+    def _use(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._actions.append(UseGateway(gateway))
+
+    def _preferred_over_current(self) -> list[Gateway]:
+        """The session's gateways more preferred than the one in use."""
+        if self.session is None or self.gateway is None:
+            return []
+        gateways = self.session.gateways
+        if self.gateway not in gateways:
+            return []
+        return [g for g in gateways[: gateways.index(self.gateway)]]
 
     def _try_new_port(self, now: float) -> None:
         self._actions.append(Rebind())
@@ -569,6 +657,7 @@ class ClientCore:
         if self.tunnel_up:
             self.tunnel_up = False
             self.endpoint_address = None
+        self.gateway = None
         if logout and self.session is not None:
             self._actions.append(Logout(self.session.token))
         self.session = None

@@ -7,6 +7,7 @@ cannot be handed on at once is dropped and counted under its reason.
 """
 
 import asyncio
+import contextlib
 import socket
 from collections import Counter
 
@@ -62,6 +63,17 @@ class Datapath:
         sock.connect(self._server)
         self._udp = BatchSocket(sock, on_error=self._udp_error, error_reports=self.error_reports)
         self._loop.add_reader(sock.fileno(), self.on_udp_readable)
+
+    def move(self, session: TunnelSession, server: tuple[str, int]) -> None:
+        """Send to another gateway's dataplane with its session (its wire keys), from
+        a new socket: the TUN stays as it is."""
+        self.session = session
+        self._server = server
+        self.rebind()
+
+    @property
+    def server(self) -> tuple[str, int]:
+        return self._server
 
     @property
     def local_port(self) -> int:
@@ -152,3 +164,45 @@ class Datapath:
                     self.drops[DropReason.QUEUE_FULL] += count
             except OSError:
                 self.drops[DropReason.TUN_WRITE_ERROR] += count
+
+
+class GatewayProbe:
+    """A keepalive to another gateway's dataplane, sealed with its session (its wire
+    keys), from a socket of its own beside the tunnel; `answered` is called once an
+    authenticated answer comes (client/core.py decides what it means)."""
+
+    def __init__(self, loop, session: TunnelSession, server, clock, answered) -> None:
+        self._loop = loop
+        self._session = session
+        self._clock = clock
+        self._answered = answered
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+        self._sock.connect(server)
+        loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def send(self) -> None:
+        with contextlib.suppress(OSError, PacketRejected):  # no answer: nothing moves
+            self._sock.send(self._session.seal_keepalive(self._clock()))
+
+    def _on_readable(self) -> None:
+        now = self._clock()
+        while True:
+            try:
+                datagram = self._sock.recv(65535)
+            except OSError:  # drained, or an ICMP error about the probe
+                return
+            header = read_header(datagram, True)
+            if type(header) is not Header:
+                continue
+            results = self._session.open_many([datagram], [header], now)
+            if any(type(result) is bytes for result in results):
+                self.close()
+                self._answered()
+                return
+
+    def close(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()

@@ -23,7 +23,8 @@ class ClientStatus:
     tun_name: str
     server: str
     tunnel_address: str = ""
-    endpoint: str = ""
+    endpoint: str = ""  # the dataplane in use
+    gateway: str = ""  # its gateway's id in a cluster ("" alone)
     local_port: int = 0
     session_id: int = 0
     key_epoch: int = 0

@@ -6,8 +6,12 @@ next keypairs across a rekey. A `Keypair` owns the send key with its counter
 the limits of constants.py.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import codec
 from .aead import AEAD, CipherSuite, check_key, new_aead
@@ -50,6 +54,30 @@ class KeyMaterial:
 
     def __repr__(self) -> str:  # keys never reach a log line
         return f"KeyMaterial(epoch={self.epoch}, created_at={self.created_at})"
+
+
+GATEWAY_KEY_LABEL = b"pushgate gateway key v1\x00"
+
+
+def gateway_key(key: bytes, gateway_id: str) -> bytes:
+    """`key` as gateway `gateway_id` uses it on the wire: HKDF-SHA256 with the
+    gateway's id (docs/protocol.md, "Per-gateway keys"). Two gateways of a cluster
+    never hold the same wire key, so no (key, nonce) pair is used by two dataplanes
+    and a packet sent to one is no use at another."""
+    info = GATEWAY_KEY_LABEL + gateway_id.encode()
+    return HKDF(algorithm=hashes.SHA256(), length=len(key), salt=None, info=info).derive(key)
+
+
+def for_gateway(keys: KeyMaterial, gateway_id: str) -> KeyMaterial:
+    """The keys of one epoch as gateway `gateway_id` uses them; a lone gateway (no
+    id) uses them as minted."""
+    if not gateway_id:
+        return keys
+    return dataclasses.replace(
+        keys,
+        client_to_server=gateway_key(keys.client_to_server, gateway_id),
+        server_to_client=gateway_key(keys.server_to_client, gateway_id),
+    )
 
 
 def first_send_counter(counter_range: int) -> int:

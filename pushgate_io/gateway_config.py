@@ -194,6 +194,31 @@ class OidcSection:
 
 
 @dataclass(frozen=True)
+class ClusterGateway:
+    """One gateway of a cluster, as clients are told of it (auth_pb2.Gateway)."""
+
+    id: str
+    auth: tuple[str, int]  # its pushgate-auth, as clients reach it
+    dataplane: tuple[str, int]  # its pushgate-dataplane, as clients reach it
+    preference: int  # lower is preferred; ties keep the listed order
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    """Several gateways on one PostgreSQL (docs/scaling.md): clients fail over
+    between them, each with its own wire keys (docs/protocol.md)."""
+
+    gateway_id: str  # this gateway; PUSHGATE_GATEWAY_ID overrides it
+    # sorted by preference, ties in listed order; clients are told this gateway's
+    # dataplane as its entry says ([auth] dataplane_endpoint is then not used)
+    gateways: tuple[ClusterGateway, ...]
+
+    @property
+    def this(self) -> ClusterGateway:
+        return next(g for g in self.gateways if g.id == self.gateway_id)
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: str
     gateway: GatewaySection
@@ -203,6 +228,7 @@ class GatewayConfig:
     # file has none: every user then reaches [auth] routes (the compatibility mode).
     groups: tuple[Group, ...] | None = None
     oidc: OidcSection | None = None  # no [oidc] table: no single sign-on
+    cluster: ClusterSection | None = None  # no [cluster] table: a lone gateway
 
 
 SECTIONS = {
@@ -210,6 +236,7 @@ SECTIONS = {
     "auth": AuthSection,
     "dataplane": DataplaneSection,
     "oidc": OidcSection,
+    "cluster": ClusterSection,
 }
 
 # A tunnel network must leave this many addresses for clients (its hosts but the
@@ -693,6 +720,56 @@ def _oidc(section: _Section) -> OidcSection | None:
     )
 
 
+_GATEWAY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+GATEWAY_ID_ENVIRONMENT = "PUSHGATE_GATEWAY_ID"  # one config for every host (Kubernetes)
+_CLUSTER_GATEWAY_KEYS = ("id", "auth", "dataplane", "preference")
+
+
+def _cluster(section: _Section) -> ClusterSection | None:
+    if "cluster" not in section.source_table:
+        return None
+    entries = section.get("gateways", list)
+    if not entries:
+        raise section.error("gateways", "must list at least one gateway")
+    gateways = []
+    for number, entry in enumerate(entries, start=1):
+        where = f"entry {number}"
+        if not isinstance(entry, dict):
+            raise section.error(
+                "gateways", f"{where}: expected a table {{id, auth, dataplane, preference}}"
+            )
+        if unknown := sorted(set(entry) - set(_CLUSTER_GATEWAY_KEYS)):
+            raise section.error("gateways", f"{where}: unknown key {unknown[0]!r}")
+        for key in ("id", "auth", "dataplane"):
+            if not isinstance(entry.get(key), str):
+                raise section.error("gateways", f"{where}: {key} is required (a string)")
+        gateway_id = entry["id"]
+        if not _GATEWAY_ID.fullmatch(gateway_id):
+            raise section.error(
+                "gateways", f"{where}: id {gateway_id!r} must be 1-63 letters, digits, . _ -"
+            )
+        if any(g.id == gateway_id for g in gateways):
+            raise section.error("gateways", f"{where}: id {gateway_id!r} is listed twice")
+        preference = entry.get("preference", 100)
+        if isinstance(preference, bool) or not isinstance(preference, int):
+            raise section.error("gateways", f"{where}: preference must be an integer")
+        if not 0 <= preference <= 65535:
+            raise section.error("gateways", f"{where}: preference {preference} is out of 0..65535")
+        try:
+            auth_endpoint, dataplane = host_port(entry["auth"]), host_port(entry["dataplane"])
+        except ValueError as error:
+            raise section.error("gateways", f"{where}: {error}") from None
+        gateways.append(ClusterGateway(gateway_id, auth_endpoint, dataplane, preference))
+    gateways.sort(key=lambda g: g.preference)  # stable: ties keep the listed order
+    gateway_id = os.environ.get(GATEWAY_ID_ENVIRONMENT) or section.get("gateway_id", str)
+    ids = [g.id for g in gateways]
+    if gateway_id not in ids:
+        raise section.error(
+            "gateway_id", f"{gateway_id!r} is not among the gateways ({', '.join(ids)})"
+        )
+    return ClusterSection(gateway_id, tuple(gateways))
+
+
 def _dataplane(section: _Section, gateway: GatewaySection) -> DataplaneSection:
     tun_name = section.get("tun_name", str, "pg0")
     if not 0 < len(tun_name) < 16:
@@ -971,6 +1048,7 @@ def parse(text: str, path: str, *, auth: bool = False) -> GatewayConfig:
         dataplane=dataplane,
         groups=_groups(source, table, gateway, dataplane) if auth else None,
         oidc=_oidc(_Section(source, table, "oidc", base)) if auth else None,
+        cluster=_cluster(_Section(source, table, "cluster", base)) if auth else None,
     )
 
 

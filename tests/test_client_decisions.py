@@ -16,9 +16,17 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.auth import ClientError, ClientSession, PushedNetwork, RekeyAnswer, SessionGone
+from client.auth import (
+    ClientError,
+    ClientSession,
+    Gateway,
+    PushedNetwork,
+    RekeyAnswer,
+    SessionGone,
+)
 from client.core import (
     BACKOFF_MAX_SECONDS,
+    FAILBACK_PROBE_SECONDS,
     NETWORK_CHECK_SECONDS,
     PROBE_INTERVAL_SECONDS,
     ApplyNetwork,
@@ -29,12 +37,14 @@ from client.core import (
     InstallKeys,
     Login,
     Logout,
+    ProbeGateway,
     Rebind,
     Rekey,
     Resolve,
     SendKeepalive,
     Suspend,
     TearDown,
+    UseGateway,
 )
 from client.state import ClientState as S
 from push_protocol.aead import CipherSuite
@@ -51,8 +61,17 @@ def keys(epoch: int, now: float) -> KeyMaterial:
 
 
 class World:
-    def __init__(self, rng: random.Random, *, max_latency: float = 0.0, endpoint=DATAPLANE):
+    def __init__(
+        self, rng: random.Random, *, max_latency: float = 0.0, endpoint=DATAPLANE, gateways=()
+    ):
         self.rng = rng
+        # A cluster's gateways (the first answers logins), the ones whose dataplane is
+        # down, the one the tunnel uses and when it moved to each
+        self.gateways: tuple[Gateway, ...] = gateways
+        self.answering = gateways[0].id if gateways else ""  # the gateway logins reach
+        self.down: set[str] = set()
+        self.using = ""
+        self.moves: list[tuple[float, str]] = []
         self.max_latency = max_latency
         self.endpoint_host = endpoint
         self.now = START
@@ -156,9 +175,15 @@ class World:
                     assert self.tunnel is not None
                 case SendKeepalive():
                     assert self.tunnel is not None
-                    # answered by the dataplane where the name points now
-                    if self.path_up and core.endpoint_address == self.resolves_to:
-                        self._later("answer", self.tunnel, latency=0.01)
+                    self.execute_keepalive_answer()
+                case UseGateway(gateway=gateway):
+                    assert self.tunnel is not None and gateway in self.gateways
+                    self.using = gateway.id
+                    self.moves.append((self.now, gateway.id))
+                case ProbeGateway(gateway=gateway):
+                    assert self.tunnel is not None and gateway.id != self.using
+                    if self.path_up and gateway.id not in self.down:
+                        self._later("probe_answer", gateway.id, latency=0.01)
         for kind in ("login", "rekey", "check", "resolve", "bring_up", "network_check", "apply"):
             assert self.in_flight[kind] <= 1, f"two {kind}s in flight"
         # one session at the auth service at most: none is left behind
@@ -169,6 +194,9 @@ class World:
         if kind == "answer":
             if self.tunnel == arg and self.path_up:
                 core.handle_received(now, now)
+            return
+        if kind == "probe_answer":
+            core.handle_probe_answer(now, arg)
             return
         self.in_flight[kind] -= 1
         live = core.state is not S.DISCONNECTED  # a result after a stop changes nothing
@@ -198,6 +226,8 @@ class World:
                     key_lifetime_seconds=KEY_LIFETIME,
                     endpoint=(self.endpoint_host, 51820),
                     expires_at=now + KEY_EXPIRY,
+                    gateways=self.gateways,
+                    gateway_id=self.answering,
                 )
             self.fatal_delivered |= (
                 live and isinstance(result, ClientError) and not result.retryable
@@ -211,6 +241,7 @@ class World:
             else:
                 self.tunnel = arg.token
                 self.tunnel_network = arg.network
+                self.using = arg.gateway_id
                 if not self.tun_exists:
                     self.tun_builds += 1
                 self.tun_exists = True
@@ -282,6 +313,9 @@ class World:
         self.execute()
 
     def execute_keepalive_answer(self) -> None:
+        """Answered by the dataplane in use, where its name points now."""
+        if self.using in self.down:
+            return
         if self.path_up and self.core.endpoint_address == self.resolves_to:
             self._later("answer", self.tunnel, latency=0.01)
 
@@ -516,6 +550,76 @@ def test_the_dataplane_asking_for_new_keys_rekeys_at_once():
     world.core.handle_rekey_wanted(asked)
     world.run_until(asked + 1, done=lambda: bool(world.rekeys))
     assert world.rekeys == [asked]
+
+
+# -- several gateways (a cluster) -----------------------------------------------------
+
+CLUSTER = (
+    Gateway("gw-a", ("198.18.1.10", 8443), (DATAPLANE, 51820), 10),
+    Gateway("gw-b", ("198.18.1.11", 8443), ("198.18.1.2", 51820), 20),
+    Gateway("gw-c", ("198.18.1.12", 8443), ("198.18.1.3", 51820), 30),
+)
+DEAD_AFTER = 2 * KEEPALIVE + 5  # the core's default
+
+
+def cluster_world(seed: int) -> World:
+    world = World(random.Random(seed), gateways=CLUSTER)
+    world.run_until(START + 30, done=lambda: world.core.state is S.UP)
+    assert world.core.state is S.UP and world.using == "gw-a"
+    return world
+
+
+def test_a_dead_gateway_moves_the_tunnel_to_the_next_without_a_login_and_back_later():
+    world = cluster_world(20)
+    world.run_until(world.now + 5)
+    world.down.add("gw-a")
+    died = world.now
+    world.run_until(died + 60, done=lambda: world.using == "gw-b" and world.core.state is S.UP)
+    assert world.core.state is S.UP and world.using == "gw-b"
+    assert world.now - died <= DEAD_AFTER + 0.1  # no wait beyond the dead path's
+    world.run_until(world.now + 60)  # on gw-b: rekeys and probes of gw-a go on
+    assert world.core.state is S.UP and world.using == "gw-b"
+    assert world.expired_while_held == []
+    world.down.discard("gw-a")
+    healed = world.now
+    world.run_until(healed + 60, done=lambda: world.using == "gw-a")
+    assert world.using == "gw-a" and world.core.state is S.UP
+    assert world.now - healed <= FAILBACK_PROBE_SECONDS + 0.1
+    assert world.logins == 1 and world.logged_out == []
+    assert [gateway for _, gateway in world.moves] == ["gw-b", "gw-a"]
+
+
+def test_with_every_gateway_down_the_client_goes_round_them_and_takes_the_first_back():
+    world = cluster_world(21)
+    world.down.update({"gw-a", "gw-b", "gw-c"})
+    world.run_until(world.now + 120)
+    assert world.core.state is S.RECONNECTING and world.logins == 1
+    tried = [gateway for _, gateway in world.moves]
+    assert tried[:2] == ["gw-b", "gw-c"] and set(tried) == {"gw-a", "gw-b", "gw-c"}
+    assert world.expired_while_held == []  # keys renewed all along
+    world.down.discard("gw-c")
+    healed = world.now
+    world.run_until(healed + 120, done=lambda: world.core.state is S.UP)
+    assert world.core.state is S.UP and world.using == "gw-c" and world.logins == 1
+    assert world.now - healed <= BACKOFF_MAX_SECONDS + 3 * 5.0 + 0.5  # a round of waits
+
+
+def test_a_login_answered_by_a_less_preferred_gateway_moves_to_the_preferred_one():
+    world = World(random.Random(22), gateways=CLUSTER)
+    world.answering = "gw-b"  # the client was given gw-b's auth service
+    world.run_until(START + 30, done=lambda: world.core.state is S.UP)
+    assert world.using == "gw-b"
+    world.run_until(world.now + FAILBACK_PROBE_SECONDS + 1)
+    assert world.using == "gw-a" and world.core.state is S.UP and world.logins == 1
+
+
+def test_a_lone_gateway_never_moves_nor_probes():
+    world = up_world(23)
+    world.path_up = False
+    world.run_until(world.now + 60)
+    world.path_up = True
+    world.run_until(world.now + 60, done=lambda: world.core.state is S.UP)
+    assert world.core.state is S.UP and world.moves == []
 
 
 # -- live network changes --------------------------------------------------------------

@@ -57,7 +57,7 @@ def written(tmp_path_factory) -> tuple[str, str]:
         return path, handle.read()
 
 
-OPTIONAL_SECTIONS = ("oidc",)  # init writes them commented out
+OPTIONAL_SECTIONS = ("oidc", "cluster")  # init writes them commented out
 
 
 def line_of(text: str, start: str) -> int:
@@ -86,7 +86,8 @@ def line_of(text: str, start: str) -> int:
         (
             "[auth]",
             "[extras]\n[auth]",
-            "[extras]: unknown section; the sections are [gateway], [auth], [dataplane], [oidc]",
+            "[extras]: unknown section; the sections are [gateway], [auth], [dataplane],"
+            " [oidc], [cluster]",
         ),
     ],
 )
@@ -129,7 +130,7 @@ def test_every_key_init_writes_is_read_and_every_key_read_is_written(tmp_path):
     for section, kind in config.SECTIONS.items():
         fields = {field.name for field in dataclasses.fields(kind)}
         if section in OPTIONAL_SECTIONS:  # written commented out, as an example
-            example = re.search(r"(?ms)^# \[oidc\]\n(.*?)\n\n", text).group(1)
+            example = re.search(rf"(?ms)^# \[{section}\]\n(.*?)\n\n", text).group(1)
             in_file = set(re.findall(r"(?m)^# (\w+) = ", example))
         else:
             in_file = {key for (name, *rest) in lines if name == section and rest for key in rest}
@@ -390,14 +391,14 @@ def test_the_database_url_file_must_be_private_and_hold_a_postgresql_url(tmp_pat
     assert auth.database_url_file == str(url_file)
     with pytest.raises(config.ConfigError, match="No such file"):
         config.database_location(auth)
-    url_file.write_text("postgresql://gw:s3cret@db.example.net/pushgate\n")
+    url_file.write_text("postgresql://gw:s3cret@db.example/pushgate\n")
     for mode in (0o644, 0o660, 0o604):
         url_file.chmod(mode)
         with pytest.raises(config.ConfigError, match="open to others or writable") as caught:
             config.database_location(auth)
         assert "s3cret" not in str(caught.value)
     url_file.chmod(0o440)
-    assert config.database_location(auth) == "postgresql://gw:s3cret@db.example.net/pushgate"
+    assert config.database_location(auth) == "postgresql://gw:s3cret@db.example/pushgate"
     url_file.chmod(0o600)
     url_file.write_text("mysql://gw:s3cret@db/pushgate\n")
     with pytest.raises(config.ConfigError, match="postgresql:// URL") as caught:
@@ -406,3 +407,66 @@ def test_the_database_url_file_must_be_private_and_hold_a_postgresql_url(tmp_pat
     path.write_text(path.read_text().replace(f'database_url_file = "{url_file}"\n', ""))
     plain = config.load(str(path), auth=True).auth
     assert config.database_location(plain) == plain.database  # SQLite, the default
+
+
+# -- [cluster]: several gateways clients fail over between -------------------------
+
+
+def uncommented_cluster(text: str) -> str:
+    """The config with init's commented-out [cluster] example switched on."""
+    example = re.search(r"(?ms)^# \[cluster\]\n.*?\n\n", text).group(0)
+    return text.replace(example, re.sub(r"(?m)^# ", "", example))
+
+
+def test_the_cluster_example_init_writes_loads_sorted_by_preference(written, tmp_path, monkeypatch):
+    monkeypatch.delenv(config.GATEWAY_ID_ENVIRONMENT, raising=False)
+    path = tmp_path / "pushgate.toml"
+    path.write_text(uncommented_cluster(written[1]))
+    cluster = config.load(str(path), auth=True).cluster
+    assert cluster.gateway_id == "gw-a" and cluster.this.id == "gw-a"
+    assert [(g.id, g.auth, g.dataplane, g.preference) for g in cluster.gateways] == [
+        ("gw-a", ("gw-a.example", 8443), ("gw-a.example", 51820), 10),
+        ("gw-b", ("gw-b.example", 8443), ("gw-b.example", 51820), 20),
+    ]
+    # One config for every host (a Kubernetes ConfigMap): the environment names it.
+    monkeypatch.setenv(config.GATEWAY_ID_ENVIRONMENT, "gw-b")
+    assert config.load(str(path), auth=True).cluster.this.dataplane == ("gw-b.example", 51820)
+    assert config.load(str(written[0]), auth=True).cluster is None  # a lone gateway
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        (
+            'gateway_id = "gw-a"',
+            'gateway_id = "gw-c"',
+            "'gw-c' is not among the gateways (gw-a, gw-b)",
+        ),
+        ('id = "gw-b"', 'id = "gw-a"', "gateways: entry 2: id 'gw-a' is listed twice"),
+        ('id = "gw-b"', 'id = "gw b"', "gateways: entry 2: id 'gw b' must be 1-63 letters"),
+        (
+            "preference = 20",
+            "preference = -1",
+            "gateways: entry 2: preference -1 is out of 0..65535",
+        ),
+        ("preference = 20", 'preference = "2"', "gateways: entry 2: preference must be an integer"),
+        (
+            'auth = "gw-b.example:8443"',
+            'auth = "gw-b"',
+            "gateways: entry 2: expected HOST:PORT",
+        ),
+        ('dataplane = "gw-b.example:51820", ', "", "gateways: entry 2: dataplane is required"),
+        ("preference = 20", "weight = 2", "gateways: entry 2: unknown key 'weight'"),
+    ],
+)
+def test_a_wrong_cluster_is_refused_with_its_entry_and_why(
+    written, tmp_path, monkeypatch, old, new, problem
+):
+    monkeypatch.delenv(config.GATEWAY_ID_ENVIRONMENT, raising=False)
+    text = uncommented_cluster(written[1])
+    start = text.index("[cluster]")
+    path = tmp_path / "pushgate.toml"
+    path.write_text(text[:start] + text[start:].replace(old, new, 1))
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(str(path), auth=True)
+    assert "[cluster]" in str(caught.value) and problem in str(caught.value)

@@ -116,6 +116,7 @@ bench: system-deps $(INSTALLED) $(GENERATED)
 	$(BENCH_PY) bench/codec_bench.py
 	$(BENCH_PY) bench/login_bench.py
 	$(BENCH_PY) bench/store_scale_bench.py
+	$(BENCH_PY) bench/failover_bench.py
 	$(BENCH_PY) bench/throttle_memory_bench.py
 	$(BENCH_PY) bench/dataplane_bench.py
 	$(BENCH_PY) bench/receive_path_bench.py

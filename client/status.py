@@ -176,6 +176,8 @@ def format_status(status: ClientStatus, now: float) -> str:
         f"last received:  {_age(status.last_received_at, now)}",
         f"last sent:      {_age(status.last_sent_at, now)}",
     ]
+    if status.gateway:  # a cluster's: which gateway the tunnel uses now
+        lines.insert(2, f"gateway:        {status.gateway}")
     if status.drops:
         lines.append(
             "drops:          " + ", ".join(f"{k}={v}" for k, v in sorted(status.drops.items()))

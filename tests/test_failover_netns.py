@@ -34,6 +34,11 @@ def test_a_killed_dataplane_fails_over_to_the_other_gateway_and_back(tmp_path, p
         status = cluster.status()
         assert status.get("gateway") == "gw-a", cluster.log_tail()
         session = session_of(status)
+        # The kill switch (on for a full tunnel) lets every gateway's endpoints out.
+        rules = lab.exec(cluster.client, ["nft", "list", "ruleset"]).stdout
+        for wan in ("198.18.1.1", "198.18.1.3"):
+            assert f"ip daddr {wan} tcp dport 7443 accept" in rules, rules
+        assert "ip daddr 198.18.1.3 udp dport 51820 accept" in rules, rules
         pinger = lab.start(
             cluster.client,
             ["ping", "-D", "-i", "0.2", "-W", "1", LAN_HOST],

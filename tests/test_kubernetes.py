@@ -122,6 +122,10 @@ def test_the_manifests_agree_with_the_code(tmp_path):
         text.replace('"secret/database-url"', f'"{url_file}"'), str(tmp_path / "x.toml"), auth=True
     )
     assert gateway_config.database_location(local.auth).startswith("postgresql://")
+    # each pod names itself in [cluster] by its node's name
+    env = {e["name"]: e for e in containers["auth"]["env"]}
+    node = env[gateway_config.GATEWAY_ID_ENVIRONMENT]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert node == "spec.nodeName" and len(config.cluster.gateways) >= 2
     # ports: what the containers declare is what the config listens on
     ports = {
         (p["containerPort"], p["protocol"])

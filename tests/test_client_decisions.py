@@ -613,6 +613,43 @@ def test_a_login_answered_by_a_less_preferred_gateway_moves_to_the_preferred_one
     assert world.using == "gw-a" and world.core.state is S.UP and world.logins == 1
 
 
+gateway_events = st.sampled_from(
+    [f"{g.id}_{change}" for g in CLUSTER for change in ("down", "up")]
+    + ["path_down", "path_up", "auth_down", "auth_up", "rekey_wanted", "login_throttled"]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.randoms(use_true_random=False),
+    st.floats(0.0, 1.0),
+    st.lists(st.tuples(st.floats(0.0, 90.0), gateway_events), max_size=20),
+)
+def test_random_gateway_outages_end_on_the_most_preferred_gateway_alive(rng, latency, events):
+    """Gateways, the path and the auth service fail and heal at random: once all is
+    calm again (the auth service answering, the path up), the client is up within
+    two minutes on the most preferred gateway alive, and no invariant broke on the
+    way (one action of each kind in flight, probes only of other gateways)."""
+    world = World(rng, max_latency=latency, gateways=CLUSTER)
+    for at, what in sorted(events, key=lambda event: event[0]):
+        world.run_until(START + at)
+        name, _, change = what.partition("_")
+        if change in ("down", "up") and name.startswith("gw-"):
+            (world.down.add if change == "down" else world.down.discard)(name)
+        else:
+            disturb(world, what)
+        world.execute()
+    world.path_up = world.auth_up = True
+    world.login_error = None
+    world.run_until(world.now + 120)
+    core, alive = world.core, [g.id for g in CLUSTER if g.id not in world.down]
+    assert core.failure is None
+    if alive:
+        assert core.state in (S.UP, S.REKEYING) and world.using == alive[0], world.moves[-5:]
+    else:
+        assert core.state is S.RECONNECTING and core.tunnel_up
+
+
 def test_a_lone_gateway_never_moves_nor_probes():
     world = up_world(23)
     world.path_up = False

@@ -198,10 +198,23 @@ def live(tmp_path_factory):
         gateway.add_user("alice")
         gateway.start()
         gateway.connect(0, "alice")
+        # The rules as shipped, but PushgateDataplaneDown's `for: 1m` waits 5 s here:
+        # promtool holds the durations (rules_test.yml); this holds the delivery path.
+        rules = workdir / "rules.yml"
+        shipped = (DEPLOY / "prometheus" / "rules.yml").read_text()
+        rules.write_text(
+            shipped.replace(
+                "alert: PushgateDataplaneDown\n        expr: up{job=\"pushgate-dataplane\"} == 0\n"
+                "        for: 1m\n",
+                "alert: PushgateDataplaneDown\n        expr: up{job=\"pushgate-dataplane\"} == 0\n"
+                "        for: 5s\n",
+            )
+        )
+        assert rules.read_text() != shipped
         config = workdir / "prometheus.yml"
         config.write_text(
             "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-            f"rule_files: [{DEPLOY / 'prometheus' / 'rules.yml'}]\n"
+            f"rule_files: [{rules}]\n"
             "alerting:\n"
             "  alertmanagers:\n"
             f"    - static_configs: [{{targets: ['127.0.0.1:{ALERTMANAGER_PORT}']}}]\n"
@@ -357,8 +370,8 @@ def delivered(received: Path, alertname: str, status: str) -> list[dict]:
 
 @pytest.mark.netns
 def test_a_stopped_dataplane_is_alerted_to_the_webhook_and_resolved(live):
-    """The whole path: the dataplane stops, Prometheus' PushgateDataplaneDown (for: 1m)
-    fires, Alertmanager delivers it to the webhook; the dataplane comes back and the
+    """The whole path: the dataplane stops, Prometheus' PushgateDataplaneDown (its
+    `for` shortened to 5 s in this Prometheus) fires, Alertmanager delivers it to the webhook; the dataplane comes back and the
     resolution is delivered too. (Runs last: it stops the dataplane of the module's
     gateway.)"""
     assert delivered(live.alerts, "PushgateDataplaneDown", "firing") == []

@@ -214,6 +214,9 @@ class WindowsHost:
         gateway_ip = info.endpoint[0]
         try:
             underlay = helper.underlay_path(gateway_ip)  # before our routes exist
+            # a cluster's other gateways (lock_down): a move must not go into the tunnel
+            others = sorted({e.address for e in self._gateway.get(name, ())} - {gateway_ip})
+            other_endpoints = tuple((a, helper.underlay_path(a)) for a in others)
             plan = plan_windows_network(
                 tunnel_luid=tun.luid,
                 tunnel_guid=helper.luid_to_guid(tun.luid),
@@ -223,6 +226,7 @@ class WindowsHost:
                 dns_servers=info.dns_servers,
                 gateway_ip=gateway_ip,
                 underlay=underlay,
+                other_endpoints=other_endpoints,
             )
             full_tunnel = is_full_tunnel(info.routes)
             rules = session_nrpt(name, info)

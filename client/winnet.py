@@ -127,16 +127,22 @@ def plan_windows_routes(
     routes: list[str],
     gateway_ip: str,
     underlay: UnderlayPath | None,
+    other_endpoints: tuple[tuple[str, UnderlayPath], ...] = (),
 ) -> list[Step]:
     """The route steps for `routes`, in the order to add them (the gateway's /32
-    first). `underlay` is needed when windows_needs_gateway_route."""
+    first, then those of the other endpoints a move may need: a cluster's other
+    gateways, each by its own underlay path). `underlay` is needed when
+    windows_needs_gateway_route."""
     steps: list[Step] = []
-    if windows_needs_gateway_route(tunnel_address, routes, gateway_ip):
-        if underlay is None:
+    for address, path in ((gateway_ip, underlay), *other_endpoints):
+        if not windows_needs_gateway_route(tunnel_address, routes, address):
+            continue
+        if path is None:
             raise ValueError("these routes need the route to the gateway outside the tunnel")
-        gateway = ipaddress.ip_address(gateway_ip)
-        host = f"{gateway}/{gateway.max_prefixlen}"
-        steps.append(route(underlay.luid, host, underlay.next_hop))
+        host_address = ipaddress.ip_address(address)
+        host = f"{host_address}/{host_address.max_prefixlen}"
+        if route(path.luid, host, path.next_hop) not in steps:
+            steps.append(route(path.luid, host, path.next_hop))
     steps += [route(tunnel_luid, prefix) for prefix in _tunnel_routes(tunnel_address, routes)]
     return steps
 
@@ -156,6 +162,7 @@ def plan_windows_network(
     dns_servers: list[str],
     gateway_ip: str,
     underlay: UnderlayPath,
+    other_endpoints: tuple[tuple[str, UnderlayPath], ...] = (),
 ) -> WindowsNetworkPlan:
     interface = ipaddress.ip_interface(tunnel_address)
     size = tunnel_mtu(mtu, underlay, gateway_ip)
@@ -169,6 +176,7 @@ def plan_windows_network(
         routes=routes,
         gateway_ip=gateway_ip,
         underlay=underlay,
+        other_endpoints=other_endpoints,
     )
     servers = adapter_dns_servers(dns_servers)
     if servers:

@@ -204,9 +204,9 @@ def live(tmp_path_factory):
         shipped = (DEPLOY / "prometheus" / "rules.yml").read_text()
         rules.write_text(
             shipped.replace(
-                "alert: PushgateDataplaneDown\n        expr: up{job=\"pushgate-dataplane\"} == 0\n"
+                'alert: PushgateDataplaneDown\n        expr: up{job="pushgate-dataplane"} == 0\n'
                 "        for: 1m\n",
-                "alert: PushgateDataplaneDown\n        expr: up{job=\"pushgate-dataplane\"} == 0\n"
+                'alert: PushgateDataplaneDown\n        expr: up{job="pushgate-dataplane"} == 0\n'
                 "        for: 5s\n",
             )
         )

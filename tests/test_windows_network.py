@@ -150,6 +150,29 @@ def test_split_tunnel_plan_routes_only_what_is_pushed():
     assert split.undo == (route(TUN_LUID, "198.18.100.0/24"), address(TUN_LUID, "198.19.0.2/24"))
 
 
+def test_a_full_tunnel_keeps_a_clusters_other_gateways_outside_too():
+    """Every gateway a move may go to keeps its /32 through its own underlay path,
+    before the tunnel's routes (client/windows_host.py passes lock_down's endpoints)."""
+    wired = UnderlayPath(WIFI_LUID + 1, "198.18.6.1", 1500)
+    full = plan_windows_network(
+        tunnel_luid=TUN_LUID,
+        tunnel_guid=TUN_GUID,
+        tunnel_address="198.19.0.2/24",
+        mtu=1420,
+        routes=["0.0.0.0/0"],
+        dns_servers=[],
+        gateway_ip="198.18.0.1",
+        underlay=UNDERLAY,
+        other_endpoints=(("198.18.0.3", wired), ("198.18.0.1", UNDERLAY)),
+    )
+    assert full.apply[2:5] == (
+        route(WIFI_LUID, "198.18.0.1/32", "198.18.5.1"),
+        route(WIFI_LUID + 1, "198.18.0.3/32", "198.18.6.1"),
+        route(TUN_LUID, "0.0.0.0/1"),
+    )
+    assert route(WIFI_LUID + 1, "198.18.0.3/32", "198.18.6.1") in full.undo
+
+
 def test_only_ipv4_dns_servers_are_set():
     mixed = plan(["198.18.100.0/24"], ["2001:db8::53", "198.18.0.53"])
     assert mixed.apply[-1] == dns(TUN_LUID, TUN_GUID, ["198.18.0.53"])

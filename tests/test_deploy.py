@@ -372,8 +372,8 @@ def delivered(received: Path, alertname: str, status: str) -> list[dict]:
 def test_a_stopped_dataplane_is_alerted_to_the_webhook_and_resolved(live):
     """The whole path: the dataplane stops, Prometheus' PushgateDataplaneDown (its
     `for` shortened to 5 s in this Prometheus) fires, Alertmanager delivers it to the
-    webhook; the dataplane comes back and the resolution is delivered too. (Runs last: it stops the dataplane of the module's
-    gateway.)"""
+    webhook; the dataplane comes back and the resolution is delivered too. (Runs
+    last: it stops the dataplane of the module's gateway.)"""
     assert delivered(live.alerts, "PushgateDataplaneDown", "firing") == []
     live.lab.stop(live.dataplane)
     firing = wait_for(

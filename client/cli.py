@@ -9,6 +9,7 @@ import time
 
 from push_protocol.version import add_version_argument
 from pushgate_io import logs
+from pushgate_io.event_loop import loop_factory
 
 from . import profile
 from .auth import ClientError, PasswordLogin
@@ -129,7 +130,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
         dead_after_seconds=args.dead_after,
         known_addresses=known,
     )
-    with asyncio.Runner(loop_factory=host.loop_factory) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(host.loop_factory)) as runner:
         runner.run(_connect(host, options))
     return 0
 

@@ -16,6 +16,7 @@ from push_protocol.version import add_version_argument, register_build_info
 from pushgate_api import control_pb2_grpc
 from pushgate_io import gateway_config, logs
 from pushgate_io.control_socket import ControlSocketError, PeerPolicy, PrivateServer, serve_private
+from pushgate_io.event_loop import loop_factory
 from pushgate_io.tun import TUN_QUEUE_PACKETS
 from pushgate_io.tun_linux import LinuxTun
 
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     if overrides:
         cfg = dataclasses.replace(cfg, dataplane=dataclasses.replace(cfg.dataplane, **overrides))
     try:
-        asyncio.run(run(cfg))
+        with asyncio.Runner(loop_factory=loop_factory()) as runner:
+            runner.run(run(cfg))
     except (ControlSocketError, gateway_config.ListenError) as error:
         print(f"pushgate-dataplane: {error}", file=sys.stderr)
         return 2

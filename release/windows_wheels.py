@@ -19,6 +19,7 @@ import sys
 import tempfile
 import tomllib
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from email.parser import Parser
 from pathlib import Path
 
@@ -85,15 +86,21 @@ def check(python: str, download: str) -> tuple[bool, str]:
     return True, ""
 
 
+def check_in_temporary(python: str) -> tuple[str, bool, str, list[str]]:
+    with tempfile.TemporaryDirectory() as download:
+        ok, errors = check(python, download)
+        return python, ok, errors, sorted(path.name for path in Path(download).glob("*.whl"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", action="append", help="a Python version (repeatable)")
     args = parser.parse_args(argv)
     failed = False
-    for python in args.python or PYTHONS:
-        with tempfile.TemporaryDirectory() as download:
-            ok, errors = check(python, download)
-            wheels = sorted(path.name for path in Path(download).glob("*.whl"))
+    # one pip per Python version at once: each waits mostly on the index
+    with ThreadPoolExecutor() as pool:
+        results = list(pool.map(check_in_temporary, args.python or PYTHONS))
+    for python, ok, errors, wheels in results:
         if ok:
             print(f"Python {python} win_amd64: {len(wheels)} wheels")
             for wheel in wheels:

@@ -20,6 +20,7 @@ import sys
 import time
 import tomllib
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -623,9 +624,9 @@ def image_build(tmp_path_factory):
         str(work / "wheels"),
     )
     [wheel] = (work / "wheels").glob("pushgate-*.whl")
-    venvs = {}
-    for image in ("plain", "dataplane"):  # the auth image's /opt/pushgate, the dataplane's
-        venv = venvs[image] = work / image
+    venvs = {image: work / image for image in ("plain", "dataplane")}  # auth's, dataplane's
+
+    def install(venv: Path) -> None:
         run("/usr/bin/python3", "-m", "venv", "--copies", str(venv))
         subprocess.run(
             [str(venv / "bin/pip"), "install", "-q", "--disable-pip-version-check", str(wheel)],
@@ -633,6 +634,9 @@ def image_build(tmp_path_factory):
             capture_output=True,
             timeout=600,
         )
+
+    with ThreadPoolExecutor() as pool:  # the two installs at once: they wait on files
+        list(pool.map(install, venvs.values()))
     for python in venvs["dataplane"].glob("bin/python*"):
         run("setcap", "cap_net_admin,cap_bpf+ep", str(python))
     return SimpleNamespace(context=context, venvs=venvs, build=work)

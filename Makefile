@@ -111,12 +111,14 @@ BENCH_PACKAGES := wireguard-go wireguard-tools openvpn openssl iperf3
 BENCH_PY := PYTHONPATH=. $(PY) bench/machine.py --header && PYTHONPATH=. $(PY)
 
 bench: system-deps $(INSTALLED) $(GENERATED)
+	$(PY) -m pip install -q -e '.[bench]'
 	mkdir -p bench/results
 	PYTHONPATH=. $(PY) bench/machine.py
 	$(BENCH_PY) bench/codec_bench.py
 	$(BENCH_PY) bench/login_bench.py
 	$(BENCH_PY) bench/store_scale_bench.py
 	$(BENCH_PY) bench/failover_bench.py
+	$(BENCH_PY) bench/idle_latency_bench.py
 	$(BENCH_PY) bench/throttle_memory_bench.py
 	$(BENCH_PY) bench/dataplane_bench.py
 	$(BENCH_PY) bench/receive_path_bench.py

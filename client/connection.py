@@ -457,7 +457,10 @@ class Connection:
             lock_down(self.options.tun_name, endpoints)
 
     def _tunnel_for(self, info: ClientSession, gateway: Gateway) -> TunnelSession:
-        """The session as `gateway` knows it (its wire keys), made at its first use."""
+        """The session as `gateway` knows it (its wire keys), made at its first use.
+        One kept while another gateway had the tunnel catches up with its timers
+        first: keys installed meanwhile take over as they would have (the gateway
+        no longer accepts the ones before them)."""
         tunnel = self._tunnels.get(gateway.id)
         if tunnel is None:
             tunnel = self._tunnels[gateway.id] = TunnelSession(
@@ -467,6 +470,8 @@ class Connection:
                 for_gateway(self._keys, gateway.id),
                 keepalive_interval=info.keepalive_seconds,
             )
+        else:
+            tunnel.handle_timer(self.clock())
         return tunnel
 
     def _use_gateway(self, gateway: Gateway) -> None:

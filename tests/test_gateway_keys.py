@@ -21,8 +21,8 @@ SID = 0x0A0B0C0D
 gateway_ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789.-_", min_size=1, max_size=63)
 
 
-def minted(epoch: int = 0) -> KeyMaterial:
-    return KeyMaterial(epoch, os.urandom(32), os.urandom(32), 0.0)
+def minted(epoch: int = 0, created_at: float = 0.0) -> KeyMaterial:
+    return KeyMaterial(epoch, os.urandom(32), os.urandom(32), created_at)
 
 
 @given(st.binary(min_size=32, max_size=32), gateway_ids, gateway_ids)
@@ -96,3 +96,54 @@ def test_the_auth_service_feeds_its_dataplane_this_gateways_keys(tmp_path):
         assert rekeyed.previous_s2c_key != rekeyed.s2c_key
 
     asyncio.run(run())
+
+
+def test_the_client_keeps_one_tunnel_per_gateway_that_follows_every_rekey():
+    """client/connection.py: a gateway's tunnel made once is kept (its send counter
+    goes on when the tunnel comes back to it), and catches up with the rekeys made
+    while another gateway had the tunnel before it is used again (that gateway no
+    longer accepts keys older than the previous epoch)."""
+    from client.auth import ClientSession, Gateway
+    from client.connection import Connection, ConnectOptions
+    from client.core import InstallKeys
+
+    now = [1000.0]
+    connection = Connection(
+        ConnectOptions(server="198.18.1.10:7443", ca_path="ca.crt", credentials=None),
+        clock=lambda: now[0],
+        host=object(),
+    )
+    gateway_a = Gateway("gw-a", None, ("198.18.1.1", 51820), 10)
+    info = ClientSession(
+        session_id=SID,
+        token="t",
+        cipher=CipherSuite.AES_256_GCM,
+        keys=minted(0, now[0]),
+        tunnel_address="198.19.0.2/24",
+        gateway_tunnel_address="198.19.0.1",
+        routes=[],
+        dns_servers=[],
+        mtu=1420,
+        keepalive_seconds=10,
+        key_lifetime_seconds=600,
+        endpoint=("198.18.1.1", 51820),
+        expires_at=0,
+        gateways=(gateway_a,),
+        gateway_id="gw-a",
+    )
+    connection._keys = info.keys
+    tunnel = connection._tunnel_for(info, gateway_a)
+    sent = parse_header(tunnel.seal(b"x", now[0])).counter
+    rekeyed = []
+    for epoch in (1, 2):  # while another gateway has the tunnel
+        now[0] += 600
+        rekeyed.append(minted(epoch, now[0]))
+        connection._execute([InstallKeys(rekeyed[-1])])
+    now[0] += 60
+    again = connection._tunnel_for(info, gateway_a)
+    assert again is tunnel and again.current.epoch == 2
+    server = TunnelSession(
+        SID, CipherSuite.AES_256_GCM, Role.SERVER, for_gateway(rekeyed[1], "gw-a")
+    )
+    assert server.open(again.seal(b"back", now[0]), now[0]) == b"back"
+    assert sent == 0  # (the first keys' counter; each epoch's keys count anew)

@@ -148,6 +148,8 @@ class Connection:
         self._tunnels: dict[str, TunnelSession] = {}
         self._probes: dict[str, GatewayProbe] = {}
         self._retired_auth: list[AuthClient] = []  # a gateway's, after a move
+        self._known_gateways: tuple[Gateway, ...] = ()  # the last session's
+        self._failed_logins = 0  # in a row: picks the next auth service to try
         self.gateway: Gateway | None = None  # the one the datapath sends to
         self.tun: TunDevice | None = None
         self.undo: UndoSteps | None = None  # how to undo the network configuration
@@ -320,23 +322,35 @@ class Connection:
             self._crash = self._crash or task.exception()
             self._wake.set()
 
+    def _login_server(self) -> tuple[str, int]:
+        """Where this login goes: the server given, or after a failed attempt, in
+        turn, the auth services of the gateways the last session listed (a cluster
+        whose first gateway is down still takes a new login)."""
+        servers = [split_host_port(self.options.server)]
+        for gateway in self._known_gateways:
+            if gateway.auth is not None and gateway.auth not in servers:
+                servers.append(gateway.auth)
+        return servers[self._failed_logins % len(servers)]
+
     async def _login(self) -> ClientSession:
         """One connection attempt's login: the auth service's host resolved now."""
-        host, port = split_host_port(self.options.server)
+        try:
+            info = await self._log_in_at(*self._login_server())
+        except ClientError as error:
+            if error.retryable:
+                self._failed_logins += 1
+            raise
+        self._failed_logins = 0
+        self._known_gateways = info.gateways
+        return info
+
+    async def _log_in_at(self, host: str, port: int) -> ClientSession:
         address = await self._resolve(host)
         lock_down = getattr(self.host, "lock_down", None)  # the kill switch lets it out
         if lock_down is not None:
             lock_down(self.options.tun_name, [(address, port, "tcp")])
         target = join_host_port(address, port)
-        if target != self._auth_target:
-            if self.auth is not None:
-                await self.auth.close()
-            for auth in self._retired_auth:
-                await auth.close()
-            # TLS still checks the name given (or --server-name), not the address.
-            server_name = self.options.server_name or (None if is_address(host) else host)
-            self.auth = AuthClient(target, self.options.ca_path, server_name)
-            self._auth_target = target
+        self._switch_auth(host, target)
         info = None
         if self._renewal_token:
             try:
@@ -501,13 +515,19 @@ class Connection:
         address = host if is_address(host) else self._resolved.get(host)
         if address is None:
             return
-        target = join_host_port(address, port)
+        self._switch_auth(host, join_host_port(address, port))
+
+    def _switch_auth(self, host: str, target: str) -> None:
+        """Auth calls go to `target` (`host` resolved) from now on. The client they
+        went to is closed once the calls in flight on it are answered or timed out:
+        closing it at once would cancel them, and their results would never come."""
         if target == self._auth_target:
             return
         old, self._auth_target = self.auth, target
+        # TLS still checks the name given (or --server-name), not the address.
         server_name = self.options.server_name or (None if is_address(host) else host)
         self.auth = AuthClient(target, self.options.ca_path, server_name)
-        if old is not None:  # closed once calls in flight on it are answered or timed out
+        if old is not None:
             self._retired_auth.append(old)
             self._spawn_quiet(self._retire(old))
 

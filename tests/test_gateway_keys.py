@@ -2,8 +2,10 @@
 is used by two dataplanes of a cluster, and a packet sent to one is no use at another."""
 
 import asyncio
+import contextlib
 import ipaddress
 import os
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -147,3 +149,33 @@ def test_the_client_keeps_one_tunnel_per_gateway_that_follows_every_rekey():
     )
     assert server.open(again.seal(b"back", now[0]), now[0]) == b"back"
     assert sent == 0  # (the first keys' counter; each epoch's keys count anew)
+
+
+def test_a_failed_login_tries_the_next_gateways_auth_service():
+    """The server given first; after a retryable failure, in turn, the auth services
+    of the gateways the last session listed; a success starts from the first again."""
+    from client.auth import ClientError, Gateway
+    from client.connection import Connection, ConnectOptions
+
+    connection = Connection(
+        ConnectOptions(server="198.18.1.10:7443", ca_path="ca.crt", credentials=None),
+        host=object(),
+    )
+    connection._known_gateways = (
+        Gateway("gw-a", ("198.18.1.10", 7443), ("198.18.1.1", 51820), 10),
+        Gateway("gw-b", ("198.18.1.11", 7443), ("198.18.1.2", 51820), 20),
+    )
+    tried, outcomes = [], [ClientError("refused", retryable=True)] * 2
+
+    async def log_in_at(host, port):
+        tried.append(host)
+        if outcomes:
+            raise outcomes.pop()
+        return SimpleNamespace(gateways=connection._known_gateways)
+
+    connection._log_in_at = log_in_at
+    for _ in range(3):
+        with contextlib.suppress(ClientError):
+            asyncio.run(connection._login())
+    asyncio.run(connection._login())
+    assert tried == ["198.18.1.10", "198.18.1.11", "198.18.1.10", "198.18.1.10"]

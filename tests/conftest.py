@@ -1,9 +1,23 @@
 import hashlib
+import logging
 import os
 
 import pytest
 
 from push_protocol.keys import KeyMaterial
+
+
+@pytest.fixture(autouse=True)
+def root_logger_as_it_was():
+    """A test that runs a command's main() in this process has it configure logging
+    (pushgate_io.logs.configure: root at INFO, a handler on that test's captured
+    stderr); left so, every later test formatted every INFO record into a stale
+    stream (the client decision tests ran 10x slower after tests/test_admin.py)."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    root.handlers[:] = handlers
 
 
 @pytest.fixture

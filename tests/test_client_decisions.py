@@ -417,7 +417,7 @@ def disturb(world: World, what: str) -> None:
             core.stop(world.now)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.randoms(use_true_random=False), st.floats(0.0, 3.0), timeline)
 def test_random_event_sequences_keep_the_invariants(rng, max_latency, events):
     """Whatever happens: one login, rekey, session check, network check and network

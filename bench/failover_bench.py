@@ -8,16 +8,12 @@ client's default dead-path time (two keepalives and 5 s) and for `--dead-after 3
 """
 
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
-from client.core import FAILBACK_PROBE_SECONDS
-from netlab import Lab, wait_for
-from netlab.cluster import LAN_HOST, ClusterLab, longest_silence, reply_times
+from netlab import Lab
+from netlab.cluster import ClusterLab
 from netlab.postgres import Postgres
 
 RUNS = int(os.environ.get("FAILOVER_RUNS", "3"))
@@ -34,33 +30,10 @@ def failover(postgres: Postgres, run: int, dead_after: float | None) -> tuple[fl
         for name in ("gw-a", "gw-b"):
             cluster.start_gateway(name)
         cluster.connect("alice", "gw-a", *extra)
-        pinger = lab.start(
-            cluster.client,
-            ["ping", "-D", "-i", "0.1", "-W", "1", LAN_HOST],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        time.sleep(2)
-        cluster.kill("gw-a", "dataplane")
-        killed = time.time()
-        wait_for(lambda: cluster.status().get("gateway") == "gw-b", 60, what="on gw-b")
-        time.sleep(2)
-        cluster.start("gw-a", "dataplane")
-        restarted = time.time()
-        wait_for(
-            lambda: cluster.status().get("gateway") == "gw-a",
-            FAILBACK_PROBE_SECONDS + 10,
-            what="back on gw-a",
-        )
-        back = time.time()
-        time.sleep(2)
-        lab.stop(pinger, sig=signal.SIGINT)
-        replies = reply_times(pinger.stdout.read())
+        outage, moving_back = cluster.fail_over_and_back(0.1, 60)
         if cluster.logins() != 1:
             raise SystemExit(f"run {run}: {cluster.logins()} logins, expected 1")
-        return longest_silence(replies, killed, restarted), longest_silence(
-            replies, restarted, back + 2
-        )
+        return outage, moving_back
 
 
 def main() -> int:

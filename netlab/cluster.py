@@ -16,7 +16,11 @@ import itertools
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
+
+from client.core import FAILBACK_PROBE_SECONDS
 
 from . import Lab, wait_for
 from .auth import use_database
@@ -163,6 +167,37 @@ class ClusterLab:
             key, _, value = line.partition(":")
             fields[key.strip()] = value.strip()
         return fields
+
+    def fail_over_and_back(self, interval: float, move_within: float) -> tuple[float, float]:
+        """The client pings the lan host every `interval` s; gw-a's dataplane is
+        killed (SIGKILL) and, once the client is on gw-b (within `move_within` s),
+        started again; once the client is back on gw-a, the pings stop. The longest
+        silence after the kill, and the longest around the move back (seconds)."""
+        pinger = self.lab.start(
+            self.client,
+            ["ping", "-D", "-i", str(interval), "-W", "1", LAN_HOST],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2)
+        self.kill("gw-a", "dataplane")
+        killed = time.time()
+        wait_for(lambda: self.status().get("gateway") == "gw-b", move_within, what="on gw-b")
+        time.sleep(2)
+        self.start("gw-a", "dataplane")
+        restarted = time.time()
+        wait_for(
+            lambda: self.status().get("gateway") == "gw-a",
+            FAILBACK_PROBE_SECONDS + 10,
+            what="back on gw-a",
+        )
+        back = time.time()
+        time.sleep(2)
+        self.lab.stop(pinger, sig=signal.SIGINT)
+        replies = reply_times(pinger.stdout.read())
+        return longest_silence(replies, killed, restarted), longest_silence(
+            replies, restarted, back + 2
+        )
 
     def logins(self) -> int:
         """Logins answered by either auth service (their logs)."""

@@ -29,6 +29,7 @@ from pushgate_io.tun import TunDevice
 from pushgate_io.udp import DATAGRAM_BUDGET, BatchSocket, ErrorReport
 
 from . import inner, stall
+from .fair_queue import FairQueue
 from .metrics import BoundedQueue, Counters
 from .mss import MssClamp
 from .registry import Registry, SessionRecord
@@ -38,6 +39,9 @@ from .source_budget import SourceBudget, source_key
 log = logging.getLogger("pushgate.dataplane")
 
 BATCH = 64  # packets read from the TUN per readiness callback
+# Datagrams read from the push socket per callback: more than one callback serves
+# (DATAGRAM_BUDGET), so that a backlog builds in the fair queue, not the socket.
+READ_BUDGET = 4 * DATAGRAM_BUDGET
 QUEUE_CAPACITY = 4096  # packets per output queue
 LAG_INTERVAL = 0.1
 HOUSEKEEPING_INTERVAL = 1.0
@@ -70,6 +74,7 @@ class Device:
         gateway_address,
         loop_lag_histogram,
         clock=time.time,
+        queue_clock=time.monotonic,
         destinations=None,
     ) -> None:
         self.registry = registry
@@ -79,6 +84,10 @@ class Device:
         self.router = Router(registry, tunnel_network, gateway_address, mtu, destinations)
         self.gateway_packed = gateway_address.packed
         self.clock = clock
+        self.queue_clock = queue_clock  # waiting times in the receive queue
+        self.receive_queue = FairQueue("receive")
+        self._queue_drops: list = []  # (session_id, reason, count) not yet counted
+        self._serve_scheduled = False
         self.udp_queue = BoundedQueue("udp_send", QUEUE_CAPACITY)
         self.tun_queue = BoundedQueue("tun_write", QUEUE_CAPACITY)
         self._loop_lag = loop_lag_histogram
@@ -100,7 +109,7 @@ class Device:
 
     @property
     def queues(self) -> list[BoundedQueue]:
-        return [self.udp_queue, self.tun_queue]
+        return [self.receive_queue, self.udp_queue, self.tun_queue]
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -119,35 +128,38 @@ class Device:
     # -- inbound: UDP -> TUN or another session -------------------------------
 
     def on_udp_readable(self) -> None:
-        """Take what waits on the UDP socket (the event loop calls this)."""
+        """Take what waits on the UDP socket into the receive queue, and serve it
+        (the event loop calls this). Reads up to READ_BUDGET datagrams and serves
+        DATAGRAM_BUDGET: when datagrams come faster than the loop can open them,
+        the backlog waits in the fair queue, where each client gets its turn and
+        CoDel keeps it short, not in the socket's buffer, where the fastest
+        sender crowds out everyone else (fair_queue.py)."""
         counters = self.counters
         drops = counters.inbound_drops
-        inbound = self._inbound
-        now = self.clock()
+        enqueue = self._enqueue
+        arrived = self.queue_clock()
         bad_headers = 0
         try:
-            for datagrams, source in self.udp.receive(DATAGRAM_BUDGET):
-                counters.datagrams_received += len(datagrams)
+            for datagrams, source in self.udp.receive(READ_BUDGET, READ_BUDGET):
                 # runs of well-formed datagrams of one session (with GRO, usually all)
                 run, headers, run_session = [], [], None
                 for datagram in datagrams:
                     header = read_header(datagram)  # noise stops here, cheaply
                     if type(header) is not Header:
+                        counters.datagrams_received += 1
                         drops[header] += 1
                         bad_headers += 1
                         bad_source, bad_reason = source, header
                         continue
                     if header.session_id != run_session and run:
-                        inbound(run_session, run, headers, source, now)
+                        enqueue(run_session, run, headers, source, arrived)
                         run, headers = [], []
                     run_session = header.session_id
                     run.append(datagram)
                     headers.append(header)
                 if run:
-                    inbound(run_session, run, headers, source, now)
+                    enqueue(run_session, run, headers, source, arrived)
         finally:
-            if self._tun_pending:
-                self._flush_tun()
             if bad_headers:  # one (rate-limited) line per callback, not per datagram
                 self._bad_input_log.warning(
                     "header",
@@ -156,6 +168,73 @@ class Device:
                     bad_source[0],
                     bad_reason.value,
                 )
+        if not self._serve_scheduled:
+            self._serve()
+
+    def _enqueue(self, session_id: int, datagrams: list, headers: list, source, arrived: float):
+        """Queue a run of one session's datagrams on its flow: the session's own if
+        they come from its endpoint, their source address's if not, so that forged
+        datagrams under a session's id wait apart from the session's own."""
+        record = self.registry.by_id.get(session_id)
+        if record is None:
+            self.counters.datagrams_received += len(datagrams)
+            self.counters.inbound_drops[DropReason.UNKNOWN_SESSION] += len(datagrams)
+            self._bad_input_log.warning(
+                "session", "dropped datagram from %s: unknown session", source[0]
+            )
+            return
+        flow = session_id if source == record.endpoint else source_key(source[0])
+        self.receive_queue.push(
+            flow, session_id, source, datagrams, headers, arrived, self._queue_drops
+        )
+        if self._queue_drops:
+            self._count_queue_drops()
+
+    def _serve(self) -> None:
+        """Open and deliver up to DATAGRAM_BUDGET datagrams from the receive queue,
+        each session in its turn; come back in the next loop iteration while
+        datagrams wait, after the loop's other callbacks had theirs."""
+        self._serve_scheduled = False
+        queue = self.receive_queue
+        now = self.clock()
+        counters = self.counters
+        inbound = self._inbound
+        try:
+            for session_id, source, datagrams, headers in queue.pop(
+                DATAGRAM_BUDGET, self.queue_clock(), self._queue_drops
+            ):
+                counters.datagrams_received += len(datagrams)
+                inbound(session_id, datagrams, headers, source, now)
+        finally:
+            if self._tun_pending:
+                self._flush_tun()
+            if self._queue_drops:
+                self._count_queue_drops()
+            if queue and self._loop is not None:
+                self._serve_scheduled = True
+                self._loop.call_soon(self._serve)
+
+    def _count_queue_drops(self) -> None:
+        """Count what the receive queue dropped (over a bound, or by CoDel): in the
+        totals and on its session."""
+        dropped, self._queue_drops = self._queue_drops, []
+        counters = self.counters
+        by_id = self.registry.by_id
+        for session_id, reason, count in dropped:
+            counters.datagrams_received += count
+            counters.inbound_drops[reason] += count
+            record = by_id.get(session_id)
+            if record is not None:
+                record.drops[reason] += count
+                record.last_drop_reason = reason
+        session_id, reason, _ = dropped[-1]
+        self._bad_input_log.warning(
+            "receive_queue",
+            "receive queue: dropped %d datagrams, the last of session %#010x: %s",
+            sum(count for _, _, count in dropped),
+            session_id,
+            reason.value,
+        )
 
     def _drop_noise_batch(self, data: bytes, size: int, source) -> bool:
         """Count a whole GRO batch as dropped, each datagram under its own reason,
@@ -487,6 +566,7 @@ class Device:
                 tunnel.handle_timer(now)
             stalled += self._check_stalled(record, now)
         self.counters.stalled_sessions = stalled
+        self.receive_queue.forget_idle(self.queue_clock())
         for record in expired:
             self.registry.remove(record.session_id, SessionEnd.EXPIRED)
             self.counters.session_expiries += 1

@@ -39,6 +39,7 @@ class DropReason(StrEnum):
     TOO_BIG = "too_big"
     # Local resources.
     QUEUE_FULL = "queue_full"
+    QUEUE_DELAY = "queue_delay"  # CoDel: waited too long in a receive queue (fair_queue.py)
     TUN_WRITE_ERROR = "tun_write_error"
     SOCKET_ERROR = "socket_error"
     # Authentic, but under keys re-learned after a dataplane restart: the counter may

@@ -260,15 +260,15 @@ class BatchSocket:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def receive(self, budget: int):
+    def receive(self, budget: int, calls: int = RECEIVE_CALLS):
         """Yield (datagrams, source) for each receive call, a GRO batch split into
         its datagrams, until about `budget` datagrams (a call may bring more),
-        RECEIVE_CALLS calls, or nothing waits. The event loop calls back at once if
+        `calls` calls, or nothing waits. The event loop calls back at once if
         more is waiting."""
         recvfrom = self.sock.recvfrom
         recvmsg = self.sock.recvmsg if self.gro else None
         screen = self._screen
-        for call in range(RECEIVE_CALLS):
+        for call in range(calls):
             if budget <= 0:
                 return
             try:

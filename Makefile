@@ -125,6 +125,7 @@ bench: system-deps $(INSTALLED) $(GENERATED)
 	$(BENCH_PY) bench/policy_bench.py
 	$(BENCH_PY) bench/noise_bench.py --results bench/results/noise-last.txt
 	$(BENCH_PY) bench/direction_bench.py --results bench/results/direction-last.txt
+	$(BENCH_PY) bench/fairness_bench.py --results bench/results/fairness-last.txt
 	$(MAKE) --no-print-directory bench-vpn
 
 bench-vpn: system-deps $(INSTALLED) $(GENERATED)

@@ -4,7 +4,10 @@
 
 A whole gateway in namespaces (netlab.gateway: auth, dataplane, two clients,
 198.18.0.0/15 only), each client a session of its own, an iperf3 server on the
-gateway's tunnel address for each (ports 5201 and 5202). Interleaved,
+gateway's tunnel address for each (ports 5201 and 5202). For the first two
+tests client 0 (the flood's sender) runs on CPU 0 and everything else on CPU 1,
+so that the flood's own cost, which a real client pays on its own machine,
+takes no CPU from the gateway; the pair runs on both. Interleaved,
 `--repeats` times:
 
 - `tcp-alone`: client 1's single-stream TCP upload, alone: what the gateway
@@ -64,17 +67,43 @@ def two_client_gateway(lab_name: str):
         ]
         time.sleep(0.5)
         try:
-            yield gateway
+            yield gateway, servers
         finally:
             for server in servers:
                 lab.stop(server)
 
 
-def start_iperf(gateway: GatewayLab, client: int, seconds: float, *extra: str):
+def pin(pid: int, cpus: str) -> None:
+    subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], check=True, capture_output=True)
+
+
+def pin_flood_apart(gateway: GatewayLab, servers, apart: bool) -> None:
+    """With `apart`, client 0 (the flood's sender) on CPU 0 and the gateway, client 1
+    and the iperf3 servers on CPU 1: the flood's own cost, which a real client
+    pays on its own machine, takes no CPU from the gateway. Else all on both."""
+    pin(gateway.client_processes[0].pid, "0" if apart else "0-1")
+    for process in (gateway.dataplane, gateway.client_processes[1], *servers):
+        pin(process.pid, "1" if apart else "0-1")
+
+
+def start_iperf(gateway: GatewayLab, client: int, seconds: float, *extra: str, cpus="0-1"):
     port = str(PORTS[client])
     return gateway.lab.start(
         gateway.clients[client],
-        ["iperf3", "-c", TUNNEL_GATEWAY, "-p", port, "-t", str(seconds), "-J", *extra],
+        [
+            "taskset",
+            "-c",
+            cpus,
+            "iperf3",
+            "-c",
+            TUNNEL_GATEWAY,
+            "-p",
+            port,
+            "-t",
+            str(seconds),
+            "-J",
+            *extra,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -145,9 +174,12 @@ def main(argv: list[str]) -> int:
         print(line, file=sys.stderr, flush=True)
         lines.append(line)
 
-    with two_client_gateway("pgfair") as gateway:
+    with two_client_gateway("pgfair") as (gateway, servers):
         for run in range(1, args.repeats + 1):
-            alone = tcp_bps(finished(start_iperf(gateway, 1, seconds, "-O", "1"), seconds))
+            pin_flood_apart(gateway, servers, True)
+            alone = tcp_bps(
+                finished(start_iperf(gateway, 1, seconds, "-O", "1", cpus="1"), seconds)
+            )
             result(scenario="tcp-alone", run=run, tcp_gbps=f"{alone / 1e9:.3f}")
 
             # the flood starts first and ends after the TCP test
@@ -172,6 +204,7 @@ def main(argv: list[str]) -> int:
                 drops=",".join(f"{k}:{v:.0f}" for k, v in sorted(drops.items()) if v) or "-",
             )
 
+            pin_flood_apart(gateway, servers, False)
             pair = [start_iperf(gateway, client, seconds, "-O", "1") for client in (0, 1)]
             rates = [tcp_bps(finished(process, seconds)) for process in pair]
             result(

@@ -118,7 +118,8 @@ DASHBOARDS = {
             ),
             panel(
                 "Queue depth and high-water mark",
-                "The bounded output queues of each gateway (packets), beside their capacity.",
+                "The bounded queues of each gateway (receive, TUN write, UDP send; packets),"
+                " beside their capacity.",
                 [
                     (
                         f"max by (instance, queue) ({DP}queue_depth{{{I}}})",

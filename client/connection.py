@@ -488,11 +488,14 @@ class Connection:
             tunnel.handle_timer(self.clock())
         return tunnel
 
+    def _known_address(self, host: str) -> str | None:
+        """`host` as an address: itself, or what it resolved to at bring-up (None if
+        it did not: a move needs no lookup, and the kill switch lets only those out)."""
+        return host if is_address(host) else self._resolved.get(host)
+
     def _use_gateway(self, gateway: Gateway) -> None:
         """The datapath moves to `gateway` (core.UseGateway); so do the auth calls."""
-        info, address = self.session_info, self._resolved.get(gateway.dataplane[0])
-        if is_address(gateway.dataplane[0]):
-            address = gateway.dataplane[0]
+        info, address = self.session_info, self._known_address(gateway.dataplane[0])
         if info is None or self.datapath is None or address is None:
             log.warning("gateway %s not used: its host was not resolved", gateway.id)
             return
@@ -512,7 +515,7 @@ class Connection:
         """Rekeys, session checks and logouts go to `gateway`'s auth service (its host
         may be down with its dataplane); a lone gateway's is the one logged in to."""
         host, port = gateway.auth or split_host_port(self.options.server)
-        address = host if is_address(host) else self._resolved.get(host)
+        address = self._known_address(host)
         if address is None:
             return
         self._switch_auth(host, join_host_port(address, port))
@@ -543,8 +546,7 @@ class Connection:
 
     def _probe(self, gateway: Gateway) -> None:
         """A keepalive to `gateway`'s dataplane beside the tunnel (core.ProbeGateway)."""
-        info, host = self.session_info, gateway.dataplane[0]
-        address = host if is_address(host) else self._resolved.get(host)
+        info, address = self.session_info, self._known_address(gateway.dataplane[0])
         if info is None or address is None:
             return
         self._close_probe(gateway.id)

@@ -666,6 +666,7 @@ class AuthServicer:
                 time.time(),
                 client_version=request.client_version[:MAX_CLIENT_VERSION_CHARS],
                 login_source=source,
+                partial_checksums=request.completes_checksums,
             )
         except PoolExhausted as error:
             await self._refuse(
@@ -730,6 +731,7 @@ class AuthServicer:
             username=name,
             gateways=t["gateways"],
             gateway_id=self.sessions.gateway_id,
+            partial_checksums=bool(session.partial_checksums),
         )
 
     async def BeginSso(self, request, context):

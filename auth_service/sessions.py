@@ -402,6 +402,7 @@ class SessionManager:
             expires_at_unix_ms=_ms(s.expires_at),
             keepalive_seconds=int(self.keepalive_seconds),
             username=s.username,
+            partial_checksums=bool(s.partial_checksums),
         )
         if s.previous_epoch is not None and s.previous_until and s.previous_until > now:
             message.previous_keys.CopyFrom(
@@ -538,6 +539,7 @@ class SessionManager:
         *,
         client_version: str = "",
         login_source: str = "",
+        partial_checksums: bool = False,
     ) -> tuple[StoredSession, str, list[StoredSession]]:
         """A new session for `username`, and the sessions it replaced: the user's oldest
         ones beyond `max_sessions_per_user` (one transaction; the feed gets each removal,
@@ -550,6 +552,7 @@ class SessionManager:
                     now,
                     client_version=client_version,
                     login_source=login_source,
+                    partial_checksums=int(partial_checksums),
                 )
                 break
             except Conflict:  # another auth service took the address or the id first
@@ -582,7 +585,7 @@ class SessionManager:
         oldest = store.oldest_freed() if previous is None and never_held is None else None
         return pool.decide(previous, never_held, oldest, now)
 
-    def _create(self, username, cipher, now, *, client_version, login_source):
+    def _create(self, username, cipher, now, **client):
         """One attempt at `create`, in one transaction. The allocation lock makes
         auth services sharing a database take turns (none starves retrying); the
         unique constraints on address, id and token are what guarantee it."""
@@ -603,8 +606,7 @@ class SessionManager:
                 cipher,
                 now,
                 self._expiry(now, now),
-                client_version=client_version,
-                login_source=login_source,
+                **client,
             )
             self.store.add_session(session)
             self._log(session.session_id, "installed")

@@ -203,6 +203,8 @@ class StoredSession:
     last_rekey_at: float
     client_version: str = ""
     login_source: str = ""
+    # 1: its client completes partial TCP checksums (an integer, as the column)
+    partial_checksums: int = 0
 
     def __repr__(self) -> str:  # keys and token never reach a log line
         return f"StoredSession(id={self.session_id:#010x}, user={self.username!r})"
@@ -217,7 +219,7 @@ class StoredSession:
         cipher: int,
         now: float,
         expires_at: float,
-        **client,  # client_version, login_source
+        **client,  # client_version, login_source, partial_checksums
     ) -> "StoredSession":
         """A session that begins at `now`: fresh keys of epoch 0, none before them."""
         return cls(

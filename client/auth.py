@@ -221,6 +221,8 @@ class ClientSession:
     # wire keys are derived from them (push_protocol.keys.for_gateway).
     gateways: tuple[Gateway, ...] = ()
     gateway_id: str = ""
+    # the dataplane sends TCP packets in the partial checksum form (pushgate_io/tso.py)
+    partial_checksums: bool = False
 
     @property
     def answering_gateway(self) -> Gateway:
@@ -337,8 +339,16 @@ def describe_rpc_error(error: grpc.RpcError, target: str, ca_path: str) -> Clien
 
 
 class AuthClient:
-    def __init__(self, target: str, ca_path: str, server_name: str | None = None) -> None:
+    def __init__(
+        self,
+        target: str,
+        ca_path: str,
+        server_name: str | None = None,
+        completes_checksums: bool = False,
+    ) -> None:
         self.target = target
+        # our TUN completes partial TCP checksums: said at every login and renewal
+        self.completes_checksums = completes_checksums
         self.ca_path = ca_path
         try:
             with open(ca_path, "rb") as handle:
@@ -386,6 +396,7 @@ class AuthClient:
                     password=password,
                     otp_code=otp_code,
                     client_version=client_version(),
+                    completes_checksums=self.completes_checksums,
                 ),
             )
         )
@@ -399,7 +410,11 @@ class AuthClient:
         return self._session(
             await self._call(
                 self._stub.Login,
-                auth_pb2.LoginRequest(id_token=id_token, client_version=client_version()),
+                auth_pb2.LoginRequest(
+                    id_token=id_token,
+                    client_version=client_version(),
+                    completes_checksums=self.completes_checksums,
+                ),
             )
         )
 
@@ -409,7 +424,11 @@ class AuthClient:
         return self._session(
             await self._call(
                 self._stub.Renew,
-                auth_pb2.RenewRequest(renewal_token=renewal_token, client_version=client_version()),
+                auth_pb2.RenewRequest(
+                    renewal_token=renewal_token,
+                    client_version=client_version(),
+                    completes_checksums=self.completes_checksums,
+                ),
             )
         )
 
@@ -440,6 +459,7 @@ class AuthClient:
             username=response.username,
             gateways=gateways_of(response),
             gateway_id=response.gateway_id,
+            partial_checksums=response.partial_checksums,
         )
 
     async def rekey(self, token: str) -> RekeyAnswer:

@@ -433,6 +433,7 @@ class Connection:
                 self.clock,
                 on_rekey_requested=self._wake.set,  # rekey at once, not at the next timer
                 on_received=self._on_received,
+                partial_tcp=info.partial_checksums,
             )
             self.datapath.start()
         except BaseException:
@@ -529,7 +530,12 @@ class Connection:
         old, self._auth_target = self.auth, target
         # TLS still checks the name given (or --server-name), not the address.
         server_name = self.options.server_name or (None if is_address(host) else host)
-        self.auth = AuthClient(target, self.options.ca_path, server_name)
+        self.auth = AuthClient(
+            target,
+            self.options.ca_path,
+            server_name,
+            completes_checksums=getattr(self.host, "completes_checksums", False),
+        )
         if old is not None:
             self._retired_auth.append(old)
             self._spawn_quiet(self._retire(old))

@@ -32,6 +32,7 @@ class Datapath:
         on_rekey_requested=lambda: None,
         on_received=lambda: None,
         socket_factory=socket.socket,
+        partial_tcp: bool = False,
     ) -> None:
         self._loop = loop
         # told at once when the dataplane asks for new keys (REKEY_REQUIRED)
@@ -39,6 +40,8 @@ class Datapath:
         # told after a read that authenticated a packet (the connection waits for one)
         self._on_received = on_received
         self.session = session
+        # TCP packets from the dataplane have partial checksums (pushgate_io/tso.py)
+        self.partial_tcp = partial_tcp
         self.drops: Counter[DropReason] = Counter()
         self.error_reports: dict[str, int] = {}  # ICMP errors about what we sent, by errno
         self._tun = tun
@@ -158,7 +161,7 @@ class Datapath:
         """Hand `packets` to the TUN in as few writes as it allows (segments of a
         TCP flow merged, pushgate_io/gro.py); count each one it did not take."""
         tun = self._tun
-        for buffers, count in tun.coalesce(packets):
+        for buffers, count in tun.coalesce(packets, self.partial_tcp):
             try:
                 if not tun.write_buffers(buffers):
                     self.drops[DropReason.QUEUE_FULL] += count

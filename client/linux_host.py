@@ -132,6 +132,8 @@ def firewall_policy(
 class LinuxHost:
     status_dir = "/run/pushgate"
     loop_factory = None
+    # its TUN (IFF_VNET_HDR) has the kernel complete partial TCP checksums
+    completes_checksums = True
 
     def __init__(self) -> None:
         # The kill switch (client/killswitch_linux.py): None = on for a full tunnel.

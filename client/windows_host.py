@@ -143,6 +143,7 @@ class WindowsHost:
     # The Proactor loop (Windows' default) has no add_reader; the selector loop
     # waits on sockets, which is what the WinTun backend's fileno() is.
     loop_factory = asyncio.SelectorEventLoop
+    completes_checksums = False  # WinTun writes take complete packets only
 
     def __init__(self) -> None:
         self._wintun: WintunLibrary | None = None

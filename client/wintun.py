@@ -26,6 +26,8 @@ import threading
 import uuid
 from ctypes import POINTER, c_int32, c_uint8, c_uint32, c_uint64, c_void_p
 
+from pushgate_io import tso
+
 log = logging.getLogger("pushgate.wintun")
 dll_log = logging.getLogger("pushgate.wintun.dll")
 
@@ -281,6 +283,7 @@ class WintunTun:
                 f"[{MIN_RING_CAPACITY}, {MAX_RING_CAPACITY}]"
             )
         self.name = name
+        self.partial_tcp = False  # reads are plain packets
         self._lib = library
         self._waits = waits or kernel32_waits()
         self._adapter = None
@@ -403,7 +406,9 @@ class WintunTun:
         lib.WintunSendPacket(self._session, pointer)
         return True
 
-    def coalesce(self, packets: list[bytes]) -> list[tuple[list, int]]:
+    def coalesce(self, packets: list[bytes], partial_tcp: bool = False) -> list[tuple[list, int]]:
+        if partial_tcp:  # never asked for (WindowsHost.completes_checksums): done here
+            packets = [tso.complete(packet) for packet in packets]
         return [([packet], 1) for packet in packets]  # the ring takes one packet at a time
 
     def write_buffers(self, buffers: list) -> bool:

@@ -52,7 +52,8 @@ def _ip(*args: str) -> None:
 
 def open_tun(cfg: gateway_config.GatewayConfig) -> LinuxTun:
     try:
-        tun = LinuxTun(cfg.dataplane.tun_name, offload=True)  # TCP segments merged
+        # TCP segments merged on write, and read as super-packets (TSO)
+        tun = LinuxTun(cfg.dataplane.tun_name, offload=True, tso_reads=True)
     except OSError as error:
         raise SystemExit(
             f"pushgate-dataplane: cannot create TUN {cfg.dataplane.tun_name}: {error}"

@@ -24,6 +24,7 @@ from push_protocol.codec import Header, read_header
 from push_protocol.constants import MIN_DATAGRAM_LEN, PROTOCOL_VERSION
 from push_protocol.drops import DropReason, PacketRejected
 from push_protocol.lifecycle import SessionEnd
+from pushgate_io import tso
 from pushgate_io.rate_limited_log import RateLimitedLog
 from pushgate_io.tun import TunDevice
 from pushgate_io.udp import DATAGRAM_BUDGET, BatchSocket, ErrorReport
@@ -97,7 +98,11 @@ class Device:
         self._lag_due = 0.0
         self._tun_pending: list[bytes] = []  # decrypted packets for the TUN, this callback
         self.source_budget = SourceBudget()  # forged tags per source (source_budget.py)
-        self._clamp = MssClamp(mtu, counters).clamp
+        mss = MssClamp(mtu, counters)
+        self._clamp = mss.clamp
+        # what the TUN reads give: TCP packets in the partial checksum form with TSO
+        # reads (pushgate_io/tso.py); each session gets the form its client takes
+        self._clamp_tun = mss.clamp_partial if tun.partial_tcp else mss.clamp
         # several datagrams per receive / send call where the kernel can (GRO, GSO)
         self.udp = BatchSocket(
             sock,
@@ -341,7 +346,10 @@ class Device:
         action = decision.action
         if action is Action.SESSION:  # hub: client to client, never through the TUN
             self._count_rx(payload)
-            return self._send_to(decision.target, self._clamp(payload), now)
+            packet = self._clamp(payload)
+            if decision.target.partial_checksums:
+                packet = tso.to_partial(packet)
+            return self._send_to(decision.target, packet, now)
         record.drops[decision.reason] += 1
         record.last_drop_reason = decision.reason
         if action is Action.TOO_BIG:
@@ -407,7 +415,7 @@ class Device:
             self._bad_input_log.warning("tun_read", "TUN read failed: %s", error)
             return
         counters.tun_packets_read += len(packets)
-        from_tun, clamp = self.router.from_tun, self._clamp
+        from_tun, clamp = self.router.from_tun, self._clamp_tun
         runs = []  # [session, its packets], consecutive packets for one session together
         for packet in packets:
             decision = from_tun(packet)
@@ -421,7 +429,11 @@ class Device:
                 runs[-1][1].append(clamp(packet))
             else:
                 runs.append((target, [clamp(packet)]))
+        tun_form = self.tun.partial_tcp
         for record, payloads in runs:
+            if record.partial_checksums != tun_form:  # the form its client takes
+                convert = tso.to_partial if record.partial_checksums else tso.complete
+                payloads = [convert(payload) for payload in payloads]
             tunnel = record.tunnel
             sent_bytes = tunnel.tx_bytes
             datagrams, rejected = tunnel.seal_many(payloads, now)

@@ -91,8 +91,10 @@ def too_big_reply(packet: bytes, mtu: int, source: bytes) -> bytes | None:
     return None
 
 
-def clamp_mss(packet: bytes, max_mss: int) -> bytes:
-    """`packet` with a TCP SYN's MSS option lowered to `max_mss` (checksum fixed up).
+def clamp_mss(packet: bytes, max_mss: int, partial: bool = False) -> bytes:
+    """`packet` with a TCP SYN's MSS option lowered to `max_mss` (checksum fixed up,
+    unless `partial`: a checksum field holding only the pseudo-header sum, which
+    the option is not part of; pushgate_io/tso.py).
 
     Anything that is not a TCP SYN with a larger MSS is returned unchanged.
     """
@@ -131,6 +133,8 @@ def clamp_mss(packet: bytes, max_mss: int) -> bytes:
                 return packet
             out = bytearray(packet)
             struct.pack_into("!H", out, i + 2, max_mss)
+            if partial:
+                return bytes(out)
             # Incremental checksum update (RFC 1624): HC' = ~(~HC + ~m + m').
             old_sum = struct.unpack_from("!H", out, tcp + 16)[0]
             total = (~old_sum & 0xFFFF) + (~mss & 0xFFFF) + max_mss

@@ -20,12 +20,17 @@ class MssClamp:
         self.mtu = mtu
         self.counters = counters
 
-    def clamp(self, packet: bytes) -> bytes:
-        """`packet`, or a copy whose MSS option is lowered (and checksum fixed)."""
+    def clamp(self, packet: bytes, partial: bool = False) -> bytes:
+        """`packet`, or a copy whose MSS option is lowered (and checksum fixed, unless
+        `partial`: TCP packets in the partial form of pushgate_io/tso.py)."""
         if packet[0] == 0x45 and (packet[9] != 6 or len(packet) < 40 or not packet[33] & 0x02):
             return packet  # IPv4 without options, and not a TCP SYN: nothing to clamp
         max_mss = self.mtu - MSS_OVERHEAD.get(packet[0] >> 4, 40)
-        clamped = inner.clamp_mss(packet, max_mss)
+        clamped = inner.clamp_mss(packet, max_mss, partial)
         if clamped is not packet:
             self.counters.mss_clamped += 1
         return clamped
+
+    def clamp_partial(self, packet: bytes) -> bytes:
+        """`clamp` for TCP packets in the partial checksum form."""
+        return self.clamp(packet, True)

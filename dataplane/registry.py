@@ -25,6 +25,7 @@ class SessionRecord:
         "expires_at",
         "installed_at",
         "last_drop_reason",
+        "partial_checksums",
         "policy",
         "stalled",
         "tunnel",
@@ -39,8 +40,11 @@ class SessionRecord:
         username: str = "",
         installed_at: float = 0.0,
         policy: CompiledPolicy = NO_POLICY,
+        partial_checksums: bool = False,
     ) -> None:
         self.tunnel = tunnel
+        # its client completes partial TCP checksums (pushgate_io/tso.py)
+        self.partial_checksums = partial_checksums
         self.installed_at = installed_at
         self.addresses = addresses  # raw 4- or 16-byte addresses the session owns
         self.expires_at = expires_at  # 0: no expiry

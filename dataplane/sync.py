@@ -315,6 +315,7 @@ class SessionSync:
                 session.username,
                 installed_at=now,
                 policy=self.policies.get(session),
+                partial_checksums=session.partial_checksums,
             )
         )
         self.counters.session_installs += 1

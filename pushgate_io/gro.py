@@ -37,6 +37,8 @@ being dropped by the receiving stack.
 
 import struct
 
+from . import tso
+
 VNET_HDR_LEN = 10
 PLAIN_HEADER = bytes(VNET_HDR_LEN)  # no GSO, no checksum offload
 # struct virtio_net_hdr, in the host's byte order (the TUN default):
@@ -95,9 +97,13 @@ class _Flow:
         self.next_seq = -1
 
 
-def coalesce(packets: list[bytes], *, udp: bool = True) -> list[tuple[list, int]]:
+def coalesce(
+    packets: list[bytes], *, udp: bool = True, partial_tcp: bool = False
+) -> list[tuple[list, int]]:
     """The writes for `packets`: (buffers for writev, packets carried) each.
-    `udp=False` writes UDP datagrams one by one (a kernel without USO)."""
+    `udp=False` writes UDP datagrams one by one (a kernel without USO).
+    `partial_tcp`: the TCP packets `tso.tcp_offset` covers carry partial checksums
+    (pushgate_io/tso.py), so those written alone are marked NEEDS_CSUM too."""
     writes: list = []  # (buffers, 1) or a _Flow, in the order of first packets
     tcp_flows: dict[bytes, _Flow] = {}
     udp_flows: dict[bytes, _Flow] = {}
@@ -180,7 +186,19 @@ def coalesce(packets: list[bytes], *, udp: bool = True) -> list[tuple[list, int]
             writes.append(([PLAIN_HEADER, packet], 1))
     for flow in merged:
         _finish(flow)
-    return [(w.parts, w.count) if type(w) is _Flow else w for w in writes]
+    out = [(w.parts, w.count) if type(w) is _Flow else w for w in writes]
+    if partial_tcp:
+        for buffers, count in out:
+            if count == 1 and buffers[0] is PLAIN_HEADER:
+                offset = tso.tcp_offset(buffers[1])
+                if offset:
+                    buffers[0] = _partial_header(offset)
+    return out
+
+
+def _partial_header(offset: int) -> bytes:
+    """The virtio-net header of one packet whose TCP checksum the kernel completes."""
+    return _VNET_HDR.pack(F_NEEDS_CSUM, 0, 0, 0, offset, TCP_CSUM_OFFSET)
 
 
 def _finish(flow: _Flow) -> None:

@@ -27,7 +27,7 @@ import socket
 import struct
 from collections import deque
 
-from . import gro
+from . import gro, tso
 from .udp import GRO_CMSG_SPACE, SOL_UDP, UDP_GRO, UDP_SEGMENT
 
 # A receive queue's length (a glued GSO send is one item) before datagrams are lost.
@@ -266,9 +266,10 @@ class MemoryTun:
     merged as by a Linux TUN with IFF_VNET_HDR (pushgate_io/gro.py) and only
     counted: what a benchmark of the merge needs."""
 
-    def __init__(self, name: str = "mem0", *, offload: bool = False) -> None:
+    def __init__(self, name: str = "mem0", *, offload: bool = False, partial_tcp=False) -> None:
         self.name = name
         self.offload = offload
+        self.partial_tcp = partial_tcp  # `inject` takes packets in the partial form
         self.written: list[bytes] = []
         self.writes = 0
         self._waiting: deque[bytes] = deque()
@@ -296,9 +297,11 @@ class MemoryTun:
             self._readiness.readable(False)
         return packets
 
-    def coalesce(self, packets: list[bytes]) -> list[tuple[list, int]]:
+    def coalesce(self, packets: list[bytes], partial_tcp: bool = False) -> list[tuple[list, int]]:
         if self.offload:
-            return gro.coalesce(packets)
+            return gro.coalesce(packets, partial_tcp=partial_tcp)
+        if partial_tcp:
+            packets = [tso.complete(packet) for packet in packets]
         return [([packet], 1) for packet in packets]
 
     def write_buffers(self, buffers: list) -> bool:

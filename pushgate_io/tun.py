@@ -18,6 +18,9 @@ TUN_QUEUE_PACKETS = 2000
 
 class TunDevice(Protocol):
     name: str
+    # Reads give TCP packets in the partial checksum form (pushgate_io/tso.py):
+    # the dataplane's Linux TUN with TSO reads; False everywhere else.
+    partial_tcp: bool
 
     def fileno(self) -> int:
         """A descriptor that becomes readable when packets are waiting, and
@@ -26,9 +29,11 @@ class TunDevice(Protocol):
     def read_packets(self, limit: int) -> list[bytes]:
         """Up to `limit` waiting IP packets; an empty list when none wait."""
 
-    def coalesce(self, packets: list[bytes]) -> list[tuple[list, int]]:
+    def coalesce(self, packets: list[bytes], partial_tcp: bool = False) -> list[tuple[list, int]]:
         """The writes that carry IP `packets`, in order: (buffers, packets carried)
-        each. A backend that can merges segments of a flow into one write."""
+        each. A backend that can merges segments of a flow into one write.
+        `partial_tcp`: TCP packets carry partial checksums (pushgate_io/tso.py), which
+        the kernel completes, or the backend does."""
 
     def write_buffers(self, buffers: list) -> bool:
         """Hand one write of `coalesce` to the OS; False if it cannot take it now,

@@ -7,28 +7,34 @@ of a flow as one GSO super-packet (pushgate_io/gro.py). Reads stay plain IP
 packets (the TUN's offload flags stay off, so the kernel never sends us GSO
 packets); `read_packets` strips the header and `coalesce` adds it, so a caller
 sees the same packets either way.
+
+With `tso_reads=True` as well (the dataplane), the offload flags are set to
+TUN_F_CSUM | TUN_F_TSO4: the kernel hands over a TCP flow's segments as one
+super-packet per read, and `read_packets` cuts it (pushgate_io/tso.py). Its
+TCP packets are then in the partial checksum form (`partial_tcp`).
 """
 
 import fcntl
 import os
 import struct
 
-from . import gro
+from . import gro, tso
 
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
 TUN_F_USO4 = 0x20
 TUN_F_USO6 = 0x40
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFNAMSIZ = 16
-READ_SIZE = 65536
+READ_SIZE = 65536 + gro.VNET_HDR_LEN  # a super-packet of 64 KiB and its header
 
 
 class LinuxTun:
-    def __init__(self, name: str, *, offload: bool = False) -> None:
+    def __init__(self, name: str, *, offload: bool = False, tso_reads: bool = False) -> None:
         if not name or len(name.encode()) >= IFNAMSIZ:
             raise ValueError(f"TUN name {name!r} must be 1-{IFNAMSIZ - 1} bytes")
         self._fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -43,11 +49,14 @@ class LinuxTun:
         self.offload = offload
         self._skip = gro.VNET_HDR_LEN if offload else 0
         self.udp_offload = offload and _takes_udp_gso(self._fd)
+        self.partial_tcp = offload and tso_reads and _reads_tso(self._fd)
+        self.bad_reads = 0  # reads with a header tso.packets refuses (never seen)
 
     def fileno(self) -> int:
         return self._fd
 
     def read_packets(self, limit: int) -> list[bytes]:
+        """Up to `limit` reads' packets (with TSO reads, a read may bring dozens)."""
         packets = []
         skip = self._skip
         for _ in range(limit):
@@ -55,13 +64,21 @@ class LinuxTun:
                 data = os.read(self._fd, READ_SIZE)
             except BlockingIOError:
                 break
-            packets.append(data[skip:] if skip else data)
+            if self.partial_tcp:
+                cut = tso.packets(data)
+                if not cut:
+                    self.bad_reads += 1
+                packets += cut
+            else:
+                packets.append(data[skip:] if skip else data)
         return packets
 
-    def coalesce(self, packets: list[bytes]) -> list[tuple[list, int]]:
+    def coalesce(self, packets: list[bytes], partial_tcp: bool = False) -> list[tuple[list, int]]:
         """The writes that carry `packets`: (buffers, packet count) for `write_buffers`."""
         if self._skip:
-            return gro.coalesce(packets, udp=self.udp_offload)
+            return gro.coalesce(packets, udp=self.udp_offload, partial_tcp=partial_tcp)
+        if partial_tcp:
+            packets = [tso.complete(packet) for packet in packets]
         return [([packet], 1) for packet in packets]
 
     def write_buffers(self, buffers: list) -> bool:
@@ -89,4 +106,14 @@ def _takes_udp_gso(fd: int) -> bool:
     except OSError:
         return False
     fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+    return True
+
+
+def _reads_tso(fd: int) -> bool:
+    """Whether the kernel takes TUN_F_CSUM | TUN_F_TSO4: then the TUN hands over
+    TCP super-packets (and packets whose checksum is left partial) from now on."""
+    try:
+        fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+    except OSError:
+        return False
     return True

@@ -759,3 +759,26 @@ def test_a_preferred_cipher_is_honoured_and_an_unknown_one_refused(auth):
     assert stub.Login(request, timeout=30).cipher == chacha
     unknown = auth_pb2.LoginRequest(username="alice", password=PASSWORD, preferred_cipher=99)
     assert _code(lambda: stub.Login(unknown, timeout=10))[0] is grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.processes
+def test_a_client_that_completes_checksums_gets_partial_ones_through_logins_and_renewals(auth):
+    """LoginRequest.completes_checksums is kept with the session, answered, and fed to
+    the dataplane (docs/protocol.md, "Partial checksums"); a renewal says it again for
+    its new session; a client that does not say it gets complete checksums."""
+    stub = auth.stub()
+    plain = auth.login("alice", PASSWORD)
+    partial = stub.Login(
+        auth_pb2.LoginRequest(username="alice", password=PASSWORD, completes_checksums=True),
+        timeout=30,
+    )
+    assert (plain.partial_checksums, partial.partial_checksums) == (False, True)
+    renewed = stub.Renew(
+        auth_pb2.RenewRequest(renewal_token=partial.renewal_token, completes_checksums=True),
+        timeout=30,
+    )
+    renewed_plain = stub.Renew(auth_pb2.RenewRequest(renewal_token=plain.renewal_token), timeout=30)
+    assert (renewed.partial_checksums, renewed_plain.partial_checksums) == (True, False)
+    listing = auth.feed().ListSessions(control_pb2.ListSessionsRequest(), timeout=10)
+    fed = {s.session_id: s.partial_checksums for s in listing.sessions}
+    assert fed[renewed.session_id] is True and fed[renewed_plain.session_id] is False

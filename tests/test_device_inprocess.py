@@ -26,6 +26,7 @@ from push_protocol.drops import DropReason
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.policy import ALLOW_ALL, CompiledPolicy, Rule
 from push_protocol.session import TunnelSession
+from pushgate_io import tso
 from pushgate_io.memory import MemoryNetwork, MemoryTun
 from pushgate_io.tun import TunDevice
 from pushgate_io.tun_linux import LinuxTun
@@ -530,3 +531,69 @@ def test_the_receive_queue_is_bounded_and_what_it_refuses_is_counted_on_the_sess
     gateway.device.on_udp_readable()  # the 44 still in the socket
     assert gateway.tun.written == packets[156:]
     assert c.datagrams_received == 300 and gateway.inbound_balanced()
+
+
+# -- partial checksums (pushgate_io/tso.py) ------------------------------------------------
+
+
+def tcp_from_lan(payload: bytes, seq: int = 1) -> bytes:
+    """A complete TCP segment from the lan host to the client."""
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 40 + len(payload), 1, 0x4000, 64, 6, 0,
+        ipaddress.IPv4Address(LAN_HOST).packed, ipaddress.IPv4Address(CLIENT).packed,
+    )  # fmt: skip
+    tcp = struct.pack("!HHIIBBHHH", 5201, 40000, seq, 1, 5 << 4, 0x18, 500, 0, 0)
+    packet = bytearray(ip + tcp + payload)
+    packet[10:12] = (0xFFFF - tso.ones_sum(packet[:20])).to_bytes(2, "big")
+    return tso.complete(tso.to_partial(bytes(packet)))
+
+
+@pytest.mark.parametrize("tun_partial", [True, False])
+@pytest.mark.parametrize("client_completes", [True, False])
+def test_each_session_gets_tcp_checksums_in_the_form_its_client_takes(
+    tun_partial, client_completes
+):
+    """Whatever form the TUN reads give (partial with TSO reads, complete without),
+    a client that completes checksums gets TCP packets in the partial form, and one
+    that does not (WinTun, older clients) gets them complete; a packet from another
+    client through the hub too."""
+
+    async def main():
+        gateway = Gateway()
+        gateway.tun = MemoryTun("pgmem0", partial_tcp=tun_partial)
+        gateway.device = Device(
+            registry=gateway.registry,
+            counters=gateway.counters,
+            sock=gateway.sock,
+            tun=gateway.tun,
+            mtu=MTU,
+            tunnel_network=ipaddress.ip_network("198.19.0.0/24"),
+            gateway_address=ipaddress.ip_address("198.19.0.1"),
+            loop_lag_histogram=NoHistogram(),
+            clock=gateway.clock,
+        )
+        gateway.record.partial_checksums = client_completes
+        gateway.device.start(asyncio.get_running_loop())
+        try:
+            alice = await connected(gateway)
+            complete = [tcp_from_lan(bytes([i]) * 1200, 1 + i * 1200) for i in range(3)]
+            partial = [tso.to_partial(p) for p in complete]
+            gateway.tun.inject(*(partial if tun_partial else complete))
+            await until(lambda: gateway.counters.outbound_delivered == 3)
+            assert alice.received() == (partial if client_completes else complete)
+            # the hub: bob's complete packet to alice
+            _, bob = second_session(gateway)
+            bob_sock = gateway.network.socket(host=OTHER_HOST)
+            bob_sock.bind((OTHER_HOST, 0))
+            hub = bytearray(tcp_from_lan(b"from bob"))
+            hub[12:16] = ipaddress.IPv4Address(OTHER_CLIENT).packed
+            hub[10:12] = b"\0\0"
+            hub[10:12] = (0xFFFF - tso.ones_sum(hub[:20])).to_bytes(2, "big")
+            hub = tso.complete(bytes(hub))
+            bob_sock.sendto(bob.seal(hub, gateway.clock.now), GATEWAY)
+            await until(lambda: gateway.counters.tx_packets == 4)
+            assert alice.received() == [tso.to_partial(hub) if client_completes else hub]
+        finally:
+            gateway.device.stop()
+
+    asyncio.run(main())

@@ -99,18 +99,18 @@ def complete(packet: bytes) -> bytes:
 
 def packets(data: bytes) -> list[bytes]:
     """One read of a TUN with IFF_VNET_HDR and TSO (virtio-net header, then a
-    packet), as packets in the partial TCP form. An empty list for a read the
-    kernel should never give (a GSO type other than TCPv4, a header too short):
-    the caller counts it."""
+    packet), as packets in the partial TCP form. A read the kernel should never
+    give (a GSO type other than TCPv4, a header too short) stands as one empty
+    packet, which the dataplane's router drops, counted, as `inner_malformed`."""
     if len(data) <= VNET_HDR_LEN:
-        return []
+        return [b""]
     flags, gso_type, _, gso_size, csum_start, csum_offset = _VNET_HDR.unpack_from(data)
     packet = data[VNET_HDR_LEN:]
     gso_type &= ~GSO_ECN
     if gso_type == GSO_TCPV4:
-        return _segments(packet, gso_size)
+        return _segments(packet, gso_size) or [b""]
     if gso_type != GSO_NONE:
-        return []
+        return [b""]
     offset = tcp_offset(packet)
     if flags & F_NEEDS_CSUM:
         if offset:  # partial already: the form

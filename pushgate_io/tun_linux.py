@@ -50,7 +50,6 @@ class LinuxTun:
         self._skip = gro.VNET_HDR_LEN if offload else 0
         self.udp_offload = offload and _takes_udp_gso(self._fd)
         self.partial_tcp = offload and tso_reads and _reads_tso(self._fd)
-        self.bad_reads = 0  # reads with a header tso.packets refuses (never seen)
 
     def fileno(self) -> int:
         return self._fd
@@ -65,10 +64,7 @@ class LinuxTun:
             except BlockingIOError:
                 break
             if self.partial_tcp:
-                cut = tso.packets(data)
-                if not cut:
-                    self.bad_reads += 1
-                packets += cut
+                packets += tso.packets(data)
             else:
                 packets.append(data[skip:] if skip else data)
         return packets

@@ -88,7 +88,9 @@ class Device:
         self.queue_clock = queue_clock  # waiting times in the receive queue
         self.receive_queue = FairQueue("receive")
         self._queue_drops: list = []  # (session_id, reason, count) not yet counted
-        self._serve_scheduled = False
+        self._serve_scheduled: asyncio.Handle | None = (
+            None  # the next _serve, while a backlog waits
+        )
         self.udp_queue = BoundedQueue("udp_send", QUEUE_CAPACITY)
         self.tun_queue = BoundedQueue("tun_write", QUEUE_CAPACITY)
         self._loop_lag = loop_lag_histogram
@@ -125,6 +127,9 @@ class Device:
         loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping_timer)
 
     def stop(self) -> None:
+        if self._serve_scheduled is not None:  # what waits in the receive queue stays
+            self._serve_scheduled.cancel()
+            self._serve_scheduled = None
         loop = self._loop
         for fd in (self.udp.fileno(), self.tun.fileno()):
             loop.remove_reader(fd)
@@ -173,7 +178,7 @@ class Device:
                     bad_source[0],
                     bad_reason.value,
                 )
-        if not self._serve_scheduled:
+        if self._serve_scheduled is None:
             self._serve()
 
     def _enqueue(self, session_id: int, datagrams: list, headers: list, source, arrived: float):
@@ -199,7 +204,7 @@ class Device:
         """Open and deliver up to DATAGRAM_BUDGET datagrams from the receive queue,
         each session in its turn; come back in the next loop iteration while
         datagrams wait, after the loop's other callbacks had theirs."""
-        self._serve_scheduled = False
+        self._serve_scheduled = None
         queue = self.receive_queue
         now = self.clock()
         counters = self.counters
@@ -216,8 +221,7 @@ class Device:
             if self._queue_drops:
                 self._count_queue_drops()
             if queue and self._loop is not None:
-                self._serve_scheduled = True
-                self._loop.call_soon(self._serve)
+                self._serve_scheduled = self._loop.call_soon(self._serve)
 
     def _count_queue_drops(self) -> None:
         """Count what the receive queue dropped (over a bound, or by CoDel): in the

@@ -6,7 +6,9 @@ every client's datagrams alike, so one client's UDP flood starves another's
 TCP (bench/fairness_bench.py). The receive loop therefore reads more than it
 serves (Device.on_udp_readable) and what waits, waits here instead: each flow
 in its own bounded FIFO, the flows served in turn a quantum of datagrams each
-(deficit round robin, Shreedhar and Varghese), and CoDel (RFC 8289) dropping
+(deficit round robin, Shreedhar and Varghese; as in fq_codel, RFC 8290, a flow
+that just got work goes before those that keep the queue busy, so a ping or a
+DNS answer does not wait a round), and CoDel (RFC 8289) dropping
 from the head of a flow whose datagrams have waited longer than `target` for
 a whole `interval`, so that a TCP flow backs off while its queue is short.
 
@@ -52,6 +54,8 @@ class Flow:
         "first_above",
         "last_count",
         "length",
+        "listed",
+        "new",
     )
 
     def __init__(self) -> None:
@@ -63,6 +67,8 @@ class Flow:
         self.count = 0  # drops in this dropping state (RFC 8289 `count`)
         self.last_count = 0
         self.dropping = False
+        self.listed = False  # in the round (one of the two lists)
+        self.new = False  # in the new flows' list, not the old flows'
 
 
 class FairQueue:
@@ -92,7 +98,10 @@ class FairQueue:
         self.target = target
         self.interval = interval
         self._flows: dict[object, Flow] = {}
-        self._active: deque = deque()  # keys of flows holding datagrams, in serving order
+        # keys of the flows in the round: those that just got work first (RFC 8290's
+        # new flows: a sparse flow, a ping, is served at once), then the others
+        self._new: deque = deque()
+        self._old: deque = deque()
         self._length = 0
         self.high_water = 0
         self.overflows = 0  # datagrams dropped for a bound (metrics: queue_overflows_total)
@@ -103,15 +112,16 @@ class FairQueue:
     @property
     def flows(self) -> int:
         """Flows holding datagrams now."""
-        return len(self._active)
+        return sum(1 for key in (*self._new, *self._old) if self._flows[key].length)
 
     def push(self, key, session_id: int, source, datagrams: list, headers: list, now, dropped):
         """Queue datagrams that arrived together (with their read headers) on `key`'s flow."""
         flow = self._flows.get(key)
         if flow is None:
             flow = self._flows[key] = Flow()
-        if not flow.length:  # a flow with new work joins the round at its end, with a quantum
-            self._active.append(key)
+        if not flow.listed:
+            self._new.append(key)  # work for a flow out of the round: served first
+            flow.listed = flow.new = True
             flow.deficit = self.quantum
         flow.batches.append([now, session_id, source, datagrams, headers])
         flow.length += len(datagrams)
@@ -119,7 +129,7 @@ class FairQueue:
         if flow.length > self.flow_limit:
             self._overflow(key, flow, flow.length - self.flow_limit, dropped)
         while self._length > self.capacity:
-            longest = max(self._active, key=lambda k: self._flows[k].length)
+            longest = max((*self._new, *self._old), key=lambda k: self._flows[k].length)
             flow = self._flows[longest]
             self._overflow(longest, flow, min(flow.length, self._length - self.capacity), dropped)
         if self._length > self.high_water:
@@ -134,13 +144,24 @@ class FairQueue:
         paid in its next turn. Batches stay whole: the receive loop opens a GRO
         batch in one call (TunnelSession.open_many)."""
         served: list[tuple] = []
-        active, flows = self._active, self._flows
-        while budget > 0 and active:
-            key = active[0]
+        new, old, flows = self._new, self._old, self._flows
+        while budget > 0 and (new or old):
+            listed = new if new else old
+            key = listed[0]
             flow = flows[key]
             if flow.deficit <= 0:  # its turn is over: credit for the next, to the back
                 flow.deficit += self.quantum
-                active.rotate(-1)
+                listed.popleft()
+                old.append(key)
+                flow.new = False
+                continue
+            if not flow.length:  # emptied in its turn
+                listed.popleft()
+                if flow.new and old:  # RFC 8290: once round the old ones before it leaves
+                    old.append(key)
+                    flow.new = False
+                else:
+                    self._retire(key, flow, now)
                 continue
             self._codel(flow, now, dropped)
             if flow.length:
@@ -151,8 +172,6 @@ class FairQueue:
                 self._length -= count
                 flow.deficit -= count
                 budget -= count
-            if not flow.length:
-                self._retire(key, flow, now)
         return served
 
     def forget_idle(self, now: float) -> None:
@@ -162,7 +181,7 @@ class FairQueue:
         stale = [
             key
             for key, flow in self._flows.items()
-            if not flow.length and now - flow.drop_next >= 16 * self.interval
+            if not flow.listed and now - flow.drop_next >= 16 * self.interval
         ]
         for key in stale:
             del self._flows[key]
@@ -189,15 +208,12 @@ class FairQueue:
     def _overflow(self, key, flow: Flow, count: int, dropped: list) -> None:
         self._drop_head(flow, count, DropReason.QUEUE_FULL, dropped)
         self.overflows += count
-        if not flow.length:
-            self._active.remove(key)
-            flow.deficit = 0
 
     def _retire(self, key, flow: Flow, now: float) -> None:
-        """`flow` at the head of the round is empty: out of the round, and out of
-        memory unless CoDel still needs to remember it."""
-        self._active.popleft()
+        """`flow`, empty, has left the round: out of memory too, unless CoDel still
+        needs to remember it."""
         flow.deficit = 0
+        flow.listed = flow.new = False
         flow.dropping = False  # an empty queue is below target (RFC 8289)
         flow.first_above = None
         if now - flow.drop_next >= 16 * self.interval:

@@ -75,9 +75,9 @@ class FairQueue:
     """Per-flow FIFOs under one bound, served fairly; see the module docstring.
 
     `push` and `pop` append what they drop to the caller's list as
-    (session_id, reason, count): `queue_full` for datagrams over a bound (the
-    oldest of the flow over its own bound, or of the longest flow when all
-    together are over theirs), `queue_delay` for CoDel's."""
+    (session_id, reason, count): `queue_full` for datagrams over a bound (those
+    that come for a flow at its own bound; the oldest of the longest flow when
+    all together are over theirs), `queue_delay` for CoDel's."""
 
     def __init__(
         self,
@@ -123,17 +123,33 @@ class FairQueue:
             self._new.append(key)  # work for a flow out of the round: served first
             flow.listed = flow.new = True
             flow.deficit = self.quantum
+        room = self.flow_limit - flow.length
+        if len(datagrams) > room:  # a flow at its bound takes no more (tail drop)
+            excess = len(datagrams) - room
+            dropped.append((session_id, DropReason.QUEUE_FULL, excess))
+            self.overflows += excess
+            if room <= 0:
+                return
+            datagrams, headers = datagrams[:room], headers[:room]
         flow.batches.append([now, session_id, source, datagrams, headers])
         flow.length += len(datagrams)
         self._length += len(datagrams)
-        if flow.length > self.flow_limit:
-            self._overflow(key, flow, flow.length - self.flow_limit, dropped)
         while self._length > self.capacity:
             longest = max((*self._new, *self._old), key=lambda k: self._flows[k].length)
             flow = self._flows[longest]
             self._overflow(longest, flow, min(flow.length, self._length - self.capacity), dropped)
         if self._length > self.high_water:
             self.high_water = self._length
+
+    def refuses(self, key, count: int) -> bool:
+        """Whether `key`'s flow is at its bound, so that `count` datagrams for it
+        would all be dropped: then they are counted as refused (the caller counts
+        them as `queue_full`) and need not be cut apart or read."""
+        flow = self._flows.get(key)
+        if flow is None or flow.length < self.flow_limit:
+            return False
+        self.overflows += count
+        return True
 
     def pop(self, budget: int, now: float, dropped: list) -> list[tuple]:
         """About `budget` datagrams (whole batches: the last may go over), in turns

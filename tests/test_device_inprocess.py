@@ -26,7 +26,7 @@ from push_protocol.drops import DropReason
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.policy import ALLOW_ALL, CompiledPolicy, Rule
 from push_protocol.session import TunnelSession
-from pushgate_io import tso
+from pushgate_io import tso, udp
 from pushgate_io.memory import MemoryNetwork, MemoryTun
 from pushgate_io.tun import TunDevice
 from pushgate_io.tun_linux import LinuxTun
@@ -512,9 +512,9 @@ def test_a_flood_does_not_make_another_session_wait_its_turn_behind_it(flood):
 
 def test_the_receive_queue_is_bounded_and_what_it_refuses_is_counted_on_the_session():
     """Driven by hand (no loop): one callback reads 256 datagrams into the queue, then
-    serves 64. What is over the flow's bound (here 100) is dropped as it comes, the
-    oldest first, counted as `queue_full` in the totals and on the session; the rest
-    is served later, in order."""
+    serves 64. What comes for the flow once it is at its bound (here 100) is
+    dropped, counted as `queue_full` in the totals and on the session; the rest is
+    served later, in order."""
     gateway = Gateway()
     gateway.device.receive_queue = FairQueue(flow_limit=100)
     client = gateway.client()
@@ -526,10 +526,11 @@ def test_the_receive_queue_is_bounded_and_what_it_refuses_is_counted_on_the_sess
     assert gateway.record.drops[DropReason.QUEUE_FULL] == 156
     assert len(gateway.device.receive_queue) == 100 - 64
     assert c.datagrams_received == 156 + 64 and gateway.inbound_balanced()
+    assert gateway.tun.written == packets[:64]
     while gateway.device.receive_queue:
         gateway.device._serve()
     gateway.device.on_udp_readable()  # the 44 still in the socket
-    assert gateway.tun.written == packets[156:]
+    assert gateway.tun.written == packets[:100] + packets[256:]
     assert c.datagrams_received == 300 and gateway.inbound_balanced()
 
 
@@ -597,3 +598,24 @@ def test_each_session_gets_tcp_checksums_in_the_form_its_client_takes(
             gateway.device.stop()
 
     asyncio.run(main())
+
+
+def test_a_gro_batch_for_a_full_flow_is_dropped_whole_and_counted():
+    """Driven by hand: a flow at its bound (here 40) refuses the next GRO batch
+    before it is cut apart; its datagrams are `queue_full` drops, in the totals
+    and on the session."""
+    gateway = Gateway()
+    gateway.device.receive_queue = FairQueue(flow_limit=40)
+    client = gateway.client()
+    packets = to_lan(80)
+    sealed = client.seal(*packets)
+    udp.send_run(client.sock, sealed[:40], GATEWAY)  # one GSO send: one GRO receive
+    udp.send_run(client.sock, sealed[40:], GATEWAY)
+    gateway.device.on_udp_readable()
+    c = gateway.counters
+    assert c.inbound_drops[DropReason.QUEUE_FULL] == 40
+    assert gateway.record.drops[DropReason.QUEUE_FULL] == 40
+    assert gateway.device.receive_queue.overflows == 40
+    gateway.device._serve()
+    assert gateway.tun.written == packets[:40]
+    assert c.datagrams_received == 80 and gateway.inbound_balanced()

@@ -133,7 +133,7 @@ def test_the_longest_flow_pays_when_all_together_are_over_their_bound():
     assert dropped == [(7, DropReason.QUEUE_FULL, 10)]
     assert len(queue) == 120 and queue.overflows == 10
     served = served_datagrams(queue.pop(1000, 0.0, dropped))
-    assert [s for f, s in served if f == 7] == list(range(10, 100))  # the oldest went
+    assert [s for f, s in served if f == 7] == list(range(10, 100))  # its oldest went
     assert [s for f, s in served if f == 8] == list(range(30))
 
 
@@ -186,3 +186,16 @@ def test_idle_flows_are_forgotten():
     queue.pop(10, 100.0, dropped)
     queue.forget_idle(100.0 + 16 * queue.interval)
     assert queue._flows == {} and queue.flows == 0
+
+
+def test_a_flow_at_its_bound_takes_nothing_more_and_says_so_beforehand():
+    queue = FairQueue(flow_limit=50)
+    dropped = []
+    queue.push(3, 3, SOURCE, *batch(3, 0, 40), 0.0, dropped)
+    assert not queue.refuses(3, 40) and not queue.refuses(4, 40)
+    queue.push(3, 3, SOURCE, *batch(3, 40, 40), 0.0, dropped)  # 10 fit, 30 do not
+    assert dropped == [(3, DropReason.QUEUE_FULL, 30)]
+    assert queue.refuses(3, 64) and queue.overflows == 30 + 64
+    served = served_datagrams(queue.pop(100, 0.0, dropped))
+    assert [s for _, s in served] == list(range(50))  # the newest went
+    assert not queue.refuses(3, 1)

@@ -88,9 +88,8 @@ class Device:
         self.queue_clock = queue_clock  # waiting times in the receive queue
         self.receive_queue = FairQueue("receive")
         self._queue_drops: list = []  # (session_id, reason, count) not yet counted
-        self._serve_scheduled: asyncio.Handle | None = (
-            None  # the next _serve, while a backlog waits
-        )
+        # the next _serve, while a backlog waits in the receive queue
+        self._serve_scheduled: asyncio.Handle | None = None
         self.udp_queue = BoundedQueue("udp_send", QUEUE_CAPACITY)
         self.tun_queue = BoundedQueue("tun_write", QUEUE_CAPACITY)
         self._loop_lag = loop_lag_histogram
@@ -127,7 +126,7 @@ class Device:
         loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping_timer)
 
     def stop(self) -> None:
-        if self._serve_scheduled is not None:  # what waits in the receive queue stays
+        if self._serve_scheduled is not None:  # a backlog stays where it is
             self._serve_scheduled.cancel()
             self._serve_scheduled = None
         loop = self._loop

@@ -65,13 +65,15 @@ async def until(condition) -> None:
 class Gateway:
     """A Device on the memory network, with one session for CLIENT."""
 
-    def __init__(self, *, offloads: bool = True, expires_at: float = 0.0) -> None:
+    def __init__(
+        self, *, offloads: bool = True, expires_at: float = 0.0, partial_tcp: bool = False
+    ) -> None:
         self.clock = Clock()
         self.network = MemoryNetwork()
         self.keys = KeyMaterial(0, os.urandom(32), os.urandom(32), self.clock.now)
         self.sock = self.network.socket(host=GATEWAY[0], offloads=offloads)
         self.sock.bind(GATEWAY)
-        self.tun = MemoryTun("pgmem0")
+        self.tun = MemoryTun("pgmem0", partial_tcp=partial_tcp)
         self.registry = Registry()
         self.record = SessionRecord(
             TunnelSession(SESSION_ID, CipherSuite.AES_256_GCM, Role.SERVER, self.keys),
@@ -560,19 +562,7 @@ def test_each_session_gets_tcp_checksums_in_the_form_its_client_takes(
     client through the hub too."""
 
     async def main():
-        gateway = Gateway()
-        gateway.tun = MemoryTun("pgmem0", partial_tcp=tun_partial)
-        gateway.device = Device(
-            registry=gateway.registry,
-            counters=gateway.counters,
-            sock=gateway.sock,
-            tun=gateway.tun,
-            mtu=MTU,
-            tunnel_network=ipaddress.ip_network("198.19.0.0/24"),
-            gateway_address=ipaddress.ip_address("198.19.0.1"),
-            loop_lag_histogram=NoHistogram(),
-            clock=gateway.clock,
-        )
+        gateway = Gateway(partial_tcp=tun_partial)
         gateway.record.partial_checksums = client_completes
         gateway.device.start(asyncio.get_running_loop())
         try:

@@ -10,7 +10,8 @@ GENERATED := pushgate_api/auth_pb2.py pushgate_api/auth_pb2_grpc.py \
 PROTOS := protos/auth.proto protos/control.proto protos/admin.proto
 
 # Debian packages the tests and the demo use (network namespaces, ping, NAT, iperf3;
-# gcc builds the fake wintun.dll, binutils' objdump is PyInstaller's; setcap, setpriv,
+# gcc builds the fake wintun.dll and, with libssl-dev, the compiled packet cipher
+# (push_protocol/_codec.c, setup.py), binutils' objdump is PyInstaller's; setcap, setpriv,
 # unshare, strace, Debian's python3 with venv and systemd-analyze for
 # tests/test_deploy.py's image and unit checks; Alertmanager and amtool for its alert
 # delivery test; PostgreSQL's server for the shared-store tests, which start their own
@@ -20,7 +21,7 @@ SYSTEM_TOOLS := ip ping nft iperf3 curl promtool prometheus prometheus-node-expo
                 prometheus-alertmanager amtool pg_ctlcluster
 SYSTEM_PACKAGES := iproute2 iputils-ping nftables iperf3 curl procps prometheus \
                    prometheus-node-exporter prometheus-alertmanager docker-compose gcc \
-                   libc6-dev binutils \
+                   libc6-dev libssl-dev binutils \
                    libcap2-bin util-linux strace python3-venv systemd postgresql
 
 # The one-file client executable and the signed WinTun DLL it bundles.
@@ -90,6 +91,7 @@ demo: system-deps $(INSTALLED) $(GENERATED)
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null || missing=1; done; \
 	/usr/bin/python3 -c 'import ensurepip' 2>/dev/null || missing=1; \
+	test -f /usr/include/openssl/evp.h || missing=1; \
 	if [ -n "$$missing" ]; then \
 	    echo "installing $(SYSTEM_PACKAGES)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
@@ -173,7 +175,8 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
 	    apt-get update && apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
 
-$(INSTALLED): pyproject.toml $(VENV)/bin/python
+# The editable install also builds push_protocol/_codec.c in place (setup.py).
+$(INSTALLED): pyproject.toml setup.py push_protocol/_codec.c $(VENV)/bin/python
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,client-exe]'
 	touch $@

@@ -7,7 +7,9 @@ Feeds `Device.on_udp_readable` GRO batches of 44 sealed datagrams (as one
 Python per datagram: header, session, replay window, AEAD open, routing, MSS
 check and the GRO merge for the TUN write. Two payloads: TCP segments of a bulk
 stream (1420-byte packets, merged) and 64-byte UDP datagrams (merged where the
-kernel has USO). Best and median of 7 runs; the kernels' own work (recvmsg,
+kernel has USO). Both implementations of the packet cipher, in one process: the
+pure-Python reference and the compiled one (push_protocol/_codec.c) where it was
+built. Best and median of 7 runs; the kernels' own work (recvmsg,
 writev) is in dataplane_bench.py and the side-by-side VPN table.
 """
 
@@ -23,6 +25,7 @@ from dataplane.device import Device
 from dataplane.metrics import Counters
 from dataplane.registry import Registry, SessionRecord
 from netlab.packets import ipv4_udp
+from push_protocol import codec
 from push_protocol.aead import CipherSuite
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.policy import ALLOW_ALL, CompiledPolicy
@@ -35,6 +38,9 @@ ROUNDS = 2000
 REPEATS = 7
 CLIENT, LAN_HOST, SOURCE = "198.19.0.2", "198.18.2.2", ("198.18.0.2", 40000)
 GATEWAY = ("198.18.0.1", 5555)
+IMPLEMENTATIONS = [("pure Python", codec.PythonCipher)] + (
+    [("compiled", codec.Cipher)] if codec.COMPILED else []
+)
 
 
 class NoHistogram:
@@ -100,23 +106,38 @@ def run(kind: str, keys: KeyMaterial, sealed: list, now: float, policy=ALLOW_ALL
 def main() -> None:
     now = time.time()
     keys = KeyMaterial(0, os.urandom(32), os.urandom(32), now)
-    for kind, label in (("tcp", "TCP segments, 1420 B"), ("udp", "UDP datagrams, 64 B")):
-        sealed = batches(kind, keys, now)
-        figures = sorted(run(kind, keys, list(sealed), now) for _ in range(REPEATS))
-        print(
-            f"receive path, {label}: {figures[0]:.2f} us of Python per datagram "
-            f"(median {figures[REPEATS // 2]:.2f}; GRO batches of {BATCH}, system calls aside)"
-        )
-        if kind == "tcp":  # the same, the session under a 100-rule access policy
-            hundred = CompiledPolicy(policy_rules(100), "bench-100")
-            with_policy = sorted(
-                run(kind, keys, list(sealed), now, hundred) for _ in range(REPEATS)
-            )
-            print(
-                f"receive path, {label}, 100-rule access policy: {with_policy[0]:.2f} us "
-                f"(median {with_policy[REPEATS // 2]:.2f}; "
-                f"{with_policy[0] / figures[0]:.3f}x the best without)"
-            )
+    compiled = codec.Cipher
+    best: dict[tuple[str, str], float] = {}
+    try:
+        for kind, label in (("tcp", "TCP segments, 1420 B"), ("udp", "UDP datagrams, 64 B")):
+            sealed = batches(kind, keys, now)
+            for name, implementation in IMPLEMENTATIONS:
+                codec.Cipher = implementation  # what new_cipher builds from now on
+                figures = sorted(run(kind, keys, list(sealed), now) for _ in range(REPEATS))
+                best[kind, name] = figures[0]
+                print(
+                    f"receive path, {name}, {label}: {figures[0]:.2f} us of Python per "
+                    f"datagram (median {figures[REPEATS // 2]:.2f}; GRO batches of {BATCH}, "
+                    "system calls aside)"
+                )
+                if kind == "tcp":  # the same, the session under a 100-rule access policy
+                    hundred = CompiledPolicy(policy_rules(100), "bench-100")
+                    with_policy = sorted(
+                        run(kind, keys, list(sealed), now, hundred) for _ in range(REPEATS)
+                    )
+                    print(
+                        f"receive path, {name}, {label}, 100-rule access policy: "
+                        f"{with_policy[0]:.2f} us (median {with_policy[REPEATS // 2]:.2f}; "
+                        f"{with_policy[0] / figures[0]:.3f}x the best without)"
+                    )
+    finally:
+        codec.Cipher = compiled
+    if codec.COMPILED:
+        for kind in ("tcp", "udp"):
+            ratio = best[kind, "compiled"] / best[kind, "pure Python"]
+            print(f"receive path, {kind}: compiled / pure Python = {ratio:.2f}")
+    else:
+        print("the compiled packet cipher is not built here: pure Python only")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,15 @@ counter. `read_header` does O(header) work and touches no state, so a datagram
 that is wrong in any cheap way is rejected before a session is even looked up.
 """
 
+import contextlib
+import os
 import struct
 from enum import IntEnum
 from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 
-from .aead import AEAD, nonce_for
+from .aead import CipherSuite, check_key, new_aead, nonce_for
 from .constants import (
     HEADER_LEN,
     MAX_COUNTER,
@@ -39,6 +41,9 @@ from .drops import (
     UnknownType,
     UsageError,
 )
+
+# Set (to anything) to run the pure-Python cipher where the compiled one is built.
+PURE_PYTHON_ENV = "PUSHGATE_PURE_PYTHON"
 
 _HEADER = struct.Struct("!BBHIQ")
 assert _HEADER.size == HEADER_LEN
@@ -122,48 +127,97 @@ def _rejection(reason: DropReason, datagram) -> PacketRejected:
     return BadLength("data packet with an empty payload")
 
 
-def build_header(packet_type: PacketType, key_epoch: int, session_id: int, counter: int) -> bytes:
-    if not 0 <= counter <= MAX_COUNTER:
-        raise UsageError(f"counter {counter} out of range")
-    return _HEADER.pack(PROTOCOL_VERSION, packet_type, key_epoch, session_id, counter)
+class PythonCipher:
+    """Seals and opens datagrams under one key: the reference implementation.
+
+    `_codec.Cipher` (push_protocol/_codec.c) does the same in one buffer per
+    datagram and is what `new_cipher` gives where it was built; this one runs
+    everywhere else (the Windows client) and defines what both must do
+    (tests/test_codec_compiled.py). Neither checks what the callers below check
+    once per call: counter range, and which packet types carry a payload.
+    """
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, suite: CipherSuite, key: bytes) -> None:
+        self._aead = new_aead(suite, key)
+
+    def seal(
+        self, packet_type: int, key_epoch: int, session_id: int, counter: int, payload: bytes
+    ) -> bytes:
+        header = _HEADER.pack(PROTOCOL_VERSION, packet_type, key_epoch, session_id, counter)
+        return header + self._aead.encrypt(nonce_for(counter), payload, header)
+
+    def seal_many(
+        self, key_epoch: int, session_id: int, first_counter: int, payloads: list[bytes]
+    ) -> list[bytes]:
+        encrypt, pack = self._aead.encrypt, _HEADER.pack
+        datagrams = []
+        counter = first_counter
+        for payload in payloads:
+            if not payload:
+                raise ValueError("data packets carry a payload")
+            header = pack(PROTOCOL_VERSION, _DATA, key_epoch, session_id, counter)
+            datagrams.append(header + encrypt(nonce_for(counter), payload, header))
+            counter += 1
+        return datagrams
+
+    def open(self, datagram: bytes, counter: int) -> bytes | None:
+        """The payload, or None if `datagram` does not authenticate (a datagram
+        too short to hold a header and a tag never does)."""
+        try:
+            return self._aead.decrypt(
+                nonce_for(counter), datagram[HEADER_LEN:], datagram[:HEADER_LEN]
+            )
+        except InvalidTag:
+            return None
+
+
+Cipher = PythonCipher
+if not os.environ.get(PURE_PYTHON_ENV):
+    # not built here (Windows, no compiler): the reference runs
+    with contextlib.suppress(ImportError):
+        from ._codec import Cipher  # type: ignore[no-redef]
+COMPILED = Cipher is not PythonCipher
+
+
+def new_cipher(suite: CipherSuite, key: bytes) -> "Cipher":
+    """The cipher of one key: the compiled one where it was built, unless
+    PUSHGATE_PURE_PYTHON is set."""
+    check_key(suite, key)
+    return Cipher(suite, key)
 
 
 def seal(
-    aead: AEAD,
+    cipher: Cipher,
     packet_type: PacketType,
     key_epoch: int,
     session_id: int,
     counter: int,
     payload: bytes,
 ) -> bytes:
-    """Return the datagram carrying `payload` encrypted under `aead` with `counter`."""
+    """Return the datagram carrying `payload` sealed by `cipher` with `counter`."""
     if (packet_type == PacketType.DATA) != bool(payload):
         raise UsageError("only data packets carry a payload, and always one")
-    header = build_header(packet_type, key_epoch, session_id, counter)
-    return header + aead.encrypt(nonce_for(counter), payload, header)
+    if not 0 <= counter <= MAX_COUNTER:
+        raise UsageError(f"counter {counter} out of range")
+    return cipher.seal(packet_type, key_epoch, session_id, counter, payload)
 
 
 def seal_many(
-    aead: AEAD, key_epoch: int, session_id: int, first_counter: int, payloads: list[bytes]
+    cipher: Cipher, key_epoch: int, session_id: int, first_counter: int, payloads: list[bytes]
 ) -> list[bytes]:
     """`seal` of one DATA packet per payload, with counters from `first_counter` up."""
     if first_counter < 0 or first_counter + len(payloads) - 1 > MAX_COUNTER:
         raise UsageError(f"counters from {first_counter} for {len(payloads)} packets out of range")
-    encrypt, pack = aead.encrypt, _HEADER.pack
-    datagrams = []
-    counter = first_counter
-    for payload in payloads:
-        if not payload:
-            raise UsageError("keepalives carry no payload and data packets carry some")
-        header = pack(PROTOCOL_VERSION, _DATA, key_epoch, session_id, counter)
-        datagrams.append(header + encrypt(nonce_for(counter), payload, header))
-        counter += 1
-    return datagrams
+    if not all(payloads):
+        raise UsageError("keepalives carry no payload and data packets carry some")
+    return cipher.seal_many(key_epoch, session_id, first_counter, payloads)
 
 
-def open_payload(aead: AEAD, datagram: bytes, counter: int) -> bytes:
+def open_payload(cipher: Cipher, datagram: bytes, counter: int) -> bytes:
     """Authenticate and decrypt a datagram whose header `read_header` accepted."""
-    try:
-        return aead.decrypt(nonce_for(counter), datagram[HEADER_LEN:], datagram[:HEADER_LEN])
-    except InvalidTag:
-        raise BadTag() from None
+    payload = cipher.open(datagram, counter)
+    if payload is None:
+        raise BadTag()
+    return payload

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import codec
-from .aead import AEAD, CipherSuite, check_key, new_aead
+from .aead import CipherSuite, check_key
 from .ciphercache import DEFAULT_CIPHER_CACHE, CipherCache
 from .constants import (
     KEY_EPOCH_MODULUS,
@@ -136,16 +136,19 @@ class Keypair:
         self._send_key = send_key
         self._recv_key = recv_key
         self._cache = cache
-        self._contexts: tuple[AEAD, AEAD] | None = None  # (send, receive) while cached
+        self._contexts: tuple[codec.Cipher, codec.Cipher] | None = (
+            None  # (send, receive) while cached
+        )
         self._next_counter = first_send_counter(counter_range)
         self.relearned = relearned
         self.sent = 0
         self.received = 0
         self.replay = ReplayWindow()
 
-    def _build_contexts(self) -> tuple[AEAD, AEAD]:
+    def _build_contexts(self) -> tuple[codec.Cipher, codec.Cipher]:
         """Called by the cache only."""
-        contexts = (new_aead(self._suite, self._send_key), new_aead(self._suite, self._recv_key))
+        new_cipher, suite = codec.new_cipher, self._suite
+        contexts = (new_cipher(suite, self._send_key), new_cipher(suite, self._recv_key))
         self._contexts = contexts
         return contexts
 
@@ -208,7 +211,7 @@ class Keypair:
             and now - self.created_at < REJECT_AFTER_SECONDS
         )
 
-    def receive_context(self) -> AEAD:
+    def receive_context(self) -> codec.Cipher:
         return (self._contexts or self._cache.build(self))[1]
 
     def open(self, datagram: bytes, counter: int, now: float) -> bytes:

@@ -14,7 +14,7 @@ proof arrives, next is promoted after NEXT_KEY_PROMOTE_SECONDS anyway.
 
 from .aead import CipherSuite
 from .ciphercache import DEFAULT_CIPHER_CACHE, CipherCache
-from .codec import Header, PacketType, open_payload, parse_header
+from .codec import Header, PacketType, parse_header
 from .constants import (
     DEFAULT_KEEPALIVE_SECONDS,
     KEY_EPOCH_MODULUS,
@@ -22,7 +22,14 @@ from .constants import (
     PREVIOUS_KEY_GRACE_SECONDS,
     REKEY_REQUEST_INTERVAL_SECONDS,
 )
-from .drops import PacketRejected, SessionExpired, UnknownKey, UnknownSession, UsageError
+from .drops import (
+    DropReason,
+    PacketRejected,
+    SessionExpired,
+    UnknownKey,
+    UnknownSession,
+    UsageError,
+)
 from .keys import KeyMaterial, Keypair, Role
 from .lifecycle import LIVE_STATES, Lifecycle, SessionEnd, SessionEvent, SessionState
 
@@ -290,7 +297,7 @@ class TunnelSession:
         ):
             return self._open_each(datagrams, headers, now)
         epoch, session_id, replay = current.epoch, self.session_id, current.replay
-        aead = current.receive_context()
+        open_ = current.receive_context().open
         results = []
         opened = opened_bytes = 0
         advanced, roams = False, True
@@ -307,10 +314,9 @@ class TunnelSession:
                 if reason is not None:
                     results.append(reason)
                     continue
-            try:
-                payload = open_payload(aead, datagram, counter)
-            except PacketRejected as rejected:
-                results.append(rejected.reason)
+            payload = open_(datagram, counter)
+            if payload is None:
+                results.append(DropReason.BAD_TAG)
                 continue
             if roams and counter > replay.highest:
                 advanced = True

@@ -35,8 +35,8 @@ from dataplane.metrics import snmp_section
 from netlab import Lab, http_get, metrics, refuses_nobody, socket_in, wait_for
 from netlab.gateway import AUTH_PORT, DATAPLANE_PORT, GATEWAY, LAN_HOST, GatewayLab
 from netlab.packets import ipv4_udp
-from push_protocol.aead import CipherSuite, new_aead
-from push_protocol.codec import PacketType, parse_header, seal
+from push_protocol.aead import CipherSuite
+from push_protocol.codec import PacketType, new_cipher, parse_header, seal
 from push_protocol.constants import REPLAY_WINDOW_SIZE
 from pushgate_api import control_pb2, control_pb2_grpc
 
@@ -471,9 +471,10 @@ def crafted(alice: control_pb2.Session, live: set[int]) -> list[tuple[str, bytes
     out += [("unknown_key", header(ep=(epoch + 7) % 65536, counter=n) + body) for n in range(10)]
     out += [("bad_tag", header(counter=(1 << 62) + n) + body) for n in range(20)]
     out += [("bad_tag", header(counter=(1 << 63) + n) + os.urandom(65507 - 16)) for n in range(5)]
-    aead = new_aead(CipherSuite.AES_256_GCM, keys.client_to_server_key)  # alice's own key
+    cipher = new_cipher(CipherSuite.AES_256_GCM, keys.client_to_server_key)  # alice's own key
     for n in range(10):
-        forged = bytearray(seal(aead, PacketType.DATA, epoch, sid, (1 << 61) + n, b"E" + bytes(40)))
+        counter = (1 << 61) + n
+        forged = bytearray(seal(cipher, PacketType.DATA, epoch, sid, counter, b"E" + bytes(40)))
         forged[20 + n] ^= 0x01  # one flipped bit in the ciphertext
         out.append(("bad_tag", bytes(forged)))
     return out

@@ -4,9 +4,9 @@ Prints one line per (implementation, cipher, size): microseconds per seal and pe
 open, measured through TunnelSession (header, counter, limits, replay window and
 AEAD), per packet of a `seal_many` batch of 44 (what the data paths call), and
 the bare AEAD call of `cryptography` for comparison. Both implementations of the
-packet cipher run, in one process: the pure-Python reference
-(`codec.PythonCipher`) and the compiled one (push_protocol/_codec.c) where it
-was built. Best of 5 repeats; noise on this 2-core
+packet cipher run, in one process (bench/implementations.py): the pure-Python
+reference (`codec.PythonCipher`) and the compiled one (push_protocol/_codec.c)
+where it was built. Best of 5 repeats; noise on this 2-core
 machine only makes numbers worse, so the minimum is the fair figure.
 """
 
@@ -14,7 +14,8 @@ import os
 import sys
 import time
 
-from push_protocol import codec
+from implementations import NAMES, implementation, missing_note
+
 from push_protocol.aead import CipherSuite, new_aead, nonce_for
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.session import TunnelSession
@@ -22,9 +23,6 @@ from push_protocol.session import TunnelSession
 ROUNDS = 20000
 REPEATS = 5
 BATCH = 44  # packets per seal_many call, as one GSO send of a bulk stream
-IMPLEMENTATIONS = [("pure Python", codec.PythonCipher)] + (
-    [("compiled", codec.Cipher)] if codec.COMPILED else []
-)
 
 
 def _best(fn) -> float:
@@ -87,17 +85,14 @@ def _best_once(fn) -> float:
 
 def main() -> int:
     print(f"codec: per packet through TunnelSession, best of {REPEATS} x {ROUNDS}")
-    compiled = codec.Cipher
-    try:
-        for name, implementation in IMPLEMENTATIONS:
-            codec.Cipher = implementation  # what new_cipher builds from now on
+    for name in NAMES:
+        with implementation(name):
             for suite in CipherSuite:
                 for size in (1400, 64):
                     print(f"{name:<12} {bench(suite, size)}", flush=True)
-    finally:
-        codec.Cipher = compiled
-    if not codec.COMPILED:
-        print("the compiled packet cipher is not built here: pure Python only")
+    note = missing_note()
+    if note:
+        print(note)
     return 0
 
 

@@ -7,10 +7,11 @@ Feeds `Device.on_udp_readable` GRO batches of 44 sealed datagrams (as one
 Python per datagram: header, session, replay window, AEAD open, routing, MSS
 check and the GRO merge for the TUN write. Two payloads: TCP segments of a bulk
 stream (1420-byte packets, merged) and 64-byte UDP datagrams (merged where the
-kernel has USO). Both implementations of the packet cipher, in one process: the
-pure-Python reference and the compiled one (push_protocol/_codec.c) where it was
-built. Best and median of 7 runs; the kernels' own work (recvmsg,
-writev) is in dataplane_bench.py and the side-by-side VPN table.
+kernel has USO). Both implementations of the hot path, in one process: the
+pure-Python reference and the compiled one where it was built (the packet
+cipher and the TUN write merge; bench/implementations.py). Best and median of 7
+runs; the kernels' own work (recvmsg, writev) is in dataplane_bench.py and the
+side-by-side VPN table.
 """
 
 import ipaddress
@@ -19,13 +20,13 @@ import struct
 import sys
 import time
 
+from implementations import COMPILED, NAMES, PURE, implementation, missing_note
 from policy_bench import rules as policy_rules  # rule 0 allows LAN_HOST tcp 5201
 
 from dataplane.device import Device
 from dataplane.metrics import Counters
 from dataplane.registry import Registry, SessionRecord
 from netlab.packets import ipv4_udp
-from push_protocol import codec
 from push_protocol.aead import CipherSuite
 from push_protocol.keys import KeyMaterial, Role
 from push_protocol.policy import ALLOW_ALL, CompiledPolicy
@@ -38,9 +39,6 @@ ROUNDS = 2000
 REPEATS = 7
 CLIENT, LAN_HOST, SOURCE = "198.19.0.2", "198.18.2.2", ("198.18.0.2", 40000)
 GATEWAY = ("198.18.0.1", 5555)
-IMPLEMENTATIONS = [("pure Python", codec.PythonCipher)] + (
-    [("compiled", codec.Cipher)] if codec.COMPILED else []
-)
 
 
 class NoHistogram:
@@ -106,13 +104,11 @@ def run(kind: str, keys: KeyMaterial, sealed: list, now: float, policy=ALLOW_ALL
 def main() -> None:
     now = time.time()
     keys = KeyMaterial(0, os.urandom(32), os.urandom(32), now)
-    compiled = codec.Cipher
     best: dict[tuple[str, str], float] = {}
-    try:
-        for kind, label in (("tcp", "TCP segments, 1420 B"), ("udp", "UDP datagrams, 64 B")):
-            sealed = batches(kind, keys, now)
-            for name, implementation in IMPLEMENTATIONS:
-                codec.Cipher = implementation  # what new_cipher builds from now on
+    for kind, label in (("tcp", "TCP segments, 1420 B"), ("udp", "UDP datagrams, 64 B")):
+        sealed = batches(kind, keys, now)
+        for name in NAMES:
+            with implementation(name):
                 figures = sorted(run(kind, keys, list(sealed), now) for _ in range(REPEATS))
                 best[kind, name] = figures[0]
                 print(
@@ -130,14 +126,13 @@ def main() -> None:
                         f"{with_policy[0]:.2f} us (median {with_policy[REPEATS // 2]:.2f}; "
                         f"{with_policy[0] / figures[0]:.3f}x the best without)"
                     )
-    finally:
-        codec.Cipher = compiled
-    if codec.COMPILED:
-        for kind in ("tcp", "udp"):
-            ratio = best[kind, "compiled"] / best[kind, "pure Python"]
-            print(f"receive path, {kind}: compiled / pure Python = {ratio:.2f}")
-    else:
-        print("the compiled packet cipher is not built here: pure Python only")
+    note = missing_note()
+    if note:
+        print(note)
+        return
+    for kind in ("tcp", "udp"):
+        ratio = best[kind, COMPILED] / best[kind, PURE]
+        print(f"receive path, {kind}: compiled / pure Python = {ratio:.2f}")
 
 
 if __name__ == "__main__":

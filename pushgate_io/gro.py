@@ -35,7 +35,11 @@ effect is that such a segment is delivered with a correct checksum instead of
 being dropped by the receiving stack.
 """
 
+import contextlib
+import os
 import struct
+
+from push_protocol.codec import PURE_PYTHON_ENV
 
 from . import tso
 
@@ -97,13 +101,16 @@ class _Flow:
         self.next_seq = -1
 
 
-def coalesce(
+def python_coalesce(
     packets: list[bytes], *, udp: bool = True, partial_tcp: bool = False
 ) -> list[tuple[list, int]]:
     """The writes for `packets`: (buffers for writev, packets carried) each.
     `udp=False` writes UDP datagrams one by one (a kernel without USO).
     `partial_tcp`: the TCP packets `tso.tcp_offset` covers carry partial checksums
-    (pushgate_io/tso.py), so those written alone are marked NEEDS_CSUM too."""
+    (pushgate_io/tso.py), so those written alone are marked NEEDS_CSUM too.
+
+    The reference implementation: `coalesce` is pushgate_io/_gro.c's where it was
+    built (tests/test_gro_compiled.py shows both give the same writes)."""
     writes: list = []  # (buffers, 1) or a _Flow, in the order of first packets
     tcp_flows: dict[bytes, _Flow] = {}
     udp_flows: dict[bytes, _Flow] = {}
@@ -194,6 +201,25 @@ def coalesce(
                 if offset:
                     buffers[0] = _partial_header(offset)
     return out
+
+
+_compiled = None
+if not os.environ.get(PURE_PYTHON_ENV):
+    with contextlib.suppress(ImportError):  # not built here (Windows): the reference runs
+        from . import _gro as _compiled
+COMPILED = _compiled is not None
+
+
+def coalesce(
+    packets: list[bytes], *, udp: bool = True, partial_tcp: bool = False
+) -> list[tuple[list, int]]:
+    """`python_coalesce`, compiled where it was built (a merged write is then two
+    buffers: the virtio-net header and the whole packet)."""
+    return _compiled.coalesce(packets, udp, partial_tcp)
+
+
+if not COMPILED:
+    coalesce = python_coalesce
 
 
 def _partial_header(offset: int) -> bytes:

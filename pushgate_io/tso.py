@@ -38,7 +38,9 @@ _FIN_PSH, _CWR = 0x09, 0x80
 def tcp_offset(packet) -> int:
     """Where the TCP header starts, for the packets the partial form covers: IPv4
     TCP that is not a fragment, and IPv6 whose first next header is TCP; 0 for
-    every other packet."""
+    every other packet (a packet too short for an IPv4 header among them)."""
+    if len(packet) < 20:
+        return 0
     version = packet[0] >> 4
     if version == 4:
         ihl = (packet[0] & 0x0F) << 2

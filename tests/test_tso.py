@@ -156,6 +156,10 @@ def test_what_the_form_does_not_cover_is_left_alone():
         assert tso.tcp_offset(packet) == 0
         assert tso.packets(vnet() + packet) == [packet]
         assert tso.complete(packet) is packet and tso.to_partial(packet) is packet
+    # too short for an IPv4 header: nothing to look at, and nothing raised
+    for short in (b"", b"\x45", bytes.fromhex("4500001c00010000") + bytes(11)):
+        assert tso.tcp_offset(short) == 0
+        assert tso.complete(short) is short
     # a read that cannot be cut stands as an empty packet, which the router drops
     assert tso.packets(b"short") == [b""]
     assert tso.packets(vnet(0, 4) + ipv6_tcp(b"x")) == [b""]  # TCPv6 GSO: never asked for

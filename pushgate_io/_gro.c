@@ -1,0 +1,340 @@
+/*
+ * The compiled TUN write merge: pushgate_io/gro.py's `coalesce`, in C.
+ *
+ * gro.py is the reference and says what is merged and why; this file follows
+ * it rule for rule (tests/test_gro_compiled.py shows both give the same
+ * writes). Two differences, neither visible to the kernel: a merged write is
+ * two buffers (the virtio-net header, then the packet: one IP and TCP or UDP
+ * header and every segment's payload in one bytes object) where gro.py gives
+ * the payloads as separate buffers, and flows are found through a small hash
+ * table of this batch instead of a dict.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <string.h>
+
+#define VNET_HDR_LEN 10
+#define F_NEEDS_CSUM 1
+#define GSO_TCPV4 1
+#define GSO_UDP_L4 5
+#define TCP_CSUM_OFFSET 16
+#define UDP_CSUM_OFFSET 6
+#define MAX_SEGMENTS 44
+#define UDP_MAX_SEGMENTS 64
+#define MAX_IP_LEN 65535
+#define ACK 0x10
+#define PSH 0x08
+#define PROTO_TCP 6
+#define PROTO_UDP 17
+#define KEY_LEN 12 /* addresses and ports */
+#define JOINED (-2) /* a packet that joined an earlier one's flow */
+
+typedef struct {
+    const unsigned char *key; /* into the first packet */
+    int protocol;
+    Py_ssize_t first;         /* packet index */
+    Py_ssize_t last;          /* packet index of the last segment joined */
+    Py_ssize_t header_len;
+    Py_ssize_t gso_size;
+    Py_ssize_t payload_bytes; /* of the segments after the first */
+    int limit;
+    int count;
+    int psh;
+    int64_t next_seq; /* TCP: the next sequence number; UDP: 0; both: -1 once closed */
+} Flow;
+
+static unsigned int be16(const unsigned char *p) { return (unsigned int)p[0] << 8 | p[1]; }
+
+static uint32_t be32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static void put_be16(unsigned char *p, unsigned int value) {
+    p[0] = (unsigned char)(value >> 8);
+    p[1] = (unsigned char)value;
+}
+
+static uint32_t fold(uint64_t value) {
+    while (value >> 16)
+        value = (value & 0xFFFF) + (value >> 16);
+    return (uint32_t)value;
+}
+
+static PyObject *vnet_header(int flags, int gso_type, unsigned int header_len, unsigned int gso_size,
+                             unsigned int csum_start, unsigned int csum_offset) {
+    unsigned char header[VNET_HDR_LEN];
+    uint16_t fields[4] = {(uint16_t)header_len, (uint16_t)gso_size, (uint16_t)csum_start,
+                          (uint16_t)csum_offset};
+    header[0] = (unsigned char)flags;
+    header[1] = (unsigned char)gso_type;
+    memcpy(header + 2, fields, sizeof fields); /* the host's byte order, as the TUN takes it */
+    return PyBytes_FromStringAndSize((const char *)header, VNET_HDR_LEN);
+}
+
+/* tso.tcp_offset */
+static Py_ssize_t tcp_offset(const unsigned char *p, Py_ssize_t length) {
+    if (length < 20)
+        return 0;
+    int version = p[0] >> 4;
+    if (version == 4) {
+        Py_ssize_t ihl = (p[0] & 0x0F) << 2;
+        if (p[9] == PROTO_TCP && !((p[6] & 0x3F) || p[7]) && length >= ihl + 20)
+            return ihl;
+    } else if (version == 6 && p[6] == PROTO_TCP && length >= 60) {
+        return 40;
+    }
+    return 0;
+}
+
+static uint32_t hash_key(const unsigned char *key, int protocol) {
+    uint32_t h = 2166136261u ^ (uint32_t)protocol;
+    for (int i = 0; i < KEY_LEN; i++)
+        h = (h ^ key[i]) * 16777619u;
+    return h;
+}
+
+/* The slot of (key, protocol) in the open-addressing table: its flow, or empty (-1). */
+static Py_ssize_t *slot_for(Py_ssize_t *table, size_t mask, const Flow *flows,
+                            const unsigned char *key, int protocol) {
+    size_t index = hash_key(key, protocol) & mask;
+    for (;;) {
+        Py_ssize_t flow = table[index];
+        if (flow < 0 ||
+            (flows[flow].protocol == protocol && memcmp(flows[flow].key, key, KEY_LEN) == 0))
+            return &table[index];
+        index = (index + 1) & mask;
+    }
+}
+
+/* A merged write: [virtio-net header, header + every segment's payload]. */
+static PyObject *finish(const Flow *flow, const Py_buffer *views, const Py_ssize_t *next_member) {
+    Py_ssize_t header_len = flow->header_len;
+    Py_ssize_t total = header_len + flow->gso_size + flow->payload_bytes;
+    PyObject *data = PyBytes_FromStringAndSize(NULL, total);
+    if (data == NULL)
+        return NULL;
+    unsigned char *out = (unsigned char *)PyBytes_AS_STRING(data);
+    memcpy(out, views[flow->first].buf, views[flow->first].len);
+    unsigned char *at = out + views[flow->first].len;
+    for (Py_ssize_t member = next_member[flow->first]; member >= 0; member = next_member[member]) {
+        Py_ssize_t size = views[member].len - header_len;
+        memcpy(at, (const unsigned char *)views[member].buf + header_len, size);
+        at += size;
+    }
+    put_be16(out + 2, (unsigned int)total);
+    out[10] = out[11] = 0;
+    uint64_t sum = 0;
+    for (int i = 0; i < 20; i += 2)
+        sum += be16(out + i);
+    put_be16(out + 10, ~fold(sum) & 0xFFFF);
+    Py_ssize_t l4_length = total - 20;
+    uint64_t pseudo = (uint64_t)be16(out + 12) + be16(out + 14) + be16(out + 16) + be16(out + 18) +
+                      (uint64_t)flow->protocol + (uint64_t)l4_length;
+    int gso_type, csum_offset;
+    if (flow->protocol == PROTO_TCP) {
+        out[33] = (unsigned char)((out[33] & ~PSH) | flow->psh); /* as the last segment had it */
+        put_be16(out + 36, fold(pseudo));
+        gso_type = GSO_TCPV4;
+        csum_offset = TCP_CSUM_OFFSET;
+    } else {
+        put_be16(out + 24, (unsigned int)l4_length);
+        put_be16(out + 26, fold(pseudo));
+        gso_type = GSO_UDP_L4;
+        csum_offset = UDP_CSUM_OFFSET;
+    }
+    PyObject *vnet = vnet_header(F_NEEDS_CSUM, gso_type, (unsigned int)header_len,
+                                 (unsigned int)flow->gso_size, 20, csum_offset);
+    if (vnet == NULL) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    return Py_BuildValue("([NN]i)", vnet, data, flow->count);
+}
+
+static PyObject *lone(PyObject *packet, const Py_buffer *view, int partial_tcp, PyObject *plain) {
+    Py_ssize_t offset = partial_tcp ? tcp_offset(view->buf, view->len) : 0;
+    if (offset) {
+        PyObject *header = vnet_header(F_NEEDS_CSUM, 0, 0, 0, (unsigned int)offset, TCP_CSUM_OFFSET);
+        if (header == NULL)
+            return NULL;
+        return Py_BuildValue("([NO]i)", header, packet, 1);
+    }
+    return Py_BuildValue("([OO]i)", plain, packet, 1);
+}
+
+PyDoc_STRVAR(coalesce_doc,
+             "coalesce(packets, udp, partial_tcp) -> list[tuple[list, int]]\n\n"
+             "gro.coalesce (the reference): the TUN writes that carry `packets`.");
+
+static PyObject *coalesce(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "coalesce takes 3 arguments");
+        return NULL;
+    }
+    int udp = PyObject_IsTrue(args[1]);
+    int partial_tcp = PyObject_IsTrue(args[2]);
+    if (udp < 0 || partial_tcp < 0)
+        return NULL;
+    PyObject *packets = PySequence_Fast(args[0], "packets must be a sequence");
+    if (packets == NULL)
+        return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(packets);
+    size_t table_size = 16;
+    while (table_size < (size_t)count * 2)
+        table_size <<= 1;
+    PyObject *result = NULL, *writes = NULL, *plain = NULL;
+    Py_ssize_t viewed = 0;
+    Py_buffer *views = PyMem_Calloc(count ? count : 1, sizeof(Py_buffer));
+    Flow *flows = PyMem_Calloc(count ? count : 1, sizeof(Flow));
+    /* per packet: the flow it opened (-1: none, JOINED: it joined one); the next segment
+     * of its flow (-1: none) */
+    Py_ssize_t *opened = PyMem_Malloc((count ? count : 1) * sizeof(Py_ssize_t));
+    Py_ssize_t *next_member = PyMem_Malloc((count ? count : 1) * sizeof(Py_ssize_t));
+    Py_ssize_t *table = PyMem_Malloc(table_size * sizeof(Py_ssize_t));
+    if (!views || !flows || !opened || !next_member || !table) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memset(table, 0xFF, table_size * sizeof(Py_ssize_t)); /* every slot -1 */
+    Py_ssize_t flow_count = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        opened[i] = next_member[i] = -1;
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(packets, i), &views[i], PyBUF_SIMPLE) < 0)
+            goto done;
+        viewed++;
+        const unsigned char *p = views[i].buf;
+        Py_ssize_t length = views[i].len;
+        if (length < 29 || p[0] != 0x45) /* IPv4 without options, with a payload */
+            continue;
+        int protocol = p[9];
+        Py_ssize_t header_len, size;
+        int64_t seq = 0;
+        int flags = 0;
+        if (protocol == PROTO_TCP && length >= 41) {
+            unsigned int frag = be16(p + 6);
+            header_len = 20 + ((p[32] >> 4) << 2);
+            size = length - header_len;
+            flags = p[33];
+            if ((frag & 0x3FFF) || (flags & ~PSH) != ACK || size <= 0 || header_len < 40 ||
+                be16(p + 2) != (unsigned int)length)
+                continue;
+            seq = be32(p + 24);
+        } else if (protocol == PROTO_UDP && udp) {
+            if ((be16(p + 6) & 0x3FFF) || be16(p + 2) != (unsigned int)length ||
+                be16(p + 24) != (unsigned int)(length - 20))
+                continue;
+            header_len = 28;
+            size = length - 28;
+        } else {
+            continue;
+        }
+        Py_ssize_t *slot = slot_for(table, table_size - 1, flows, p + 12, protocol);
+        Flow *flow = *slot >= 0 ? &flows[*slot] : NULL;
+        if (flow != NULL && size <= flow->gso_size && flow->count < flow->limit) {
+            const unsigned char *first = views[flow->first].buf;
+            int joins;
+            if (protocol == PROTO_TCP)
+                /* TOS, DF, TTL, ACK number, data offset, window, urgent pointer, options */
+                joins = seq == flow->next_seq && p[1] == first[1] && be16(p + 6) == be16(first + 6) &&
+                        p[8] == first[8] && memcmp(p + 28, first + 28, 5) == 0 &&
+                        memcmp(p + 34, first + 34, 2) == 0 && memcmp(p + 38, first + 38, 2) == 0 &&
+                        memcmp(p + 40, first + 40, header_len - 40) == 0;
+            else /* TOS, DF, TTL */
+                joins = flow->next_seq == 0 && p[1] == first[1] && be16(p + 6) == be16(first + 6) &&
+                        p[8] == first[8];
+            if (joins) {
+                opened[i] = JOINED;
+                next_member[flow->last] = i;
+                flow->last = i;
+                flow->count++;
+                flow->payload_bytes += size;
+                if (protocol == PROTO_TCP) {
+                    if (size < flow->gso_size || (flags & PSH)) { /* the last this write takes */
+                        flow->psh = flags & PSH;
+                        flow->next_seq = -1;
+                    } else {
+                        flow->next_seq = (seq + size) & 0xFFFFFFFF;
+                    }
+                } else if (size < flow->gso_size) {
+                    flow->next_seq = -1;
+                }
+                continue;
+            }
+        }
+        flow = &flows[flow_count];
+        flow->key = p + 12;
+        flow->protocol = protocol;
+        flow->first = flow->last = i;
+        flow->header_len = header_len;
+        flow->gso_size = size;
+        flow->payload_bytes = 0;
+        Py_ssize_t by_size = (MAX_IP_LEN - header_len) / size;
+        int most = protocol == PROTO_TCP ? MAX_SEGMENTS : UDP_MAX_SEGMENTS;
+        flow->limit = by_size < most ? (int)by_size : most;
+        flow->count = 1;
+        flow->psh = 0;
+        if (protocol == PROTO_TCP) {
+            if (flags & PSH) {
+                flow->psh = PSH;
+                flow->next_seq = -1;
+            } else {
+                flow->next_seq = (seq + size) & 0xFFFFFFFF;
+            }
+        } else {
+            flow->next_seq = 0;
+        }
+        *slot = flow_count; /* replaces an earlier flow of the same key, as a dict would */
+        opened[i] = flow_count++;
+    }
+    plain = PyBytes_FromStringAndSize(NULL, VNET_HDR_LEN);
+    writes = PyList_New(0);
+    if (plain == NULL || writes == NULL)
+        goto done;
+    memset(PyBytes_AS_STRING(plain), 0, VNET_HDR_LEN); /* no GSO, no checksum offload */
+    /* in the order of each write's first packet; a segment that joined a flow is in it */
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *write;
+        if (opened[i] == JOINED)
+            continue;
+        if (opened[i] >= 0 && flows[opened[i]].count > 1)
+            write = finish(&flows[opened[i]], views, next_member);
+        else
+            write = lone(PySequence_Fast_GET_ITEM(packets, i), &views[i], partial_tcp, plain);
+        if (write == NULL || PyList_Append(writes, write) < 0) {
+            Py_XDECREF(write);
+            goto done;
+        }
+        Py_DECREF(write);
+    }
+    result = writes;
+    writes = NULL;
+done:
+    for (Py_ssize_t i = 0; i < viewed; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views);
+    PyMem_Free(flows);
+    PyMem_Free(opened);
+    PyMem_Free(next_member);
+    PyMem_Free(table);
+    Py_XDECREF(plain);
+    Py_XDECREF(writes);
+    Py_DECREF(packets);
+    return result;
+}
+
+static PyMethodDef gro_methods[] = {
+    {"coalesce", (PyCFunction)(void (*)(void))coalesce, METH_FASTCALL, coalesce_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef gro_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "pushgate_io._gro",
+    .m_doc = "The compiled TUN write merge (pushgate_io/gro.py has the reference).",
+    .m_size = -1,
+    .m_methods = gro_methods,
+};
+
+PyMODINIT_FUNC PyInit__gro(void) { return PyModule_Create(&gro_module); }

@@ -1,0 +1,101 @@
+"""The compiled TUN write merge (pushgate_io/_gro.c) against the reference,
+`gro.python_coalesce`: the same writes (virtio-net header, bytes written, packets
+carried) for any batch: streams of several TCP and UDP flows with gaps, pushes,
+odd flags, changed TTL, window or options, fragments, IPv6, lone TCP packets in
+the partial checksum form, truncated packets and noise. `make test` builds it,
+so on Linux its absence is a failure, not a skip."""
+
+import struct
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pushgate_io import gro
+
+if not gro.COMPILED and not sys.platform.startswith("linux"):
+    pytest.skip("the compiled merge is built on Linux only", allow_module_level=True)
+
+from pushgate_io._gro import coalesce as compiled_coalesce
+from test_gro import tcp, udp
+
+SPORTS = [40000, 40001, 40002]
+
+
+def ipv6_tcp(payload: bytes) -> bytes:
+    tcp_header = struct.pack("!HHIIBBHHH", 40000, 5201, 1, 7, 5 << 4, 0x10, 512, 0, 0)
+    ip = struct.pack("!IHBB16s16s", 6 << 28, 20 + len(payload), 6, 64, bytes(16), bytes(16))
+    return ip + tcp_header + payload
+
+
+@st.composite
+def batches(draw):
+    """A batch as a dataplane's TUN write sees it, with every way a packet can
+    fail to join drawn often enough to be seen."""
+    next_seq = dict.fromkeys(SPORTS, 1000)
+    packets = []
+    for _ in range(draw(st.integers(0, 120))):
+        kind = draw(st.sampled_from(["tcp"] * 6 + ["udp"] * 3 + ["odd"]))
+        sport = draw(st.sampled_from(SPORTS))
+        size = draw(st.sampled_from([1, 64, 500, 1368, 1368, 1368, 1400, 1460]))
+        payload = bytes([size % 251]) * size
+        if kind == "tcp":
+            seq = (next_seq[sport] + draw(st.sampled_from([0, 0, 0, 0, size, -size]))) % 2**32
+            flags = draw(st.sampled_from([0x10] * 8 + [0x18, 0x11, 0x12, 0x04, 0x50]))
+            ttl = draw(st.sampled_from([64] * 9 + [63]))
+            options = draw(st.sampled_from([b""] * 4 + [b"\x01\x01\x08\x0a" + bytes(8)]))
+            packets.append(tcp(seq, payload, sport=sport, flags=flags, ttl=ttl, options=options))
+            next_seq[sport] = (seq + size) & 0xFFFFFFFF
+        elif kind == "udp":
+            ttl = draw(st.sampled_from([64] * 9 + [63]))
+            packets.append(udp(payload, sport=sport, ttl=ttl))
+        else:
+            base = tcp(next_seq[sport], payload, sport=sport)
+            odd = draw(
+                st.sampled_from(
+                    [
+                        base[:6] + b"\x20\x00" + base[8:],  # a fragment (MF)
+                        base[: draw(st.integers(0, len(base) - 1))],  # truncated
+                        ipv6_tcp(payload),
+                        bytes([0x46]) + base[1:],  # IPv4 with options
+                        base[:9] + b"\x01" + base[10:],  # ICMP
+                        draw(st.binary(max_size=80)),  # noise
+                    ]
+                )
+            )
+            packets.append(odd)
+    return packets
+
+
+def writes(result):
+    return [
+        (bytes(parts[0]), b"".join(bytes(part) for part in parts[1:]), n) for parts, n in result
+    ]
+
+
+@given(batches(), st.booleans(), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_the_compiled_merge_gives_the_reference_writes(packets, udp_offload, partial_tcp):
+    expected = gro.python_coalesce(packets, udp=udp_offload, partial_tcp=partial_tcp)
+    assert writes(compiled_coalesce(packets, udp_offload, partial_tcp)) == writes(expected)
+
+
+def test_coalesce_is_the_compiled_merge_unless_pure_python_is_asked_for():
+    assert gro.COMPILED
+    packets = [tcp(1000 + 100 * i, bytes(100)) for i in range(3)]
+    [(parts, count)] = gro.coalesce(packets)
+    assert count == 3 and len(parts) == 2  # the compiled one's shape: header, packet
+
+
+def test_a_long_stream_is_cut_where_the_reference_cuts_it():
+    """MAX_SEGMENTS and 64 KiB per write, for TCP and UDP, as in test_gro.py."""
+    streams = [
+        [tcp(1 + 1368 * i, bytes(1368)) for i in range(gro.MAX_SEGMENTS * 2 + 5)],
+        [udp(bytes(64)) for _ in range(gro.UDP_MAX_SEGMENTS + 3)],
+        [udp(bytes(1400)) for _ in range(60)],
+    ]
+    for packets in streams:
+        expected = writes(gro.python_coalesce(packets))
+        assert writes(compiled_coalesce(packets, True, False)) == expected
+        assert len(expected) > 1

@@ -42,6 +42,14 @@ def test_help(exe):
         assert command in result.stdout
 
 
+def test_the_executable_runs_the_compiled_hot_path(exe):
+    """PyInstaller bundled the compiled packet cipher and TUN write merge (and the
+    libcrypto the cipher links), so the Linux executable does not fall back."""
+    result = run(exe, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("(hot path: compiled)\n"), result.stdout
+
+
 def test_status_without_and_with_a_client(exe, tmp_path):
     result = run(exe, "--status-dir", str(tmp_path), "status")
     assert (result.returncode, result.stdout.strip()) == (1, "not connected (no client on pgc0)")

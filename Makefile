@@ -101,7 +101,9 @@ system-deps:
 # Benchmarks; figures go to stdout (compare figures from one run, as ratios): codec,
 # login latency, auth memory under failed logins, dataplane packets/CPU-second and
 # memory/session, what a noise flood costs a TCP stream, then pushgate beside
-# wireguard-go and OpenVPN.
+# wireguard-go and OpenVPN (and beside itself on its pure-Python hot path). The
+# Python benches measure the compiled hot path and the pure-Python reference side
+# by side (bench/implementations.py).
 # The side-by-side VPN run uses the team's harness in ../shared/bench; its results
 # are kept in bench/results/ and compared with the run before.
 BENCH_HARNESS := ../shared/bench/netns-tunnels.sh
@@ -138,6 +140,7 @@ bench-vpn: system-deps $(INSTALLED) $(GENERATED)
 	mkdir -p bench/results
 	@if [ -f bench/results/vpn-last.txt ]; then cp bench/results/vpn-last.txt bench/results/vpn-previous.txt; fi
 	bash $(BENCH_HARNESS) -t 5 -r $(BENCH_REPEATS) --extra pushgate=bench/pushgate-hook.sh \
+	    --extra pushgate-python=bench/pushgate-python-hook.sh \
 	    > bench/results/vpn-last.txt
 	PYTHONPATH=. $(PY) bench/machine.py --header
 	$(PY) bench/vpn_table.py bench/results/vpn-last.txt \

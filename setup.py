@@ -1,12 +1,12 @@
 """The compiled part of pushgate; everything else is in pyproject.toml.
 
 push_protocol/_codec.c (the packet cipher, against OpenSSL's libcrypto) and
-pushgate_io/_gro.c (the TUN write merge) are built on Linux, where the gateway
+pushgate_io/_offload.c (the TUN write merge and read cut) are built on Linux, where the gateway
 and the Linux client run. Elsewhere (the Windows
 client), or where no compiler or OpenSSL headers are at hand, the package
 installs without it and the pure-Python reference of each runs:
 `optional` turns a failed build into a warning, and tests/test_codec_compiled.py and
-tests/test_gro_compiled.py fail under `make test` if either is missing on Linux.
+tests/test_offload_compiled.py fail under `make test` if either is missing on Linux.
 """
 
 import sys
@@ -22,7 +22,9 @@ compiled = [
         extra_compile_args=FLAGS,
         optional=True,
     ),
-    Extension("pushgate_io._gro", ["pushgate_io/_gro.c"], extra_compile_args=FLAGS, optional=True),
+    Extension(
+        "pushgate_io._offload", ["pushgate_io/_offload.c"], extra_compile_args=FLAGS, optional=True
+    ),
 ]
 
 setup(ext_modules=compiled if sys.platform.startswith("linux") else [])

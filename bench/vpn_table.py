@@ -63,7 +63,8 @@ def main(argv: list[str]) -> int:
         )
     ours = table.get("pushgate")
     if ours:
-        for peer in ("wireguard-go", "openvpn"):
+        # pushgate-python: the same pushgate on its pure-Python hot path
+        for peer in ("wireguard-go", "openvpn", "pushgate-python"):
             if peer not in table:
                 continue
             cells = []

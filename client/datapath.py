@@ -14,6 +14,7 @@ from collections import Counter
 from push_protocol.codec import Header, read_header
 from push_protocol.drops import DropReason, PacketRejected
 from push_protocol.session import TunnelSession
+from pushgate_io import tso
 from pushgate_io.tun import TunDevice
 from pushgate_io.udp import DATAGRAM_BUDGET, BatchSocket
 
@@ -117,6 +118,12 @@ class Datapath:
     def on_tun_readable(self) -> None:
         """Seal and send what waits on the TUN (the event loop calls this)."""
         packets = self._tun.read_packets(BATCH)
+        if self._tun.partial_tcp:  # TSO reads (LinuxHost): the dataplane takes complete ones
+            read = len(packets)
+            # (an empty packet stands for a read that could not be cut: pushgate_io/tso.py)
+            packets = [tso.complete(packet) for packet in packets if packet]
+            if len(packets) < read:
+                self.drops[DropReason.INNER_MALFORMED] += read - len(packets)
         datagrams, rejected = self.session.seal_many(packets, self._clock())
         for reason in rejected:
             self.drops[reason] += 1

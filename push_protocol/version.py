@@ -19,11 +19,11 @@ def hot_path() -> str:
     compiled, "python" where both run the reference (not built, or
     PUSHGATE_PURE_PYTHON), "partly compiled" otherwise."""
     # (imported here: pushgate_io builds on push_protocol, not the other way)
-    from pushgate_io import gro
+    from pushgate_io import tso
 
     from . import codec
 
-    compiled = codec.COMPILED + gro.COMPILED
+    compiled = codec.COMPILED + tso.COMPILED
     return ("python", "partly compiled", "compiled")[compiled]
 
 

@@ -35,11 +35,7 @@ effect is that such a segment is delivered with a correct checksum instead of
 being dropped by the receiving stack.
 """
 
-import contextlib
-import os
 import struct
-
-from push_protocol.codec import PURE_PYTHON_ENV
 
 from . import tso
 
@@ -110,7 +106,7 @@ def python_coalesce(
     (pushgate_io/tso.py), so those written alone are marked NEEDS_CSUM too.
 
     The reference implementation: `coalesce` is pushgate_io/_gro.c's where it was
-    built (tests/test_gro_compiled.py shows both give the same writes)."""
+    built (tests/test_offload_compiled.py shows both give the same writes)."""
     writes: list = []  # (buffers, 1) or a _Flow, in the order of first packets
     tcp_flows: dict[bytes, _Flow] = {}
     udp_flows: dict[bytes, _Flow] = {}
@@ -203,22 +199,15 @@ def python_coalesce(
     return out
 
 
-_compiled = None
-if not os.environ.get(PURE_PYTHON_ENV):
-    with contextlib.suppress(ImportError):  # not built here (Windows): the reference runs
-        from . import _gro as _compiled
-COMPILED = _compiled is not None
-
-
 def coalesce(
     packets: list[bytes], *, udp: bool = True, partial_tcp: bool = False
 ) -> list[tuple[list, int]]:
-    """`python_coalesce`, compiled where it was built (a merged write is then two
-    buffers: the virtio-net header and the whole packet)."""
-    return _compiled.coalesce(packets, udp, partial_tcp)
+    """`python_coalesce`, compiled where it was built (tso.COMPILED; a merged write
+    is then two buffers: the virtio-net header and the whole packet)."""
+    return tso.compiled.coalesce(packets, udp, partial_tcp)
 
 
-if not COMPILED:
+if not tso.COMPILED:
     coalesce = python_coalesce
 
 

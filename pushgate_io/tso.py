@@ -25,7 +25,11 @@ dataplane does not complete TCP checksums for clients whose kernel can
 Pure code, no I/O.
 """
 
+import contextlib
+import os
 import struct
+
+from push_protocol.codec import PURE_PYTHON_ENV
 
 VNET_HDR_LEN = 10
 _VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
@@ -76,7 +80,7 @@ def _fold(value: int) -> int:
     return value
 
 
-def to_partial(packet: bytes) -> bytes:
+def python_to_partial(packet: bytes) -> bytes:
     """A complete TCP packet in the partial form (others as they are)."""
     offset = tcp_offset(packet)
     if not offset:
@@ -86,7 +90,7 @@ def to_partial(packet: bytes) -> bytes:
     return bytes(out)
 
 
-def complete(packet: bytes) -> bytes:
+def python_complete(packet: bytes) -> bytes:
     """A TCP packet of the partial form with its checksum completed (others as
     they are)."""
     offset = tcp_offset(packet)
@@ -110,7 +114,7 @@ def packets(data: bytes) -> list[bytes]:
     packet = data[VNET_HDR_LEN:]
     gso_type &= ~GSO_ECN
     if gso_type == GSO_TCPV4:
-        return _segments(packet, gso_size) or [b""]
+        return segments(packet, gso_size) or [b""]
     if gso_type != GSO_NONE:
         return [b""]
     offset = tcp_offset(packet)
@@ -133,7 +137,7 @@ def _completed_at(packet: bytes, start: int, field: int) -> bytes:
     return bytes(out)
 
 
-def _segments(packet: bytes, gso_size: int) -> list[bytes]:
+def python_segments(packet: bytes, gso_size: int) -> list[bytes]:
     """An IPv4 TCP super-packet cut into segments of `gso_size` payload bytes, each
     with its own IP length, id and header checksum, sequence number, flags (FIN
     and PSH on the last only, CWR on the first only) and a partial checksum.
@@ -186,6 +190,19 @@ def _segments(packet: bytes, gso_size: int) -> list[bytes]:
         out.append(join((edge, data[start : start + size])))
     return out
 
+
+# The compiled offloads (pushgate_io/_offload.c: these three and gro.coalesce)
+# where they were built, unless PUSHGATE_PURE_PYTHON is set; the python_ functions
+# here are the reference (tests/test_offload_compiled.py shows both equal).
+compiled = None
+if not os.environ.get(PURE_PYTHON_ENV):
+    with contextlib.suppress(ImportError):  # not built here (Windows): the reference runs
+        from . import _offload as compiled
+COMPILED = compiled is not None
+if compiled is not None:
+    complete, to_partial, segments = compiled.complete, compiled.to_partial, compiled.segments
+else:
+    complete, to_partial, segments = python_complete, python_to_partial, python_segments
 
 _ID_CSUM = struct.Struct("!HHBBH")  # IP id, fragment field, TTL, protocol, checksum
 _SEQ = struct.Struct("!I")

@@ -8,7 +8,8 @@ packets (the TUN's offload flags stay off, so the kernel never sends us GSO
 packets); `read_packets` strips the header and `coalesce` adds it, so a caller
 sees the same packets either way.
 
-With `tso_reads=True` as well (the dataplane), the offload flags are set to
+With `tso_reads=True` as well (the dataplane; the Linux client where the compiled
+offloads are built), the offload flags are set to
 TUN_F_CSUM | TUN_F_TSO4: the kernel hands over a TCP flow's segments as one
 super-packet per read, and `read_packets` cuts it (pushgate_io/tso.py). Its
 TCP packets are then in the partial checksum form (`partial_tcp`).
@@ -55,10 +56,11 @@ class LinuxTun:
         return self._fd
 
     def read_packets(self, limit: int) -> list[bytes]:
-        """Up to `limit` reads' packets (with TSO reads, a read may bring dozens)."""
-        packets = []
+        """About `limit` packets: reads stop once that many are in (with TSO reads,
+        one read may bring dozens, so a little more), or when none waits."""
+        packets: list[bytes] = []
         skip = self._skip
-        for _ in range(limit):
+        while len(packets) < limit:
             try:
                 data = os.read(self._fd, READ_SIZE)
             except BlockingIOError:

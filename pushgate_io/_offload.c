@@ -1,13 +1,15 @@
 /*
- * The compiled TUN write merge: pushgate_io/gro.py's `coalesce`, in C.
+ * The compiled TUN offloads: pushgate_io/gro.py's `coalesce` (the write merge)
+ * and pushgate_io/tso.py's `segments`, `complete` and `to_partial` (the read
+ * cut and the partial checksum form), in C.
  *
- * gro.py is the reference and says what is merged and why; this file follows
- * it rule for rule (tests/test_gro_compiled.py shows both give the same
- * writes). Two differences, neither visible to the kernel: a merged write is
- * two buffers (the virtio-net header, then the packet: one IP and TCP or UDP
- * header and every segment's payload in one bytes object) where gro.py gives
- * the payloads as separate buffers, and flows are found through a small hash
- * table of this batch instead of a dict.
+ * gro.py and tso.py are the reference and say what is done and why; this file
+ * follows them rule for rule (tests/test_offload_compiled.py shows both give
+ * the same bytes). Two differences in the merge, neither visible to the
+ * kernel: a merged write is two buffers (the virtio-net header, then the
+ * packet: one IP and TCP or UDP header and every segment's payload in one
+ * bytes object) where gro.py gives the payloads as separate buffers, and flows
+ * are found through a small hash table of this batch instead of a dict.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -324,17 +326,169 @@ done:
     return result;
 }
 
-static PyMethodDef gro_methods[] = {
+/* -- tso.py ------------------------------------------------------------------ */
+
+#define FIN_PSH 0x09
+#define CWR 0x80
+
+static uint64_t word_sum(const unsigned char *p, Py_ssize_t length) {
+    uint64_t sum = 0;
+    Py_ssize_t i = 0;
+    for (; i + 1 < length; i += 2)
+        sum += be16(p + i);
+    if (length & 1)
+        sum += (uint64_t)p[length - 1] << 8; /* a last odd byte, padded with a zero */
+    return sum;
+}
+
+/* tso.ones_sum: the ones' complement sum, 0 only for all zeros */
+static uint32_t ones_sum(const unsigned char *p, Py_ssize_t length) {
+    uint64_t sum = word_sum(p, length);
+    uint32_t folded = (uint32_t)(sum % 0xFFFF);
+    return folded || !sum ? folded : 0xFFFF;
+}
+
+PyDoc_STRVAR(segments_doc,
+             "segments(packet, gso_size) -> list[bytes]\n\n"
+             "tso.python_segments (the reference): an IPv4 TCP super-packet cut into\n"
+             "segments in the partial checksum form; [] for one that cannot be cut.");
+
+static PyObject *segments(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "segments takes 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t gso_size = PyLong_AsSsize_t(args[1]);
+    if (gso_size == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *p = view.buf;
+    Py_ssize_t end = view.len;
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        goto done;
+    Py_ssize_t offset = tcp_offset(p, end);
+    if (!offset || p[0] >> 4 != 4 || gso_size <= 0)
+        goto done;
+    Py_ssize_t header_len = offset + ((p[offset + 12] >> 4) << 2);
+    if (header_len > end || header_len < offset + 20)
+        goto done;
+    /* the IP header's sum without total length, id and checksum, which change */
+    uint64_t ip_base = word_sum(p, offset) - be16(p + 2) - be16(p + 4) - be16(p + 10);
+    unsigned int first_id = be16(p + 4);
+    uint32_t first_seq = be32(p + offset + 4);
+    int flags = p[offset + 13];
+    uint64_t pseudo_base = ones_sum(p + 12, 8) + PROTO_TCP + (uint64_t)(header_len - offset);
+    Py_ssize_t count = (end - header_len + gso_size - 1) / gso_size;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        Py_ssize_t start = header_len + index * gso_size;
+        Py_ssize_t size = end - start < gso_size ? end - start : gso_size;
+        Py_ssize_t total = header_len + size;
+        PyObject *segment = PyBytes_FromStringAndSize(NULL, total);
+        if (segment == NULL) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        unsigned char *s = (unsigned char *)PyBytes_AS_STRING(segment);
+        memcpy(s, p, header_len);
+        memcpy(s + header_len, p + start, size);
+        int segment_flags = index == count - 1 ? flags : flags & ~FIN_PSH;
+        if (index)
+            segment_flags &= ~CWR;
+        unsigned int ip_id = (first_id + (unsigned int)index) & 0xFFFF;
+        put_be16(s + 2, (unsigned int)total);
+        put_be16(s + 4, ip_id);
+        put_be16(s + 10, 0xFFFF - (unsigned int)((ip_base + (uint64_t)total + ip_id) % 0xFFFF));
+        uint32_t seq = first_seq + (uint32_t)(start - header_len);
+        s[offset + 4] = (unsigned char)(seq >> 24);
+        s[offset + 5] = (unsigned char)(seq >> 16);
+        s[offset + 6] = (unsigned char)(seq >> 8);
+        s[offset + 7] = (unsigned char)seq;
+        s[offset + 13] = (unsigned char)segment_flags;
+        put_be16(s + offset + 16, fold(pseudo_base + (uint64_t)size));
+        int failed = PyList_Append(out, segment);
+        Py_DECREF(segment);
+        if (failed) {
+            Py_CLEAR(out);
+            goto done;
+        }
+    }
+done:
+    PyBuffer_Release(&view);
+    return out;
+}
+
+/* A copy of `packet` with the 2 bytes at `at` set to `value`. */
+static PyObject *with_field(const Py_buffer *view, Py_ssize_t at, unsigned int value) {
+    PyObject *out = PyBytes_FromStringAndSize(view->buf, view->len);
+    if (out != NULL)
+        put_be16((unsigned char *)PyBytes_AS_STRING(out) + at, value);
+    return out;
+}
+
+PyDoc_STRVAR(complete_doc,
+             "complete(packet) -> bytes\n\n"
+             "tso.python_complete (the reference): a TCP packet of the partial form\n"
+             "with its checksum completed; any other packet as it is.");
+
+static PyObject *complete(PyObject *module, PyObject *packet) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(packet, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t offset = tcp_offset(view.buf, view.len);
+    PyObject *out;
+    if (!offset) {
+        out = packet;
+        Py_INCREF(out);
+    } else {
+        uint32_t sum = ones_sum((const unsigned char *)view.buf + offset, view.len - offset);
+        out = with_field(&view, offset + 16, 0xFFFF - sum);
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
+PyDoc_STRVAR(to_partial_doc,
+             "to_partial(packet) -> bytes\n\n"
+             "tso.python_to_partial (the reference): a complete TCP packet in the\n"
+             "partial form; any other packet as it is.");
+
+static PyObject *to_partial(PyObject *module, PyObject *packet) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(packet, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *p = view.buf;
+    Py_ssize_t offset = tcp_offset(p, view.len);
+    PyObject *out;
+    if (!offset) {
+        out = packet;
+        Py_INCREF(out);
+    } else {
+        int v6 = offset == 40 && p[0] >> 4 != 4;
+        uint64_t pseudo = (uint64_t)(v6 ? ones_sum(p + 8, 32) : ones_sum(p + 12, 8)) + PROTO_TCP +
+                          (uint64_t)(view.len - offset);
+        out = with_field(&view, offset + 16, fold(pseudo));
+    }
+    PyBuffer_Release(&view);
+    return out;
+}
+
+static PyMethodDef offload_methods[] = {
     {"coalesce", (PyCFunction)(void (*)(void))coalesce, METH_FASTCALL, coalesce_doc},
+    {"segments", (PyCFunction)(void (*)(void))segments, METH_FASTCALL, segments_doc},
+    {"complete", complete, METH_O, complete_doc},
+    {"to_partial", to_partial, METH_O, to_partial_doc},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef gro_module = {
+static struct PyModuleDef offload_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "pushgate_io._gro",
-    .m_doc = "The compiled TUN write merge (pushgate_io/gro.py has the reference).",
+    .m_name = "pushgate_io._offload",
+    .m_doc = "The compiled TUN offloads (pushgate_io/gro.py and tso.py have the reference).",
     .m_size = -1,
-    .m_methods = gro_methods,
+    .m_methods = offload_methods,
 };
 
-PyMODINIT_FUNC PyInit__gro(void) { return PyModule_Create(&gro_module); }
+PyMODINIT_FUNC PyInit__offload(void) { return PyModule_Create(&offload_module); }

@@ -1,9 +1,12 @@
-"""The compiled TUN write merge (pushgate_io/_gro.c) against the reference,
-`gro.python_coalesce`: the same writes (virtio-net header, bytes written, packets
+"""The compiled TUN offloads (pushgate_io/_offload.c) against the reference
+(gro.py's and tso.py's python_ functions).
+
+The write merge: the same writes (virtio-net header, bytes written, packets
 carried) for any batch: streams of several TCP and UDP flows with gaps, pushes,
 odd flags, changed TTL, window or options, fragments, IPv6, lone TCP packets in
-the partial checksum form, truncated packets and noise. `make test` builds it,
-so on Linux its absence is a failure, not a skip."""
+the partial checksum form, truncated packets and noise. The read cut and the
+checksum forms: the same bytes for any super-packet, and for any packet, TCP or
+not. `make test` builds it, so on Linux its absence is a failure, not a skip."""
 
 import struct
 import sys
@@ -12,13 +15,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pushgate_io import gro
+from pushgate_io import gro, tso
 
-if not gro.COMPILED and not sys.platform.startswith("linux"):
-    pytest.skip("the compiled merge is built on Linux only", allow_module_level=True)
+if not tso.COMPILED and not sys.platform.startswith("linux"):
+    pytest.skip("the compiled offloads are built on Linux only", allow_module_level=True)
 
-from pushgate_io._gro import coalesce as compiled_coalesce
 from test_gro import tcp, udp
+from test_tso import ipv4_tcp
+from test_tso import ipv6_tcp as tso_ipv6_tcp
+
+from pushgate_io import _offload as compiled
+
+compiled_coalesce = compiled.coalesce
 
 SPORTS = [40000, 40001, 40002]
 
@@ -81,8 +89,13 @@ def test_the_compiled_merge_gives_the_reference_writes(packets, udp_offload, par
     assert writes(compiled_coalesce(packets, udp_offload, partial_tcp)) == writes(expected)
 
 
-def test_coalesce_is_the_compiled_merge_unless_pure_python_is_asked_for():
-    assert gro.COMPILED
+def test_the_offloads_are_the_compiled_ones_unless_pure_python_is_asked_for():
+    assert tso.COMPILED
+    assert (tso.complete, tso.to_partial, tso.segments) == (
+        compiled.complete,
+        compiled.to_partial,
+        compiled.segments,
+    )
     packets = [tcp(1000 + 100 * i, bytes(100)) for i in range(3)]
     [(parts, count)] = gro.coalesce(packets)
     assert count == 3 and len(parts) == 2  # the compiled one's shape: header, packet
@@ -99,3 +112,58 @@ def test_a_long_stream_is_cut_where_the_reference_cuts_it():
         expected = writes(gro.python_coalesce(packets))
         assert writes(compiled_coalesce(packets, True, False)) == expected
         assert len(expected) > 1
+
+
+@given(
+    st.integers(0, 20000),
+    st.integers(-1, 1500),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 0xFFFF),
+    st.sampled_from([0x10, 0x18, 0x19, 0x90, 0x98, 0x02]),
+    st.sampled_from([b"", b"\x01\x01\x08\x0a" + bytes(8)]),
+    st.sampled_from(["whole", "ip options", "fragment", "ipv6", "truncated"]),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_compiled_cut_gives_the_reference_segments(
+    length, gso_size, seq, ip_id, flags, tcp_options, shape
+):
+    packet = ipv4_tcp(bytes([length % 251]) * length, seq=seq, flags=flags,
+                      tcp_options=tcp_options, ip_id=ip_id)  # fmt: skip
+    if shape == "ip options":  # IHL 6: a 4-byte option (no-ops) after the header
+        packet = bytes([0x46]) + packet[1:20] + b"\x01" * 4 + packet[20:]
+    elif shape == "fragment":
+        packet = packet[:6] + b"\x20\x00" + packet[8:]
+    elif shape == "ipv6":
+        packet = tso_ipv6_tcp(packet[40:])
+    elif shape == "truncated":
+        packet = packet[: length % len(packet)]
+    expected = tso.python_segments(packet, gso_size)
+    assert compiled.segments(packet, gso_size) == expected
+    assert compiled.segments(memoryview(packet), gso_size) == expected
+
+
+@given(
+    st.one_of(
+        st.builds(ipv4_tcp, st.binary(max_size=2000)),
+        st.builds(tso_ipv6_tcp, st.binary(max_size=2000)),
+        st.builds(lambda p: udp(p), st.binary(min_size=1, max_size=200)),
+        st.binary(max_size=120),
+    ),
+    st.integers(0, 0xFFFF),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_compiled_checksum_forms_give_the_reference_bytes(packet, field):
+    for candidate in (packet, _with_tcp_checksum_field(packet, field)):
+        assert compiled.complete(candidate) == tso.python_complete(candidate)
+        assert compiled.to_partial(candidate) == tso.python_to_partial(candidate)
+    other = bytes(packet)
+    if not tso.tcp_offset(other):  # what the form does not cover comes back itself
+        assert compiled.complete(other) is other and compiled.to_partial(other) is other
+
+
+def _with_tcp_checksum_field(packet: bytes, value: int) -> bytes:
+    """`packet` with any value in its TCP checksum field (a partial or a wrong one)."""
+    offset = tso.tcp_offset(packet)
+    if not offset:
+        return packet
+    return packet[: offset + 16] + value.to_bytes(2, "big") + packet[offset + 18 :]

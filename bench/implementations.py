@@ -20,7 +20,7 @@ _PLACES = [
     (gro, "coalesce"),
     (tso, "complete"),
     (tso, "to_partial"),
-    (tso, "segments"),
+    (tso, "packets"),
 ]
 _PARTS = {
     PURE: [
@@ -28,7 +28,7 @@ _PARTS = {
         gro.python_coalesce,
         tso.python_complete,
         tso.python_to_partial,
-        tso.python_segments,
+        tso.python_packets,
     ],
     COMPILED: [getattr(module, name) for module, name in _PLACES],
 }

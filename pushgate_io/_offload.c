@@ -1,7 +1,7 @@
 /*
  * The compiled TUN offloads: pushgate_io/gro.py's `coalesce` (the write merge)
- * and pushgate_io/tso.py's `segments`, `complete` and `to_partial` (the read
- * cut and the partial checksum form), in C.
+ * and pushgate_io/tso.py's `packets`, `segments`, `complete` and `to_partial`
+ * (the read cut and the partial checksum form), in C.
  *
  * gro.py and tso.py are the reference and say what is done and why; this file
  * follows them rule for rule (tests/test_offload_compiled.py shows both give
@@ -353,28 +353,18 @@ PyDoc_STRVAR(segments_doc,
              "tso.python_segments (the reference): an IPv4 TCP super-packet cut into\n"
              "segments in the partial checksum form; [] for one that cannot be cut.");
 
-static PyObject *segments(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "segments takes 2 arguments");
-        return NULL;
-    }
-    Py_ssize_t gso_size = PyLong_AsSsize_t(args[1]);
-    if (gso_size == -1 && PyErr_Occurred())
-        return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    const unsigned char *p = view.buf;
-    Py_ssize_t end = view.len;
+/* The segments of the super-packet at `p` (`end` bytes): a list, empty if it
+ * cannot be cut; NULL with an exception set. */
+static PyObject *segments_of(const unsigned char *p, Py_ssize_t end, Py_ssize_t gso_size) {
     PyObject *out = PyList_New(0);
     if (out == NULL)
-        goto done;
+        return NULL;
     Py_ssize_t offset = tcp_offset(p, end);
     if (!offset || p[0] >> 4 != 4 || gso_size <= 0)
-        goto done;
+        return out;
     Py_ssize_t header_len = offset + ((p[offset + 12] >> 4) << 2);
     if (header_len > end || header_len < offset + 20)
-        goto done;
+        return out;
     /* the IP header's sum without total length, id and checksum, which change */
     uint64_t ip_base = word_sum(p, offset) - be16(p + 2) - be16(p + 4) - be16(p + 10);
     unsigned int first_id = be16(p + 4);
@@ -388,8 +378,8 @@ static PyObject *segments(PyObject *module, PyObject *const *args, Py_ssize_t na
         Py_ssize_t total = header_len + size;
         PyObject *segment = PyBytes_FromStringAndSize(NULL, total);
         if (segment == NULL) {
-            Py_CLEAR(out);
-            goto done;
+            Py_DECREF(out);
+            return NULL;
         }
         unsigned char *s = (unsigned char *)PyBytes_AS_STRING(segment);
         memcpy(s, p, header_len);
@@ -411,21 +401,43 @@ static PyObject *segments(PyObject *module, PyObject *const *args, Py_ssize_t na
         int failed = PyList_Append(out, segment);
         Py_DECREF(segment);
         if (failed) {
-            Py_CLEAR(out);
-            goto done;
+            Py_DECREF(out);
+            return NULL;
         }
     }
-done:
+    return out;
+}
+
+static PyObject *segments(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "segments takes 2 arguments");
+        return NULL;
+    }
+    Py_ssize_t gso_size = PyLong_AsSsize_t(args[1]);
+    if (gso_size == -1 && PyErr_Occurred())
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *out = segments_of(view.buf, view.len, gso_size);
     PyBuffer_Release(&view);
     return out;
 }
 
-/* A copy of `packet` with the 2 bytes at `at` set to `value`. */
-static PyObject *with_field(const Py_buffer *view, Py_ssize_t at, unsigned int value) {
-    PyObject *out = PyBytes_FromStringAndSize(view->buf, view->len);
+/* A copy of the `length` bytes at `p` with the 2 bytes at `at` set to `value`. */
+static PyObject *with_field(const void *p, Py_ssize_t length, Py_ssize_t at, unsigned int value) {
+    PyObject *out = PyBytes_FromStringAndSize(p, length);
     if (out != NULL)
         put_be16((unsigned char *)PyBytes_AS_STRING(out) + at, value);
     return out;
+}
+
+/* The partial form's checksum field of the TCP packet at `p` (TCP at `offset`). */
+static unsigned int partial_field(const unsigned char *p, Py_ssize_t length, Py_ssize_t offset) {
+    int v6 = offset == 40 && p[0] >> 4 != 4;
+    uint64_t pseudo = (uint64_t)(v6 ? ones_sum(p + 8, 32) : ones_sum(p + 12, 8)) + PROTO_TCP +
+                      (uint64_t)(length - offset);
+    return fold(pseudo);
 }
 
 PyDoc_STRVAR(complete_doc,
@@ -444,7 +456,7 @@ static PyObject *complete(PyObject *module, PyObject *packet) {
         Py_INCREF(out);
     } else {
         uint32_t sum = ones_sum((const unsigned char *)view.buf + offset, view.len - offset);
-        out = with_field(&view, offset + 16, 0xFFFF - sum);
+        out = with_field(view.buf, view.len, offset + 16, 0xFFFF - sum);
     }
     PyBuffer_Release(&view);
     return out;
@@ -466,11 +478,69 @@ static PyObject *to_partial(PyObject *module, PyObject *packet) {
         out = packet;
         Py_INCREF(out);
     } else {
-        int v6 = offset == 40 && p[0] >> 4 != 4;
-        uint64_t pseudo = (uint64_t)(v6 ? ones_sum(p + 8, 32) : ones_sum(p + 12, 8)) + PROTO_TCP +
-                          (uint64_t)(view.len - offset);
-        out = with_field(&view, offset + 16, fold(pseudo));
+        out = with_field(p, view.len, offset + 16, partial_field(p, view.len, offset));
     }
+    PyBuffer_Release(&view);
+    return out;
+}
+
+#define GSO_NONE 0
+#define GSO_ECN 0x80
+
+static PyObject *one(PyObject *packet) {
+    if (packet == NULL)
+        return NULL;
+    return Py_BuildValue("[N]", packet);
+}
+
+PyDoc_STRVAR(packets_doc,
+             "packets(data) -> list[bytes]\n\n"
+             "tso.python_packets (the reference): one read of a TUN with IFF_VNET_HDR\n"
+             "and TSO as packets in the partial TCP form; [b\"\"] for a read that\n"
+             "cannot be taken apart.");
+
+static PyObject *packets(PyObject *module, PyObject *data) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const unsigned char *d = view.buf;
+    PyObject *out;
+    if (view.len <= VNET_HDR_LEN) {
+        out = one(PyBytes_FromStringAndSize(NULL, 0));
+        goto done;
+    }
+    uint16_t fields[3]; /* gso_size, csum_start, csum_offset: the host's byte order */
+    memcpy(fields, d + 4, sizeof fields);
+    int flags = d[0], gso_type = d[1] & ~GSO_ECN;
+    const unsigned char *p = d + VNET_HDR_LEN;
+    Py_ssize_t length = view.len - VNET_HDR_LEN;
+    if (gso_type == GSO_TCPV4) {
+        out = segments_of(p, length, fields[0]);
+        if (out != NULL && PyList_GET_SIZE(out) == 0) {
+            Py_DECREF(out);
+            out = one(PyBytes_FromStringAndSize(NULL, 0));
+        }
+        goto done;
+    }
+    if (gso_type != GSO_NONE) {
+        out = one(PyBytes_FromStringAndSize(NULL, 0));
+        goto done;
+    }
+    Py_ssize_t offset = tcp_offset(p, length);
+    if (flags & F_NEEDS_CSUM) {
+        Py_ssize_t start = fields[1], end = (Py_ssize_t)fields[1] + fields[2];
+        if (offset || end + 2 > length) /* TCP: partial already, the form */
+            out = one(PyBytes_FromStringAndSize((const char *)p, length));
+        else { /* another partial packet (UDP from the gateway host): completed here */
+            unsigned int checksum = 0xFFFF - ones_sum(p + start, length - start);
+            out = one(with_field(p, length, end, checksum ? checksum : 0xFFFF));
+        }
+    } else if (offset) {
+        out = one(with_field(p, length, offset + 16, partial_field(p, length, offset)));
+    } else {
+        out = one(PyBytes_FromStringAndSize((const char *)p, length));
+    }
+done:
     PyBuffer_Release(&view);
     return out;
 }
@@ -478,6 +548,7 @@ static PyObject *to_partial(PyObject *module, PyObject *packet) {
 static PyMethodDef offload_methods[] = {
     {"coalesce", (PyCFunction)(void (*)(void))coalesce, METH_FASTCALL, coalesce_doc},
     {"segments", (PyCFunction)(void (*)(void))segments, METH_FASTCALL, segments_doc},
+    {"packets", packets, METH_O, packets_doc},
     {"complete", complete, METH_O, complete_doc},
     {"to_partial", to_partial, METH_O, to_partial_doc},
     {NULL, NULL, 0, NULL},

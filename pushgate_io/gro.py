@@ -38,14 +38,9 @@ being dropped by the receiving stack.
 import struct
 
 from . import tso
+from .tso import F_NEEDS_CSUM, GSO_TCPV4, PROTO_TCP, VNET_HDR, VNET_HDR_LEN, fold
 
-VNET_HDR_LEN = 10
 PLAIN_HEADER = bytes(VNET_HDR_LEN)  # no GSO, no checksum offload
-# struct virtio_net_hdr, in the host's byte order (the TUN default):
-# flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
-_VNET_HDR = struct.Struct("=BBHHHH")
-F_NEEDS_CSUM = 1
-GSO_TCPV4 = 1
 GSO_UDP_L4 = 5  # Linux 6.2+ takes it from a TUN (USO)
 TCP_CSUM_OFFSET = 16
 UDP_CSUM_OFFSET = 6
@@ -53,7 +48,7 @@ MAX_SEGMENTS = 44  # 44 x 1460 < 65535 - 40; the kernel's GRO merges at most 64
 _MAX_IP_LEN = 65535
 
 _ACK, _PSH = 0x10, 0x08
-PROTO_TCP, PROTO_UDP = 6, 17
+PROTO_UDP = 17
 UDP_MAX_SEGMENTS = 64  # the kernel refuses a UDP GSO packet of more
 _IP_WORDS = struct.Struct("!10H")
 # IPv4 header without options, then the TCP header without options; the fields
@@ -213,7 +208,7 @@ if not tso.COMPILED:
 
 def _partial_header(offset: int) -> bytes:
     """The virtio-net header of one packet whose TCP checksum the kernel completes."""
-    return _VNET_HDR.pack(F_NEEDS_CSUM, 0, 0, 0, offset, TCP_CSUM_OFFSET)
+    return VNET_HDR.pack(F_NEEDS_CSUM, 0, 0, 0, offset, TCP_CSUM_OFFSET)
 
 
 def _finish(flow: _Flow) -> None:
@@ -225,7 +220,7 @@ def _finish(flow: _Flow) -> None:
     head = bytearray(first[:header_len])
     head[2:4] = total.to_bytes(2, "big")
     head[10:12] = b"\0\0"
-    head[10:12] = (~_fold(sum(_IP_WORDS.unpack_from(head))) & 0xFFFF).to_bytes(2, "big")
+    head[10:12] = (~fold(sum(_IP_WORDS.unpack_from(head))) & 0xFFFF).to_bytes(2, "big")
     l4_length = total - 20
     pseudo = (
         (head[12] << 8 | head[13])
@@ -237,17 +232,11 @@ def _finish(flow: _Flow) -> None:
     )
     if flow.protocol == PROTO_TCP:
         head[33] = (head[33] & ~_PSH) | flow.psh  # PSH as the last segment had it
-        head[36:38] = _fold(pseudo).to_bytes(2, "big")
+        head[36:38] = fold(pseudo).to_bytes(2, "big")
         gso_type, csum_offset = GSO_TCPV4, TCP_CSUM_OFFSET
     else:
         head[24:26] = l4_length.to_bytes(2, "big")
-        head[26:28] = _fold(pseudo).to_bytes(2, "big")
+        head[26:28] = fold(pseudo).to_bytes(2, "big")
         gso_type, csum_offset = GSO_UDP_L4, UDP_CSUM_OFFSET
-    vnet = _VNET_HDR.pack(F_NEEDS_CSUM, gso_type, header_len, flow.gso_size, 20, csum_offset)
+    vnet = VNET_HDR.pack(F_NEEDS_CSUM, gso_type, header_len, flow.gso_size, 20, csum_offset)
     parts[:2] = [vnet, head, first[header_len:]]
-
-
-def _fold(value: int) -> int:
-    while value >> 16:
-        value = (value & 0xFFFF) + (value >> 16)
-    return value

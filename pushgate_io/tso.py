@@ -31,8 +31,11 @@ import struct
 
 from push_protocol.codec import PURE_PYTHON_ENV
 
+# struct virtio_net_hdr, in the host's byte order (the TUN default), before every
+# read and write of a TUN with IFF_VNET_HDR (gro.py writes it too):
+# flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 VNET_HDR_LEN = 10
-_VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VNET_HDR = struct.Struct("=BBHHHH")
 F_NEEDS_CSUM = 1
 GSO_NONE, GSO_TCPV4, GSO_ECN = 0, 1, 0x80
 PROTO_TCP = 6
@@ -74,7 +77,7 @@ def _pseudo_sum(packet, offset: int) -> int:
     return ones_sum(addresses) + PROTO_TCP + length
 
 
-def _fold(value: int) -> int:
+def fold(value: int) -> int:
     while value >> 16:
         value = (value & 0xFFFF) + (value >> 16)
     return value
@@ -86,7 +89,7 @@ def python_to_partial(packet: bytes) -> bytes:
     if not offset:
         return packet
     out = bytearray(packet)
-    out[offset + 16 : offset + 18] = _fold(_pseudo_sum(packet, offset)).to_bytes(2, "big")
+    out[offset + 16 : offset + 18] = fold(_pseudo_sum(packet, offset)).to_bytes(2, "big")
     return bytes(out)
 
 
@@ -103,18 +106,18 @@ def python_complete(packet: bytes) -> bytes:
     return bytes(out)
 
 
-def packets(data: bytes) -> list[bytes]:
+def python_packets(data: bytes) -> list[bytes]:
     """One read of a TUN with IFF_VNET_HDR and TSO (virtio-net header, then a
     packet), as packets in the partial TCP form. A read the kernel should never
     give (a GSO type other than TCPv4, a header too short) stands as one empty
     packet, which the dataplane's router drops, counted, as `inner_malformed`."""
     if len(data) <= VNET_HDR_LEN:
         return [b""]
-    flags, gso_type, _, gso_size, csum_start, csum_offset = _VNET_HDR.unpack_from(data)
+    flags, gso_type, _, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(data)
     packet = data[VNET_HDR_LEN:]
     gso_type &= ~GSO_ECN
     if gso_type == GSO_TCPV4:
-        return segments(packet, gso_size) or [b""]
+        return python_segments(packet, gso_size) or [b""]
     if gso_type != GSO_NONE:
         return [b""]
     offset = tcp_offset(packet)
@@ -122,7 +125,7 @@ def packets(data: bytes) -> list[bytes]:
         if offset:  # partial already: the form
             return [packet]
         return [_completed_at(packet, csum_start, csum_offset)]
-    return [to_partial(packet)] if offset else [packet]
+    return [python_to_partial(packet)] if offset else [packet]
 
 
 def _completed_at(packet: bytes, start: int, field: int) -> bytes:
@@ -168,7 +171,7 @@ def python_segments(packet: bytes, gso_size: int) -> list[bytes]:
     join = b"".join
     # the segments of gso_size: length, flags (neither first nor last) and TCP sum
     full = header_len + gso_size
-    _set_length(head, offset, full, flags & ~(_FIN_PSH | _CWR), _fold(pseudo_base + gso_size))
+    _set_length(head, offset, full, flags & ~(_FIN_PSH | _CWR), fold(pseudo_base + gso_size))
     ip_full = ip_base + full
     for index, start in enumerate(starts):
         ip_id = (first_id + index) & 0xFFFF
@@ -184,25 +187,26 @@ def python_segments(packet: bytes, gso_size: int) -> list[bytes]:
         segment_flags = flags if index == last else flags & ~_FIN_PSH
         if index:
             segment_flags &= ~_CWR
-        _set_length(edge, offset, total, segment_flags, _fold(pseudo_base + size))
+        _set_length(edge, offset, total, segment_flags, fold(pseudo_base + size))
         _ID_CSUM.pack_into(edge, 4, ip_id, *middle, 0xFFFF - (ip_base + total + ip_id) % 0xFFFF)
         _SEQ.pack_into(edge, offset + 4, seq)
         out.append(join((edge, data[start : start + size])))
     return out
 
 
-# The compiled offloads (pushgate_io/_offload.c: these three and gro.coalesce)
-# where they were built, unless PUSHGATE_PURE_PYTHON is set; the python_ functions
-# here are the reference (tests/test_offload_compiled.py shows both equal).
+# The compiled offloads (pushgate_io/_offload.c: these three, its `segments`,
+# which `packets` cuts with, and gro.coalesce) where they were built, unless
+# PUSHGATE_PURE_PYTHON is set; the python_ functions here are the reference
+# (tests/test_offload_compiled.py shows both equal).
 compiled = None
 if not os.environ.get(PURE_PYTHON_ENV):
     with contextlib.suppress(ImportError):  # not built here (Windows): the reference runs
         from . import _offload as compiled
 COMPILED = compiled is not None
 if compiled is not None:
-    complete, to_partial, segments = compiled.complete, compiled.to_partial, compiled.segments
+    packets, complete, to_partial = compiled.packets, compiled.complete, compiled.to_partial
 else:
-    complete, to_partial, segments = python_complete, python_to_partial, python_segments
+    packets, complete, to_partial = python_packets, python_complete, python_to_partial
 
 _ID_CSUM = struct.Struct("!HHBBH")  # IP id, fragment field, TTL, protocol, checksum
 _SEQ = struct.Struct("!I")

@@ -34,7 +34,7 @@ from .fair_queue import FairQueue
 from .metrics import BoundedQueue, Counters
 from .mss import MssClamp
 from .registry import Registry, SessionRecord
-from .routing import TO_TUN, Action, Router
+from .routing import TO_TUN, Action, Router, route_key
 from .source_budget import SourceBudget, source_key
 
 log = logging.getLogger("pushgate.dataplane")
@@ -316,7 +316,10 @@ class Device:
                 )
                 return
             forged_before = drops[DropReason.BAD_TAG]
-        from_session, clamp = self.router.from_session, self._clamp
+        from_session, clamp, mtu = self.router.from_session, self._clamp, self.router.mtu
+        # the route key of the last packet this run sent to the TUN: a packet of the
+        # same flow goes there too, undecided (routing.route_key)
+        tun_key = None
         pending = self._tun_pending
         rx_packets = rx_bytes = 0
         tunnel = record.tunnel
@@ -343,7 +346,12 @@ class Device:
                 self._keepalive_received(record, now)
                 counters.datagrams_delivered += 1
                 continue
-            decision = from_session(record, result)
+            key = route_key(result)
+            if key is not None and key == tun_key and len(result) <= mtu:
+                decision = TO_TUN
+            else:
+                decision = from_session(record, result)
+                tun_key = key if decision is TO_TUN else None
             if decision is TO_TUN:
                 rx_packets += 1
                 rx_bytes += len(result)

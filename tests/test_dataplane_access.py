@@ -12,7 +12,7 @@ import pytest
 from dataplane.destinations import DestinationPolicy
 from dataplane.metrics import Counters
 from dataplane.registry import Registry, SessionRecord, packed_address
-from dataplane.routing import TO_TUN, Action, Router
+from dataplane.routing import TO_TUN, Action, Router, route_key
 from dataplane.sync import SessionSync
 from netlab.feed import access_policy, session
 from netlab.packets import ipv4, ipv4_tcp_syn, ipv4_udp
@@ -53,8 +53,7 @@ def icmp(src, dst, icmp_type):
     return ipv4(src, dst, 1, struct.pack("!BBHI", icmp_type, 0, 0, 0))
 
 
-@pytest.fixture
-def world():
+def make_world():
     registry = Registry()
     alice, bob = record(1, ALICE, ENG), record(2, BOB, NO_POLICY)
     registry.add(alice)
@@ -68,6 +67,9 @@ def world():
     )
     router = Router(registry, ipaddress.ip_network("198.19.0.0/24"), GATEWAY, 1420, destinations)
     return router, alice, bob
+
+
+world = pytest.fixture(make_world)
 
 
 def test_a_packet_to_the_network_passes_only_where_the_policy_allows(world):
@@ -219,3 +221,75 @@ def test_a_relisting_brings_each_session_to_its_listed_policy():
     again = session(1, ALICE, keys(), policy=access_policy(f"{LAN1}/32"))
     sync.apply(installed(10, again))
     assert lan_allowed(registry, 1, LAN1) and not lan_allowed(registry, 1, LAN2)
+
+
+ROUTED_DESTINATIONS = [LAN1, LAN2, "198.18.3.4", "198.18.2.53", str(GATEWAY), BOB, ALICE]
+# (offset, new bytes) that change one field of a routed packet: in the route key or not
+FIELD_CHANGES = {
+    "ip id": (4, b"\x12\x34"),
+    "more fragments": (6, b"\x20\x00"),
+    "a later fragment": (6, b"\x00\x10"),
+    "ttl": (8, b"\x01"),
+    "protocol": (9, b"\x11"),
+    "source": (12, packed_address(BOB)),
+    "destination": (16, packed_address("198.18.3.4")),
+    "source port": (20, b"\x00\x17"),
+    "destination port": (22, b"\x00\x17"),
+    "icmp type": (20, b"\x08"),
+    "payload": (30, b"\xff"),
+}
+
+
+def routed_packet(src: str, dst: str, protocol: int, dport: int, size: int) -> bytes:
+    if protocol == 1:
+        body = struct.pack("!BBHI", 8 if dport == 22 else 0, 0, 0, 0)
+    else:
+        body = struct.pack("!HH", 40000, dport) + bytes(16)
+    return ipv4(src, dst, protocol, body + bytes(size))
+
+
+def changed(packet: bytes, change: str | None, grow: int) -> bytes:
+    out = bytearray(packet + bytes(grow))
+    out[2:4] = len(out).to_bytes(2, "big")
+    if change is not None:
+        at, value = FIELD_CHANGES[change]
+        out[at : at + len(value)] = value
+    return bytes(out)
+
+
+def test_packets_with_one_route_key_get_one_decision():
+    """What the dataplane relies on when it decides a run of one flow's packets
+    once (routing.route_key, Device._inbound): the same key, both within the MTU,
+    the same decision. Every packet of a grid (sender, destination, protocol,
+    port, size) against itself with each one field changed, in the key or not,
+    and longer or not."""
+    router, alice, bob = make_world()
+    compared = 0
+    for sender, src in ((alice, ALICE), (bob, BOB)):
+        for dst in ROUTED_DESTINATIONS:
+            for protocol in (6, 17, 1):
+                for dport in (22, 23, 53):
+                    for size in (0, 1300):
+                        first = routed_packet(src, dst, protocol, dport, size)
+                        key = route_key(first)
+                        assert key is not None
+                        expected = router.from_session(sender, first)
+                        for change in (None, *FIELD_CHANGES):
+                            for grow in (0, 100, 1500):
+                                second = changed(first, change, grow)
+                                if route_key(second) != key or len(second) > router.mtu:
+                                    continue
+                                assert router.from_session(sender, second) == expected, (
+                                    dst, protocol, dport, change, grow
+                                )  # fmt: skip
+                                compared += 1
+    assert compared > 1000
+
+
+def test_a_route_key_is_read_from_ipv4_without_options_only():
+    packet = ipv4_udp(ALICE, LAN1, 1, 2, b"x")
+    assert route_key(packet) is not None
+    assert route_key(bytes([0x46]) + packet[1:]) is None  # options: not read
+    assert route_key(packet[:23]) is None
+    v6 = bytes([0x60]) + bytes(60)
+    assert route_key(v6) is None

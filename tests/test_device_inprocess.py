@@ -186,6 +186,34 @@ async def test_packets_flow_both_ways_and_every_datagram_is_accounted(gateway):
     assert gateway.inbound_balanced() and gateway.outbound_balanced()
 
 
+def test_a_run_of_one_flow_is_decided_once_but_each_packet_still_checked():
+    """One GRO batch: packets of one flow, and among them one to a port the policy
+    refuses (the same addresses) and one from an address the session does not
+    own. The run's decision is reused only for packets with the same route key
+    (routing.route_key): the others are refused, each under its reason, and the
+    flow goes on after them. (A batch's datagrams are never longer than its
+    first, so one over the MTU after the flow's first is not in the same batch;
+    the reuse checks the length all the same.)"""
+    gateway = Gateway()
+    gateway.record.policy = CompiledPolicy([Rule.make(f"{LAN_HOST}/32", 17, [(9, 9)])])
+    client = gateway.client()
+    allowed = to_lan(6)
+    batch = [
+        *allowed[:2],
+        ipv4_udp(CLIENT, LAN_HOST, 4000, 10, bytes(100)),  # another port: refused
+        *allowed[2:4],
+        ipv4_udp("198.19.0.9", LAN_HOST, 4000, 9, bytes(100)),  # not its address
+        *allowed[4:],
+    ]
+    udp.send_run(client.sock, client.seal(*batch), GATEWAY)  # one GRO receive
+    gateway.device.on_udp_readable()
+    assert gateway.tun.written == allowed
+    drops = gateway.counters.inbound_drops
+    assert (drops[DropReason.POLICY_DENIED], drops[DropReason.SPOOFED_SOURCE]) == (1, 1)
+    assert gateway.counters.datagrams_received == len(batch)
+    assert gateway.inbound_balanced()
+
+
 @running
 async def test_packets_the_policy_refuses_are_counted_drops_and_replies_still_flow(gateway):
     gateway.record.policy = CompiledPolicy([Rule.make(f"{LAN_HOST}/32", 17, [(9, 9)])])

@@ -440,34 +440,11 @@ static unsigned int partial_field(const unsigned char *p, Py_ssize_t length, Py_
     return fold(pseudo);
 }
 
-PyDoc_STRVAR(complete_doc,
-             "complete(packet) -> bytes\n\n"
-             "tso.python_complete (the reference): a TCP packet of the partial form\n"
-             "with its checksum completed; any other packet as it is.");
-
-static PyObject *complete(PyObject *module, PyObject *packet) {
-    Py_buffer view;
-    if (PyObject_GetBuffer(packet, &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    Py_ssize_t offset = tcp_offset(view.buf, view.len);
-    PyObject *out;
-    if (!offset) {
-        out = packet;
-        Py_INCREF(out);
-    } else {
-        uint32_t sum = ones_sum((const unsigned char *)view.buf + offset, view.len - offset);
-        out = with_field(view.buf, view.len, offset + 16, 0xFFFF - sum);
-    }
-    PyBuffer_Release(&view);
-    return out;
-}
-
-PyDoc_STRVAR(to_partial_doc,
-             "to_partial(packet) -> bytes\n\n"
-             "tso.python_to_partial (the reference): a complete TCP packet in the\n"
-             "partial form; any other packet as it is.");
-
-static PyObject *to_partial(PyObject *module, PyObject *packet) {
+/* `packet` with its TCP checksum field set to `field(p, length, offset)` where it
+ * is a TCP packet of the partial form's rule (tso.tcp_offset); else itself. */
+static PyObject *with_tcp_checksum(PyObject *packet,
+                                   unsigned int (*field)(const unsigned char *, Py_ssize_t,
+                                                         Py_ssize_t)) {
     Py_buffer view;
     if (PyObject_GetBuffer(packet, &view, PyBUF_SIMPLE) < 0)
         return NULL;
@@ -478,10 +455,33 @@ static PyObject *to_partial(PyObject *module, PyObject *packet) {
         out = packet;
         Py_INCREF(out);
     } else {
-        out = with_field(p, view.len, offset + 16, partial_field(p, view.len, offset));
+        out = with_field(p, view.len, offset + 16, field(p, view.len, offset));
     }
     PyBuffer_Release(&view);
     return out;
+}
+
+/* The complete checksum of a TCP packet of the partial form (TCP at `offset`). */
+static unsigned int complete_field(const unsigned char *p, Py_ssize_t length, Py_ssize_t offset) {
+    return 0xFFFF - ones_sum(p + offset, length - offset);
+}
+
+PyDoc_STRVAR(complete_doc,
+             "complete(packet) -> bytes\n\n"
+             "tso.python_complete (the reference): a TCP packet of the partial form\n"
+             "with its checksum completed; any other packet as it is.");
+
+static PyObject *complete(PyObject *module, PyObject *packet) {
+    return with_tcp_checksum(packet, complete_field);
+}
+
+PyDoc_STRVAR(to_partial_doc,
+             "to_partial(packet) -> bytes\n\n"
+             "tso.python_to_partial (the reference): a complete TCP packet in the\n"
+             "partial form; any other packet as it is.");
+
+static PyObject *to_partial(PyObject *module, PyObject *packet) {
+    return with_tcp_checksum(packet, partial_field);
 }
 
 #define GSO_NONE 0

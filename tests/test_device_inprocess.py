@@ -383,6 +383,13 @@ def test_housekeeping_flags_one_way_sessions_and_expires_them():
     assert gateway.counters.session_expiries == 1
 
 
+def client_datapath(gateway: Gateway, loop, tun) -> Datapath:
+    """The Linux client's datapath for the gateway's session, on the memory network."""
+    session = TunnelSession(SESSION_ID, CipherSuite.AES_256_GCM, Role.CLIENT, gateway.keys)
+    socket_factory = functools.partial(gateway.network.socket, host=CLIENT_HOST)
+    return Datapath(loop, session, tun, GATEWAY, gateway.clock, socket_factory=socket_factory)
+
+
 def test_the_client_datapath_and_the_device_talk_in_memory_and_the_client_roams():
     """Client Datapath <-> memory network <-> Device: packets both ways, a rebind
     (new source port) followed by the gateway, a replay counted on the client."""
@@ -392,15 +399,7 @@ def test_the_client_datapath_and_the_device_talk_in_memory_and_the_client_roams(
         loop = asyncio.get_running_loop()
         gateway.device.start(loop)
         client_tun = MemoryTun("pgmem1")
-        session = TunnelSession(SESSION_ID, CipherSuite.AES_256_GCM, Role.CLIENT, gateway.keys)
-        datapath = Datapath(
-            loop,
-            session,
-            client_tun,
-            GATEWAY,
-            gateway.clock,
-            socket_factory=functools.partial(gateway.network.socket, host=CLIENT_HOST),
-        )
+        datapath = client_datapath(gateway, loop, client_tun)
         datapath.start()
         try:
             client_tun.inject(*to_lan(10))
@@ -637,15 +636,7 @@ def test_a_client_with_tso_reads_sends_complete_checksums():
         loop = asyncio.get_running_loop()
         gateway.device.start(loop)
         client_tun = MemoryTun("pgmem1", partial_tcp=True)
-        session = TunnelSession(SESSION_ID, CipherSuite.AES_256_GCM, Role.CLIENT, gateway.keys)
-        datapath = Datapath(
-            loop,
-            session,
-            client_tun,
-            GATEWAY,
-            gateway.clock,
-            socket_factory=functools.partial(gateway.network.socket, host=CLIENT_HOST),
-        )
+        datapath = client_datapath(gateway, loop, client_tun)
         datapath.start()
         try:
             complete = [tcp_to_lan(bytes([i]) * 1000, 1 + 1000 * i) for i in range(3)]

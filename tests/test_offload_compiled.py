@@ -21,12 +21,23 @@ if not tso.COMPILED and not sys.platform.startswith("linux"):
     pytest.skip("the compiled offloads are built on Linux only", allow_module_level=True)
 
 from test_gro import tcp, udp
-from test_tso import ipv4_tcp
+from test_tso import ipv4_tcp, vnet
 from test_tso import ipv6_tcp as tso_ipv6_tcp
 
 from pushgate_io import _offload as compiled
 
 compiled_coalesce = compiled.coalesce
+
+
+def any_packets(tcp_payload: int):
+    """TCP over IPv4 (payloads up to `tcp_payload` bytes) and IPv6, UDP, and noise."""
+    return st.one_of(
+        st.builds(ipv4_tcp, st.binary(max_size=tcp_payload)),
+        st.builds(tso_ipv6_tcp, st.binary(max_size=2000)),
+        st.builds(udp, st.binary(min_size=1, max_size=200)),
+        st.binary(max_size=120),
+    )
+
 
 SPORTS = [40000, 40001, 40002]
 
@@ -143,12 +154,7 @@ def test_the_compiled_cut_gives_the_reference_segments(
 
 
 @given(
-    st.one_of(
-        st.builds(ipv4_tcp, st.binary(max_size=2000)),
-        st.builds(tso_ipv6_tcp, st.binary(max_size=2000)),
-        st.builds(lambda p: udp(p), st.binary(min_size=1, max_size=200)),
-        st.binary(max_size=120),
-    ),
+    any_packets(2000),
     st.integers(0, 0xFFFF),
 )
 @settings(max_examples=300, deadline=None)
@@ -169,17 +175,8 @@ def _with_tcp_checksum_field(packet: bytes, value: int) -> bytes:
     return packet[: offset + 16] + value.to_bytes(2, "big") + packet[offset + 18 :]
 
 
-def _vnet(flags=0, gso_type=0, hdr_len=0, gso_size=0, csum_start=0, csum_offset=0) -> bytes:
-    return struct.pack("=BBHHHH", flags, gso_type, hdr_len, gso_size, csum_start, csum_offset)
-
-
 @given(
-    st.one_of(
-        st.builds(ipv4_tcp, st.binary(max_size=6000)),
-        st.builds(tso_ipv6_tcp, st.binary(max_size=2000)),
-        st.builds(lambda p: udp(p), st.binary(min_size=1, max_size=200)),
-        st.binary(max_size=120),
-    ),
+    any_packets(6000),
     st.sampled_from([0, 1]),  # NEEDS_CSUM or not
     st.sampled_from([0, 1, 0x81, 3, 4]),  # none, TCPv4, TCPv4 with ECN, UDP, TCPv6
     st.integers(0, 1500),
@@ -190,6 +187,6 @@ def test_the_compiled_read_gives_the_reference_packets(packet, flags, gso_type, 
     """Any read: a TSO super-packet, a partial TCP or UDP packet (the UDP one
     completed where the kernel says), a complete one, odd GSO types and checksum
     places, a read too short for its header."""
-    read = _vnet(flags, gso_type, 0, size, *csum) + packet
+    read = vnet(flags, gso_type, 0, size, *csum) + packet
     for data in (read, read[: len(read) // 3]):
         assert compiled.packets(data) == tso.python_packets(data)

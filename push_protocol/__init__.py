@@ -7,7 +7,8 @@ function of its inputs and is tested without a network.
 Modules, one concern each:
   constants  every number with protocol meaning, with its reason
   drops      the drop reasons (shared with the dataplane's metrics) and errors
-  codec      push packet header parse/build, seal/open with an AEAD
+  codec      push packet header parse/build, seal/open with an AEAD: the
+             packet cipher, compiled (_codec.c) or its pure-Python reference
   aead       cipher suites and the counter nonce
   replay     the RFC 6479 sliding replay window
   keys       one generation of keys with its send counter and limits

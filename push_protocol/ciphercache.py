@@ -20,7 +20,7 @@ Sans-I/O and single-threaded, as the rest of the core; `builds` and
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from .aead import AEAD
+from .codec import Cipher
 from .drops import UsageError
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ class CipherCache:
     def __contains__(self, keypair: "Keypair") -> bool:
         return keypair in self._entries
 
-    def build(self, keypair: "Keypair") -> tuple[AEAD, AEAD]:
+    def build(self, keypair: "Keypair") -> tuple[Cipher, Cipher]:
         """Build `keypair`'s (send, receive) contexts, making room if needed."""
         if len(self._entries) >= self.capacity:
             self._evict_one()

@@ -136,9 +136,8 @@ class Keypair:
         self._send_key = send_key
         self._recv_key = recv_key
         self._cache = cache
-        self._contexts: tuple[codec.Cipher, codec.Cipher] | None = (
-            None  # (send, receive) while cached
-        )
+        # (send, receive) while cached
+        self._contexts: tuple[codec.Cipher, codec.Cipher] | None = None
         self._next_counter = first_send_counter(counter_range)
         self.relearned = relearned
         self.sent = 0

@@ -178,8 +178,8 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
 	    apt-get update && apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
 
-# The editable install also builds push_protocol/_codec.c in place (setup.py).
-$(INSTALLED): pyproject.toml setup.py push_protocol/_codec.c $(VENV)/bin/python
+# The editable install also builds the C parts in place (setup.py).
+$(INSTALLED): pyproject.toml setup.py push_protocol/_codec.c pushgate_io/_offload.c $(VENV)/bin/python
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev,client-exe]'
 	touch $@

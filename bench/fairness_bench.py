@@ -1,6 +1,7 @@
 """Fairness between clients at a gateway: a UDP flood against TCP, and two TCP flows.
 
-    python bench/fairness_bench.py [--seconds 5] [--repeats 3] [--results FILE]
+    python bench/fairness_bench.py [--seconds 5] [--repeats 3] [--direction both]
+                                   [--results FILE]
 
 A whole gateway in namespaces (netlab.gateway: auth, dataplane, two clients,
 198.18.0.0/15 only), each client a session of its own, an iperf3 server on the
@@ -18,6 +19,12 @@ takes no CPU from the gateway; the pair runs on both. Interleaved,
   the bits the gateway carried in that time;
 - `tcp-pair`: both clients' single-stream TCP uploads at once; the figure is
   Jain's fairness index of the two throughputs (target: >= 0.9).
+
+With `--direction download` (or `both`, the default) the same three tests run the
+other way (iperf3 `-R`): the servers send, the dataplane reads the flood and the
+TCP flow from its TUN, and the flood's sender (server 0) runs on CPU 0 with its
+receiver, client 0, as a host on the lan and a client's own machine would. The
+RESULT lines say `direction=upload` or `download`.
 """
 
 import argparse
@@ -32,7 +39,7 @@ import time
 
 from noise_bench import TUNNEL_GATEWAY, save_results
 
-from dataplane.metrics import INBOUND
+from dataplane.metrics import INBOUND, OUTBOUND
 from netlab import Lab, metrics
 from netlab.gateway import GatewayLab
 
@@ -77,12 +84,16 @@ def pin(pid: int, cpus: str) -> None:
     subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(pid)], check=True, capture_output=True)
 
 
-def pin_flood_apart(gateway: GatewayLab, servers, apart: bool) -> None:
-    """With `apart`, client 0 (the flood's sender) on CPU 0 and the gateway, client 1
-    and the iperf3 servers on CPU 1: the flood's own cost, which a real client
-    pays on its own machine, takes no CPU from the gateway. Else all on both."""
-    pin(gateway.client_processes[0].pid, "0" if apart else "0-1")
-    for process in (gateway.dataplane, gateway.client_processes[1], *servers):
+def pin_flood_apart(gateway: GatewayLab, servers, apart: bool, download: bool) -> None:
+    """With `apart`, the flood's ends outside the gateway on CPU 0 (client 0, and for
+    a download its sender, iperf3 server 0) and the gateway, client 1 and the other
+    iperf3 servers on CPU 1: the flood's own cost, which a real client and a lan
+    host pay on their own machines, takes no CPU from the gateway. Else all on both."""
+    flood_ends = [gateway.client_processes[0], *(servers[:1] if download else ())]
+    others = [gateway.dataplane, gateway.client_processes[1], *servers[1 if download else 0 :]]
+    for process in flood_ends:
+        pin(process.pid, "0" if apart else "0-1")
+    for process in others:
         pin(process.pid, "1" if apart else "0-1")
 
 
@@ -126,17 +137,17 @@ def udp_received_bps(end: dict) -> float:
     return received * FLOOD_DATAGRAM * 8 / total["seconds"]
 
 
-def dataplane_drops(gateway: GatewayLab) -> dict[str, float]:
-    """Inbound drops by reason, and the kernel's at the push socket's receive buffer."""
+def dataplane_drops(gateway: GatewayLab, download: bool) -> dict[str, float]:
+    """Drops by reason in the flood's direction, and the kernel's where that
+    direction enters the dataplane: the push socket's receive buffer, or the TUN's
+    queue."""
     scrape = gateway.scrape()
-    found = {
-        "udp_receive_buffer": metrics.total(
-            scrape, "pushgate_dataplane_kernel_drops_total", where="udp_receive_buffer"
-        )
-    }
+    where = "tun_queue" if download else "udp_receive_buffer"
+    found = {where: metrics.total(scrape, "pushgate_dataplane_kernel_drops_total", where=where)}
+    direction = OUTBOUND if download else INBOUND
     for (name, labels), value in scrape.items():
         labels = dict(labels)
-        if name == "pushgate_dataplane_drops_total" and labels.get("direction") == INBOUND:
+        if name == "pushgate_dataplane_drops_total" and labels.get("direction") == direction:
             found[labels["reason"]] = found.get(labels["reason"], 0) + value
     return found
 
@@ -164,6 +175,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--direction", choices=("upload", "download", "both"), default="both")
     parser.add_argument("--results", help="append RESULT lines here")
     args = parser.parse_args(argv)
     seconds = args.seconds
@@ -174,64 +186,90 @@ def main(argv: list[str]) -> int:
         print(line, file=sys.stderr, flush=True)
         lines.append(line)
 
+    directions = ("upload", "download") if args.direction == "both" else (args.direction,)
     with two_client_gateway("pgfair") as (gateway, servers):
         for run in range(1, args.repeats + 1):
-            pin_flood_apart(gateway, servers, True)
-            alone = tcp_bps(
-                finished(start_iperf(gateway, 1, seconds, "-O", "1", cpus="1"), seconds)
-            )
-            result(scenario="tcp-alone", run=run, tcp_gbps=f"{alone / 1e9:.3f}")
+            for direction in directions:
+                download = direction == "download"
+                reverse = ("-R",) if download else ()
+                pin_flood_apart(gateway, servers, True, download)
+                alone = tcp_bps(
+                    finished(
+                        start_iperf(gateway, 1, seconds, "-O", "1", *reverse, cpus="1"), seconds
+                    )
+                )
+                result(
+                    scenario="tcp-alone",
+                    direction=direction,
+                    run=run,
+                    tcp_gbps=f"{alone / 1e9:.3f}",
+                )
 
-            # the flood starts first and ends after the TCP test
-            drops_before, cpu_before = dataplane_drops(gateway), busy(gateway)
-            flood = start_iperf(gateway, 0, seconds + 2, "-u", "-b", "0", "-l", str(FLOOD_DATAGRAM))
-            time.sleep(1)
-            tcp = tcp_bps(finished(start_iperf(gateway, 1, seconds, "-O", "1"), seconds))
-            udp_end = finished(flood, seconds + 2)
-            cpu = {k: (v - cpu_before[k]) / (seconds + 2) for k, v in busy(gateway).items()}
-            udp = udp_received_bps(udp_end)
-            drops = dataplane_drops(gateway)
-            drops = {k: v - drops_before.get(k, 0) for k, v in drops.items()}
-            result(
-                scenario="tcp-vs-flood",
-                run=run,
-                tcp_gbps=f"{tcp / 1e9:.3f}",
-                udp_gbps=f"{udp / 1e9:.3f}",
-                tcp_keeps=f"{tcp / alone:.3f}",
-                tcp_share=f"{tcp / (tcp + udp):.3f}",
-                udp_sent_gbps=f"{udp_end['sum']['bits_per_second'] / 1e9:.3f}",
-                cpu=",".join(f"{k}:{v:.2f}" for k, v in cpu.items()),
-                drops=",".join(f"{k}:{v:.0f}" for k, v in sorted(drops.items()) if v) or "-",
-            )
+                # the flood starts first and ends after the TCP test
+                drops_before, cpu_before = dataplane_drops(gateway, download), busy(gateway)
+                flood = start_iperf(
+                    gateway, 0, seconds + 2, "-u", "-b", "0", "-l", str(FLOOD_DATAGRAM), *reverse
+                )
+                time.sleep(1)
+                tcp = tcp_bps(
+                    finished(start_iperf(gateway, 1, seconds, "-O", "1", *reverse), seconds)
+                )
+                udp_end = finished(flood, seconds + 2)
+                cpu = {k: (v - cpu_before[k]) / (seconds + 2) for k, v in busy(gateway).items()}
+                udp = udp_received_bps(udp_end)
+                drops = dataplane_drops(gateway, download)
+                drops = {k: v - drops_before.get(k, 0) for k, v in drops.items()}
+                result(
+                    scenario="tcp-vs-flood",
+                    direction=direction,
+                    run=run,
+                    tcp_gbps=f"{tcp / 1e9:.3f}",
+                    udp_gbps=f"{udp / 1e9:.3f}",
+                    tcp_keeps=f"{tcp / alone:.3f}",
+                    tcp_share=f"{tcp / (tcp + udp):.3f}",
+                    udp_sent_gbps=f"{udp_end['sum']['bits_per_second'] / 1e9:.3f}",
+                    cpu=",".join(f"{k}:{v:.2f}" for k, v in cpu.items()),
+                    drops=",".join(f"{k}:{v:.0f}" for k, v in sorted(drops.items()) if v) or "-",
+                )
 
-            pin_flood_apart(gateway, servers, False)
-            pair = [start_iperf(gateway, client, seconds, "-O", "1") for client in (0, 1)]
-            rates = [tcp_bps(finished(process, seconds)) for process in pair]
-            result(
-                scenario="tcp-pair",
-                run=run,
-                tcp0_gbps=f"{rates[0] / 1e9:.3f}",
-                tcp1_gbps=f"{rates[1] / 1e9:.3f}",
-                jain=f"{jain(rates):.3f}",
-            )
+                pin_flood_apart(gateway, servers, False, download)
+                pair = [
+                    start_iperf(gateway, client, seconds, "-O", "1", *reverse) for client in (0, 1)
+                ]
+                rates = [tcp_bps(finished(process, seconds)) for process in pair]
+                result(
+                    scenario="tcp-pair",
+                    direction=direction,
+                    run=run,
+                    tcp0_gbps=f"{rates[0] / 1e9:.3f}",
+                    tcp1_gbps=f"{rates[1] / 1e9:.3f}",
+                    jain=f"{jain(rates):.3f}",
+                )
     fields = save_results(lines, args.results)
 
-    def median(scenario: str, name: str) -> float:
-        return statistics.median(float(f[name]) for f in fields if f["scenario"] == scenario)
+    def median(direction: str, scenario: str, name: str) -> float:
+        return statistics.median(
+            float(f[name])
+            for f in fields
+            if f["scenario"] == scenario and f["direction"] == direction
+        )
 
-    print(
-        f"TCP alone {median('tcp-alone', 'tcp_gbps'):.2f} Gbit/s; against a UDP flood"
-        f" {median('tcp-vs-flood', 'tcp_gbps'):.2f} Gbit/s (the flood"
-        f" {median('tcp-vs-flood', 'udp_gbps'):.2f} Gbit/s delivered): the TCP flow keeps"
-        f" {median('tcp-vs-flood', 'tcp_keeps'):.2f} of its rate alone (target >= 0.40) and"
-        f" has {median('tcp-vs-flood', 'tcp_share'):.2f} of what the gateway carried"
-        f" (medians of {args.repeats})"
-    )
-    print(
-        f"two TCP flows: {median('tcp-pair', 'tcp0_gbps'):.2f} and"
-        f" {median('tcp-pair', 'tcp1_gbps'):.2f} Gbit/s, Jain's index"
-        f" {median('tcp-pair', 'jain'):.3f} (target >= 0.9)"
-    )
+    for direction in directions:
+        print(
+            f"{direction}: TCP alone {median(direction, 'tcp-alone', 'tcp_gbps'):.2f} Gbit/s;"
+            f" against a UDP flood {median(direction, 'tcp-vs-flood', 'tcp_gbps'):.2f} Gbit/s"
+            f" (the flood {median(direction, 'tcp-vs-flood', 'udp_gbps'):.2f} Gbit/s"
+            " delivered): the TCP flow keeps"
+            f" {median(direction, 'tcp-vs-flood', 'tcp_keeps'):.2f} of its rate alone"
+            " (target >= 0.40) and has"
+            f" {median(direction, 'tcp-vs-flood', 'tcp_share'):.2f} of what the gateway"
+            f" carried (medians of {args.repeats})"
+        )
+        print(
+            f"{direction}: two TCP flows: {median(direction, 'tcp-pair', 'tcp0_gbps'):.2f} and"
+            f" {median(direction, 'tcp-pair', 'tcp1_gbps'):.2f} Gbit/s, Jain's index"
+            f" {median(direction, 'tcp-pair', 'jain'):.3f} (target >= 0.9)"
+        )
     return 0
 
 

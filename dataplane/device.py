@@ -39,7 +39,10 @@ from .source_budget import SourceBudget, source_key
 
 log = logging.getLogger("pushgate.dataplane")
 
-BATCH = 64  # packets read from the TUN per readiness callback
+BATCH = 64  # packets sealed per send callback
+# Packets read from the TUN per callback: more than one callback seals (BATCH), so
+# that a backlog builds in the send queue, not in the TUN's one kernel FIFO.
+TUN_READ_BUDGET = 4 * BATCH
 # Datagrams read from the push socket per callback: more than one callback serves
 # (DATAGRAM_BUDGET), so that a backlog builds in the fair queue, not the socket.
 READ_BUDGET = 4 * DATAGRAM_BUDGET
@@ -87,9 +90,13 @@ class Device:
         self.clock = clock
         self.queue_clock = queue_clock  # waiting times in the receive queue
         self.receive_queue = FairQueue("receive")
-        self._queue_drops: list = []  # (session_id, reason, count) not yet counted
-        # the next _serve, while a backlog waits in the receive queue
+        self.send_queue = FairQueue("send")  # packets from the TUN, one flow per session
+        # (session_id, reason, count) each queue dropped, not yet counted
+        self._receive_drops: list = []
+        self._send_drops: list = []
+        # the next _serve or _serve_send, while a backlog waits in its queue
         self._serve_scheduled: asyncio.Handle | None = None
+        self._send_scheduled: asyncio.Handle | None = None
         self.udp_queue = BoundedQueue("udp_send", QUEUE_CAPACITY)
         self.tun_queue = BoundedQueue("tun_write", QUEUE_CAPACITY)
         self._loop_lag = loop_lag_histogram
@@ -115,7 +122,7 @@ class Device:
 
     @property
     def queues(self) -> list[BoundedQueue]:
-        return [self.receive_queue, self.udp_queue, self.tun_queue]
+        return [self.receive_queue, self.send_queue, self.udp_queue, self.tun_queue]
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -126,9 +133,10 @@ class Device:
         loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping_timer)
 
     def stop(self) -> None:
-        if self._serve_scheduled is not None:  # a backlog stays where it is
-            self._serve_scheduled.cancel()
-            self._serve_scheduled = None
+        for handle in (self._serve_scheduled, self._send_scheduled):
+            if handle is not None:  # a backlog stays where it is
+                handle.cancel()
+        self._serve_scheduled = self._send_scheduled = None
         loop = self._loop
         for fd in (self.udp.fileno(), self.tun.fileno()):
             loop.remove_reader(fd)
@@ -194,10 +202,10 @@ class Device:
             return
         flow = session_id if source == record.endpoint else source_key(source[0])
         self.receive_queue.push(
-            flow, session_id, source, datagrams, headers, arrived, self._queue_drops
+            flow, session_id, source, datagrams, headers, arrived, self._receive_drops
         )
-        if self._queue_drops:
-            self._count_queue_drops()
+        if self._receive_drops:
+            self._count_queue_drops(self.receive_queue, self._receive_drops)
 
     def _serve(self) -> None:
         """Open and deliver up to DATAGRAM_BUDGET datagrams from the receive queue,
@@ -210,36 +218,43 @@ class Device:
         inbound = self._inbound
         try:
             for session_id, source, datagrams, headers in queue.pop(
-                DATAGRAM_BUDGET, self.queue_clock(), self._queue_drops
+                DATAGRAM_BUDGET, self.queue_clock(), self._receive_drops
             ):
                 counters.datagrams_received += len(datagrams)
                 inbound(session_id, datagrams, headers, source, now)
         finally:
             if self._tun_pending:
                 self._flush_tun()
-            if self._queue_drops:
-                self._count_queue_drops()
+            if self._receive_drops:
+                self._count_queue_drops(queue, self._receive_drops)
             if queue and self._loop is not None:
                 self._serve_scheduled = self._loop.call_soon(self._serve)
 
-    def _count_queue_drops(self) -> None:
-        """Count what the receive queue dropped (over a bound, or by CoDel): in the
-        totals and on its session."""
-        dropped, self._queue_drops = self._queue_drops, []
+    def _count_queue_drops(self, queue: FairQueue, dropped: list) -> None:
+        """Count what a fair queue dropped (over a bound, or by CoDel), then forget
+        it: in the totals of its direction and on its session. A datagram the
+        receive queue drops is counted as received here; a packet of the send
+        queue was counted when it was read."""
         counters = self.counters
+        receive = queue is self.receive_queue
+        totals = counters.inbound_drops if receive else counters.outbound_drops
         by_id = self.registry.by_id
         for session_id, reason, count in dropped:
-            counters.datagrams_received += count
-            counters.inbound_drops[reason] += count
+            totals[reason] += count
             record = by_id.get(session_id)
             if record is not None:
                 record.drops[reason] += count
                 record.last_drop_reason = reason
+        total = sum(count for _, _, count in dropped)
+        if receive:
+            counters.datagrams_received += total
         session_id, reason, _ = dropped[-1]
+        dropped.clear()
         self._bad_input_log.warning(
-            "receive_queue",
-            "receive queue: dropped %d datagrams, the last of session %#010x: %s",
-            sum(count for _, _, count in dropped),
+            f"{queue.name}_queue",
+            "%s queue: dropped %d packets, the last of session %#010x: %s",
+            queue.name,
+            total,
             session_id,
             reason.value,
         )
@@ -444,20 +459,32 @@ class Device:
     # -- outbound: TUN -> a session --------------------------------------------
 
     def on_tun_readable(self) -> None:
-        """Take what waits on the TUN (the event loop calls this)."""
+        """Take what waits on the TUN into the send queue, and serve it (the event
+        loop calls this). Reads up to TUN_READ_BUDGET packets and seals BATCH, as
+        the receive side does: when packets for clients come faster than the loop
+        can seal them, the backlog waits in the send queue, each session in its
+        own FIFO under CoDel, not in the TUN's kernel queue, where a flood to one
+        client crowds out every other client's replies (fair_queue.py)."""
         counters = self.counters
         drops = counters.outbound_drops
-        now = self.clock()
         try:
-            packets = self.tun.read_packets(BATCH)
+            packets = self.tun.read_packets(TUN_READ_BUDGET)
         except OSError as error:
             counters.io_errors["tun_read"] += 1
             self._bad_input_log.warning("tun_read", "TUN read failed: %s", error)
             return
         counters.tun_packets_read += len(packets)
+        arrived = self.queue_clock()
         from_tun, clamp = self.router.from_tun, self._clamp_tun
-        runs = []  # [session, its packets], consecutive packets for one session together
+        by_session: dict[SessionRecord, list] = {}  # each session's packets, in order
+        # the IPv4 destination of the last packet queued, and its session's list: a
+        # packet to the same address goes to the same session, undecided
+        run_destination = run = None
         for packet in packets:
+            if packet[16:20] == run_destination and packet[0] == 0x45:
+                run.append(clamp(packet))
+                continue
+            run_destination = None
             decision = from_tun(packet)
             if decision.action is not Action.SESSION:
                 drops[decision.reason] += 1
@@ -465,23 +492,64 @@ class Device:
             target = decision.target
             if target.endpoint is None:
                 drops[DropReason.NO_ENDPOINT] += 1
-            elif runs and runs[-1][0] is target:
-                runs[-1][1].append(clamp(packet))
-            else:
-                runs.append((target, [clamp(packet)]))
+                continue
+            run = by_session.get(target)
+            if run is None:
+                run = by_session[target] = []
+            run.append(clamp(packet))
+            if packet[0] == 0x45:
+                run_destination = packet[16:20]
+        push, dropped = self.send_queue.push, self._send_drops
+        for record, run in by_session.items():
+            session_id = record.session_id
+            for start in range(0, len(run), BATCH):  # a turn serves a batch whole
+                push(
+                    session_id, session_id, None, run[start : start + BATCH], None, arrived, dropped
+                )
+        if dropped:
+            self._count_queue_drops(self.send_queue, dropped)
+        if self._send_scheduled is None:
+            self._serve_send()
+
+    def _serve_send(self) -> None:
+        """Seal and send about BATCH packets from the send queue, each session in its
+        turn; come back in the next loop iteration while packets wait. Nothing is
+        sealed while the socket takes no more (datagrams wait in `udp_queue`):
+        then the backlog stays in the send queue, where a slow uplink is shared
+        fairly too, and `_drain_udp` comes back here once the socket took them."""
+        self._send_scheduled = None
+        if self.udp_queue:
+            return
+        queue = self.send_queue
+        now = self.clock()
+        counters = self.counters
+        drops = counters.outbound_drops
+        by_id = self.registry.by_id
         tun_form = self.tun.partial_tcp
-        for record, payloads in runs:
-            if record.partial_checksums != tun_form:  # the form its client takes
-                convert = tso.to_partial if record.partial_checksums else tso.complete
-                payloads = [convert(payload) for payload in payloads]
-            tunnel = record.tunnel
-            sent_bytes = tunnel.tx_bytes
-            datagrams, rejected = tunnel.seal_many(payloads, now)
-            for reason in rejected:
-                drops[reason] += 1
-            counters.tx_packets += len(datagrams)
-            counters.tx_bytes += tunnel.tx_bytes - sent_bytes
-            self._send_run(datagrams, record.endpoint)
+        try:
+            for session_id, _, payloads, _ in queue.pop(
+                BATCH, self.queue_clock(), self._send_drops
+            ):
+                record = by_id.get(session_id)
+                if record is None:  # removed while its packets waited
+                    drops[DropReason.NO_ROUTE] += len(payloads)
+                    continue
+                if record.partial_checksums != tun_form:  # the form its client takes
+                    convert = tso.to_partial if record.partial_checksums else tso.complete
+                    payloads = [convert(payload) for payload in payloads]
+                tunnel = record.tunnel
+                sent_bytes = tunnel.tx_bytes
+                datagrams, rejected = tunnel.seal_many(payloads, now)
+                for reason in rejected:
+                    drops[reason] += 1
+                counters.tx_packets += len(datagrams)
+                counters.tx_bytes += tunnel.tx_bytes - sent_bytes
+                self._send_run(datagrams, record.endpoint)
+        finally:
+            if self._send_drops:
+                self._count_queue_drops(queue, self._send_drops)
+            if queue and not self.udp_queue and self._loop is not None:
+                self._send_scheduled = self._loop.call_soon(self._serve_send)
 
     def _send_run(self, datagrams: list, endpoint) -> None:
         """Send datagrams to one endpoint, with UDP GSO in as few calls as it
@@ -576,6 +644,8 @@ class Device:
             queue.pop()
         self._loop.remove_writer(self.udp.fileno())
         self._udp_writer = False
+        if self.send_queue and self._send_scheduled is None:
+            self._send_scheduled = self._loop.call_soon(self._serve_send)
 
     def _drain_tun(self) -> None:
         queue = self.tun_queue
@@ -618,7 +688,8 @@ class Device:
                 tunnel.handle_timer(now)
             stalled += self._check_stalled(record, now)
         self.counters.stalled_sessions = stalled
-        self.receive_queue.forget_idle(self.queue_clock())
+        for queue in (self.receive_queue, self.send_queue):
+            queue.forget_idle(self.queue_clock())
         for record in expired:
             self.registry.remove(record.session_id, SessionEnd.EXPIRED)
             self.counters.session_expiries += 1

@@ -1,4 +1,4 @@
-"""The receive queue: one FIFO per flow, served by deficit round robin, with CoDel.
+"""The dataplane's two queues: one FIFO per flow, served by deficit round robin, with CoDel.
 
 Why: the push socket is one FIFO shared by every client. When the dataplane's
 CPU is the bottleneck, whoever sends fastest fills it and the kernel drops
@@ -11,6 +11,11 @@ that just got work goes before those that keep the queue busy, so a ping or a
 DNS answer does not wait a round), and CoDel (RFC 8289) dropping
 from the head of a flow whose datagrams have waited longer than `target` for
 a whole `interval`, so that a TCP flow backs off while its queue is short.
+
+The send direction has the same shape: the TUN is one kernel FIFO for every
+client, so the send loop (Device.on_tun_readable) reads more than it seals and
+the excess waits in a second FairQueue, one flow per session, its items the
+packets read (no headers).
 
 The quantum is counted in datagrams, not bytes: what the dataplane runs out of
 is CPU, and a datagram costs about the same whatever its size (docs/performance.md:
@@ -114,8 +119,9 @@ class FairQueue:
         """Flows holding datagrams now."""
         return sum(1 for key in (*self._new, *self._old) if self._flows[key].length)
 
-    def push(self, key, session_id: int, source, datagrams: list, headers: list, now, dropped):
-        """Queue datagrams that arrived together (with their read headers) on `key`'s flow."""
+    def push(self, key, session_id: int, source, datagrams: list, headers, now, dropped):
+        """Queue datagrams that arrived together on `key`'s flow, with their read
+        headers (a list as long, or None: the send queue's packets have none)."""
         flow = self._flows.get(key)
         if flow is None:
             flow = self._flows[key] = Flow()
@@ -130,7 +136,8 @@ class FairQueue:
             self.overflows += excess
             if room <= 0:
                 return
-            datagrams, headers = datagrams[:room], headers[:room]
+            datagrams = datagrams[:room]
+            headers = headers[:room] if headers is not None else None
         flow.batches.append([now, session_id, source, datagrams, headers])
         flow.length += len(datagrams)
         self._length += len(datagrams)
@@ -216,7 +223,9 @@ class FairQueue:
                 left -= len(datagrams)
             else:
                 dropped.append((batch[1], reason, left))
-                batch[3], batch[4] = datagrams[left:], batch[4][left:]
+                batch[3] = datagrams[left:]
+                if batch[4] is not None:
+                    batch[4] = batch[4][left:]
                 left = 0
         flow.length -= count
         self._length -= count

@@ -16,14 +16,15 @@ import pytest
 
 from client.datapath import Datapath
 from client.wintun import WintunTun
-from dataplane.device import QUEUE_CAPACITY, Device
+from dataplane.device import Device
 from dataplane.fair_queue import FairQueue
-from dataplane.metrics import Counters
+from dataplane.metrics import BoundedQueue, Counters
 from dataplane.registry import Registry, SessionRecord, packed_address
 from netlab.packets import ipv4_tcp_syn, ipv4_udp
 from push_protocol.aead import CipherSuite
 from push_protocol.drops import DropReason
 from push_protocol.keys import KeyMaterial, Role
+from push_protocol.lifecycle import SessionEnd
 from push_protocol.policy import ALLOW_ALL, CompiledPolicy, Rule
 from push_protocol.session import TunnelSession
 from pushgate_io import tso, udp
@@ -277,32 +278,53 @@ async def test_the_endpoint_follows_the_newest_authentic_packet_only(gateway):
 
 
 @running
-async def test_a_full_socket_queues_in_order_and_drains_when_writable(gateway):
+async def test_a_full_socket_holds_back_sealing_and_all_goes_in_order_once_writable(gateway):
+    """The socket takes nothing: the first batch sealed waits in `udp_queue`, and
+    nothing more is sealed; the rest waits in the send queue (where each session
+    has its turn) until the socket took that batch."""
     client = await connected(gateway)
     gateway.sock.block_sends()
     gateway.tun.inject(*from_lan(100))
     await until(lambda: gateway.counters.tun_packets_read == 100)
-    assert len(gateway.device.udp_queue) == 100 and client.received() == []
-    assert gateway.counters.outbound_delivered == 100  # accepted into the queue
+    assert len(gateway.device.udp_queue) == 64 and len(gateway.device.send_queue) == 36
+    assert client.received() == []
+    assert gateway.counters.outbound_delivered == 64  # accepted into udp_queue
     gateway.sock.unblock_sends()
-    await until(lambda: not gateway.device.udp_queue)
+    await until(lambda: not gateway.device.udp_queue and not gateway.device.send_queue)
     assert client.received() == from_lan(100)
     assert gateway.outbound_balanced()
 
 
 @running
-async def test_a_full_queue_is_a_counted_drop(gateway):
+async def test_while_the_socket_takes_nothing_the_send_queue_bound_is_a_counted_drop(gateway):
+    gateway.device.send_queue = FairQueue("send", flow_limit=500)
     client = await connected(gateway)
     gateway.sock.block_sends()
     extra = 10
-    gateway.tun.inject(*from_lan(QUEUE_CAPACITY + extra, size=20))
-    await until(lambda: gateway.counters.tun_packets_read == QUEUE_CAPACITY + extra)
+    waiting = 64 + 500  # a batch in udp_queue, a full flow in the send queue
+    gateway.tun.inject(*from_lan(waiting + extra, size=20))
+    await until(lambda: gateway.counters.tun_packets_read == waiting + extra)
     assert gateway.counters.outbound_drops[DropReason.QUEUE_FULL] == extra
-    assert len(gateway.device.udp_queue) == QUEUE_CAPACITY
-    assert gateway.outbound_balanced()
+    assert gateway.record.drops[DropReason.QUEUE_FULL] == extra
+    assert gateway.device.send_queue.overflows == extra
     gateway.sock.unblock_sends()
-    await until(lambda: not gateway.device.udp_queue)
-    assert client.received() == from_lan(QUEUE_CAPACITY, size=20)
+    await until(lambda: not gateway.device.udp_queue and not gateway.device.send_queue)
+    assert client.received() == from_lan(waiting, size=20)
+    assert gateway.outbound_balanced()
+
+
+@running
+async def test_a_full_udp_queue_is_a_counted_drop(gateway):
+    """The socket takes nothing and its queue holds 10: of the batch sealed, 10 wait
+    and the rest are `queue_full` drops."""
+    gateway.device.udp_queue = BoundedQueue("udp_send", 10)
+    await connected(gateway)
+    gateway.sock.block_sends()
+    gateway.tun.inject(*from_lan(64))
+    await until(lambda: gateway.counters.tun_packets_read == 64)
+    assert gateway.counters.outbound_drops[DropReason.QUEUE_FULL] == 54
+    assert gateway.device.udp_queue.overflows == 54
+    assert gateway.outbound_balanced()
 
 
 @running
@@ -561,6 +583,97 @@ def test_the_receive_queue_is_bounded_and_what_it_refuses_is_counted_on_the_sess
     gateway.device.on_udp_readable()  # the 44 still in the socket
     assert gateway.tun.written == packets[:100] + packets[256:]
     assert c.datagrams_received == 300 and gateway.inbound_balanced()
+
+
+# -- the send queue: the same turns for packets from the TUN ------------------------------
+
+
+def lan_to_other(n: int) -> list[bytes]:
+    return [ipv4_udp(LAN_HOST, OTHER_CLIENT, 9, 4000, b"to bob %d" % i) for i in range(n)]
+
+
+def test_a_flood_to_one_client_does_not_make_another_wait_behind_it():
+    """1000 packets for alice wait in the TUN ahead of bob's 5. Bob's are sent after
+    at most a round of the send queue once read, not after the flood (the TUN's
+    FIFO, read and sealed in order, sent all 1000 first)."""
+
+    async def main():
+        gateway = Gateway()
+        gateway.device.start(asyncio.get_running_loop())
+        try:
+            alice = await connected(gateway)
+            bob_record, bob = second_session(gateway)
+            bob_sock = gateway.network.socket(host=OTHER_HOST)
+            bob_sock.bind((OTHER_HOST, 0))
+            bob_sock.sendto(bob.seal(other_to_lan(1)[0], gateway.clock.now), GATEWAY)
+            await until(lambda: bob_record.endpoint is not None)
+            gateway.tun.inject(*from_lan(1000), *lan_to_other(5))
+            bobs, alice_ahead = [], []
+
+            def bob_has_all() -> bool:
+                while True:
+                    try:
+                        datagram = bob_sock.recv(65536)
+                    except BlockingIOError:
+                        return len(bobs) == 5
+                    bobs.append(bob.open(datagram, gateway.clock.now))
+                    alice_ahead.append(gateway.counters.outbound_delivered - len(bobs))
+
+            await until(bob_has_all)
+            assert bobs == lan_to_other(5)
+            # the flood is read in callbacks of 256 while 64 a callback are sealed, and
+            # bob's go in the first turn after they are read: about 260 of the flood's
+            # go first (the FIFO sent all 1000 first)
+            assert alice_ahead[-1] < 400, alice_ahead
+            await until(lambda: gateway.counters.outbound_delivered == 1005)
+            assert len(alice.received()) == 1000
+            assert gateway.outbound_balanced() and not gateway.device.send_queue
+        finally:
+            gateway.device.stop()
+
+    asyncio.run(main())
+
+
+def test_the_send_queue_is_bounded_and_what_it_refuses_is_counted_on_the_session():
+    """Driven by hand (no loop): one callback reads 256 packets from the TUN into the
+    send queue, then seals 64. What comes for the session once its flow is at its
+    bound (here 100) is dropped, counted as `queue_full` in the outbound totals and
+    on the session; the rest is sent later, in order."""
+    gateway = Gateway()
+    gateway.device.send_queue = FairQueue("send", flow_limit=100)
+    client = gateway.client()
+    client.send(*client.seal(*to_lan(1)))
+    gateway.device.on_udp_readable()  # the session's endpoint
+    packets = from_lan(300)
+    gateway.tun.inject(*packets)
+    gateway.device.on_tun_readable()
+    c = gateway.counters
+    assert c.outbound_drops[DropReason.QUEUE_FULL] == 156
+    assert gateway.record.drops[DropReason.QUEUE_FULL] == 156
+    assert len(gateway.device.send_queue) == 100 - 64
+    assert c.tun_packets_read == 256 and c.outbound_delivered == 64
+    assert client.received() == packets[:64]
+    while gateway.device.send_queue:
+        gateway.device._serve_send()
+    gateway.device.on_tun_readable()  # the 44 still in the TUN
+    assert client.received() == packets[64:100] + packets[256:]
+    assert c.tun_packets_read == 300 and gateway.outbound_balanced()
+
+
+def test_packets_for_a_session_removed_while_they_wait_are_counted():
+    """Driven by hand: packets for a session that ends while they wait in the send
+    queue are `no_route` drops (no session owns their destination any more)."""
+    gateway = Gateway()
+    client = gateway.client()
+    client.send(*client.seal(*to_lan(1)))
+    gateway.device.on_udp_readable()
+    gateway.tun.inject(*from_lan(100))
+    gateway.device.on_tun_readable()  # 64 sent, 36 wait
+    gateway.registry.remove(SESSION_ID, SessionEnd.CLOSED)
+    gateway.device._serve_send()
+    c = gateway.counters
+    assert c.outbound_delivered == 64 and c.outbound_drops[DropReason.NO_ROUTE] == 36
+    assert gateway.outbound_balanced() and not gateway.device.send_queue
 
 
 # -- partial checksums (pushgate_io/tso.py) ------------------------------------------------

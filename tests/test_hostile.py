@@ -31,6 +31,7 @@ import grpc
 import pytest
 
 from auth_service.pki import make_ca
+from dataplane.fair_queue import FLOW_LIMIT
 from dataplane.metrics import snmp_section
 from netlab import Lab, http_get, metrics, refuses_nobody, socket_in, wait_for
 from netlab.gateway import AUTH_PORT, DATAPLANE_PORT, GATEWAY, LAN_HOST, GatewayLab
@@ -1118,16 +1119,18 @@ UPLINK = "50mbit"  # the gateway's shaped uplink towards its clients
 BOB_PINGS_FOR = 3.0  # seconds
 
 
-def test_slow_uplink_fills_the_send_queue_counted_and_the_loop_stays_live(h):
+def test_slow_uplink_fills_alices_send_queue_counted_and_bob_keeps_his_turns(h):
     """The gateway's uplink to its clients (br0) is shaped to 50 Mbit/s while a process
     on the gateway sends alice UDP much faster: the UDP socket stops taking datagrams,
-    the dataplane's bounded send queue fills, and what does not fit is a counted
-    `queue_full` drop, never a wait. The sender also outruns the dataplane's reads of
-    its TUN: what the kernel drops at the TUN's queue is in the dataplane's metrics
-    too. Meanwhile the receive loop stays live: it reads every datagram that reaches
-    the socket (the kernel drops none there), every ping request bob sends reaches
-    the lan host, and the loop-lag timer stays on time.
-    Once the uplink is free again the queue drains and both clients ping cleanly."""
+    the dataplane stops sealing, and alice's flow in its send queue fills; what does
+    not fit is a counted `queue_full` drop (CoDel's `queue_delay` drops come first),
+    never a wait. Bob's flow has its turns meanwhile: the dataplane drops none of
+    the replies to his pings that it read. The kernel drops some at the TUN's
+    queue, one FIFO that the flood outruns the reads of; that count is in the
+    dataplane's metrics too. The receive loop stays live: it reads every datagram
+    that reaches the socket (the kernel drops none there), every ping request bob
+    sends reaches the lan host, and the loop-lag timer stays on time.
+    Once the uplink is free again the queues drain and both clients ping cleanly."""
     gw = h.gw
     alice = h.feed_sessions()[h.session_id(0)].tunnel_addresses[0]
 
@@ -1145,25 +1148,27 @@ def test_slow_uplink_fills_the_send_queue_counted_and_the_loop_stays_live(h):
             stdout=subprocess.PIPE,
             text=True,
         )
-        # Bob's return path shares the full uplink, so after his dead-peer timeout
-        # (two keepalives + 5 s) he starts reconnecting: he pings for less than that.
         ping = h.ping(1, int(min(duration, BOB_PINGS_FOR) / 0.05), interval=0.05)
         sent = int(blast.communicate(timeout=duration + 30)[0])
-        pinged, _ = ping_loss(ping)
+        pinged, answered = ping_loss(ping)
         during = h.dp()
     finally:
         h.lab.exec(gw.gw, ["tc", "qdisc", "del", "dev", "br0", "root"])
     wait_for(
-        lambda: metrics.total(h.dp(), "pushgate_dataplane_queue_depth", queue="udp_send") == 0,
+        lambda: metrics.total(h.dp(), "pushgate_dataplane_queue_depth", queue="send") == 0,
         30,
         what="the send queue to drain",
     )
     after, path_after = h.settled(), h.kernel_drops()
     echoes = echo_requests() - echoes_before
     full = int(delta(after, before, drops, "queue_full", direction="outbound"))
-    overflows = delta(
-        after, before, metrics.total, "pushgate_dataplane_queue_overflows_total", queue="udp_send"
-    )
+    codel = int(delta(after, before, drops, "queue_delay", direction="outbound"))
+    overflows = {
+        queue: delta(
+            after, before, metrics.total, "pushgate_dataplane_queue_overflows_total", queue=queue
+        )
+        for queue in ("send", "udp_send")
+    }
     read = delta(after, before, metrics.total, "pushgate_dataplane_tun_packets_read_total")
     tun_queue = delta(after, before, kernel_drops, "tun_queue")
     record(
@@ -1176,25 +1181,35 @@ def test_slow_uplink_fills_the_send_queue_counted_and_the_loop_stays_live(h):
             delta(after, before, metrics.total, "pushgate_dataplane_outbound_delivered_total")
         ),
         queue_full=full,
-        queue_overflows=int(overflows),
+        queue_delay=codel,
+        send_queue_overflows=int(overflows["send"]),
+        udp_send_overflows=int(overflows["udp_send"]),
         udp_receive_buffer_drops=int(delta(after, before, kernel_drops, "udp_receive_buffer")),
-        queue_high_water=int(
+        send_queue_high_water=int(
+            metrics.total(during, "pushgate_dataplane_queue_high_water", queue="send")
+        ),
+        udp_send_high_water=int(
             metrics.total(during, "pushgate_dataplane_queue_high_water", queue="udp_send")
         ),
         pg0_tx_dropped=path_after["pg0 tx_dropped"] - path_before["pg0 tx_dropped"],
         kernel_drops_tun_queue=int(tun_queue),
         bob_echo_requests=f"{echoes}/{pinged}",
+        bob_answered=f"{answered}/{pinged}",
         max_lag=max_lag(after, before),
     )
-    # The queue filled and each refused packet is one drop; the queue also refused some
-    # keepalive replies, which carry no client's packet (counted as overflows only).
-    assert 0 < full <= overflows
-    # The blaster also outran the dataplane's TUN reads: the kernel dropped at the TUN's
-    # queue, and the dataplane's metrics say so.
-    assert tun_queue == path_after["pg0 tx_dropped"] - path_before["pg0 tx_dropped"] > 0
-    assert metrics.total(
-        during, "pushgate_dataplane_queue_high_water", queue="udp_send"
-    ) == metrics.total(during, "pushgate_dataplane_queue_capacity", queue="udp_send")
+    # Alice's flow filled to its bound and each packet refused is one drop; CoDel
+    # dropped from its head before that. The socket's own queue holds at most the
+    # batch being sent (and control datagrams): it never fills.
+    assert 0 < full == overflows["send"] and codel > 0
+    assert overflows["udp_send"] == 0
+    assert metrics.total(during, "pushgate_dataplane_queue_high_water", queue="send") >= FLOW_LIMIT
+    # Whatever the kernel dropped at the TUN's queue, the dataplane's metrics say so.
+    assert tun_queue == path_after["pg0 tx_dropped"] - path_before["pg0 tx_dropped"]
+    # Bob's replies had their turns through alice's flood: the dataplane dropped
+    # none of what it read for him (what he misses, the kernel dropped at the TUN's
+    # queue, where the flood outruns the reads: one FIFO in the kernel, counted above).
+    bob_drops = h.stats()[h.session_id(1)].drops
+    assert not {"queue_full", "queue_delay"} & set(bob_drops), bob_drops
     assert echoes >= pinged  # the receive loop took every request bob sent ...
     assert delta(after, before, kernel_drops, "udp_receive_buffer") == 0  # ... and all else
     assert delta(after, before, lag_over, "0.25") == 0

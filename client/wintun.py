@@ -363,6 +363,9 @@ class WintunTun:
                 pass
         self._armed.set()
 
+    def read_queues(self) -> list:
+        return [self]
+
     def read_packets(self, limit: int) -> list[bytes]:
         packets: list[bytes] = []
         if self._ended:

@@ -20,6 +20,7 @@ from pushgate_io.event_loop import loop_factory
 from pushgate_io.tun import TUN_QUEUE_PACKETS
 from pushgate_io.tun_linux import LinuxTun
 
+from . import tun_steering
 from .conntrack import ConntrackCleaner
 from .destinations import DestinationPolicy, parse_ip_addresses
 from .device import Device
@@ -51,13 +52,20 @@ def _ip(*args: str) -> None:
 
 
 def open_tun(cfg: gateway_config.GatewayConfig) -> LinuxTun:
+    """The server TUN: TCP segments merged on write and read as super-packets (TSO),
+    a queue per group of client addresses (tun_steering.py), or one queue where
+    the kernel will not steer them."""
+    name = cfg.dataplane.tun_name
     try:
-        # TCP segments merged on write, and read as super-packets (TSO)
-        tun = LinuxTun(cfg.dataplane.tun_name, offload=True, tso_reads=True)
+        tun = LinuxTun(name, offload=True, tso_reads=True, queues=tun_steering.QUEUES)
+        try:
+            tun_steering.attach(tun.fileno())
+        except (FilterUnavailable, OSError) as why:
+            tun.close()
+            log.warning("one TUN queue for every client: cannot steer packets to queues: %s", why)
+            tun = LinuxTun(name, offload=True, tso_reads=True)
     except OSError as error:
-        raise SystemExit(
-            f"pushgate-dataplane: cannot create TUN {cfg.dataplane.tun_name}: {error}"
-        ) from None
+        raise SystemExit(f"pushgate-dataplane: cannot create TUN {name}: {error}") from None
     prefix = cfg.gateway.tunnel_network.prefixlen
     if cfg.gateway.tunnel_network.version == 4:
         _ip("link", "set", "dev", tun.name, "addrgenmode", "none")  # no IPv6 link-local chatter
@@ -167,6 +175,7 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
         on_loop=lambda function: run_on_loop(loop, function, LOOP_ANSWER_SECONDS),
         kernel_send_errors=KernelSendErrors(),
         user_metrics=cfg.dataplane.user_metrics,
+        tun_queues=len(tun.read_queues()),
     )
     device.start(loop)
     metrics_server.start()
@@ -176,9 +185,10 @@ async def run(cfg: gateway_config.GatewayConfig) -> None:
     sync = SessionSync(registry, counters, cfg.gateway.control_socket, peers=peers)
     sync_task = asyncio.create_task(sync.run())
     log.info(
-        "dataplane up: UDP %s:%d, TUN %s %s/%d mtu %d, metrics %s:%d, feed %s",
+        "dataplane up: UDP %s:%d, TUN %s (%d queues) %s/%d mtu %d, metrics %s:%d, feed %s",
         *cfg.dataplane.listen,
         tun.name,
+        len(tun.read_queues()),
         cfg.gateway.gateway_address,
         cfg.gateway.tunnel_network.prefixlen,
         cfg.gateway.mtu,

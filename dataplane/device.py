@@ -40,8 +40,9 @@ from .source_budget import SourceBudget, source_key
 log = logging.getLogger("pushgate.dataplane")
 
 BATCH = 64  # packets sealed per send callback
-# Packets read from the TUN per callback: more than one callback seals (BATCH), so
-# that a backlog builds in the send queue, not in the TUN's one kernel FIFO.
+# Packets read from a TUN queue per callback: more than one callback seals
+# (BATCH), so that a backlog builds in the send queue, not in the kernel's ring
+# (one per TUN queue, tun_steering.py).
 TUN_READ_BUDGET = 4 * BATCH
 # Datagrams read from the push socket per callback: more than one callback serves
 # (DATAGRAM_BUDGET), so that a backlog builds in the fair queue, not the socket.
@@ -84,6 +85,7 @@ class Device:
         self.registry = registry
         self.counters = counters
         self.tun = tun
+        self._tun_queues = tun.read_queues()
         self.mtu = mtu
         self.router = Router(registry, tunnel_network, gateway_address, mtu, destinations)
         self.gateway_packed = gateway_address.packed
@@ -127,7 +129,8 @@ class Device:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         loop.add_reader(self.udp.fileno(), self.on_udp_readable)
-        loop.add_reader(self.tun.fileno(), self.on_tun_readable)
+        for queue in self._tun_queues:  # each ready one is read once an iteration: in turn
+            loop.add_reader(queue.fileno(), self.on_tun_readable, queue)
         self._lag_due = loop.time() + LAG_INTERVAL
         loop.call_at(self._lag_due, self._measure_lag)
         loop.call_later(HOUSEKEEPING_INTERVAL, self._housekeeping_timer)
@@ -139,8 +142,9 @@ class Device:
         self._serve_scheduled = self._send_scheduled = None
         loop = self._loop
         for fd in (self.udp.fileno(), self.tun.fileno()):
-            loop.remove_reader(fd)
             loop.remove_writer(fd)
+        for fd in (self.udp.fileno(), *(queue.fileno() for queue in self._tun_queues)):
+            loop.remove_reader(fd)
 
     # -- inbound: UDP -> TUN or another session -------------------------------
 
@@ -458,17 +462,18 @@ class Device:
 
     # -- outbound: TUN -> a session --------------------------------------------
 
-    def on_tun_readable(self) -> None:
-        """Take what waits on the TUN into the send queue, and serve it (the event
-        loop calls this). Reads up to TUN_READ_BUDGET packets and seals BATCH, as
-        the receive side does: when packets for clients come faster than the loop
-        can seal them, the backlog waits in the send queue, each session in its
-        own FIFO under CoDel, not in the TUN's kernel queue, where a flood to one
-        client crowds out every other client's replies (fair_queue.py)."""
+    def on_tun_readable(self, queue) -> None:
+        """Take what waits on one of the TUN's queues into the send queue, and serve
+        it (the event loop calls this for each queue with packets, in turn). Reads
+        up to TUN_READ_BUDGET packets and seals BATCH, as the receive side does:
+        when packets for clients come faster than the loop can seal them, the
+        backlog waits in the send queue, each session in its own FIFO under
+        CoDel, not in a kernel ring, where a flood to one client crowds out every
+        other client's replies (fair_queue.py)."""
         counters = self.counters
         drops = counters.outbound_drops
         try:
-            packets = self.tun.read_packets(TUN_READ_BUDGET)
+            packets = queue.read_packets(TUN_READ_BUDGET)
         except OSError as error:
             counters.io_errors["tun_read"] += 1
             self._bad_input_log.warning("tun_read", "TUN read failed: %s", error)

@@ -250,8 +250,10 @@ class DataplaneCollector:
         on_loop: Callable[[Callable], object] | None = None,
         kernel_send_errors: Callable[[], int] | None = None,
         user_metrics: bool = False,
+        tun_queues: int = 1,
     ):
         self._c = counters
+        self._tun_queues = tun_queues
         self._users = UserTotals() if user_metrics else None
         # runs a function on the loop's thread and returns its result (None: here)
         self._on_loop = on_loop or (lambda function: function())
@@ -321,6 +323,12 @@ class DataplaneCollector:
             "kernel_filter",
             "1 if the push socket's eBPF filter drops malformed datagrams in the kernel",
             int(self._filter_drops is not None),
+        )
+        yield gauge(
+            "tun_queues",
+            "Queues of the server TUN, a client's packets in the one its address picks "
+            "(1: every client's in one kernel FIFO)",
+            self._tun_queues,
         )
         if filtered:
             yield counters_by(
@@ -498,6 +506,7 @@ def register_collectors(
     on_loop: Callable[[Callable], object] | None = None,
     kernel_send_errors: Callable[[], int] | None = None,
     user_metrics: bool = False,
+    tun_queues: int = 1,
 ) -> None:
     """Our counters, the kernel's drops next to them, and the process' CPU, memory and
     file descriptors."""
@@ -511,6 +520,7 @@ def register_collectors(
             on_loop=on_loop,
             kernel_send_errors=kernel_send_errors,
             user_metrics=user_metrics,
+            tun_queues=tun_queues,
         )
     )
     ProcessCollector(registry=prometheus)

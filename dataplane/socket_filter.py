@@ -81,7 +81,7 @@ SKB_LEN, SKB_GSO_SEGS, SKB_GSO_SIZE = 0, 164, 176
 _LD, _LDX, _ST, _STX, _ALU64, _JMP = 0x00, 0x01, 0x02, 0x03, 0x07, 0x05
 _W, _B, _DW = 0x00, 0x10, 0x18
 _IMM, _ABS, _IND, _MEM, _ATOMIC = 0x00, 0x20, 0x40, 0x60, 0xC0
-_ADD, _SUB, _MUL, _MOV = 0x00, 0x10, 0x20, 0xB0
+_ADD, _SUB, _MUL, _RSH, _MOV = 0x00, 0x10, 0x20, 0x70, 0xB0
 _K, _X = 0x00, 0x08
 _JA, _JEQ, _JGE, _JNE, _JLT, _JLE, _CALL, _EXIT = 0x00, 0x10, 0x30, 0x50, 0xA0, 0xB0, 0x80, 0x90
 R0, R1, R2, R6, R7, R8, R9, R10 = 0, 1, 2, 6, 7, 8, 9, 10
@@ -98,7 +98,7 @@ _TALLY = {
 }
 
 
-class _Program:
+class Program:
     """A tiny eBPF assembler: instructions, and jumps to labels resolved at the end."""
 
     def __init__(self) -> None:
@@ -130,6 +130,10 @@ class _Program:
 
     def alu_reg(self, op: int, dst: int, src: int) -> None:
         self.emit(_ALU64 | op | _X, dst, src)
+
+    def exit(self) -> None:
+        """End the program; r0 is what it returns."""
+        self.emit(_JMP | _EXIT)
 
     def load_skb_field(self, dst: int, offset: int) -> None:
         self.emit(_LDX | _MEM | _W, dst, R6, offset)
@@ -194,7 +198,7 @@ class _Program:
 def program(map_fd: int, sessions_fd: int | None) -> bytes:
     """The filter, for the counter map `map_fd` and the live session ids `sessions_fd`
     (None: session ids are not looked at). Returns 0 (drop) or all bytes (keep)."""
-    p = _Program()
+    p = Program()
     version_at, type_at = UDP_HEADER, UDP_HEADER + 1
     p.mov_reg(R6, R1)  # the skb: LD_ABS/LD_IND and field loads read it through r6
     p.load_skb_field(R7, SKB_LEN)
@@ -325,10 +329,10 @@ def program(map_fd: int, sessions_fd: int | None) -> bytes:
         p.jump(_JA, 0, 0, "drop")
     p.label("drop")
     p.mov(R0, 0)
-    p.emit(_JMP | _EXIT)
+    p.exit()
     p.label("keep")
     p.emit(0x04 | _MOV | _K, R0, 0, 0, -1)  # 32-bit move: 0xffffffff, keep every byte
-    p.emit(_JMP | _EXIT)
+    p.exit()
     return p.encode()
 
 
@@ -382,7 +386,7 @@ class SocketFilter(RegistryObserver):
         counts stay in the same map); without a program, detach: user space then
         judges every datagram, as without the filter."""
         try:
-            prog_fd = _load(program(self._map_fd, None))
+            prog_fd = load_program(program(self._map_fd, None))
             self._sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, prog_fd)
             outcome = "unknown session ids are now dropped in user space"
         except (FilterUnavailable, OSError) as error:
@@ -418,7 +422,7 @@ def attach(sock: socket.socket) -> SocketFilter:
         except OSError as error:
             raise FilterUnavailable(f"cannot create a BPF map: {error.strerror}") from None
         map_fd, sessions_fd = fds
-        fds.append(_load(program(map_fd, sessions_fd)))
+        fds.append(load_program(program(map_fd, sessions_fd)))
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_BPF, fds[-1])
         except OSError as error:
@@ -440,7 +444,9 @@ def _elem_attr(map_fd: int, key, value) -> bytes:
     return struct.pack("=IIQQQ", map_fd, 0, ctypes.addressof(key), value_at, 0)
 
 
-def _load(code: bytes) -> int:
+def load_program(code: bytes) -> int:
+    """Load a socket filter program (the kind a TUN's steering program is too);
+    its descriptor, or FilterUnavailable with the verifier's last word."""
     insns = ctypes.create_string_buffer(code, len(code))
     license_ = ctypes.create_string_buffer(b"GPL")
     log = ctypes.create_string_buffer(1 << 20)

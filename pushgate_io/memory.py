@@ -290,6 +290,9 @@ class MemoryTun:
     def fileno(self) -> int:
         return self._readiness.fileno()
 
+    def read_queues(self) -> list:
+        return [self]
+
     def read_packets(self, limit: int) -> list[bytes]:
         waiting = self._waiting
         packets = [waiting.popleft() for _ in range(min(limit, len(waiting)))]

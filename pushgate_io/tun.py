@@ -29,6 +29,11 @@ class TunDevice(Protocol):
     def read_packets(self, limit: int) -> list[bytes]:
         """Up to `limit` waiting IP packets; an empty list when none wait."""
 
+    def read_queues(self) -> list:
+        """What a loop reads: objects with `fileno()` and `read_packets(limit)`, each
+        readable on its own. The device itself for most backends; one per queue of
+        a multi-queue Linux TUN (the dataplane's)."""
+
     def coalesce(self, packets: list[bytes], partial_tcp: bool = False) -> list[tuple[list, int]]:
         """The writes that carry IP `packets`, in order: (buffers, packets carried)
         each. A backend that can merges segments of a flow into one write.

@@ -13,6 +13,12 @@ offloads are built), the offload flags are set to
 TUN_F_CSUM | TUN_F_TSO4: the kernel hands over a TCP flow's segments as one
 super-packet per read, and `read_packets` cuts it (pushgate_io/tso.py). Its
 TCP packets are then in the partial checksum form (`partial_tcp`).
+
+With `queues > 1` (the dataplane) the device is multi-queue (IFF_MULTI_QUEUE):
+each queue is a descriptor with a ring of its own, and the kernel picks the
+ring of each packet it routes to the device (dataplane/tun_steering.py makes
+that the destination address's). `read_queues` gives one reader per queue; the
+first descriptor, `fileno`, also takes the writes.
 """
 
 import fcntl
@@ -30,46 +36,49 @@ TUN_F_USO6 = 0x40
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 IFNAMSIZ = 16
 READ_SIZE = 65536 + gro.VNET_HDR_LEN  # a super-packet of 64 KiB and its header
 
 
 class LinuxTun:
-    def __init__(self, name: str, *, offload: bool = False, tso_reads: bool = False) -> None:
+    def __init__(
+        self, name: str, *, offload: bool = False, tso_reads: bool = False, queues: int = 1
+    ) -> None:
         if not name or len(name.encode()) >= IFNAMSIZ:
             raise ValueError(f"TUN name {name!r} must be 1-{IFNAMSIZ - 1} bytes")
-        self._fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        if queues < 1:
+            raise ValueError(f"a TUN has at least one queue, not {queues}")
         flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+        if queues > 1:
+            flags |= IFF_MULTI_QUEUE
+        self._fds: list[int] = []
+        self.name = name  # a pattern ("pg%d") until the kernel names the device
         try:
-            request = struct.pack("16sH", name.encode(), flags)
-            reply = fcntl.ioctl(self._fd, TUNSETIFF, request)
+            for _ in range(queues):  # the first creates the device, the others attach
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                self._fds.append(fd)
+                reply = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", self.name.encode(), flags))
+                self.name = reply[:IFNAMSIZ].rstrip(b"\0").decode()
         except OSError:
-            os.close(self._fd)
+            self.close()
             raise
-        self.name = reply[:IFNAMSIZ].rstrip(b"\0").decode()
+        self._fd = self._fds[0]
         self.offload = offload
         self._skip = gro.VNET_HDR_LEN if offload else 0
         self.udp_offload = offload and _takes_udp_gso(self._fd)
         self.partial_tcp = offload and tso_reads and _reads_tso(self._fd)
+        self._queues = [TunQueue(fd, self._skip, self.partial_tcp) for fd in self._fds]
 
     def fileno(self) -> int:
         return self._fd
 
     def read_packets(self, limit: int) -> list[bytes]:
-        """About `limit` packets: reads stop once that many are in (with TSO reads,
-        one read may bring dozens, so a little more), or when none waits."""
-        packets: list[bytes] = []
-        skip = self._skip
-        while len(packets) < limit:
-            try:
-                data = os.read(self._fd, READ_SIZE)
-            except BlockingIOError:
-                break
-            if self.partial_tcp:
-                packets += tso.packets(data)
-            else:
-                packets.append(data[skip:] if skip else data)
-        return packets
+        """About `limit` packets from the first queue (see TunQueue.read_packets)."""
+        return self._queues[0].read_packets(limit)
+
+    def read_queues(self) -> list["TunQueue"]:
+        return list(self._queues)
 
     def coalesce(self, packets: list[bytes], partial_tcp: bool = False) -> list[tuple[list, int]]:
         """The writes that carry `packets`: (buffers, packet count) for `write_buffers`."""
@@ -90,9 +99,39 @@ class LinuxTun:
         return True
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        fds, self._fds, self._fd = self._fds, [], -1
+        for fd in fds:
+            os.close(fd)
+
+
+class TunQueue:
+    """One queue of a Linux TUN, as the loop reads it."""
+
+    __slots__ = ("_fd", "_skip", "partial_tcp")
+
+    def __init__(self, fd: int, skip: int, partial_tcp: bool) -> None:
+        self._fd = fd
+        self._skip = skip
+        self.partial_tcp = partial_tcp
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read_packets(self, limit: int) -> list[bytes]:
+        """About `limit` packets: reads stop once that many are in (with TSO reads,
+        one read may bring dozens, so a little more), or when none waits."""
+        packets: list[bytes] = []
+        skip = self._skip
+        while len(packets) < limit:
+            try:
+                data = os.read(self._fd, READ_SIZE)
+            except BlockingIOError:
+                break
+            if self.partial_tcp:
+                packets += tso.packets(data)
+            else:
+                packets.append(data[skip:] if skip else data)
+        return packets
 
 
 def _takes_udp_gso(fd: int) -> bool:

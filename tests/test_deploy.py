@@ -26,6 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from dataplane import tun_steering
 from netlab import Lab, directories_opened, http_get, metrics, wait_for
 from netlab.gateway import LAN_HOST, METRICS_PORT, GatewayLab
 from netlab.webhook import notifications
@@ -814,6 +815,7 @@ def test_the_wheel_from_the_build_context_runs_the_compose_stack_through_the_ent
         gateway.start("dataplane", dataplane, env)
         samples = gateway.dataplane_metrics()
         assert metrics.total(samples, "pushgate_dataplane_kernel_filter") == 1
+        assert metrics.total(samples, "pushgate_dataplane_tun_queues") == tun_steering.QUEUES
         auth_samples = metrics.parse(http_get(gateway.gw, 9101, "/metrics").decode())
         for scraped in (samples, auth_samples):  # which pushgate each service is
             assert metrics.total(scraped, "pushgate_build_info", version=VERSION) == 1
@@ -868,6 +870,7 @@ def test_the_units_capabilities_and_syscall_filters_suffice_for_the_services(ins
         gateway.start("dataplane", with_open_tun(dataplane), gateway.env("plain"))
         samples = gateway.dataplane_metrics()
         assert metrics.total(samples, "pushgate_dataplane_kernel_filter") == 1
+        assert metrics.total(samples, "pushgate_dataplane_tun_queues") == tun_steering.QUEUES
         assert "dropped and counted in the kernel (eBPF filter)" in gateway.log("dataplane")
         gateway.connect_and_ping("alice")
         gateway.assert_dataplane_holds_no_capability()

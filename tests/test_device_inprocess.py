@@ -389,14 +389,14 @@ def test_housekeeping_flags_one_way_sessions_and_expires_them():
     gateway.device.housekeeping()
     assert gateway.counters.stalled_sessions == 0
     gateway.tun.inject(*from_lan(1))
-    gateway.device.on_tun_readable()  # we send; the client answers nothing
+    gateway.device.on_tun_readable(gateway.tun)  # we send; the client answers nothing
     gateway.clock.now += 60
     gateway.device.housekeeping()
     assert gateway.record.stalled and gateway.counters.stalled_sessions == 1
     client.send(*client.seal(*to_lan(1)))  # it answers again, and we to it
     gateway.device.on_udp_readable()
     gateway.tun.inject(*from_lan(1))
-    gateway.device.on_tun_readable()
+    gateway.device.on_tun_readable(gateway.tun)
     gateway.device.housekeeping()
     assert not gateway.record.stalled and gateway.counters.stalled_sessions == 0
     gateway.clock.now = 2000.0
@@ -646,7 +646,7 @@ def test_the_send_queue_is_bounded_and_what_it_refuses_is_counted_on_the_session
     gateway.device.on_udp_readable()  # the session's endpoint
     packets = from_lan(300)
     gateway.tun.inject(*packets)
-    gateway.device.on_tun_readable()
+    gateway.device.on_tun_readable(gateway.tun)
     c = gateway.counters
     assert c.outbound_drops[DropReason.QUEUE_FULL] == 156
     assert gateway.record.drops[DropReason.QUEUE_FULL] == 156
@@ -655,7 +655,7 @@ def test_the_send_queue_is_bounded_and_what_it_refuses_is_counted_on_the_session
     assert client.received() == packets[:64]
     while gateway.device.send_queue:
         gateway.device._serve_send()
-    gateway.device.on_tun_readable()  # the 44 still in the TUN
+    gateway.device.on_tun_readable(gateway.tun)  # the 44 still in the TUN
     assert client.received() == packets[64:100] + packets[256:]
     assert c.tun_packets_read == 300 and gateway.outbound_balanced()
 
@@ -668,7 +668,7 @@ def test_packets_for_a_session_removed_while_they_wait_are_counted():
     client.send(*client.seal(*to_lan(1)))
     gateway.device.on_udp_readable()
     gateway.tun.inject(*from_lan(100))
-    gateway.device.on_tun_readable()  # 64 sent, 36 wait
+    gateway.device.on_tun_readable(gateway.tun)  # 64 sent, 36 wait
     gateway.registry.remove(SESSION_ID, SessionEnd.CLOSED)
     gateway.device._serve_send()
     c = gateway.counters

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from dataplane import tun_steering
 from netlab import Lab, directories_opened, metrics, socket_in
 from netlab.dataplane_lab import GW_UNDERLAY, PORT, Gateway, dataplane_gateway
 from netlab.feed import session
@@ -58,6 +59,7 @@ def passes_traffic(gateway: Gateway, session_id: int) -> None:
     socket_in(gateway.cl).sendto(b"\x07" * 40, (GW_UNDERLAY, PORT))
     samples = gateway.scrape()
     assert metrics.total(samples, "pushgate_dataplane_kernel_filter") == 1
+    assert metrics.total(samples, "pushgate_dataplane_tun_queues") == tun_steering.QUEUES
     bad_version = metrics.total(
         samples, "pushgate_dataplane_drops_total", direction="inbound", reason="bad_version"
     )

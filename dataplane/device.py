@@ -40,9 +40,13 @@ from .source_budget import SourceBudget, source_key
 log = logging.getLogger("pushgate.dataplane")
 
 BATCH = 64  # packets sealed per send callback
-# Packets read from a TUN queue per callback: more than one callback seals
-# (BATCH), so that a backlog builds in the send queue, not in the kernel's ring
-# (one per TUN queue, tun_steering.py).
+# Packets read from the TUN per loop iteration, shared by its queues' readers (at
+# least BATCH each), while each reader's callback seals BATCH. With one queue it
+# reads ahead, so that a backlog builds in the send queue, where each session has
+# its turn, not in the kernel's one ring. With a queue per group of sessions
+# (tun_steering.py) the kernel's rings already keep them apart, and reading no
+# faster than sealing leaves a flood's excess in its own ring, dropped there for
+# free, instead of read only to be dropped (docs/performance.md, "Fair send queue").
 TUN_READ_BUDGET = 4 * BATCH
 # Datagrams read from the push socket per callback: more than one callback serves
 # (DATAGRAM_BUDGET), so that a backlog builds in the fair queue, not the socket.
@@ -86,6 +90,7 @@ class Device:
         self.counters = counters
         self.tun = tun
         self._tun_queues = tun.read_queues()
+        self._tun_read_budget = max(BATCH, TUN_READ_BUDGET // len(self._tun_queues))
         self.mtu = mtu
         self.router = Router(registry, tunnel_network, gateway_address, mtu, destinations)
         self.gateway_packed = gateway_address.packed
@@ -465,15 +470,15 @@ class Device:
     def on_tun_readable(self, queue) -> None:
         """Take what waits on one of the TUN's queues into the send queue, and serve
         it (the event loop calls this for each queue with packets, in turn). Reads
-        up to TUN_READ_BUDGET packets and seals BATCH, as the receive side does:
-        when packets for clients come faster than the loop can seal them, the
-        backlog waits in the send queue, each session in its own FIFO under
-        CoDel, not in a kernel ring, where a flood to one client crowds out every
-        other client's replies (fair_queue.py)."""
+        its share of TUN_READ_BUDGET and seals BATCH: when packets for clients
+        come faster than the loop can seal them, the backlog waits in the send
+        queue, each session in its own FIFO under CoDel, or in its own TUN
+        queue's ring, not in one kernel FIFO, where a flood to one client crowds
+        out every other client's replies (fair_queue.py, tun_steering.py)."""
         counters = self.counters
         drops = counters.outbound_drops
         try:
-            packets = queue.read_packets(TUN_READ_BUDGET)
+            packets = queue.read_packets(self._tun_read_budget)
         except OSError as error:
             counters.io_errors["tun_read"] += 1
             self._bad_input_log.warning("tun_read", "TUN read failed: %s", error)
@@ -513,8 +518,9 @@ class Device:
                 )
         if dropped:
             self._count_queue_drops(self.send_queue, dropped)
-        if self._send_scheduled is None:
-            self._serve_send()
+        if self._send_scheduled is not None:  # served now instead
+            self._send_scheduled.cancel()
+        self._serve_send()
 
     def _serve_send(self) -> None:
         """Seal and send about BATCH packets from the send queue, each session in its

@@ -46,7 +46,8 @@ BATCH = 64  # packets sealed per send callback
 # its turn, not in the kernel's one ring. With a queue per group of sessions
 # (tun_steering.py) the kernel's rings already keep them apart, and reading no
 # faster than sealing leaves a flood's excess in its own ring, dropped there for
-# free, instead of read only to be dropped (docs/performance.md, "Fair send queue").
+# free, instead of read only to be dropped (docs/performance.md, "Fair send queue
+# and a multi-queue TUN").
 TUN_READ_BUDGET = 4 * BATCH
 # Datagrams read from the push socket per callback: more than one callback serves
 # (DATAGRAM_BUDGET), so that a backlog builds in the fair queue, not the socket.

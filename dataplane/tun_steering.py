@@ -7,10 +7,10 @@ clients come faster than the dataplane reads them, the kernel drops at that
 ring whoever's they are, and what the dataplane reads is in arrival order, so
 a flood to one client takes the reads (one `read()` per packet of a UDP flood)
 and the ring's room from every other (docs/performance.md, "Fair send
-queue"). With a queue per group of addresses, a flood fills its own queue's
-ring and the kernel drops its excess there, before the dataplane spends a read
-on it, while the loop reads the queues in turn (a reader each,
-Device.on_tun_readable). The queue is the address modulo the number of queues,
+queue and a multi-queue TUN"). With a queue per group of addresses, a flood
+fills its own queue's ring and the kernel drops its excess there, before the
+dataplane spends a read on it, while the loop reads the queues in turn (a
+reader each, Device.on_tun_readable). The queue is the address modulo the number of queues,
 so consecutive addresses of the pool land in different queues; sessions whose
 addresses share a queue share its ring, as flows share a bucket in SFQ.
 """

@@ -510,6 +510,17 @@ def second_session(gateway: Gateway) -> tuple[SessionRecord, TunnelSession]:
     return record, TunnelSession(OTHER_SESSION, CipherSuite.AES_256_GCM, Role.CLIENT, gateway.keys)
 
 
+async def second_client(gateway: Gateway) -> tuple[TunnelSession, object]:
+    """`second_session`, its client on a host of its own, connected (its first packet
+    gave the session its endpoint): the client end and its socket."""
+    record, session = second_session(gateway)
+    sock = gateway.network.socket(host=OTHER_HOST)
+    sock.bind((OTHER_HOST, 0))
+    sock.sendto(session.seal(other_to_lan(1)[0], gateway.clock.now), GATEWAY)
+    await until(lambda: record.endpoint is not None)
+    return session, sock
+
+
 def other_to_lan(n: int) -> list[bytes]:
     return [ipv4_udp(OTHER_CLIENT, LAN_HOST, 4000, 9, b"bob %d" % i) for i in range(n)]
 
@@ -526,11 +537,7 @@ def test_a_flood_does_not_make_another_session_wait_its_turn_behind_it(flood):
         gateway.device.start(asyncio.get_running_loop())
         try:
             alice = await connected(gateway)
-            bob_record, bob = second_session(gateway)
-            bob_sock = gateway.network.socket(host=OTHER_HOST)
-            bob_sock.bind((OTHER_HOST, 0))
-            bob_sock.sendto(bob.seal(other_to_lan(1)[0], gateway.clock.now), GATEWAY)
-            await until(lambda: bob_record.endpoint is not None)
+            bob, bob_sock = await second_client(gateway)
             delivered_before = gateway.counters.datagrams_delivered
             if flood == "own":
                 alice.send(*alice.seal(*to_lan(1000)))
@@ -602,11 +609,7 @@ def test_a_flood_to_one_client_does_not_make_another_wait_behind_it():
         gateway.device.start(asyncio.get_running_loop())
         try:
             alice = await connected(gateway)
-            bob_record, bob = second_session(gateway)
-            bob_sock = gateway.network.socket(host=OTHER_HOST)
-            bob_sock.bind((OTHER_HOST, 0))
-            bob_sock.sendto(bob.seal(other_to_lan(1)[0], gateway.clock.now), GATEWAY)
-            await until(lambda: bob_record.endpoint is not None)
+            bob, bob_sock = await second_client(gateway)
             gateway.tun.inject(*from_lan(1000), *lan_to_other(5))
             bobs, alice_ahead = [], []
 
